@@ -1,0 +1,132 @@
+"""ACDC structured efficient linear layers (Moczulski et al., ICLR 2016; thesis section 3.10).
+
+One layer, n features (the orthonormal DCT-II written C, its inverse C^T)::
+
+    y = C^T (d * C (a * x) + bias)          a, d, bias in R^n: 3n parameters, O(n sqrt n) work
+
+with ``a`` and ``d`` learned diagonals initialised N(1, sigma^2) (thesis: sigma = 0.061 for
+CaffeNet; standard linear initialisations fail for deep stacks, fig. 3.4) and the bias added to D
+as in the thesis. A stack of K layers interleaves ReLU and fixed random permutations (so the
+DCT bases of consecutive layers are incoherent)::
+
+    x_{k+1} = P_k relu(ACDC_k(x_k)),   the last layer has neither ReLU nor permutation.
+
+``in_features != out_features``: the stack works at n = dct_size(max(in, out)) >= max(in, out);
+the input is zero-padded to n and the output sliced to ``out_features``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..transforms import DCT2, DCT3, dct_size, permute_last
+from .base import StructuredLinear
+
+__all__ = ["ACDC", "ACDCStack", "DCTPair"]
+
+
+class DCTPair(nn.Module):
+    """The DCT-II and DCT-III of one size, shared by every ACDC layer of a stack."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.dct, self.idct = DCT2(n), DCT3(n)
+
+
+class ACDC(StructuredLinear):
+    """One ACDC layer ``y = C^T (d * C (a * x) + bias)`` on ``features`` features.
+
+    Shapes: (..., features) -> (..., features). When ``features`` is not a size the fast DCT
+    supports (even, with balanced factors: :func:`compressor.transforms.dct_size`), the layer
+    works at the next such size, zero-padding its input and slicing its output.
+    ``transforms`` lets a stack share one :class:`DCTPair` between its layers.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        sigma: float = 0.061,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        transforms: DCTPair | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = self.out_features = features
+        self.size = dct_size(features)
+        self.transforms = transforms if transforms is not None else DCTPair(self.size)
+        if self.transforms.dct.n != self.size:
+            raise ValueError(f"shared transforms have size {self.transforms.dct.n}, this layer needs {self.size}")
+        self.a = nn.Parameter(1 + sigma * torch.randn(self.size, generator=generator))
+        self.d = nn.Parameter(1 + sigma * torch.randn(self.size, generator=generator))
+        self.bias = nn.Parameter(torch.zeros(self.size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.size != self.in_features:
+            x = F.pad(x, (0, self.size - self.in_features))
+        dct, idct = self.transforms.dct, self.transforms.idct
+        # C^T (d C u + bias) with C = scale * natural(spectrum): move d and bias into the spectral
+        # layout (n numbers) rather than every activation out of it (M x n numbers).
+        spectrum = dct.spectrum(x * self.a) * dct.spectral_layout(self.d * dct.scale * dct.scale)
+        if self.bias is not None:
+            spectrum = spectrum + dct.spectral_layout(self.bias * dct.scale)
+        y = idct.from_spectrum(spectrum)
+        return y[:, : self.out_features].reshape(*batch, self.out_features)
+
+
+class ACDCStack(StructuredLinear):
+    """K ACDC layers with ReLU and fixed random permutations between them, replacing
+    ``nn.Linear(in_features, out_features)``.
+
+    Parameters: 3n per layer (n = dct_size(max(in, out))) plus (K - 1) stored permutations of
+    n indices. ``relu=False`` gives a purely linear stack (its :meth:`dense_equivalent` is exact).
+    ``seed`` fixes the initial diagonals and the permutations without touching the global RNG;
+    the permutations live in the state_dict, so a reloaded stack computes the same function.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        depth: int = 2,
+        *,
+        sigma: float = 0.061,
+        bias: bool = True,
+        relu: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"ACDC depth must be >= 1, got {depth}")
+        self.in_features, self.out_features, self.depth, self.relu = in_features, out_features, depth, relu
+        self.size = dct_size(max(in_features, out_features))
+        generator = torch.Generator().manual_seed(seed)
+        shared = DCTPair(self.size)
+        self.layers = nn.ModuleList(
+            ACDC(self.size, sigma=sigma, bias=bias, generator=generator, transforms=shared) for _ in range(depth)
+        )
+        perms = [torch.randperm(self.size, generator=generator) for _ in range(depth - 1)]
+        self.register_buffer("permutations", torch.stack(perms) if perms else torch.zeros(0, self.size, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.size != self.in_features:
+            x = F.pad(x, (0, self.size - self.in_features))
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < self.depth - 1:
+                x = permute_last(torch.relu(x) if self.relu else x, self.permutations[k])
+        return x[:, : self.out_features].reshape(*batch, self.out_features)
+
+    def dense_equivalent(self) -> nn.Linear:
+        """Exact dense form; defined only for a linear stack (depth 1, or ``relu=False``)."""
+        if self.relu and self.depth > 1:
+            raise ValueError("an ACDC stack with ReLU between layers has no dense equivalent; build it with relu=False")
+        return super().dense_equivalent()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, depth={self.depth}, size={self.size}, relu={self.relu}"

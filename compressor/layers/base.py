@@ -1,0 +1,42 @@
+"""What every fixclf structured layer shares: its dense equivalent and its parameter count."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def count_stored(module: nn.Module) -> int:
+    """Numbers a checkpoint stores for ``module``: parameters plus persistent buffers (e.g. permutations)."""
+    return sum(t.numel() for t in module.state_dict().values())
+
+
+@torch.no_grad()
+def probe_affine(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(W, b)`` of an affine module, found by probing: ``b = f(0)``, ``W[:, j] = f(e_j) - b``.
+
+    Valid only for modules that are affine in their input (a single ACDC layer, a stack built
+    with ``relu=False``, Adaptive Fastfood). Returns W of shape (out, in) and b of shape (out,).
+    """
+    ref = next(iter(module.parameters()))
+    probes = torch.cat([torch.zeros(1, in_features), torch.eye(in_features)]).to(ref)
+    out = module(probes)
+    bias = out[0]
+    return (out[1:] - bias).T.contiguous(), bias.clone()
+
+
+class StructuredLinear(nn.Module):
+    """Base of the structured replacements of ``nn.Linear(in_features, out_features)``."""
+
+    in_features: int
+    out_features: int
+
+    def dense_equivalent(self) -> nn.Linear:
+        """The ``nn.Linear`` computing exactly this layer (for inspection and tests)."""
+        weight, bias = probe_affine(self, self.in_features)
+        linear = nn.Linear(self.in_features, self.out_features).to(weight)
+        linear.weight.data.copy_(weight)
+        linear.bias.data.copy_(bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

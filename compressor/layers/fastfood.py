@@ -1,0 +1,67 @@
+"""Adaptive Fastfood (Yang et al., ICCV 2015; thesis section 3.9).
+
+One block on n = 2^k features (H the orthonormal Walsh-Hadamard transform, scale 1/sqrt(n))::
+
+    y = S H G Pi H B x       S, G, B learned diagonals (3n parameters), Pi a fixed permutation
+
+``in_features`` is zero-padded to n = next_power_of_two(in_features). For ``out_features > n``,
+ceil(out / n) independent blocks are stacked (each with its own S, G, B, Pi) and their outputs
+concatenated; the result is sliced to ``out_features``. A learned output bias is added.
+Initialisation: B random signs, G ~ N(0, 1), S = 1, so that at init each output has variance
+about ||x||^2 / n, like a standard dense initialisation; fixclf then fits the diagonals to the
+dense layer being replaced.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..transforms import WalshHadamard, next_power_of_two, permute_last
+from .base import StructuredLinear
+
+__all__ = ["AdaptiveFastfood"]
+
+
+class AdaptiveFastfood(StructuredLinear):
+    """Adaptive Fastfood replacement of ``nn.Linear(in_features, out_features)``.
+
+    Shapes: (..., in_features) -> (..., out_features). Stored numbers: 3 n per block plus n
+    permutation indices per block plus ``out_features`` biases. ``seed`` fixes B, G and Pi
+    without touching the global RNG; Pi lives in the state_dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.size = next_power_of_two(in_features)
+        self.blocks = math.ceil(out_features / self.size)
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.blocks, self.size)
+        self.B = nn.Parameter(torch.randint(0, 2, shape, generator=generator).float() * 2 - 1)
+        self.G = nn.Parameter(torch.randn(shape, generator=generator))
+        self.S = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # One flat index over (blocks * size): block j permutes its own slice.
+        offsets = torch.arange(self.blocks)[:, None] * self.size
+        perms = torch.stack([torch.randperm(self.size, generator=generator) for _ in range(self.blocks)])
+        self.register_buffer("permutation", (perms + offsets).reshape(-1))
+        self.hadamard = WalshHadamard(self.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.size != self.in_features:
+            x = F.pad(x, (0, self.size - self.in_features))
+        h = self.hadamard(x[:, None, :] * self.B)  # (M, blocks, n)
+        h = permute_last(h.reshape(-1, self.blocks * self.size), self.permutation)
+        h = self.hadamard(h.reshape(-1, self.blocks, self.size) * self.G) * self.S
+        y = h.reshape(-1, self.blocks * self.size)[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*batch, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, size={self.size}, blocks={self.blocks}"

@@ -1,0 +1,157 @@
+"""Fixed classifier heads (Hoffer, Hubara, Soudry, "Fix your classifier", ICLR 2018).
+
+Both heads compute, per sample (never per batch)::
+
+    x_hat  = x / (||x||_2 + eps)
+    logits = alpha * Q x_hat + b          Q: fixed C x N with unit-norm rows
+
+with ``alpha`` one learned scalar (the inverse softmax temperature; ``learn_alpha=False`` fixes
+it) and ``b`` a learned bias: C + 1 trained numbers instead of C (N + 1).
+
+:class:`HadamardHead` never stores Q: it is the truncated Sylvester Hadamard matrix applied by
+the fast Walsh-Hadamard transform. Choices, each fixing a pitfall of plain truncation:
+
+* P = next_power_of_two(max(N, C)); features are zero-padded to P, transformed, and the first
+  C outputs kept, i.e. Q = sqrt(P/N) * H_P[:C, cols] (the factor makes rows unit-norm).
+* Row 0 of H is all ones, so with non-negative (post-ReLU) features class 0 would get the
+  largest logit on average. A fixed random sign vector s (N numbers, a buffer) multiplies the
+  features first: Q = sqrt(P/N) H_P[:C, cols] diag(s), no class is favoured.
+* If C <= next_power_of_two(N), ``cols`` are the first N columns; rows are then distinct, and
+  exactly orthogonal when C <= 2^v, 2^v the largest power of two dividing N (e.g. any C <= N for N a power of two; C <= 1024 for N = 9216). Otherwise rows
+  are distinct and only nearly orthogonal (see :meth:`FixedHead.coherence`).
+* If C > next_power_of_two(N), the first N columns would give identical pairs of class rows
+  (H_2N = [[H_N, H_N], [H_N, -H_N]]); the N features are then placed on N random columns of
+  H_P (a stored index of P numbers), re-drawn until all C rows are distinct.
+
+:class:`OrthogonalHead` is the paper's random orthogonal alternative: Q is drawn once from a
+seeded generator (QR of a Gaussian matrix; rows orthonormal when C <= N, unit-norm otherwise)
+and stored as a C x N buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..transforms import WalshHadamard, next_power_of_two, permute_last
+
+__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead"]
+
+
+class FixedHead(nn.Module):
+    """Common part of the fixed heads: normalisation, scale alpha, bias. Subclasses define ``codes``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        alpha: float = 10.0,
+        learn_alpha: bool = True,
+        bias: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.num_classes, self.eps = in_features, num_classes, eps
+        # The paper notes alpha 1..10 all train (fig. 3); fixclf sets it from data when it
+        # replaces a trained head (surgery.initialise_head).
+        alpha_tensor = torch.tensor(float(alpha))
+        if learn_alpha:
+            self.alpha = nn.Parameter(alpha_tensor)
+        else:
+            self.register_buffer("alpha", alpha_tensor)
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+
+    @property
+    def out_features(self) -> int:
+        return self.num_classes
+
+    def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """``x_hat @ Q.T`` for x_hat (M, N) -> (M, C)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        x_hat = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
+        logits = self.alpha * self.codes(x_hat)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*batch, self.num_classes)
+
+    @torch.no_grad()
+    def code_matrix(self) -> torch.Tensor:
+        """The fixed C x N matrix Q (computed on demand; for inspection and tests)."""
+        ref = self.alpha
+        return self.codes(torch.eye(self.in_features, dtype=ref.dtype, device=ref.device)).T.contiguous()
+
+    @torch.no_grad()
+    def coherence(self) -> float:
+        """Largest |cosine| between two class rows of Q (0 for exactly orthogonal codes)."""
+        q = self.code_matrix()
+        gram = q @ q.T
+        gram.fill_diagonal_(0)
+        return float(gram.abs().max()) if self.num_classes > 1 else 0.0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+def _distinct_rows(rows: torch.Tensor) -> bool:
+    return torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+
+
+class HadamardHead(FixedHead):
+    """Fixed truncated-Hadamard classifier; stores only alpha, bias and N signs (see module doc)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
+        super().__init__(in_features, num_classes, **kwargs)
+        self.size = next_power_of_two(max(in_features, num_classes))
+        self.hadamard = WalshHadamard(self.size)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("signs", torch.randint(0, 2, (in_features,), generator=generator).float() * 2 - 1)
+        self.row_scale = math.sqrt(self.size / in_features)
+        if num_classes <= next_power_of_two(in_features):
+            self.register_buffer("placement", None)
+        else:
+            self.register_buffer("placement", self._draw_placement(generator))
+
+    def _draw_placement(self, generator: torch.Generator) -> torch.Tensor:
+        """Permutation of P putting the N features on random columns with all C code rows distinct."""
+        rows = torch.arange(self.num_classes)[:, None]
+        while True:
+            placement = torch.randperm(self.size, generator=generator)
+            columns = torch.argsort(placement)[: self.in_features]  # where feature j lands
+            parity = torch.bitwise_and(rows, columns[None, :])
+            bits = torch.zeros_like(parity)
+            while parity.any():  # popcount parity of row & column = Sylvester sign
+                bits ^= parity & 1
+                parity = parity >> 1
+            if _distinct_rows(bits):
+                return placement
+
+    def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x_hat * self.signs, (0, self.size - self.in_features))
+        if self.placement is not None:
+            x = permute_last(x, self.placement)
+        return self.hadamard(x)[:, : self.num_classes] * self.row_scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, hadamard_size={self.size}"
+
+
+class OrthogonalHead(FixedHead):
+    """Fixed random orthogonal classifier; Q (C x N) is a stored buffer."""
+
+    def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
+        super().__init__(in_features, num_classes, **kwargs)
+        generator = torch.Generator().manual_seed(seed)
+        tall = torch.randn(max(in_features, num_classes), min(in_features, num_classes), generator=generator)
+        q, _ = torch.linalg.qr(tall.double())  # orthonormal columns
+        q = q.T if num_classes <= in_features else q  # C x N: orthonormal rows, or columns when C > N
+        self.register_buffer("weight", (q / q.norm(dim=1, keepdim=True)).float())
+
+    def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
+        return x_hat @ self.weight.T
