@@ -8,18 +8,20 @@ Both heads compute, per sample (never per batch)::
 with ``alpha`` one learned scalar (the inverse softmax temperature; ``learn_alpha=False`` fixes
 it) and ``b`` a learned bias: C + 1 trained numbers instead of C (N + 1).
 
-:class:`HadamardHead` never stores Q: it is the truncated Sylvester Hadamard matrix applied by
+:class:`HadamardHead` never stores Q: it is a truncated Sylvester Hadamard matrix applied by
 the fast Walsh-Hadamard transform. Choices, each fixing a pitfall of plain truncation:
 
-* P = next_power_of_two(max(N, C)); features are zero-padded to P, transformed, and the first
-  C outputs kept, i.e. Q = sqrt(P/N) * H_P[:C, cols] (the factor makes rows unit-norm).
-* Row 0 of H is all ones, so with non-negative (post-ReLU) features class 0 would get the
-  largest logit on average. A fixed random sign vector s (N numbers, a buffer) multiplies the
-  features first: Q = sqrt(P/N) H_P[:C, cols] diag(s), no class is favoured.
-* If C <= next_power_of_two(N), ``cols`` are the first N columns; rows are then distinct, and
-  exactly orthogonal when C <= 2^v, 2^v the largest power of two dividing N (e.g. any C <= N for N a power of two; C <= 1024 for N = 9216). Otherwise rows
-  are distinct and only nearly orthogonal (see :meth:`FixedHead.coherence`).
-* If C > next_power_of_two(N), the first N columns would give identical pairs of class rows
+* Row 0 of H is all ones, so with non-negative (post-ReLU) features class 0 would win on average.
+  fixclf uses rows 1..C instead: every such row of H_P sums to zero over the columns used (when
+  N is a power of two, or more generally when C < 2^v, 2^v the largest power of two dividing N),
+  so for features with a common positive offset no class is favoured. (A random sign flip of the
+  features, the other common fix, does not do this: it leaves row sums of order sqrt(N).)
+* P = next_power_of_two(max(N, C + 1)); features are zero-padded to P, transformed, and outputs
+  1..C kept: Q = sqrt(P/N) * H_P[1:C+1, cols] / sqrt(P) (the factor makes rows unit-norm).
+* If C + 1 <= next_power_of_two(N), ``cols`` are the first N columns: rows are distinct, and
+  exactly orthogonal when C < 2^v (e.g. any C < N for N a power of two; C <= 1023 for N = 9216).
+  Otherwise they are distinct and nearly orthogonal (see :meth:`FixedHead.coherence`).
+* If C + 1 > next_power_of_two(N), the first N columns would give identical pairs of class rows
   (H_2N = [[H_N, H_N], [H_N, -H_N]]); the N features are then placed on N random columns of
   H_P (a stored index of P numbers), re-drawn until all C rows are distinct.
 
@@ -104,23 +106,21 @@ def _distinct_rows(rows: torch.Tensor) -> bool:
 
 
 class HadamardHead(FixedHead):
-    """Fixed truncated-Hadamard classifier; stores only alpha, bias and N signs (see module doc)."""
+    """Fixed truncated-Hadamard classifier; stores only alpha and the bias (see module doc)."""
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
         super().__init__(in_features, num_classes, **kwargs)
-        self.size = next_power_of_two(max(in_features, num_classes))
+        self.size = next_power_of_two(max(in_features, num_classes + 1))
         self.hadamard = WalshHadamard(self.size)
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("signs", torch.randint(0, 2, (in_features,), generator=generator).float() * 2 - 1)
         self.row_scale = math.sqrt(self.size / in_features)
-        if num_classes <= next_power_of_two(in_features):
+        if num_classes + 1 <= next_power_of_two(in_features):
             self.register_buffer("placement", None)
         else:
-            self.register_buffer("placement", self._draw_placement(generator))
+            self.register_buffer("placement", self._draw_placement(torch.Generator().manual_seed(seed)))
 
     def _draw_placement(self, generator: torch.Generator) -> torch.Tensor:
         """Permutation of P putting the N features on random columns with all C code rows distinct."""
-        rows = torch.arange(self.num_classes)[:, None]
+        rows = torch.arange(1, self.num_classes + 1)[:, None]
         while True:
             placement = torch.randperm(self.size, generator=generator)
             columns = torch.argsort(placement)[: self.in_features]  # where feature j lands
@@ -133,10 +133,10 @@ class HadamardHead(FixedHead):
                 return placement
 
     def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x_hat * self.signs, (0, self.size - self.in_features))
+        x = F.pad(x_hat, (0, self.size - self.in_features))
         if self.placement is not None:
             x = permute_last(x, self.placement)
-        return self.hadamard(x)[:, : self.num_classes] * self.row_scale
+        return self.hadamard(x)[:, 1 : self.num_classes + 1] * self.row_scale
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hadamard_size={self.size}"

@@ -1,0 +1,1 @@
+"""The ``fixclf`` command line: a thin typer layer over :mod:`compressor`."""

@@ -1,0 +1,129 @@
+"""Calibration and fine-tuning data: loading, splitting, validation.
+
+``--data`` accepts
+
+* ``.npz`` or ``.pt`` (read with weights_only) holding ``x`` (N, ...) and optionally ``y`` (N,)
+  integer labels, and optionally a validation split ``x_val`` / ``y_val``;
+* ``package.module:function`` returning such a dict (or a tuple ``(x, y)``).
+
+Without a validation split, a deterministic :data:`HOLDOUT_FRACTION` of the rows (seeded
+permutation) is held out for evaluation. Nothing here downloads anything.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DataError
+
+__all__ = ["HOLDOUT_FRACTION", "Dataset", "load_data", "check_against_model"]
+
+HOLDOUT_FRACTION = 0.2
+
+
+@dataclass
+class Dataset:
+    """Training rows (for fitting and distillation) and held-out rows (for evaluation)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_val: torch.Tensor
+    y_val: torch.Tensor | None
+    source: str
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y_train is not None and self.y_val is not None
+
+
+def _as_tensor(value, name: str, source: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    except Exception as exc:
+        raise DataError(f"{source}: {name} is not an array ({type(value).__name__})") from exc
+
+
+def _read(spec: str) -> dict:
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not Path(spec).exists():
+        module, func = spec.split(":")
+        try:
+            result = getattr(importlib.import_module(module), func)()
+        except Exception as exc:
+            raise DataError(f"--data {spec}: calling it failed ({type(exc).__name__}: {exc})") from exc
+        return dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y) or module:function")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
+
+
+def _check_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample, got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        x = x.float()
+    if not torch.isfinite(x).all():
+        raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
+    if y is not None:
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{source}: labels for {name} must be ({x.shape[0]},), got {tuple(y.shape)}")
+        if torch.is_floating_point(y) and not torch.equal(y, y.round()):
+            raise DataError(f"{source}: labels must be integer class indices")
+        y = y.long()
+    return x.float(), y
+
+
+def load_data(spec: str | Path, *, seed: int = 0) -> Dataset:
+    """Read ``spec`` (see module docstring) and split off held-out rows when none are given."""
+    source = str(spec)
+    arrays = _read(source)
+    if not isinstance(arrays, dict) or "x" not in arrays:
+        raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val')")
+    x = _as_tensor(arrays["x"], "x", source)
+    y = _as_tensor(arrays["y"], "y", source) if arrays.get("y") is not None else None
+    x, y = _check_rows(x, y, "x", source)
+    if arrays.get("x_val") is not None:
+        x_val = _as_tensor(arrays["x_val"], "x_val", source)
+        y_val = _as_tensor(arrays["y_val"], "y_val", source) if arrays.get("y_val") is not None else None
+        x_val, y_val = _check_rows(x_val, y_val, "x_val", source)
+        return Dataset(x, y, x_val, y_val, source)
+    if x.shape[0] < 2:
+        raise DataError(f"{source}: need at least 2 samples to hold some out for evaluation")
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(HOLDOUT_FRACTION * x.shape[0])))
+    val, train = order[:n_val], order[n_val:]
+    return Dataset(x[train], y[train] if y is not None else None, x[val], y[val] if y is not None else None, source)
+
+
+@torch.no_grad()
+def check_against_model(data: Dataset, model: nn.Module) -> int:
+    """Check the data fits the model before any work; returns the number of classes C."""
+    try:
+        logits = model(data.x_train[:2])
+    except Exception as exc:
+        raise DataError(
+            f"{data.source}: samples of shape {tuple(data.x_train.shape[1:])} do not fit the model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); check --data"
+        ) from exc
+    if data.x_val.shape[1:] != data.x_train.shape[1:]:
+        raise DataError(f"{data.source}: x_val rows have shape {tuple(data.x_val.shape[1:])}, x rows {tuple(data.x_train.shape[1:])}")
+    classes = logits.shape[-1]
+    for labels in (data.y_train, data.y_val):
+        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            raise DataError(
+                f"{data.source}: labels range over [{int(labels.min())}, {int(labels.max())}] but the model has "
+                f"{classes} classes (labels must be in [0, {classes})); check the labels"
+            )
+    return classes

@@ -1,0 +1,175 @@
+"""Each structured layer equals its dense equivalent, passes gradcheck, and keeps its promises."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.linalg
+import torch
+
+from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead, count_stored
+
+
+def _dct(n: int) -> torch.Tensor:
+    return torch.from_numpy(scipy.fft.dct(np.eye(n), norm="ortho", axis=0))
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    return torch.from_numpy(scipy.linalg.hadamard(n).astype(np.float64)) / np.sqrt(n)
+
+
+def test_acdc_layer_is_its_formula():
+    n = 18
+    layer = ACDC(n).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    c = _dct(n)
+    weight = c.T @ torch.diag(layer.d.detach()) @ c @ torch.diag(layer.a.detach())
+    bias = c.T @ layer.bias.detach()
+    x = torch.randn(7, n, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ weight.T + bias, atol=1e-12)
+    dense = layer.dense_equivalent()
+    assert torch.allclose(dense.weight, weight, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 3), (30, 20, 1), (64, 512, 2), (100, 100, 4)])
+def test_acdc_stack_equals_dense_equivalent(shape):
+    stack = ACDCStack(*shape, relu=False).double()
+    x = torch.randn(5, shape[0], dtype=torch.float64)
+    dense = stack.dense_equivalent()
+    assert torch.allclose(stack(x), dense(x), atol=1e-10)
+
+
+def test_acdc_stack_with_relu_composes_layers_permutations_and_relu():
+    stack = ACDCStack(24, 24, 3, seed=3).double()
+    x = torch.randn(4, 24, dtype=torch.float64)
+    expected = x
+    for k, layer in enumerate(stack.layers):
+        expected = layer.dense_equivalent()(expected)
+        if k < 2:
+            expected = torch.relu(expected)[:, stack.permutations[k]]
+    assert torch.allclose(stack(x), expected, atol=1e-10)
+    with pytest.raises(ValueError):
+        stack.dense_equivalent()
+
+
+def test_acdc_initialisation_and_reload():
+    stack = ACDCStack(64, 64, 3, sigma=0.05, seed=1)
+    a = torch.cat([layer.a.detach() for layer in stack.layers])
+    assert abs(float(a.mean()) - 1) < 0.02 and 0.03 < float(a.std()) < 0.07
+    clone = ACDCStack(64, 64, 3, seed=2)
+    clone.load_state_dict(stack.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(clone(x), stack(x))  # permutations travel in the state_dict
+    state = torch.get_rng_state()
+    ACDCStack(64, 64, 3, seed=5)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+
+
+def test_fastfood_is_its_formula():
+    layer = AdaptiveFastfood(12, 40, seed=4).double()  # in padded to 16, 3 blocks stacked
+    with torch.no_grad():
+        layer.S.normal_()
+        layer.bias.normal_()
+    h = _hadamard(16)
+    blocks = []
+    perm = layer.permutation.reshape(3, 16) - torch.arange(3)[:, None] * 16
+    for j in range(3):
+        pi = torch.eye(16, dtype=torch.float64)[perm[j]]
+        b, g, s = (torch.diag(p[j].detach()) for p in (layer.B, layer.G, layer.S))
+        blocks.append(s @ h @ g @ pi @ h @ b)
+    weight = torch.cat(blocks)[:40, :12]
+    x = torch.randn(6, 12, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ weight.T + layer.bias.detach(), atol=1e-12)
+    assert torch.allclose(layer.dense_equivalent().weight, weight, atol=1e-12)
+
+
+def _sylvester_codes(head: HadamardHead) -> torch.Tensor:
+    """Independent construction of the head's code matrix from scipy's Hadamard matrix."""
+    p, n, c = head.size, head.in_features, head.num_classes
+    h = torch.from_numpy(scipy.linalg.hadamard(p).astype(np.float64))
+    columns = torch.arange(n) if head.placement is None else torch.argsort(head.placement)[:n]
+    return h[1 : c + 1][:, columns] / np.sqrt(n)
+
+
+@pytest.mark.parametrize("n, c", [(64, 10), (4096, 1000), (84, 10), (100, 120), (10, 100), (9216, 1000)])
+def test_hadamard_head_equals_dense_formula(n, c):
+    head = HadamardHead(n, c, seed=2).double()
+    with torch.no_grad():
+        head.alpha.fill_(3.5)
+        head.bias.normal_()
+    q = _sylvester_codes(head)
+    x = torch.randn(4, n, dtype=torch.float64) * 7
+    expected = 3.5 * (x / (x.norm(dim=1, keepdim=True) + head.eps)) @ q.T + head.bias.detach()
+    assert torch.allclose(head(x), expected, atol=1e-9)
+    assert torch.unique(q, dim=0).shape[0] == c  # no two classes share a code row
+    assert torch.allclose(q.norm(dim=1), torch.ones(c, dtype=torch.float64))
+
+
+def test_hadamard_head_stores_nothing_big():
+    head = HadamardHead(4096, 1000)
+    assert sorted(name for name, _ in head.named_parameters()) == ["alpha", "bias"]
+    assert all(t.numel() < 1000 * 4096 / 4 for t in head.state_dict().values())
+    assert head.coherence() < 1e-6  # N = 4096, C = 1000: exactly orthogonal codes
+
+
+def test_hadamard_head_is_fair_to_non_negative_features():
+    head = HadamardHead(256, 10, seed=0)
+    with torch.no_grad():
+        head.bias.zero_()
+    x = torch.relu(torch.randn(20000, 256, generator=torch.Generator().manual_seed(0)))
+    wins = torch.bincount(head(x).argmax(1), minlength=10).float() / x.shape[0]
+    assert wins.max() < 0.2  # plain truncation gives class 0 every sample
+
+
+def test_fixed_alpha_and_per_sample_normalisation():
+    head = HadamardHead(32, 5, learn_alpha=False, alpha=2.0)
+    assert [n for n, _ in head.named_parameters()] == ["bias"]
+    x = torch.randn(3, 32)
+    batch = head(x)
+    assert torch.allclose(batch[1], head(x[1:2])[0], atol=1e-6)  # per sample, not per batch
+    assert torch.allclose(head(5 * x), batch, atol=1e-5)
+
+
+def test_orthogonal_head():
+    head = OrthogonalHead(64, 10, seed=1)
+    q = head.weight
+    assert torch.allclose(q @ q.T, torch.eye(10), atol=1e-5)
+    assert torch.equal(OrthogonalHead(64, 10, seed=1).weight, q)
+    wide = OrthogonalHead(8, 20)
+    assert torch.allclose(wide.weight.norm(dim=1), torch.ones(20), atol=1e-5)
+
+
+GRADCHECK_MODULES = {
+    "acdc": lambda: ACDC(10),
+    "acdc_stack": lambda: ACDCStack(12, 20, 3),
+    "fastfood": lambda: AdaptiveFastfood(12, 20),
+    "hadamard_head": lambda: HadamardHead(12, 20),
+    "orthogonal_head": lambda: OrthogonalHead(12, 5),
+}
+
+
+@pytest.mark.parametrize("name", GRADCHECK_MODULES)
+def test_gradcheck_float64(name):
+    module = GRADCHECK_MODULES[name]().double()
+    x = torch.randn(3, module.in_features, dtype=torch.float64, requires_grad=True)
+    params = tuple(p for p in module.parameters())
+
+    def f(x, *ps):
+        for p, value in zip(params, ps):
+            p.data = value.data
+        return module(x)
+
+    assert torch.autograd.gradcheck(lambda x: module(x), (x,))
+    # gradients with respect to every parameter, through torch.func
+    names = [n for n, _ in module.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_() for p in params)
+    assert torch.autograd.gradcheck(
+        lambda *v: torch.func.functional_call(module, dict(zip(names, v)), (x.detach(),)), values
+    )
+
+
+def test_parameter_counts():
+    assert count_stored(ACDCStack(4096, 4096, 2)) == 2 * 3 * 4096 + 4096
+    assert count_stored(AdaptiveFastfood(4096, 4096)) == 3 * 4096 + 4096 + 4096
+    assert count_stored(HadamardHead(4096, 1000)) == 1 + 1000
