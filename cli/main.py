@@ -30,6 +30,7 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 STATE = {"debug": False}
+DEFAULTS = compressor.CompressOptions(checkpoint="")
 
 
 def _run(call: Callable[[], T]) -> T:
@@ -170,12 +171,12 @@ def _emit(result: dict, as_json: bool, printer: Callable[[dict], None]) -> None:
 ARCH = typer.Option(None, "--arch", help="Architecture of a bare state_dict, as package.module:factory.")
 ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch.")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (can run code).")
-HEAD = typer.Option("hadamard", "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
-HIDDEN = typer.Option("acdc", "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
-DEPTH = typer.Option(2, "--depth", help="ACDC layers per replaced Linear (K).")
+HEAD = typer.Option(DEFAULTS.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
+HIDDEN = typer.Option(DEFAULTS.hidden, "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
+DEPTH = typer.Option(DEFAULTS.depth, "--depth", help="ACDC layers per replaced Linear (K).")
 INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose name matches (glob; repeatable).")
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
-SEED = typer.Option(0, "--seed", help="Seed of the fixed permutations, signs, initialisation and data order.")
+SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the fixed permutations, signs, initialisation and data order.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 
 
@@ -187,19 +188,19 @@ def compress(
     depth: int = DEPTH,
     data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val) or module:function. "
                                        "Not needed for checkpoints that bundle data (the samples)."),
-    epochs: int = typer.Option(30, "--epochs", help="Fine-tuning epochs (at most)."),
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
     max_time: Optional[float] = typer.Option(None, "--max-time", help="Fine-tuning time budget in seconds."),
-    lr: float = typer.Option(3e-3, "--lr", help="Fine-tuning learning rate (Adam)."),
+    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="Fine-tuning learning rate (Adam)."),
     include: Optional[List[str]] = INCLUDE,
     exclude: Optional[List[str]] = EXCLUDE,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx goes beside it. "
                                           "Default: ./<name>.fixclf.pt"),
     seed: int = SEED,
-    device: str = typer.Option("cpu", "--device", help="Fine-tuning device: cpu or cuda."),
+    device: str = typer.Option(DEFAULTS.device, "--device", help="Fine-tuning device: cpu or cuda."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation): int8."),
     ort_format: bool = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort)."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export."),
-    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size of the latency measurement."),
+    tolerance: float = typer.Option(DEFAULTS.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export."),
+    latency_batch: int = typer.Option(DEFAULTS.latency_batch, "--latency-batch", help="Batch size of the latency measurement."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,

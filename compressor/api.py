@@ -39,9 +39,9 @@ class CompressOptions:
     hidden: str = "acdc"
     depth: int = 2
     data: str | Path | None = None
-    epochs: int = 30
+    epochs: int = 40
     max_time: float | None = None
-    lr: float = 3e-3
+    lr: float = 2e-2
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     output: str | Path | None = None
@@ -53,7 +53,7 @@ class CompressOptions:
     quantize: str | None = None
     ort_format: bool = False
     tolerance: float = 1e-4
-    latency_batch: int = 1
+    latency_batch: int = 128
     force: bool = False
 
 

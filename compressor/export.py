@@ -121,16 +121,18 @@ def stored_state_bytes(model: nn.Module) -> int:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter logs and warns a lot about optional packages; keep the CLI clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch", "root", "")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             try:
                 yield
             finally:
-                logger.setLevel(level)
+                for logger, level in zip(loggers, levels):
+                    logger.setLevel(level)
 
 
 def _to_proto(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
@@ -166,15 +168,21 @@ def _compare(session, model: nn.Module, inputs: torch.Tensor) -> tuple[float, fl
 
 
 def _quantize_int8(float_path: str, out_path: str, model: onnx.ModelProto, stored_names: set[str]) -> None:
-    """Dynamic int8 quantisation of the dense MatMul/Gemm layers only (never of transform constants)."""
+    """Dynamic int8 quantisation of the dense MatMul/Gemm layers only (never of transform constants).
+
+    The quantiser renames the Gemm nodes it rewrites, so the transform MatMuls are excluded
+    rather than the dense ones included.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weights = {init.name for init in model.graph.initializer if init.name in stored_names and len(init.dims) == 2}
-    nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and weights.intersection(n.input)]
-    if not nodes:
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    excluded = [n.name for n in matmuls if not weights.intersection(n.input)]
+    if len(excluded) == len(matmuls):
         raise ExportError("--quantize int8: the model has no dense layer left to quantise; drop --quantize")
     with _quiet_exporter():
-        quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8, nodes_to_quantize=nodes)
+        quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_exclude=excluded)
 
 
 def _convert_to_ort(onnx_path: str, out_path: str) -> None:

@@ -34,9 +34,9 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "EpochStats", "evaluate", "distil
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 30
+    epochs: int = 40
     max_time: float | None = None  # seconds
-    lr: float = 3e-3
+    lr: float = 2e-2
     batch_size: int = 64
     temperature: float = 2.0
     seed: int = 0

@@ -202,10 +202,16 @@ class _FourStepDCT(_ConstantTransform):
     transpose of the DCT-III and both scale multiplications (see :meth:`spectral_layout`).
     """
 
+    transposed = False  # DCT3 keeps its matrices transposed: no Transpose of constants at run time
+
     def __init__(self, n: int) -> None:
         if n < 2 or n % 2:
             raise ValueError(f"DCT size must be even and >= 2, got {n} (pad with compressor.transforms.dct_size)")
-        super().__init__(_four_step_constants(n))
+        constants = _four_step_constants(n)
+        if self.transposed:
+            for name in ("first", "second_re", "second_im"):
+                constants[name] = constants[name].T.contiguous()
+        super().__init__(constants)
         self.n = n
         self.a, self.b = split_factors(n)
         gather = _makhoul_gather_index(n)
@@ -250,15 +256,17 @@ class DCT3(_FourStepDCT):
     Runs the DCT-II chain backwards with every stage transposed; shapes (..., n) -> (..., n).
     """
 
+    transposed = True
+
     def from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
         """Transpose of :meth:`DCT2.spectrum`: spectral layout (M, a, b) -> natural order (M, n)."""
         a, b = self.a, self.b
-        z_re = spectrum @ self.second_re.T  # [k1, m2]
-        z_im = spectrum @ self.second_im.T
+        z_re = spectrum @ self.second_re  # [k1, m2]
+        z_im = spectrum @ self.second_im
         y_re = z_re * self.twiddle_re + z_im * self.twiddle_im  # conjugate twiddle
         y_im = z_im * self.twiddle_re - z_re * self.twiddle_im
         y = torch.stack([y_re, y_im], dim=1).reshape(-1, 2 * a, b).transpose(1, 2)  # [m2, re|im k1]
-        v = y @ self.first.T  # [m2, m1]
+        v = y @ self.first  # [m2, m1]
         return permute_last(v.reshape(-1, self.n), self.gather_out)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

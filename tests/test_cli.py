@@ -1,0 +1,112 @@
+"""The CLI end to end on the bundled samples: compress, plan, report (table, JSON), export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from compressor import load_compressed_model
+from compressor.data import load_data
+from conftest import ROOT, SAMPLES, sha256
+
+runner = CliRunner()
+MLP = str(SAMPLES / "mlp.pt")
+CNN = str(SAMPLES / "cnn.pt")
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+@pytest.fixture(scope="module")
+def compressed_mlp(tmp_path_factory):
+    """One short compress run shared by the tests below (the accuracy claim has its own test)."""
+    out = tmp_path_factory.mktemp("mlp")
+    before = sha256(MLP)
+    result = invoke("compress", MLP, "--head", "hadamard", "--hidden", "acdc", "--epochs", "2",
+                    "-o", str(out / "mlp.fixclf.pt"), "--json")
+    assert result.exit_code == 0, result.output
+    assert sha256(MLP) == before
+    return out, json.loads(result.stdout)
+
+
+def test_compress_report_json_fields(compressed_mlp):
+    out, report = compressed_mlp
+    for key in ("params", "onnx_bytes", "accuracy", "latency_ms", "layers"):
+        assert key in report
+    assert report["params"]["after"] < report["params"]["before"]
+    assert report["onnx_bytes"]["after"] < report["onnx_bytes"]["before"]
+    assert set(report["accuracy"]) >= {"before", "after"}
+    assert set(report["latency_ms"]["after"]) >= {"median", "p90", "batch", "threads"}
+    kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
+    assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
+    assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary leftovers
+
+
+def test_compressed_checkpoint_reloads_weights_only_with_same_logits(compressed_mlp):
+    out, _ = compressed_mlp
+    raw = torch.load(out / "mlp.fixclf.pt", weights_only=True)
+    assert raw["format"] == "fixclf.compressed/1"
+    model = load_compressed_model(out / "mlp.fixclf.pt")
+    x = load_data(SAMPLES / "digits.npz").x_val[:64]
+    again = load_compressed_model(out / "mlp.fixclf.pt")
+    assert torch.equal(model(x), again(x))
+    session = ort.InferenceSession(str(out / "mlp.fixclf.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(onnx_logits), model(x).detach(), atol=1e-4)
+
+
+def test_report_table_json_and_latest(compressed_mlp, monkeypatch):
+    out, report = compressed_mlp
+    table = invoke("report", str(out / "mlp.fixclf.pt"))
+    assert table.exit_code == 0 and "held-out accuracy" in table.stdout and "ONNX file" in table.stdout
+    as_json = json.loads(invoke("report", str(out / "mlp.fixclf.pt"), "--json").stdout)
+    assert as_json["params"] == report["params"]
+    monkeypatch.chdir(out)
+    latest = invoke("report", "--json")
+    assert latest.exit_code == 0 and json.loads(latest.stdout)["output"] == report["output"]
+
+
+def test_plan_touches_nothing(workdir):
+    before = sha256(MLP)
+    result = invoke("plan", MLP, "--hidden", "fastfood", "--exclude", "0", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    kinds = {layer["name"]: (layer["kind"], layer["reason"]) for layer in plan["layers"]}
+    assert kinds == {"0": (None, "matched by --exclude"), "2": ("fastfood", ""), "4": ("hadamard", "")}
+    assert plan["params"]["after"] < plan["params"]["before"]
+    assert sha256(MLP) == before and os.listdir(workdir) == []
+    table = invoke("plan", CNN)
+    assert table.exit_code == 0 and "classifier.0" in table.stdout
+
+
+def test_export_command(compressed_mlp, workdir):
+    out, _ = compressed_mlp
+    result = invoke("export", str(out / "mlp.fixclf.pt"), "-o", "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["bytes"] == os.path.getsize("m.onnx") and info["max_rel_diff"] <= 1e-4
+    dense = invoke("export", CNN, "-o", "cnn.onnx")
+    assert dense.exit_code == 0 and "wrote cnn.onnx" in dense.stdout
+
+
+def test_subprocess_compress_cnn(workdir):
+    """A real process, as a user runs it (console entry point's module), on the CNN sample."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "compress", CNN, "--hidden", "fastfood", "--epochs", "1", "--json"],
+        capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["output"] == "cnn.fixclf.pt" and (workdir / "cnn.fixclf.onnx").is_file()
+    assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}

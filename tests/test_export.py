@@ -1,0 +1,112 @@
+"""ONNX export: matches PyTorch in ONNX Runtime, keeps the compression, fails loudly and cleanly."""
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import ExportError
+from compressor.export import export_onnx, ort_session, stored_state_bytes
+from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead
+from compressor.transforms import split_factors
+
+MODULES = {
+    "acdc": lambda: ACDC(1024),
+    "acdc_stack": lambda: ACDCStack(1000, 300, 3),
+    "fastfood": lambda: AdaptiveFastfood(1000, 2500),
+    "hadamard_head": lambda: HadamardHead(1024, 1000),
+    "orthogonal_head": lambda: OrthogonalHead(256, 100),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_each_module_exports_small_and_exact(name, tmp_path):
+    module = MODULES[name]()
+    x = torch.randn(16, module.in_features)
+    result = export_onnx(module, x, tmp_path / "m.onnx")
+    assert result.max_rel_diff <= 1e-4
+    model = onnx.load(tmp_path / "m.onnx")
+    n, c = module.in_features, module.out_features
+    limit = (c * n if name.endswith("head") else max(n, c) ** 2) / 4
+    biggest = max(onnx.numpy_helper.to_array(i).size for i in model.graph.initializer)
+    if name != "orthogonal_head":  # the orthogonal head stores its C x N matrix by design
+        assert biggest < limit
+    # dynamic batch: another batch size runs and matches
+    session = ort_session(str(tmp_path / "m.onnx"))
+    x5 = torch.randn(5, n)
+    got = session.run(None, {session.get_inputs()[0].name: x5.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), module(x5).detach(), rtol=1e-4, atol=1e-4)
+
+
+def caffenet_head(compressed: bool) -> nn.Module:
+    """FC6-FC7-FC8 of CaffeNet (9216 -> 4096 -> 4096 -> 1000), dense or in fixclf's default form."""
+    if not compressed:
+        return nn.Sequential(nn.Linear(9216, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000))
+    return nn.Sequential(ACDCStack(9216, 4096, 2), nn.ReLU(), ACDCStack(4096, 4096, 2, seed=1), nn.ReLU(), HadamardHead(4096, 1000))
+
+
+def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
+    """Independent estimate of the shared transform constants, one set per size.
+
+    DCT of n = a b: stage-1 matrix a x 2a and the two b x b stage-2 matrices, each also
+    transposed for the DCT-III, two a x b twiddles, the n scales (float32) and two n-long int64
+    gather indices. Walsh-Hadamard of n = a b: the factors H_a and H_b (one if a == b).
+    """
+    total = 0
+    for n in dct_sizes:
+        a, b = split_factors(n)
+        total += 4 * (2 * (2 * a * a + 2 * b * b) + 2 * a * b + n) + 8 * 2 * n
+    for n in wht_sizes:
+        a, b = split_factors(n)
+        total += 4 * (a * a + (b * b if b != a else 0))
+    return total
+
+
+def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 9216)
+    dense = export_onnx(caffenet_head(False), x, tmp_path / "dense.onnx")
+    small_model = caffenet_head(True)
+    small = export_onnx(small_model, x, tmp_path / "small.onnx")
+    assert dense.bytes >= 100 * small.bytes, (dense.bytes, small.bytes)
+    expected = stored_state_bytes(small_model) + expected_constant_bytes([9216, 4096], [4096])
+    assert abs(small.bytes - expected) <= 0.10 * expected, (small.bytes, expected)
+    # one initializer per transform size, however many layers use it
+    shapes = [tuple(i.dims) for i in onnx.load(tmp_path / "small.onnx").graph.initializer]
+    assert shapes.count((96, 192)) == 1 and shapes.count((64, 128)) == 1
+
+
+def test_failed_validation_leaves_no_file(tmp_path):
+    class ExportsDifferently(nn.Module):
+        """Adds 1 only while being exported: the ONNX file cannot match PyTorch."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return y + 1 if torch.compiler.is_exporting() else y
+
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_onnx(ExportsDifferently(), torch.randn(4, 4), target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_int8_and_ort_format(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), ACDCStack(256, 256, 2), nn.ReLU(), HadamardHead(256, 10))
+    x = torch.randn(64, 64)
+    full = export_onnx(model, x, tmp_path / "f.onnx", ort_format=True)
+    int8 = export_onnx(model, x, tmp_path / "q.onnx", quantize="int8")
+    assert int8.bytes < full.bytes and int8.top1_agreement >= 0.98
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert full.extra_files == [str(tmp_path / "f.ort")] and os.path.getsize(tmp_path / "f.ort") > 0
+    with pytest.raises(ExportError, match="no dense layer"):
+        export_onnx(ACDCStack(32, 32, 1), torch.randn(4, 32), tmp_path / "none.onnx", quantize="int8")
+    assert not (tmp_path / "none.onnx").exists()
