@@ -39,7 +39,7 @@ class CompressOptions:
     hidden: str = "acdc"
     depth: int = 2
     data: str | Path | None = None
-    epochs: int = 40
+    epochs: int = 60
     max_time: float | None = None
     lr: float = 2e-2
     include: list[str] = field(default_factory=list)
@@ -168,13 +168,13 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     started = time.monotonic()
     events.stage(f"Loading {options.checkpoint}")
     loaded = _load(options)
-    data = _data_for(loaded, options.data, options.seed)
-    check_against_model(data, loaded.model)
-    if options.device != "cpu" and not torch.cuda.is_available():
-        raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
     plan = make_plan(loaded.model, head=options.head, hidden=options.hidden, depth=options.depth,
                      include=options.include, exclude=options.exclude, seed=options.seed)
+    if options.device != "cpu" and not (options.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
     output, onnx_path, int8_path = _outputs(options)
+    data = _data_for(loaded, options.data, options.seed)
+    check_against_model(data, loaded.model)
 
     original = loaded.model
     torch.manual_seed(options.seed)

@@ -24,8 +24,10 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,6 +88,26 @@ def build_arch(arch: str, kwargs: dict | None = None) -> nn.Module:
     return model
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """Classes/functions a checkpoint's pickle would import, found without unpickling it."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: scan the raw pickle's opcodes
+        pass
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:
+        pass
+    return names
+
+
 def _safe_torch_load(path: Path, trust_pickle: bool) -> Any:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; check the path")
@@ -94,13 +116,14 @@ def _safe_torch_load(path: Path, trust_pickle: bool) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        wanted = re.search(r"(?:GLOBAL|global|Unsupported global:?)\s*:?\s*([\w.]+(?:\s[\w.]+)?)", str(exc))
-        if "weights_only" in str(exc) or wanted:
-            name = wanted.group(1).replace(" ", ".") if wanted else "an arbitrary Python object"
+        unsafe = _unsafe_globals(path)
+        if unsafe:
             raise CheckpointError(
-                f"{path} needs {name} to load, which can run arbitrary code; if you trust this file, pass --trust-pickle"
+                f"{path} needs {unsafe[0]} to load, which can run arbitrary code; if you trust this file, pass --trust-pickle"
             ) from exc
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from exc
     except Exception as exc:
@@ -197,8 +220,12 @@ def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"directory {parent} does not exist; create it or choose another --output")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to directory {parent}; choose another --output")
+    try:  # a real write probe: os.access says yes to root even on read-only file systems
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fixclf-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to directory {parent} ({exc.strerror}); choose another --output") from exc
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ Loss per batch (Hinton et al. distillation; T the temperature)::
     L = T^2 * KL(softmax(teacher / T) || softmax(student / T))  [+ cross-entropy(student, y) if labels]
 
 Optimiser: Adam, no weight decay (the thesis applies none to ACDC's A and D; the paper keeps
-alpha out of it), cosine learning-rate decay over the budget. The run stops at ``epochs`` or
+alpha out of it), cosine learning-rate decay over the budget. The new structured layers train at
+``lr``; the layers fixclf kept (convolutions, excluded Linears) are already trained and move at
+``lr * kept_lr_scale`` so that the large step the new layers need does not undo them. The run stops at ``epochs`` or
 ``max_time`` seconds, whichever first. The held-out score (accuracy with labels, else
 distillation loss) is reported per epoch but never used to pick a state: it is the figure the
 report quotes, so selecting on it would overstate accuracy.
@@ -28,19 +30,21 @@ from torch import nn
 
 from .data import Dataset
 from .errors import Interrupted, TrainingError
+from .layers import FixedHead, StructuredLinear
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "EpochStats", "evaluate", "distill"]
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 40
+    epochs: int = 60
     max_time: float | None = None  # seconds
     lr: float = 2e-2
     batch_size: int = 64
     temperature: float = 2.0
     seed: int = 0
     device: str = "cpu"
+    kept_lr_scale: float = 0.05  # layers fixclf did not replace are already trained: smaller steps
 
 
 @dataclass
@@ -84,6 +88,17 @@ def _score(student: nn.Module, teacher: nn.Module, data: Dataset, config: Finetu
     return -_distill_loss_on(student, teacher, data.x_val, config.temperature, config.device)
 
 
+def _param_groups(student: nn.Module, config: FinetuneConfig) -> list[dict]:
+    """Structured layers and fixed heads train at ``lr``; every other parameter at ``lr * kept_lr_scale``."""
+    new = {id(p) for m in student.modules() if isinstance(m, (StructuredLinear, FixedHead)) for p in m.parameters()}
+    fresh = [p for p in student.parameters() if id(p) in new]
+    kept = [p for p in student.parameters() if id(p) not in new]
+    groups = [{"params": fresh, "lr": config.lr}]
+    if kept:
+        groups.append({"params": kept, "lr": config.lr * config.kept_lr_scale})
+    return groups
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -102,7 +117,7 @@ def distill(
     generator = torch.Generator().manual_seed(config.seed)
     n = data.x_train.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
-    optimiser = torch.optim.Adam(student.parameters(), lr=config.lr, weight_decay=0.0)
+    optimiser = torch.optim.Adam(_param_groups(student, config), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, config.epochs * steps_per_epoch))
     result = FinetuneResult()
     last_good = copy.deepcopy(student.state_dict())
@@ -133,7 +148,7 @@ def distill(
                 scheduler.step()
                 total += loss.item()
                 if on_step:
-                    on_step(epoch, step, float(loss))
+                    on_step(epoch, step, loss.item())
             score = _score(student, teacher, data, config)
             stats = EpochStats(epoch, total / steps_per_epoch, score, time.monotonic() - start)
             result.epochs.append(stats)

@@ -7,10 +7,15 @@ names (``classifier.*``); a pattern that matches no Linear layer is an error, no
 Initialisation from the trained model, with calibration activations X captured at the head's
 input in the original model:
 
-* head: alpha matches the scale of the original logits z, alpha = std(z) / std(u) with
-  u = Q x_hat over the calibration rows, and b_c = mean(z_c - alpha u_c). (Q is fixed and
-  unrelated to the trained class vectors, so only the scale and offset can be carried over;
-  distillation then moves the features into Q's code space.)
+* head: alpha and b by least squares, so that ``alpha * u + b`` with u = Q x_hat best matches
+  the original logits z over the calibration rows: alpha = cov(u, z) / var(u) (one scalar over
+  all entries, floored at :data:`ALPHA_FLOOR` since a negative scale would invert every code),
+  b_c = mean(z_c - alpha u_c). Q is fixed and unrelated to the trained class vectors, so at first
+  u barely correlates with z and alpha starts small: the head starts from the original's class
+  prior (the bias) and distillation moves the features into Q's code space while alpha grows.
+  Measured on the MLP sample (3 seeds): 98.3-98.9% after fine-tuning with this initialisation,
+  96.9-98.3% when alpha instead matches the spread of the logits, std(z) / std(u), whose large
+  random logits at the start disturb the new hidden layers.
 * hidden layers: the thesis initialisation (diagonals N(1, sigma^2), near identity). Measured on
   the MLP sample (4 seeds, same distillation budget): fitting ACDC stacks to the dense layers by
   least squares on calibration activations ended 0.3-3 pp *lower* than the thesis init, and
@@ -29,7 +34,9 @@ from torch import nn
 from .errors import PlanError
 from .layers import HEADS, HIDDEN, FixedHead, count_stored
 
-__all__ = ["LayerPlan", "make_plan", "apply_plan", "initialise_from_dense"]
+__all__ = ["LayerPlan", "make_plan", "apply_plan", "initialise_from_dense", "ALPHA_FLOOR"]
+
+ALPHA_FLOOR = 1e-3
 
 
 @dataclass
@@ -146,8 +153,9 @@ def _fit_head(head: FixedHead, dense: nn.Linear, x: torch.Tensor) -> None:
     z = dense(x)
     x_hat = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + head.eps)
     u = head.codes(x_hat)
-    alpha = z.std() / u.std().clamp_min(1e-12)
-    head.alpha.copy_(alpha)
+    u_centred, z_centred = u - u.mean(0), z - z.mean(0)
+    alpha = (u_centred * z_centred).sum() / u_centred.pow(2).sum().clamp_min(1e-12)
+    head.alpha.copy_(alpha.clamp_min(ALPHA_FLOOR))
     if head.bias is not None:
         head.bias.copy_((z - alpha * u).mean(0))
 

@@ -1,0 +1,36 @@
+# fixclf: `make demo` compresses the bundled MLP sample and prints the report; `make test` runs the tests.
+# Both create .venv on first use: the CPU torch wheel is installed first so that nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := build/demo
+
+.PHONY: install demo test bench samples clean
+
+$(BIN)/fixclf: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/fixclf
+
+demo: install
+	mkdir -p $(DEMO)
+	$(BIN)/fixclf compress sample_models/mlp.pt --head hadamard --hidden acdc --output $(DEMO)/mlp.fixclf.pt --force
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_layers.py
+	$(BIN)/python benchmarks/bench_samples.py
+	$(BIN)/python benchmarks/bench_caffenet_head.py
+
+samples: install
+	$(BIN)/python -m pip install -q -e '.[samples]'
+	$(BIN)/python sample_models/make_samples.py
+
+clean:
+	rm -rf build .pytest_cache *.fixclf.pt *.fixclf.onnx

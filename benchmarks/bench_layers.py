@@ -1,0 +1,76 @@
+"""Layer speed and size: dense nn.Linear vs ACDC (depth 1) vs Adaptive Fastfood, and the dense
+N -> 1000 head vs HadamardHead, batch 128, N in {1024, 4096, 9216}.
+
+Run: python benchmarks/bench_layers.py [--sizes 1024 4096 9216]
+Prints a markdown table: PyTorch forward, PyTorch forward+backward, ONNX Runtime forward (median
+ms), ONNX bytes, and each figure's ratio to the dense layer of the same row group, same run.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import setup, time_ms
+from compressor.export import export_onnx
+from compressor.layers import ACDCStack, AdaptiveFastfood, HadamardHead
+from compressor.report import measure_latency
+
+BATCH = 128
+CLASSES = 1000
+
+
+def measure(module: nn.Module, n: int, workdir: Path) -> dict:
+    x = torch.randn(BATCH, n)
+    x_grad = x.clone().requires_grad_()
+    module.eval()
+    with torch.no_grad():
+        forward = time_ms(lambda: module(x))
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x_grad).sum().backward()
+
+    backward = time_ms(step)
+    path = workdir / "layer.onnx"
+    exported = export_onnx(module, x, path)
+    ort = measure_latency(path, x, runs=30)["median"]
+    path.unlink()
+    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "bytes": exported.bytes}
+
+
+def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
+    hidden = {
+        f"dense Linear({n}, {n})": nn.Linear(n, n),
+        "ACDC (depth 1)": ACDCStack(n, n, 1),
+        "Adaptive Fastfood": AdaptiveFastfood(n, n),
+    }
+    heads = {f"dense head Linear({n}, {CLASSES})": nn.Linear(n, CLASSES), "HadamardHead": HadamardHead(n, CLASSES)}
+    out = []
+    for group in (hidden, heads):
+        results = {name: measure(module, n, workdir) for name, module in group.items()}
+        base = next(iter(results.values()))
+        out += [(name, r, base) for name, r in results.items()]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 9216])
+    args = parser.parse_args()
+    setup()
+    print(f"batch {BATCH}; times are medians in ms; (x) = dense time / this time, or dense bytes / these bytes\n")
+    print("| N | layer | PyTorch fwd | PyTorch fwd+bwd | ORT fwd | ONNX bytes |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            for name, r, base in rows_for(n, Path(tmp)):
+                cells = [f"{r[k]:.3f} ({base[k] / r[k]:.1f}x)" for k in ("fwd", "fwdbwd", "ort")]
+                print(f"| {n} | {name} | {' | '.join(cells)} | {r['bytes']:,} ({base['bytes'] / r['bytes']:.0f}x) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
