@@ -26,8 +26,9 @@ app = typer.Typer(
     help="Compress trained PyTorch classifiers: fixed Hadamard head, ACDC / Fastfood hidden layers, "
     "brief distillation, validated ONNX.",
 )
-out = Console()
-err = Console(stderr=True)
+# Pipes and logs get a wide table rather than rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 T = TypeVar("T")
 STATE = {"debug": False}
 DEFAULTS = compressor.CompressOptions(checkpoint="")

@@ -39,7 +39,7 @@ class CompressOptions:
     hidden: str = "acdc"
     depth: int = 2
     data: str | Path | None = None
-    epochs: int = 60
+    epochs: int = 40
     max_time: float | None = None
     lr: float = 2e-2
     include: list[str] = field(default_factory=list)

@@ -168,20 +168,21 @@ def _compare(session, model: nn.Module, inputs: torch.Tensor) -> tuple[float, fl
 
 
 def _quantize_int8(float_path: str, out_path: str, model: onnx.ModelProto, stored_names: set[str]) -> None:
-    """Dynamic int8 quantisation of the dense MatMul/Gemm layers only (never of transform constants).
+    """Dynamic int8 quantisation of the dense layers (MatMul/Gemm/Conv with stored weights), never of
+    the transform constants.
 
     The quantiser renames the Gemm nodes it rewrites, so the transform MatMuls are excluded
     rather than the dense ones included.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weights = {init.name for init in model.graph.initializer if init.name in stored_names and len(init.dims) == 2}
-    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    weights = {init.name for init in model.graph.initializer if init.name in stored_names and len(init.dims) >= 2}
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     excluded = [n.name for n in matmuls if not weights.intersection(n.input)]
     if len(excluded) == len(matmuls):
         raise ExportError("--quantize int8: the model has no dense layer left to quantise; drop --quantize")
     with _quiet_exporter():
-        quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                          nodes_to_exclude=excluded)
 
 

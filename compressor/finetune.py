@@ -37,7 +37,7 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "EpochStats", "evaluate", "distil
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 60
+    epochs: int = 40
     max_time: float | None = None  # seconds
     lr: float = 2e-2
     batch_size: int = 64

@@ -7,15 +7,14 @@ names (``classifier.*``); a pattern that matches no Linear layer is an error, no
 Initialisation from the trained model, with calibration activations X captured at the head's
 input in the original model:
 
-* head: alpha and b by least squares, so that ``alpha * u + b`` with u = Q x_hat best matches
-  the original logits z over the calibration rows: alpha = cov(u, z) / var(u) (one scalar over
-  all entries, floored at :data:`ALPHA_FLOOR` since a negative scale would invert every code),
-  b_c = mean(z_c - alpha u_c). Q is fixed and unrelated to the trained class vectors, so at first
-  u barely correlates with z and alpha starts small: the head starts from the original's class
-  prior (the bias) and distillation moves the features into Q's code space while alpha grows.
-  Measured on the MLP sample (3 seeds): 98.3-98.9% after fine-tuning with this initialisation,
-  96.9-98.3% when alpha instead matches the spread of the logits, std(z) / std(u), whose large
-  random logits at the start disturb the new hidden layers.
+* head: b = the original's mean logits over the calibration rows (its class prior), and alpha
+  starts small (:data:`ALPHA_START`). Q is fixed and unrelated to the trained class vectors, so
+  the original features score nothing useful through it; distillation moves the features into
+  Q's code space while alpha grows. Measured on the MLP sample (seeds 0, 1, 2, default budget):
+  98.89 / 98.33 / 98.33% after fine-tuning with this start; 98.33 / 98.33 / 97.77% with alpha
+  fitted by least squares to the original logits; 96.9-98.3% with alpha matching the spread of
+  the original logits (DESIGN's suggestion), whose large random logits at the start disturb the
+  new hidden layers.
 * hidden layers: the thesis initialisation (diagonals N(1, sigma^2), near identity). Measured on
   the MLP sample (4 seeds, same distillation budget): fitting ACDC stacks to the dense layers by
   least squares on calibration activations ended 0.3-3 pp *lower* than the thesis init, and
@@ -34,9 +33,9 @@ from torch import nn
 from .errors import PlanError
 from .layers import HEADS, HIDDEN, FixedHead, count_stored
 
-__all__ = ["LayerPlan", "make_plan", "apply_plan", "initialise_from_dense", "ALPHA_FLOOR"]
+__all__ = ["LayerPlan", "make_plan", "apply_plan", "initialise_from_dense", "ALPHA_START"]
 
-ALPHA_FLOOR = 1e-3
+ALPHA_START = 1e-3
 
 
 @dataclass
@@ -150,18 +149,13 @@ def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict
 
 @torch.no_grad()
 def _fit_head(head: FixedHead, dense: nn.Linear, x: torch.Tensor) -> None:
-    z = dense(x)
-    x_hat = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + head.eps)
-    u = head.codes(x_hat)
-    u_centred, z_centred = u - u.mean(0), z - z.mean(0)
-    alpha = (u_centred * z_centred).sum() / u_centred.pow(2).sum().clamp_min(1e-12)
-    head.alpha.copy_(alpha.clamp_min(ALPHA_FLOOR))
+    head.alpha.fill_(ALPHA_START)
     if head.bias is not None:
-        head.bias.copy_((z - alpha * u).mean(0))
+        head.bias.copy_(dense(x).mean(0))
 
 
 def initialise_from_dense(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], x: torch.Tensor) -> None:
-    """Fit the replaced head of ``compressed`` to the dense head it replaced in ``original``.
+    """Initialise the replaced head of ``compressed`` from the dense head it replaced in ``original``.
 
     ``x``: calibration inputs of the whole model (M, ...); the head is fitted on the features
     the *original* model feeds it. Hidden structured layers keep the thesis initialisation

@@ -1,0 +1,155 @@
+"""fixclf against what a user would pick instead, on one checkpoint with one fine-tuning budget.
+
+Run: python benchmarks/compare.py sample_models/mlp.pt [--json] [--plot docs/compare_mlp.png]
+
+Methods, all exported to ONNX the same way and timed in ONNX Runtime in the same run:
+* dense: the original checkpoint;
+* svd: each Linear layer fixclf replaces becomes two Linears of rank r from its truncated SVD,
+  r per layer chosen so that the layer's parameters match fixclf-ACDC's for that layer, then
+  distilled with the same budget as fixclf (the SVD factors are dense weights and train at the
+  rate fixclf uses for dense weights, lr * kept_lr_scale);
+* fixclf-acdc, fixclf-fastfood: `fixclf compress --hidden acdc|fastfood --head hadamard`;
+* int8: ONNX Runtime dynamic int8 quantisation of the original;
+* fixclf-acdc+int8: the same quantisation of fixclf-acdc's remaining dense layers (n/a when none).
+Columns: stored numbers, ONNX bytes, held-out accuracy, ORT median latency (batch 128, 2 threads),
+and ratios to dense.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import setup
+from compressor import CompressOptions, compress
+from compressor.checkpoint import load_model
+from compressor.data import load_data
+from compressor.errors import ExportError
+from compressor.export import export_onnx
+from compressor.finetune import FinetuneConfig, distill, evaluate
+from compressor.layers import count_stored
+from compressor.report import measure_latency, onnx_accuracy
+from compressor.surgery import make_plan
+
+BATCH = 128
+
+
+def svd_factorised(linear: nn.Linear, budget: int) -> nn.Sequential:
+    """Linear(in, out) -> Linear(in, r, no bias) then Linear(r, out), r from the parameter budget."""
+    rank = max(1, min(min(linear.in_features, linear.out_features), (budget - linear.out_features) // (linear.in_features + linear.out_features)))
+    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    first, second = nn.Linear(linear.in_features, rank, bias=False), nn.Linear(rank, linear.out_features)
+    root = s[:rank].sqrt()
+    first.weight.data.copy_(root[:, None] * vh[:rank])
+    second.weight.data.copy_(u[:, :rank] * root)
+    second.bias.data.copy_(linear.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def svd_model(original: nn.Module, plan) -> nn.Module:
+    model = copy.deepcopy(original)
+    for entry in plan:
+        if entry.kind is None:
+            continue
+        parent_name, _, child = entry.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, svd_factorised(getattr(parent, child), entry.params_after))
+    return model
+
+
+def onnx_figures(model: nn.Module, data, path: Path, quantize: str | None = None) -> dict:
+    result = export_onnx(model, data.x_val[:256], path, quantize=quantize)
+    return {"bytes": result.bytes, "accuracy": onnx_accuracy(path, data.x_val, data.y_val),
+            "latency_ms": measure_latency(path, data.x_val[:BATCH])["median"]}
+
+
+def run(checkpoint: Path, workdir: Path) -> list[dict]:
+    loaded = load_model(checkpoint)
+    data = load_data(loaded.data)
+    original = loaded.model
+    defaults = CompressOptions(checkpoint)
+    rows = [{"method": "dense", "params": count_stored(original), **onnx_figures(original, data, workdir / "dense.onnx")}]
+
+    plan = make_plan(original, head="hadamard", hidden="acdc", depth=defaults.depth)
+    svd = svd_model(original, plan)
+    distill(svd, original, data, FinetuneConfig(epochs=defaults.epochs, lr=defaults.lr))
+    rows.append({"method": "svd (same params as fixclf-acdc)", "params": count_stored(svd), **onnx_figures(svd, data, workdir / "svd.onnx")})
+
+    for hidden in ("acdc", "fastfood"):
+        out = workdir / f"{hidden}.fixclf.pt"
+        report = compress(CompressOptions(checkpoint, hidden=hidden, output=out))
+        model = load_model(out).model
+        rows.append({"method": f"fixclf-{hidden}", "params": report["params"]["after"],
+                     **onnx_figures(model, data, workdir / f"{hidden}.onnx")})
+        if hidden == "acdc":
+            compressed_acdc = model
+
+    rows.append({"method": "int8 (dynamic, ORT)", "params": count_stored(original),
+                 **onnx_figures(original, data, workdir / "int8.onnx", quantize="int8")})
+    try:
+        rows.append({"method": "fixclf-acdc+int8", "params": count_stored(compressed_acdc),
+                     **onnx_figures(compressed_acdc, data, workdir / "acdc-int8.onnx", quantize="int8")})
+    except ExportError as exc:
+        rows.append({"method": "fixclf-acdc+int8", "note": f"n/a: {exc}"})
+    dense = rows[0]
+    for row in rows:
+        if "bytes" in row:
+            row["bytes_ratio"] = round(dense["bytes"] / row["bytes"], 2)
+            row["params_ratio"] = round(dense["params"] / row["params"], 2)
+            row["speedup"] = round(dense["latency_ms"] / row["latency_ms"], 2)
+            row["accuracy_delta_pp"] = round(100 * (row["accuracy"] - dense["accuracy"]), 2)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in rows:
+        if "bytes" in row:
+            ax.scatter(row["bytes"], 100 * row["accuracy"], s=40)
+            ax.annotate(row["method"].split(" (")[0], (row["bytes"], 100 * row["accuracy"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("ONNX file size (bytes, log scale)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plot", type=Path, help="write accuracy vs ONNX bytes as PNG (needs matplotlib)")
+    args = parser.parse_args()
+    setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(args.checkpoint, Path(tmp))
+    if args.plot:
+        plot(rows, args.plot, f"{args.checkpoint.name}: accuracy vs size")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| method | stored numbers | ONNX bytes | held-out accuracy | ORT median ms (batch 128) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "bytes" not in r:
+            print(f"| {r['method']} | {r['note']} | | | |")
+            continue
+        print(f"| {r['method']} | {r['params']:,} ({r['params_ratio']}x) | {r['bytes']:,} ({r['bytes_ratio']}x) | "
+              f"{100 * r['accuracy']:.2f}% ({r['accuracy_delta_pp']:+.2f} pp) | {r['latency_ms']:.3f} ({r['speedup']}x) |")
+
+
+if __name__ == "__main__":
+    main()

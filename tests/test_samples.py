@@ -1,0 +1,19 @@
+"""The product's headline claim on the bundled samples, with the CLI's default settings:
+every hidden FC and the head replaced, >= 10x fewer parameters in the replaced layers, held-out
+accuracy within 0.5 pp (MLP) / 1 pp (CNN) of the original. (Wall-time targets are measured by
+benchmarks/bench_samples.py, not asserted here.)"""
+from __future__ import annotations
+
+import pytest
+
+from compressor import CompressOptions, compress
+from conftest import SAMPLES
+
+
+@pytest.mark.parametrize("sample, max_drop", [("mlp", 0.005), ("cnn", 0.01)])
+def test_default_compress_keeps_accuracy(sample, max_drop, workdir):
+    report = compress(CompressOptions(SAMPLES / f"{sample}.pt", head="hadamard", hidden="acdc"))
+    assert all(layer["kind"] is not None for layer in report["layers"])
+    assert report["params"]["replaced"]["ratio"] >= 10
+    accuracy = report["accuracy"]
+    assert accuracy["after"] >= accuracy["before"] - max_drop, accuracy
