@@ -5,9 +5,8 @@ Run: python benchmarks/compare.py sample_models/mlp.pt [--json] [--plot docs/com
 Methods, all exported to ONNX the same way and timed in ONNX Runtime in the same run:
 * dense: the original checkpoint;
 * svd: each Linear layer fixclf replaces becomes two Linears of rank r from its truncated SVD,
-  r per layer chosen so that the layer's parameters match fixclf-ACDC's for that layer, then
-  distilled with the same budget as fixclf (the SVD factors are dense weights and train at the
-  rate fixclf uses for dense weights, lr * kept_lr_scale);
+  one r for all, chosen so that these layers' parameters add up to fixclf-ACDC's for the same
+  layers, then distilled with the same budget and learning rate as fixclf's new layers;
 * fixclf-acdc, fixclf-fastfood: `fixclf compress --hidden acdc|fastfood --head hadamard`;
 * int8: ONNX Runtime dynamic int8 quantisation of the original;
 * fixclf-acdc+int8: the same quantisation of fixclf-acdc's remaining dense layers (n/a when none).
@@ -32,33 +31,46 @@ from compressor.data import load_data
 from compressor.errors import ExportError
 from compressor.export import export_onnx
 from compressor.finetune import FinetuneConfig, distill, evaluate
-from compressor.layers import count_stored
+from compressor.layers import StructuredLinear, count_stored
 from compressor.report import measure_latency, onnx_accuracy
 from compressor.surgery import make_plan
 
 BATCH = 128
 
 
-def svd_factorised(linear: nn.Linear, budget: int) -> nn.Sequential:
-    """Linear(in, out) -> Linear(in, r, no bias) then Linear(r, out), r from the parameter budget."""
-    rank = max(1, min(min(linear.in_features, linear.out_features), (budget - linear.out_features) // (linear.in_features + linear.out_features)))
-    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
-    first, second = nn.Linear(linear.in_features, rank, bias=False), nn.Linear(rank, linear.out_features)
-    root = s[:rank].sqrt()
-    first.weight.data.copy_(root[:, None] * vh[:rank])
-    second.weight.data.copy_(u[:, :rank] * root)
-    second.bias.data.copy_(linear.bias.detach())
-    return nn.Sequential(first, second)
+class LowRank(StructuredLinear):
+    """W ~ U V from the truncated SVD of a trained Linear: ``x -> (x V^T) U^T + b``, rank r.
+
+    A StructuredLinear, so fine-tuning treats it like fixclf's own new layers (same rate)."""
+
+    def __init__(self, linear: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        rank = max(1, min(rank, self.in_features, self.out_features))
+        u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+        root = s[:rank].sqrt()
+        self.first = nn.Linear(self.in_features, rank, bias=False)
+        self.second = nn.Linear(rank, self.out_features)
+        self.first.weight.data.copy_(root[:, None] * vh[:rank])
+        self.second.weight.data.copy_(u[:, :rank] * root)
+        self.second.bias.data.copy_(linear.bias.detach())
+
+    def forward(self, x):
+        return self.second(self.first(x))
 
 
 def svd_model(original: nn.Module, plan) -> nn.Module:
+    """Every layer fixclf replaces becomes LowRank with one rank r for all, chosen so that their
+    parameters add up to fixclf's for the same layers (matched budget over the whole model)."""
     model = copy.deepcopy(original)
-    for entry in plan:
-        if entry.kind is None:
-            continue
+    replaced = [entry for entry in plan if entry.kind is not None]
+    budget = sum(entry.params_after for entry in replaced)
+    biases = sum(entry.out_features for entry in replaced)
+    rank = max(1, round((budget - biases) / sum(e.in_features + e.out_features for e in replaced)))
+    for entry in replaced:
         parent_name, _, child = entry.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, svd_factorised(getattr(parent, child), entry.params_after))
+        setattr(parent, child, LowRank(getattr(parent, child), rank))
     return model
 
 

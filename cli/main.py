@@ -289,6 +289,8 @@ def export(
                   f"{result['max_abs_diff']:.2e} (relative {result['max_rel_diff']:.2e})", highlight=False)
         for extra in result["extra_files"]:
             out.print(f"wrote {extra} ({_fmt_bytes(Path(extra).stat().st_size)})", highlight=False)
+        for note in result["mobile_notes"]:
+            out.print(f"mobile: {note}", highlight=False, markup=False)
 
     _emit(_run(call), as_json, show)
 

@@ -38,6 +38,7 @@ __all__ = [
     "export_onnx",
     "onnx_initializer_bytes",
     "stored_state_bytes",
+    "mobile_usability",
     "ort_session",
 ]
 
@@ -61,6 +62,7 @@ class ExportResult:
     quantized: bool = False
     top1_agreement: float = 1.0
     extra_files: list[str] = field(default_factory=list)
+    mobile_notes: list[str] = field(default_factory=list)  # onnxruntime's mobile usability checker, with --ort
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -206,6 +208,36 @@ def _convert_to_ort(onnx_path: str, out_path: str) -> None:
         work.rmdir()
 
 
+def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
+    """Run onnxruntime's mobile usability checker (the tool behind
+    ``python -m onnxruntime.tools.check_onnx_model_mobile_usability``) and return what it says."""
+    from onnxruntime.tools.mobile_helpers import usability_checker
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage().strip())
+
+    logger = logging.getLogger("fixclf.mobile_usability")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    collector = Collect()
+    logger.addHandler(collector)
+    try:
+        with _quiet_exporter():
+            try_eps = usability_checker.analyze_model(Path(onnx_path), skip_optimize=False, logger=logger)
+    except Exception as exc:  # the checker is best effort; the .ort file itself was produced and validated
+        return [f"mobile usability check unavailable: {type(exc).__name__}: {exc}"]
+    finally:
+        logger.removeHandler(collector)
+    verdict = ("NNAPI (Android) / CoreML (iOS) may help: compare them with the CPU EP" if try_eps
+               else "use the CPU execution provider on mobile")
+    return [line for line in collector.lines if line] + [verdict]
+
+
 def export_onnx(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -259,10 +291,13 @@ def export_onnx(
                 f"ONNX output differs from PyTorch: max abs diff {diff:.3g}, relative {rel:.3g} > tolerance "
                 f"{tolerance:g}; no file written (raise --tolerance only if this difference is acceptable)"
             )
+        notes: list[str] = []
         if ort_format:
             ort_path = str(path.with_suffix(".ort"))
             _convert_to_ort(tmp, ort_path)
+            _compare(ort_session(ort_path), model, inputs[:8])  # the .ort file loads and runs
             extra.append(ort_path)
+            notes = mobile_usability(tmp)
     return ExportResult(
         path=str(path),
         bytes=path.stat().st_size,
@@ -274,4 +309,5 @@ def export_onnx(
         quantized=bool(quantize),
         top1_agreement=agreement,
         extra_files=extra,
+        mobile_notes=notes,
     )

@@ -142,11 +142,18 @@ class WalshHadamard(_ConstantTransform):
         super().__init__({"h_a": hadamard_matrix(a), "h_b": hadamard_matrix(b)})
         self.n, self.a, self.b = n, a, b
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """``H_n x / sqrt(n)``; with ``keep``, only its first ``keep`` outputs (..., keep).
+
+        Output i = i_a b + i_b needs only rows i_a < ceil(keep / b) of H_a, so the second MatMul
+        shrinks with ``keep`` (a head with C << n classes pays for C, not n, there).
+        """
         batch = x.shape[:-1]
+        rows = self.a if keep is None else -(-keep // self.b)
         x = x.reshape(-1, self.a, self.b) @ self.h_b  # X H_b
-        x = x.transpose(1, 2) @ self.h_a  # (H_a X H_b)^T, H_a symmetric
-        return x.transpose(1, 2).reshape(*batch, self.n)
+        x = x.transpose(1, 2) @ self.h_a[:, :rows]  # (H_a[:rows] X H_b)^T, H_a symmetric
+        x = x.transpose(1, 2).reshape(*batch, rows * self.b)
+        return x if keep is None else x[..., :keep]
 
 
 def _four_step_constants(n: int) -> dict[str, torch.Tensor]:

@@ -107,6 +107,7 @@ def test_int8_and_ort_format(tmp_path):
     ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     assert full.extra_files == [str(tmp_path / "f.ort")] and os.path.getsize(tmp_path / "f.ort") > 0
+    assert full.mobile_notes and "execution provider" in full.mobile_notes[-1] or "EP" in full.mobile_notes[-1]
     with pytest.raises(ExportError, match="no dense layer"):
         export_onnx(ACDCStack(32, 32, 1), torch.randn(4, 32), tmp_path / "none.onnx", quantize="int8")
     assert not (tmp_path / "none.onnx").exists()

@@ -77,8 +77,9 @@ class FixedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        x_hat = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
-        logits = self.alpha * self.codes(x_hat)
+        # Q is linear: alpha Q (x / |x|) = Q x * (alpha / |x|), a scale on C outputs, not N inputs.
+        scale = self.alpha / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
+        logits = self.codes(x) * scale
         if self.bias is not None:
             logits = logits + self.bias
         return logits.reshape(*batch, self.num_classes)
@@ -136,7 +137,7 @@ class HadamardHead(FixedHead):
         x = F.pad(x_hat, (0, self.size - self.in_features))
         if self.placement is not None:
             x = permute_last(x, self.placement)
-        return self.hadamard(x)[:, 1 : self.num_classes + 1] * self.row_scale
+        return self.hadamard(x, keep=self.num_classes + 1)[:, 1:] * self.row_scale
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hadamard_size={self.size}"
