@@ -145,14 +145,14 @@ class WalshHadamard(_ConstantTransform):
     def forward(self, x: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """``H_n x / sqrt(n)``; with ``keep``, only its first ``keep`` outputs (..., keep).
 
-        Output i = i_a b + i_b needs only rows i_a < ceil(keep / b) of H_a, so the second MatMul
-        shrinks with ``keep`` (a head with C << n classes pays for C, not n, there).
+        Output i = i_a b + i_b needs only rows i_a < r = ceil(keep / b) of H_a. Contracting with
+        those r rows first shrinks the data before the second MatMul, so a head with C << n
+        classes pays about n (r + b) multiply-adds instead of n (a + b).
         """
         batch = x.shape[:-1]
         rows = self.a if keep is None else -(-keep // self.b)
-        x = x.reshape(-1, self.a, self.b) @ self.h_b  # X H_b
-        x = x.transpose(1, 2) @ self.h_a[:, :rows]  # (H_a[:rows] X H_b)^T, H_a symmetric
-        x = x.transpose(1, 2).reshape(*batch, rows * self.b)
+        x = x.reshape(-1, self.a, self.b).transpose(1, 2) @ self.h_a[:, :rows]  # (H_a[:r] X)^T, H_a symmetric
+        x = (x.transpose(1, 2) @ self.h_b).reshape(*batch, rows * self.b)  # H_a[:r] X H_b
         return x if keep is None else x[..., :keep]
 
 
