@@ -108,7 +108,8 @@ def _outputs(options: CompressOptions) -> tuple[Path, Path, Path | None]:
         raise UsageError(f"--output {output} must end in .pt (the ONNX file is written beside it)")
     onnx_path = output.with_suffix(".onnx")
     int8_path = output.with_suffix(".int8.onnx") if options.quantize else None
-    for path in (output, onnx_path, int8_path):
+    ort_path = onnx_path.with_suffix(".ort") if options.ort_format else None
+    for path in (output, onnx_path, int8_path, ort_path):
         if path is not None:
             check_output_path(path, [checkpoint], options.force)
     return output, onnx_path, int8_path

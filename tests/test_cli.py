@@ -103,10 +103,16 @@ def test_subprocess_compress_cnn(workdir):
     """A real process, as a user runs it (console entry point's module), on the CNN sample."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", "compress", CNN, "--hidden", "fastfood", "--epochs", "1", "--json"],
+        [sys.executable, "-m", "cli.main", "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
+         "--quantize", "int8", "--ort", "--json"],
         capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["output"] == "cnn.fixclf.pt" and (workdir / "cnn.fixclf.onnx").is_file()
     assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}
+    # int8 of the remaining dense layers (the convolutions) and the ORT mobile format
+    assert (workdir / "cnn.fixclf.int8.onnx").is_file() and (workdir / "cnn.fixclf.ort").is_file()
+    assert report["onnx_bytes"]["after_int8"] < report["onnx_bytes"]["after"]
+    assert set(report["int8"]) >= {"accuracy", "latency_ms", "top1_agreement"}
+    assert set(report["latency_ms"]["before"]) >= {"median", "p90"}
