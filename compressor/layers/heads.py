@@ -70,16 +70,22 @@ class FixedHead(nn.Module):
     def out_features(self) -> int:
         return self.num_classes
 
+    code_scale: float = 1.0  # Q = code_scale * (the matrix raw_codes applies)
+
+    def raw_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Q.T / code_scale`` for x (M, N) -> (M, C)."""
+        raise NotImplementedError
+
     def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
         """``x_hat @ Q.T`` for x_hat (M, N) -> (M, C)."""
-        raise NotImplementedError
+        return self.raw_codes(x_hat) * self.code_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        # Q is linear: alpha Q (x / |x|) = Q x * (alpha / |x|), a scale on C outputs, not N inputs.
-        scale = self.alpha / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
-        logits = self.codes(x) * scale
+        # Q is linear: alpha Q (x / |x|) = raw(x) * (alpha code_scale / |x|), one scale on the C outputs.
+        scale = (self.alpha * self.code_scale) / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
+        logits = self.raw_codes(x) * scale
         if self.bias is not None:
             logits = logits + self.bias
         return logits.reshape(*batch, self.num_classes)
@@ -113,7 +119,7 @@ class HadamardHead(FixedHead):
         super().__init__(in_features, num_classes, **kwargs)
         self.size = next_power_of_two(max(in_features, num_classes + 1))
         self.hadamard = WalshHadamard(self.size)
-        self.row_scale = math.sqrt(self.size / in_features)
+        self.code_scale = math.sqrt(self.size / in_features)  # unit-norm rows
         if num_classes + 1 <= next_power_of_two(in_features):
             self.register_buffer("placement", None)
         else:
@@ -133,11 +139,12 @@ class HadamardHead(FixedHead):
             if _distinct_rows(bits):
                 return placement
 
-    def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x_hat, (0, self.size - self.in_features))
+    def raw_codes(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size != self.in_features:
+            x = F.pad(x, (0, self.size - self.in_features))
         if self.placement is not None:
             x = permute_last(x, self.placement)
-        return self.hadamard(x, keep=self.num_classes + 1)[:, 1:] * self.row_scale
+        return self.hadamard(x, keep=self.num_classes + 1)[:, 1:]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, hadamard_size={self.size}"
@@ -154,5 +161,5 @@ class OrthogonalHead(FixedHead):
         q = q.T if num_classes <= in_features else q  # C x N: orthonormal rows, or columns when C > N
         self.register_buffer("weight", (q / q.norm(dim=1, keepdim=True)).float())
 
-    def codes(self, x_hat: torch.Tensor) -> torch.Tensor:
-        return x_hat @ self.weight.T
+    def raw_codes(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
