@@ -124,14 +124,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in rows:
-        if "bytes" in row:
-            ax.scatter(row["bytes"], 100 * row["accuracy"], s=40)
-            ax.annotate(row["method"].split(" (")[0], (row["bytes"], 100 * row["accuracy"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+    for i, row in enumerate(r for r in rows if "bytes" in r):
+        ax.scatter(row["bytes"], 100 * row["accuracy"], s=40)
+        ax.annotate(row["method"].split(" (")[0], (row["bytes"], 100 * row["accuracy"]), fontsize=8,
+                    xytext=(4, 5 if i % 2 else -11), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("ONNX file size (bytes, log scale)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f} KB"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("ONNX file size (log scale)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

@@ -179,6 +179,10 @@ INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
 SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the fixed permutations, signs, initialisation and data order.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
+QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of the dense layers): int8.")
+ORT_FORMAT = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort) and check mobile usability.")
+TOLERANCE = typer.Option(DEFAULTS.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
+FORCE = typer.Option(False, "--force", help="Overwrite existing outputs.")
 
 
 @app.command()
@@ -187,6 +191,8 @@ def compress(
     head: str = HEAD,
     hidden: str = HIDDEN,
     depth: int = DEPTH,
+    hidden_init: str = typer.Option(DEFAULTS.hidden_init, "--init", help="Hidden layers start from the thesis' near-identity "
+                                    "(thesis) or are first fitted to the dense layers by least squares (fit)."),
     data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val) or module:function. "
                                        "Not needed for checkpoints that bundle data (the samples)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
@@ -198,11 +204,11 @@ def compress(
                                           "Default: ./<name>.fixclf.pt"),
     seed: int = SEED,
     device: str = typer.Option(DEFAULTS.device, "--device", help="Fine-tuning device: cpu or cuda."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation): int8."),
-    ort_format: bool = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort)."),
-    tolerance: float = typer.Option(DEFAULTS.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export."),
+    quantize: Optional[str] = QUANTIZE,
+    ort_format: bool = ORT_FORMAT,
+    tolerance: float = TOLERANCE,
     latency_batch: int = typer.Option(DEFAULTS.latency_batch, "--latency-batch", help="Batch size of the latency measurement."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    force: bool = FORCE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
     trust_pickle: bool = TRUST,
@@ -213,7 +219,8 @@ def compress(
 
     def call() -> dict:
         options = compressor.CompressOptions(
-            checkpoint=checkpoint, head=head, hidden=hidden, depth=depth, data=data, epochs=epochs, max_time=max_time,
+            checkpoint=checkpoint, head=head, hidden=hidden, depth=depth, hidden_init=hidden_init, data=data,
+            epochs=epochs, max_time=max_time,
             lr=lr, include=include or [], exclude=exclude or [], output=output, seed=seed, device=device,
             arch=arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, quantize=quantize,
             ort_format=ort_format, tolerance=tolerance, latency_batch=latency_batch, force=force,
@@ -269,10 +276,10 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to export (dense or compressed)."),
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
     data: Optional[str] = typer.Option(None, "--data", help="Inputs to validate the export on (default: the checkpoint's bundled data)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic quantisation of the dense layers."),
-    ort_format: bool = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort)."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Max relative |ONNX - PyTorch| accepted."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    quantize: Optional[str] = QUANTIZE,
+    ort_format: bool = ORT_FORMAT,
+    tolerance: float = TOLERANCE,
+    force: bool = FORCE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
     trust_pickle: bool = TRUST,

@@ -18,11 +18,11 @@ from torch import nn
 from .checkpoint import COMPRESSED_FORMAT, LoadedModel, check_output_path, load_model, save_checkpoint
 from .data import Dataset, check_against_model, load_data
 from .errors import DataError, ExportError, UsageError
-from .export import ExportResult, export_onnx
+from .export import DEFAULT_TOLERANCE, ExportResult, export_onnx
 from .finetune import EpochStats, FinetuneConfig, distill, evaluate
 from .layers import count_stored
 from .report import find_latest_report, measure_latency, onnx_accuracy, ratio, summarise_layers
-from .surgery import apply_plan, initialise_from_dense, make_plan
+from .surgery import apply_plan, check_hidden_init, initialise_from_dense, make_plan
 
 __all__ = ["CompressOptions", "Events", "compress", "plan_checkpoint", "export_checkpoint", "load_report", "load_compressed_model"]
 
@@ -38,6 +38,7 @@ class CompressOptions:
     head: str = "hadamard"
     hidden: str = "acdc"
     depth: int = 2
+    hidden_init: str = "thesis"
     data: str | Path | None = None
     epochs: int = 40
     max_time: float | None = None
@@ -52,7 +53,7 @@ class CompressOptions:
     trust_pickle: bool = False
     quantize: str | None = None
     ort_format: bool = False
-    tolerance: float = 1e-4
+    tolerance: float = DEFAULT_TOLERANCE
     latency_batch: int = 128
     force: bool = False
 
@@ -173,6 +174,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
                      include=options.include, exclude=options.exclude, seed=options.seed)
     if options.device != "cpu" and not (options.device.startswith("cuda") and torch.cuda.is_available()):
         raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
+    check_hidden_init(options.hidden_init)
     output, onnx_path, int8_path = _outputs(options)
     data = _data_for(loaded, options.data, options.seed)
     check_against_model(data, loaded.model)
@@ -181,7 +183,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     torch.manual_seed(options.seed)
     compressed = apply_plan(copy.deepcopy(original), plan)
     events.stage("Fitting the structured layers to the dense ones")
-    initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS])
+    initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS], hidden_init=options.hidden_init)
     accuracy: dict = {}
     if data.has_labels:
         accuracy["before"] = evaluate(original, data.x_val, data.y_val)
@@ -202,7 +204,8 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     report = {
         "model": str(options.checkpoint),
         "output": str(output),
-        "options": {"head": options.head, "hidden": options.hidden, "depth": options.depth, "seed": options.seed,
+        "options": {"head": options.head, "hidden": options.hidden, "depth": options.depth, "init": options.hidden_init,
+                    "seed": options.seed,
                     "epochs": options.epochs, "max_time": options.max_time, "lr": options.lr},
         "data": {"source": data.source, "train": int(data.x_train.shape[0]), "held_out": int(data.x_val.shape[0]),
                  "labels": data.has_labels},
@@ -253,7 +256,7 @@ def load_report(path: str | Path | None = None) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, data: str | Path | None = None,
                       arch: str | None = None, arch_kwargs: dict | None = None, trust_pickle: bool = False,
-                      quantize: str | None = None, ort_format: bool = False, tolerance: float = 1e-4,
+                      quantize: str | None = None, ort_format: bool = False, tolerance: float = DEFAULT_TOLERANCE,
                       force: bool = False, seed: int = 0) -> ExportResult:
     """Export any accepted checkpoint (dense or compressed) to validated ONNX at ``output``."""
     output = Path(output)

@@ -89,6 +89,7 @@ CASES = {
     "existing output without --force": ["compress", "mlp.pt", "-o", "exists.fixclf.pt"],
     "unknown head": ["compress", "mlp.pt", "--head", "triangular"],
     "unknown hidden": ["plan", "mlp.pt", "--hidden", "lowrank"],
+    "unknown init": ["compress", "mlp.pt", "--init", "random"],
     "depth 0": ["plan", "mlp.pt", "--depth", "0"],
     "empty include match": ["compress", "mlp.pt", "--include", "features.*"],
     "bad --arch-kwargs JSON": ["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"],
