@@ -30,7 +30,7 @@ from compressor.checkpoint import load_model
 from compressor.data import load_data
 from compressor.errors import ExportError
 from compressor.export import export_onnx
-from compressor.finetune import FinetuneConfig, distill, evaluate
+from compressor.finetune import FinetuneConfig, distill
 from compressor.layers import StructuredLinear, count_stored
 from compressor.report import measure_latency, onnx_accuracy
 from compressor.surgery import make_plan

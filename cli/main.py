@@ -42,12 +42,12 @@ def _run(call: Callable[[], T]) -> T:
         if STATE["debug"]:
             raise
         err.print("error: interrupted; nothing was written", style="red", highlight=False, soft_wrap=True)
-        raise typer.Exit(Interrupted.exit_code)
+        raise typer.Exit(Interrupted.exit_code) from None
     except FixclfError as exc:
         if STATE["debug"]:
             raise
         err.print(f"error: {exc}", style="red", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _arch_kwargs(text: Optional[str]) -> Optional[dict]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import COMPRESSED_FORMAT, LoadedModel, check_output_path, load_model, save_checkpoint
 from .data import Dataset, check_against_model, load_data
-from .errors import DataError, ExportError, UsageError
+from .errors import DataError, UsageError
 from .export import DEFAULT_TOLERANCE, ExportResult, export_onnx
 from .finetune import EpochStats, FinetuneConfig, distill, evaluate
 from .layers import count_stored
@@ -175,6 +175,11 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     if options.device != "cpu" and not (options.device.startswith("cuda") and torch.cuda.is_available()):
         raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
     check_hidden_init(options.hidden_init)
+    if loaded.arch is None:
+        raise UsageError(
+            f"{options.checkpoint} is a whole pickled model with no architecture reference, so its compressed checkpoint "
+            "could not be reloaded safely; also pass --arch package.module:factory naming its architecture"
+        )
     output, onnx_path, int8_path = _outputs(options)
     data = _data_for(loaded, options.data, options.seed)
     check_against_model(data, loaded.model)
@@ -182,7 +187,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     original = loaded.model
     torch.manual_seed(options.seed)
     compressed = apply_plan(copy.deepcopy(original), plan)
-    events.stage("Fitting the structured layers to the dense ones")
+    events.stage("Initialising the structured layers from the dense ones")
     initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS], hidden_init=options.hidden_init)
     accuracy: dict = {}
     if data.has_labels:
@@ -216,15 +221,11 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
                      "seconds": round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0},
         "layers": layers,
         **figures,
-        "seconds": None,
+        "seconds": round(time.monotonic() - started, 2),
     }
-    report["seconds"] = round(time.monotonic() - started, 2)
     events.stage(f"Saving {output}")
-    data_ref = None
-    if options.data is None and loaded.data is not None:
-        data_ref = str(Path(loaded.data).resolve())
-    elif options.data is not None and Path(str(options.data)).exists():
-        data_ref = str(Path(str(options.data)).resolve())
+    source = Path(str(options.data or loaded.data))
+    data_ref = str(source.resolve()) if source.is_file() else None  # so report/export find it again
     try:
         save_checkpoint(output, {
             "format": COMPRESSED_FORMAT, "arch": loaded.arch, "kwargs": loaded.kwargs, "plan": layers,

@@ -167,7 +167,11 @@ def load_model(
     path = Path(path)
     obj = _safe_torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj.float().eval(), path)
+        if arch is None:
+            return LoadedModel(obj.float().eval(), path)
+        model = build_arch(arch, arch_kwargs)  # give the pickled weights an importable architecture
+        _load_state(model, obj.state_dict(), str(path))
+        return LoadedModel(model.float().eval(), path, arch, arch_kwargs or {})
     if isinstance(obj, dict) and obj.get("format") in (MODEL_FORMAT, COMPRESSED_FORMAT):
         if obj["format"] == COMPRESSED_FORMAT:
             return load_compressed(path, arch=arch, _obj=obj)

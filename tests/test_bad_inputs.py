@@ -46,6 +46,7 @@ def _setup(workdir: Path) -> None:
         pickle.dump(WritesAFile(str(workdir / "PWNED")), f)
     torch.save(mlp(64, [512, 512], 10).state_dict(), workdir / "weights.pt")
     torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), workdir / "conv.pt")
+    torch.save(mlp(64, [512, 512], 10), workdir / "pickled.pt")
     digits = np.load(SAMPLES / "digits.npz")
     x, y = digits["x"], digits["y"]
     np.savez(workdir / "narrow.npz", x=x[:, :32], y=y)
@@ -94,6 +95,8 @@ CASES = {
     "empty include match": ["compress", "mlp.pt", "--include", "features.*"],
     "bad --arch-kwargs JSON": ["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"],
     "corrupt compressed checkpoint": ["report", "broken.fixclf.pt"],
+    "whole pickled model without --trust-pickle": ["compress", "pickled.pt", "--data", "digits.npz"],
+    "whole pickled model without --arch": ["compress", "pickled.pt", "--trust-pickle", "--data", "digits.npz"],
     "report of a dense checkpoint": ["report", "mlp.pt"],
     "truncated compressed checkpoint": ["report", "truncated.pt"],
     "export to a non-onnx name": ["export", "mlp.pt", "-o", "model.txt"],

@@ -116,3 +116,16 @@ def test_subprocess_compress_cnn(workdir):
     assert report["onnx_bytes"]["after_int8"] < report["onnx_bytes"]["after"]
     assert set(report["int8"]) >= {"accuracy", "latency_ms", "top1_agreement"}
     assert set(report["latency_ms"]["before"]) >= {"median", "p90"}
+
+
+def test_whole_pickled_model_with_opt_in_and_arch(workdir):
+    """--trust-pickle loads a pickled nn.Module; --arch names an importable architecture for it."""
+    from compressor.zoo import mlp
+
+    torch.save(mlp(64, [512, 512], 10), workdir / "pickled.pt")
+    plan = invoke("plan", "pickled.pt", "--trust-pickle", "--json")
+    assert plan.exit_code == 0 and len(json.loads(plan.stdout)["layers"]) == 3
+    result = invoke("compress", "pickled.pt", "--trust-pickle", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                    '{"hidden": [512, 512]}', "--data", str(SAMPLES / "digits.npz"), "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert load_compressed_model(workdir / "pickled.fixclf.pt") is not None
