@@ -1,6 +1,6 @@
 """fixclf against what a user would pick instead, on one checkpoint with one fine-tuning budget.
 
-Run: python benchmarks/compare.py sample_models/mlp.pt [--json] [--plot docs/compare_mlp.png]
+Run: python benchmarks/compare.py sample_models/mlp.pt [--json | --markdown] [--plot docs/compare_mlp.png]
 
 Methods, all exported to ONNX the same way and timed in ONNX Runtime in the same run:
 * dense: the original checkpoint;
@@ -145,7 +145,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table (as in docs/benchmarks.md)")
     parser.add_argument("--plot", type=Path, help="write accuracy vs ONNX bytes as PNG (needs matplotlib)")
     args = parser.parse_args()
     setup()
@@ -155,15 +156,39 @@ def main() -> None:
         plot(rows, args.plot, f"{args.checkpoint.name}: accuracy vs size")
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
-    print("| method | stored numbers | ONNX bytes | held-out accuracy | ORT median ms (batch 128) |")
-    print("|---|---|---|---|---|")
+    elif args.markdown:
+        print_markdown(rows)
+    else:
+        print_rich(rows, args.checkpoint.name)
+
+
+def _cells(r: dict) -> list[str]:
+    if "bytes" not in r:
+        return [r["method"], r["note"], "", "", ""]
+    return [r["method"], f"{r['params']:,} ({r['params_ratio']}x)", f"{r['bytes']:,} ({r['bytes_ratio']}x)",
+            f"{100 * r['accuracy']:.2f}% ({r['accuracy_delta_pp']:+.2f} pp)", f"{r['latency_ms']:.3f} ({r['speedup']}x)"]
+
+
+HEADER = ["method", "stored numbers", "ONNX bytes", "held-out accuracy", f"ORT median ms (batch {BATCH})"]
+
+
+def print_markdown(rows: list[dict]) -> None:
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
     for r in rows:
-        if "bytes" not in r:
-            print(f"| {r['method']} | {r['note']} | | | |")
-            continue
-        print(f"| {r['method']} | {r['params']:,} ({r['params_ratio']}x) | {r['bytes']:,} ({r['bytes_ratio']}x) | "
-              f"{100 * r['accuracy']:.2f}% ({r['accuracy_delta_pp']:+.2f} pp) | {r['latency_ms']:.3f} ({r['speedup']}x) |")
+        print("| " + " | ".join(_cells(r)) + " |")
+
+
+def print_rich(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{title}: fixclf against the alternatives (ratios to dense)", title_justify="left")
+    for name in HEADER:
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for r in rows:
+        table.add_row(*_cells(r))
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
