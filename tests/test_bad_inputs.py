@@ -55,6 +55,9 @@ def _setup(workdir: Path) -> None:
     nan[3, 7] = np.nan
     np.savez(workdir / "nan.npz", x=nan, y=y)
     torch.save({"format": "fixclf.compressed/1", "arch": "compressor.zoo:mlp", "state_dict": {}}, workdir / "broken.fixclf.pt")
+    linear = torch.nn.Linear(64, 10)
+    torch.save({"format": "fixclf.model/1", "arch": "torch.nn:Linear", "kwargs": {"in_features": 64, "out_features": 10},
+                "state_dict": linear.state_dict()}, workdir / "foreign_arch.pt")
     shutil.copy(SAMPLES / "mlp.pt", workdir / "exists.fixclf.pt")
 
 
@@ -100,6 +103,16 @@ CASES = {
     "report of a dense checkpoint": ["report", "mlp.pt"],
     "truncated compressed checkpoint": ["report", "truncated.pt"],
     "export to a non-onnx name": ["export", "mlp.pt", "-o", "model.txt"],
+    "architecture outside compressor.* not confirmed": ["plan", "foreign_arch.pt"],
+}
+
+# The documented exit code of each kind of error (compressor/errors.py, README "Errors").
+EXIT_CODES = {
+    "missing file": 3, "malicious pickle": 3, "state_dict without --arch": 3, "--arch that does not match": 3,
+    "model without Linear layers": 5, "user checkpoint without --data": 4, "wrong data feature size": 4,
+    "labels out of range": 4, "NaN in data": 4, "NaN during fine-tune": 6, "output equals input": 8,
+    "existing output without --force": 8, "unknown head": 5, "empty include match": 5,
+    "bad --arch-kwargs JSON": 2, "export to a non-onnx name": 2, "architecture outside compressor.* not confirmed": 3,
 }
 
 
@@ -123,6 +136,8 @@ def test_bad_input(case, workdir):
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     _assert_clean_failure(result.exit_code, result.stderr, before, workdir)
     assert not (workdir / "PWNED").exists()
+    if case in EXIT_CODES:
+        assert result.exit_code == EXIT_CODES[case], result.stderr
 
 
 def test_read_only_output_directory(workdir):
@@ -130,6 +145,14 @@ def test_read_only_output_directory(workdir):
     before = _snapshot(workdir)
     result = runner.invoke(app, ["compress", "mlp.pt", "-o", _readonly_dir(workdir), "--json"])
     _assert_clean_failure(result.exit_code, result.stderr, before, workdir)
+
+
+def test_foreign_architecture_runs_once_confirmed(workdir):
+    _setup(workdir)
+    refused = runner.invoke(app, ["plan", "foreign_arch.pt"])
+    assert "--arch torch.nn:Linear" in refused.stderr
+    confirmed = runner.invoke(app, ["plan", "foreign_arch.pt", "--arch", "torch.nn:Linear"])
+    assert confirmed.exit_code == 0, confirmed.output
 
 
 def test_malicious_pickle_names_the_global_and_the_flag(workdir):

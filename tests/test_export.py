@@ -29,6 +29,7 @@ def test_each_module_exports_small_and_exact(name, tmp_path):
     result = export_onnx(module, x, tmp_path / "m.onnx")
     assert result.max_rel_diff <= 1e-4
     model = onnx.load(tmp_path / "m.onnx")
+    assert not any(node.metadata_props for node in model.graph.node)  # exporter debug info stripped
     n, c = module.in_features, module.out_features
     limit = (c * n if name.endswith("head") else max(n, c) ** 2) / 4
     biggest = max(onnx.numpy_helper.to_array(i).size for i in model.graph.initializer)

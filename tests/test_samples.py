@@ -10,9 +10,10 @@ from compressor import CompressOptions, compress
 from conftest import SAMPLES
 
 
-@pytest.mark.parametrize("sample, max_drop", [("mlp", 0.005), ("cnn", 0.01)])
-def test_default_compress_keeps_accuracy(sample, max_drop, workdir):
+@pytest.mark.parametrize("sample, original, max_drop", [("mlp", 0.9889, 0.005), ("cnn", 0.9916, 0.01)])
+def test_default_compress_keeps_accuracy(sample, original, max_drop, workdir):
     report = compress(CompressOptions(SAMPLES / f"{sample}.pt", head="hadamard", hidden="acdc"))
+    assert report["accuracy"]["before"] == pytest.approx(original, abs=1e-4)  # the README's figure
     assert all(layer["kind"] is not None for layer in report["layers"])
     assert report["params"]["replaced"]["ratio"] >= 10
     accuracy = report["accuracy"]
