@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -192,20 +193,15 @@ def _convert_to_ort(onnx_path: str, out_path: str) -> None:
     """ONNX -> ORT format (the format of the ONNX Runtime mobile packages), via onnxruntime's tools."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    work = Path(tempfile.mkdtemp(dir=Path(out_path).parent, prefix=".fixclf-ort-"))
-    try:
-        source = work / "model.onnx"
-        os.link(onnx_path, source) if os.name != "nt" else source.write_bytes(Path(onnx_path).read_bytes())
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".fixclf-ort-") as work:
+        source = Path(work) / "model.onnx"
+        shutil.copyfile(onnx_path, source)
         with _quiet_exporter():
-            convert_onnx_models_to_ort(source, output_dir=work, optimization_styles=[OptimizationStyle.Fixed])
-        produced = next(work.glob("*.ort"))
+            convert_onnx_models_to_ort(source, output_dir=Path(work), optimization_styles=[OptimizationStyle.Fixed])
+        produced = next(Path(work).glob("*.ort"), None)
+        if produced is None:
+            raise ExportError("ORT format conversion produced no .ort file; export plain ONNX instead")
         os.replace(produced, out_path)
-    except StopIteration as exc:
-        raise ExportError("ORT format conversion produced no .ort file; export plain ONNX instead") from exc
-    finally:
-        for leftover in work.glob("*"):
-            leftover.unlink()
-        work.rmdir()
 
 
 def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
@@ -293,10 +289,10 @@ def export_onnx(
             )
         notes: list[str] = []
         if ort_format:
-            ort_path = str(path.with_suffix(".ort"))
-            _convert_to_ort(tmp, ort_path)
-            _compare(ort_session(ort_path), model, inputs[:8])  # the .ort file loads and runs
-            extra.append(ort_path)
+            with atomic_write(path.with_suffix(".ort")) as ort_tmp:  # kept only if it loads and runs
+                _convert_to_ort(tmp, str(ort_tmp))
+                _compare(ort_session(str(ort_tmp)), model, inputs[:8])
+            extra.append(str(path.with_suffix(".ort")))
             notes = mobile_usability(tmp)
     return ExportResult(
         path=str(path),
