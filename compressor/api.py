@@ -78,28 +78,30 @@ def _data_for(loaded: LoadedModel, spec, seed: int) -> Dataset:
     source = spec or loaded.data
     if source is None:
         raise DataError(
-            f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional) so that "
-            "fixclf can fit the new layers and fine-tune them by distillation"
+            f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); fixclf "
+            "needs real inputs to fine-tune the new layers by distillation and to validate the ONNX export"
         )
     return load_data(source, seed=seed)
+
+
+def _plan(loaded: LoadedModel, options: CompressOptions) -> list:
+    return make_plan(loaded.model, head=options.head, hidden=options.hidden, depth=options.depth,
+                     include=options.include, exclude=options.exclude, seed=options.seed)
+
+
+def _params_summary(original: nn.Module, layers: list[dict]) -> dict:
+    """Stored numbers of the whole model and of the replaced layers, before and after."""
+    before = count_stored(original)
+    replaced = summarise_layers(layers)
+    after = before - replaced["before"] + replaced["after"]
+    return {"before": before, "after": after, "ratio": ratio(before, after), "replaced": replaced}
 
 
 def plan_checkpoint(options: CompressOptions) -> dict:
     """What ``compress`` would replace, by what, and the parameter counts; touches nothing."""
     loaded = _load(options)
-    plan = make_plan(
-        loaded.model, head=options.head, hidden=options.hidden, depth=options.depth,
-        include=options.include, exclude=options.exclude, seed=options.seed,
-    )
-    layers = [p.as_dict() for p in plan]
-    total_before = count_stored(loaded.model)
-    replaced = summarise_layers(layers)
-    total_after = total_before - replaced["before"] + replaced["after"]
-    return {
-        "model": str(loaded.path),
-        "layers": layers,
-        "params": {"before": total_before, "after": total_after, "ratio": ratio(total_before, total_after), "replaced": replaced},
-    }
+    layers = [p.as_dict() for p in _plan(loaded, options)]
+    return {"model": str(loaded.path), "layers": layers, "params": _params_summary(loaded.model, layers)}
 
 
 def _outputs(options: CompressOptions) -> tuple[Path, Path, Path | None]:
@@ -170,8 +172,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     started = time.monotonic()
     events.stage(f"Loading {options.checkpoint}")
     loaded = _load(options)
-    plan = make_plan(loaded.model, head=options.head, hidden=options.hidden, depth=options.depth,
-                     include=options.include, exclude=options.exclude, seed=options.seed)
+    plan = _plan(loaded, options)
     if options.device != "cpu" and not (options.device.startswith("cuda") and torch.cuda.is_available()):
         raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
     check_hidden_init(options.hidden_init)
@@ -205,7 +206,6 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
     figures, written = _export_pair(original, compressed, data, options, onnx_path, int8_path, events)
 
     layers = [p.as_dict() for p in plan]
-    total_before, total_after = count_stored(original), count_stored(compressed)
     report = {
         "model": str(options.checkpoint),
         "output": str(output),
@@ -214,8 +214,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> dict:
                     "epochs": options.epochs, "max_time": options.max_time, "lr": options.lr},
         "data": {"source": data.source, "train": int(data.x_train.shape[0]), "held_out": int(data.x_val.shape[0]),
                  "labels": data.has_labels},
-        "params": {"before": total_before, "after": total_after, "ratio": ratio(total_before, total_after),
-                   "replaced": summarise_layers(layers)},
+        "params": _params_summary(original, layers),
         "accuracy": accuracy,
         "finetune": {"epochs_run": len(tuned.epochs), "stopped_by": tuned.stopped_by,
                      "seconds": round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0},
@@ -264,12 +263,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, data: str |
     if output.suffix != ".onnx":
         raise UsageError(f"-o {output} must end in .onnx")
     check_output_path(output, [Path(checkpoint)], force)
-    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    if data is None and loaded.data is None:
-        raise DataError(f"{checkpoint} comes with no data; pass --data FILE.npz so the export can be validated on real inputs")
-    dataset = load_data(data or loaded.data, seed=seed)
-    check_against_model(dataset, loaded.model)
     if ort_format:
         check_output_path(output.with_suffix(".ort"), [Path(checkpoint)], force)
+    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    dataset = _data_for(loaded, data, seed)
+    check_against_model(dataset, loaded.model)
     return export_onnx(loaded.model, dataset.x_val[:VALIDATION_ROWS], output, quantize=quantize,
                        ort_format=ort_format, tolerance=tolerance)

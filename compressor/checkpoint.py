@@ -47,8 +47,11 @@ __all__ = [
     "atomic_write",
     "check_output_path",
     "build_arch",
+    "IMPORT_REFERENCE",
 ]
 
+IMPORT_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""``package.module:name``: how --arch and --data name code to import."""
 MODEL_FORMAT = "fixclf.model/1"
 COMPRESSED_FORMAT = "fixclf.compressed/1"
 
@@ -69,7 +72,7 @@ class LoadedModel:
 
 def build_arch(arch: str, kwargs: dict | None = None) -> nn.Module:
     """Import ``pkg.module:factory`` and call it with ``kwargs``; it must return an nn.Module."""
-    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", arch or ""):
+    if not IMPORT_REFERENCE.fullmatch(arch or ""):
         raise CheckpointError(f"--arch {arch!r} is not of the form package.module:factory")
     module_name, factory_name = arch.split(":")
     try:
@@ -145,6 +148,11 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source} does not match the architecture ({first[0][:200]}); check --arch / --arch-kwargs") from exc
 
 
+def _bundled_data(path: Path, obj: dict) -> Path | None:
+    """The data file a fixclf checkpoint names, relative to the checkpoint (or absolute)."""
+    return (path.parent / obj["data"]) if obj.get("data") else None
+
+
 def _resolve_arch(stored: str | None, given: str | None, path: Path) -> str:
     if given and stored and given != stored:
         raise CheckpointError(f"{path} was saved with architecture {stored}, but --arch {given} was given; drop --arch")
@@ -179,8 +187,7 @@ def load_model(
         kwargs = obj.get("kwargs") or {}
         model = build_arch(name, kwargs)
         _load_state(model, obj.get("state_dict", {}), str(path))
-        data = (path.parent / obj["data"]) if obj.get("data") else None
-        return LoadedModel(model.float().eval(), path, name, kwargs, data)
+        return LoadedModel(model.float().eval(), path, name, kwargs, _bundled_data(path, obj))
     if _is_state_dict(obj):
         name = _resolve_arch(None, arch, path)
         model = build_arch(name, arch_kwargs)
@@ -207,8 +214,8 @@ def load_compressed(path: str | os.PathLike, *, arch: str | None = None, _obj: d
         raise CheckpointError(f"{path} is a damaged fixclf checkpoint (missing {exc}); compress the model again") from exc
     model = apply_plan(build_arch(name, kwargs), plan)
     _load_state(model, state, str(path))
-    data = (path.parent / obj["data"]) if obj.get("data") else None
-    return LoadedModel(model.float().eval(), path, name, kwargs, data, plan, obj.get("report"), compressed=True)
+    return LoadedModel(model.float().eval(), path, name, kwargs, _bundled_data(path, obj), plan, obj.get("report"),
+                       compressed=True)
 
 
 def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:

@@ -12,7 +12,6 @@ permutation) is held out for evaluation. Nothing here downloads anything.
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import IMPORT_REFERENCE
 from .errors import DataError
 
 __all__ = ["HOLDOUT_FRACTION", "Dataset", "load_data", "check_against_model"]
@@ -50,7 +50,7 @@ def _as_tensor(value, name: str, source: str) -> torch.Tensor:
 
 
 def _read(spec: str) -> dict:
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) and not Path(spec).exists():
+    if IMPORT_REFERENCE.fullmatch(spec) and not Path(spec).exists():
         module, func = spec.split(":")
         try:
             result = getattr(importlib.import_module(module), func)()

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .export import ort_session
+from .finetune import evaluate
 
 __all__ = ["WARMUP", "RUNS", "measure_latency", "onnx_accuracy", "summarise_layers", "ratio", "find_latest_report"]
 
@@ -42,15 +44,21 @@ def measure_latency(onnx_path: str | Path, sample: torch.Tensor, *, threads: int
     }
 
 
-def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> float:
+class _OnnxClassifier(nn.Module):
+    """An exported model behind the nn.Module interface, so that :func:`evaluate` can score it."""
+
+    def __init__(self, onnx_path: str | Path) -> None:
+        super().__init__()
+        self.session = ort_session(str(onnx_path))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.float().numpy()})[0])
+
+
+def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of an exported model in ONNX Runtime (used for the int8 file)."""
-    session = ort_session(str(onnx_path))
-    name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        logits = session.run(None, {name: x[start : start + batch_size].float().numpy()})[0]
-        correct += int((logits.argmax(-1) == y[start : start + batch_size].numpy()).sum())
-    return correct / max(1, x.shape[0])
+    return evaluate(_OnnxClassifier(onnx_path), x, y, batch_size=256)
 
 
 def summarise_layers(plan: list[dict]) -> dict:

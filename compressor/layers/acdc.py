@@ -96,11 +96,9 @@ class ACDCStack(StructuredLinear):
         sigma: float = 0.061,
         bias: bool = True,
         relu: bool = True,
-        tile_input: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.tile_input = tile_input
         if depth < 1:
             raise ValueError(f"ACDC depth must be >= 1, got {depth}")
         self.in_features, self.out_features, self.depth, self.relu = in_features, out_features, depth, relu
@@ -117,17 +115,12 @@ class ACDCStack(StructuredLinear):
         batch = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if self.size != self.in_features:
-            x = self._widen(x)
+            x = F.pad(x, (0, self.size - self.in_features))
         for k, layer in enumerate(self.layers):
             x = layer(x)
             if k < self.depth - 1:
                 x = permute_last(torch.relu(x) if self.relu else x, self.permutations[k])
         return x[:, : self.out_features].reshape(*batch, self.out_features)
-
-    def _widen(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tile_input:
-            return x.repeat(1, -(-self.size // self.in_features))[:, : self.size]
-        return F.pad(x, (0, self.size - self.in_features))
 
     def dense_equivalent(self) -> nn.Linear:
         """Exact dense form; defined only for a linear stack (depth 1, or ``relu=False``)."""
