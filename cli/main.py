@@ -1,53 +1,81 @@
-"""fixclf command line. Each command parses options, calls one function of ``compressor`` and
-prints: progress and errors on stderr, results on stdout (a rich table, or JSON with ``--json``).
+"""fixclf command line: parse options into compressor's options tree, call one library function, print.
 
-Errors print one line ``error: ...`` and exit with the code of their class (compressor.errors);
-``--debug`` shows the traceback instead.
+Progress and errors go to stderr, results to stdout (a rich table, or JSON with ``--json``: then
+stdout carries the JSON alone, whatever the user's model code prints while it runs). Every
+failure ends with one line ``error: <what; what to do>`` and the exit code of its class
+(:mod:`compressor.errors`): 2 for usage errors, click's own included; 130 for Ctrl-C or SIGTERM at
+any moment, the imports included. ``--debug`` shows tracebacks instead. The entry point is
+:func:`run`; heavy modules (torch, onnx) are imported only inside it, so that all of that holds
+from the first instant.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-import compressor
 from compressor.errors import FixclfError, Interrupted, UsageError
+from compressor.options import (CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Compress trained PyTorch classifiers: fixed Hadamard head, ACDC / Fastfood hidden layers, "
-    "brief distillation, validated ONNX.",
+    "brief distillation, validated ONNX. Exit codes: 2 usage, 3 checkpoint, 4 data, 5 plan, 6 fine-tuning, "
+    "7 export, 8 output, 130 interrupted.",
 )
-# Pipes and logs get a wide table rather than rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-T = TypeVar("T")
-STATE = {"debug": False}
-DEFAULTS = compressor.CompressOptions(checkpoint="")
+STATE = {"debug": False, "signalled": False, "reported": False}
+PLAN, TUNE, EXPORT = PlanOptions(), FinetuneOptions(), ExportOptions()  # the defaults, declared once in compressor.options
 
 
-def _run(call: Callable[[], T]) -> T:
-    """Run a library call; turn its errors into one line and an exit code (traceback with --debug)."""
+def _error(message: str, code: int) -> int:
+    STATE["reported"] = True
+    err.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    return code
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """While the library runs, anything written to stdout (by user model code, C libraries) goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
     try:
-        return call()
-    except KeyboardInterrupt:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _call(work: Callable[[], object], show: Callable[[object], None], as_json: bool) -> None:
+    """Run a command's work (option checks, imports, the library call) with stdout kept clean, then print
+    its result (JSON or ``show``). Any failure becomes one ``error:`` line and the exit code."""
+    try:
+        with _stdout_to_stderr():
+            result = work()
+    except BaseException as exc:  # noqa: BLE001 - the one place a command's failure becomes one line
         if STATE["debug"]:
             raise
-        err.print("error: interrupted; nothing was written", style="red", highlight=False, soft_wrap=True)
-        raise typer.Exit(Interrupted.exit_code) from None
-    except FixclfError as exc:
-        if STATE["debug"]:
-            raise
-        err.print(f"error: {exc}", style="red", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise typer.Exit(_exit_code(exc)) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result if isinstance(result, dict) else result.to_dict(), indent=2) + "\n")
+    else:
+        show(result)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    STATE["debug"] = debug
 
 
 def _arch_kwargs(text: Optional[str]) -> Optional[dict]:
@@ -62,127 +90,27 @@ def _arch_kwargs(text: Optional[str]) -> Optional[dict]:
     return value
 
 
-@app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
-    STATE["debug"] = debug
+def _source(checkpoint: Path, arch, arch_kwargs, trust_pickle, data=None) -> SourceOptions:
+    return SourceOptions(checkpoint, arch, _arch_kwargs(arch_kwargs), trust_pickle, data)
 
 
-class _RichEvents(compressor.Events):
-    """Draws fine-tuning progress on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.progress: Progress | None = None
-        self.task = None
-
-    def stage(self, text: str) -> None:
-        self.close()
-        if not self.quiet:
-            err.print(f"[bold cyan]›[/] {text}")
-
-    def finetune_start(self, epochs: int, steps_per_epoch: int) -> None:
-        if self.quiet:
-            return
-        self.progress = Progress(
-            TextColumn("  epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  held-out {task.fields[score]}"), TimeElapsedColumn(),
-            console=err, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("finetune", total=epochs * steps_per_epoch, epoch=0, loss=0.0, score="-")
-
-    def step(self, epoch: int, step: int, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, epoch=epoch, loss=loss)
-
-    def epoch(self, stats) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, score=f"{stats.score:.4f}")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-def _fmt_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _layers_table(layers: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("layer", "role", "before", "after", "params before", "params after", "note"):
-        table.add_column(col, justify="right" if col.startswith("params") else "left")
-    for p in layers:
-        after = p["kind"] or "kept"
-        table.add_row(p["name"], p["role"], f"Linear({p['in_features']}, {p['out_features']})", after,
-                      f"{p['params_before']:,}", f"{p['params_after']:,}", p.get("reason", ""))
-    return table
-
-
-def _print_report(report: dict) -> None:
-    out.print(_layers_table(report["layers"], f"fixclf report: {report['model']} → {report['output']}"))
-    summary = Table(show_header=True, title_justify="left")
-    for col in ("", "before", "after", "ratio"):
-        summary.add_column(col, justify="right")
-    p, r = report["params"], report["params"]["replaced"]
-    summary.add_row("parameters (model)", f"{p['before']:,}", f"{p['after']:,}", f"{p['ratio']}x")
-    summary.add_row("parameters (replaced layers)", f"{r['before']:,}", f"{r['after']:,}", f"{r['ratio']}x")
-    b = report.get("onnx_bytes", {})
-    summary.add_row("ONNX file", _fmt_bytes(b.get("before")), _fmt_bytes(b.get("after")), f"{b.get('ratio')}x")
-    if "after_int8" in b:
-        summary.add_row("ONNX file, int8", "", _fmt_bytes(b["after_int8"]), "")
-    acc = report.get("accuracy", {})
-    if acc:
-        delta = 100 * (acc["after"] - acc["before"])
-        summary.add_row("held-out accuracy", _pct(acc["before"]), _pct(acc["after"]), f"{delta:+.2f} pp")
-    if "int8" in report and "accuracy" in report["int8"]:
-        summary.add_row("held-out accuracy, int8", "", _pct(report["int8"]["accuracy"]), "")
-    lat = report.get("latency_ms")
-    if lat:
-        summary.add_row(
-            f"ORT latency median / p90 (batch {lat['after']['batch']}, {lat['after']['threads']} threads)",
-            f"{lat['before']['median']:.3f} / {lat['before']['p90']:.3f} ms",
-            f"{lat['after']['median']:.3f} / {lat['after']['p90']:.3f} ms", f"{lat['speedup']}x")
-    out.print(summary)
-    if "onnx" in report:
-        o = report["onnx"]
-        out.print(f"ONNX: {o['path']} ({_fmt_bytes(report['onnx_bytes']['after'])}: stored state "
-                  f"{_fmt_bytes(o['stored_parameter_bytes'])}, shared transform constants {_fmt_bytes(o['constant_bytes'])}); "
-                  f"max |ONNX - PyTorch| = {o['max_abs_diff']:.2e} (relative {o['max_rel_diff']:.2e})", highlight=False)
-
-
-def _emit(result: dict, as_json: bool, printer: Callable[[dict], None]) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    else:
-        printer(result)
-
-
-ARCH = typer.Option(None, "--arch", help="Architecture of a bare state_dict, as package.module:factory.")
-ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch.")
-TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (can run code).")
-HEAD = typer.Option(DEFAULTS.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
-HIDDEN = typer.Option(DEFAULTS.hidden, "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
-DEPTH = typer.Option(DEFAULTS.depth, "--depth", help="ACDC layers per replaced Linear (K).")
+ARCH = typer.Option(None, "--arch", help="Architecture as package.module:factory: needed for a bare state_dict, to "
+                    "confirm one a checkpoint names that is not built into fixclf, and again to export or reload such a "
+                    "compressed checkpoint. The current directory is searched first, as python -m does.")
+ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch (needs --arch).")
+TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (runs code from the file).")
+HEAD = typer.Option(PLAN.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
+HIDDEN = typer.Option(PLAN.hidden, "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
+DEPTH = typer.Option(PLAN.depth, "--depth", help="ACDC layers per replaced Linear (K, 1-64).")
 INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose name matches (glob; repeatable).")
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
-SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed of the fixed permutations, signs, initialisation and data order.")
-JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
-QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of the dense layers): int8.")
+SEED = typer.Option(0, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")
+JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (and nothing else).")
+QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of the dense "
+                        "layers left): int8. With none left, the float file is kept and the report says so.")
 ORT_FORMAT = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort) and check mobile usability.")
-TOLERANCE = typer.Option(DEFAULTS.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
-FORCE = typer.Option(False, "--force", help="Overwrite existing outputs.")
+TOLERANCE = typer.Option(EXPORT.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
+FORCE = typer.Option(False, "--force", help="Overwrite existing outputs (never an input file).")
 
 
 @app.command()
@@ -191,23 +119,25 @@ def compress(
     head: str = HEAD,
     hidden: str = HIDDEN,
     depth: int = DEPTH,
-    hidden_init: str = typer.Option(DEFAULTS.hidden_init, "--init", help="Hidden layers start from the thesis' near-identity "
-                                    "(thesis) or are first fitted to the dense layers by least squares (fit)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val) or module:function. "
-                                       "Not needed for checkpoints that bundle data (the samples)."),
-    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
-    max_time: Optional[float] = typer.Option(None, "--max-time", help="Fine-tuning time budget in seconds."),
-    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="Fine-tuning learning rate (Adam)."),
+    init: str = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thesis' near-identity (thesis) or "
+                             "are first fitted to the dense layers by least squares (fit)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val) or "
+                                       "package.module:function. Not needed for checkpoints that bundle data (the samples)."),
+    epochs: int = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
+    max_time: Optional[float] = typer.Option(None, "--max-time", help="Fine-tuning time budget in seconds (checked every step)."),
+    lr: float = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam)."),
+    update_norm_stats: bool = typer.Option(False, "--update-norm-stats", help="Let kept BatchNorm layers update their "
+                                           "running statistics during fine-tuning (default: kept as trained)."),
     include: Optional[List[str]] = INCLUDE,
     exclude: Optional[List[str]] = EXCLUDE,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx goes beside it. "
-                                          "Default: ./<name>.fixclf.pt"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx "
+                                          "goes beside it. Default: ./<name>.fixclf.pt"),
     seed: int = SEED,
-    device: str = typer.Option(DEFAULTS.device, "--device", help="Fine-tuning device: cpu or cuda."),
+    device: str = typer.Option(TUNE.device, "--device", help="Fine-tuning device: cpu, cuda or cuda:N."),
     quantize: Optional[str] = QUANTIZE,
     ort_format: bool = ORT_FORMAT,
     tolerance: float = TOLERANCE,
-    latency_batch: int = typer.Option(DEFAULTS.latency_batch, "--latency-batch", help="Batch size of the latency measurement."),
+    latency_batch: int = typer.Option(EXPORT.latency_batch, "--latency-batch", help="Batch size of the latency measurement."),
     force: bool = FORCE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
@@ -215,22 +145,27 @@ def compress(
     as_json: bool = JSON_OUT,
 ) -> None:
     """Replace the head and hidden FC layers, fine-tune by distillation, save, export ONNX and report."""
-    events = _RichEvents(quiet=as_json)
+    options = lambda: CompressOptions(  # noqa: E731 - built inside the work, where its errors become one line
+        source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
+        plan=PlanOptions(head, hidden, depth, include or [], exclude or []),
+        finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, init=init, device=device,
+                                 update_norm_stats=update_norm_stats),
+        export=ExportOptions(quantize, ort_format, tolerance, latency_batch),
+        output=output, seed=seed, force=force,
+    )
+    def work():
+        tree = options()
+        tree.validate()
+        from cli.render import RichEvents
+        import compressor
 
-    def call() -> dict:
-        options = compressor.CompressOptions(
-            checkpoint=checkpoint, head=head, hidden=hidden, depth=depth, hidden_init=hidden_init, data=data,
-            epochs=epochs, max_time=max_time,
-            lr=lr, include=include or [], exclude=exclude or [], output=output, seed=seed, device=device,
-            arch=arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, quantize=quantize,
-            ort_format=ort_format, tolerance=tolerance, latency_batch=latency_batch, force=force,
-        )
+        events = RichEvents(err, quiet=as_json)
         try:
-            return compressor.compress(options, events)
+            return compressor.compress(tree, events)
         finally:
             events.close()
 
-    _emit(_run(call), as_json, _print_report)
+    _call(work, _show("print_report"), as_json)
 
 
 @app.command()
@@ -247,60 +182,103 @@ def plan(
     trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Show which layers compress would replace by what, and the parameter counts; changes nothing."""
-    def call() -> dict:
-        return compressor.plan_checkpoint(compressor.CompressOptions(
-            checkpoint=checkpoint, head=head, hidden=hidden, depth=depth, include=include or [], exclude=exclude or [],
-            seed=seed, arch=arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle))
+    """Show which layers compress would replace by what, and the stored numbers; changes nothing."""
+    def work():
+        import compressor
 
-    def show(result: dict) -> None:
-        out.print(_layers_table(result["layers"], f"fixclf plan: {result['model']}"))
-        p, r = result["params"], result["params"]["replaced"]
-        out.print(f"parameters: model {p['before']:,} → {p['after']:,} ({p['ratio']}x); "
-                  f"replaced layers {r['before']:,} → {r['after']:,} ({r['ratio']}x)")
+        return compressor.plan_checkpoint(CompressOptions(
+            source=_source(checkpoint, arch, arch_kwargs, trust_pickle),
+            plan=PlanOptions(head, hidden, depth, include or [], exclude or []), seed=seed))
 
-    _emit(_run(call), as_json, show)
+    _call(work, _show("print_plan"), as_json)
 
 
 @app.command()
 def report(
-    path: Optional[Path] = typer.Argument(None, help="Compressed checkpoint; default: the newest *.fixclf.pt here."),
+    path: Optional[Path] = typer.Argument(None, help="Compressed checkpoint; default: the newest *.fixclf.pt here. "
+                                          "Reads the stored report only: no --arch needed."),
     as_json: bool = JSON_OUT,
 ) -> None:
     """Print the report of a compressed checkpoint: layers, parameters, ONNX bytes, accuracy, latency."""
-    _emit(_run(lambda: compressor.load_report(path)), as_json, _print_report)
+    def work():
+        import compressor
+
+        return compressor.load_report(path)
+
+    _call(work, _show("print_report"), as_json)
 
 
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to export (dense or compressed)."),
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
-    data: Optional[str] = typer.Option(None, "--data", help="Inputs to validate the export on (default: the checkpoint's bundled data)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Inputs to validate the export on (default: the checkpoint's "
+                                       "bundled data)."),
     quantize: Optional[str] = QUANTIZE,
     ort_format: bool = ORT_FORMAT,
     tolerance: float = TOLERANCE,
     force: bool = FORCE,
+    seed: int = SEED,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
     trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Export a checkpoint to ONNX (opset 18, dynamic batch), validated against PyTorch in ONNX Runtime."""
-    def call() -> dict:
-        return compressor.export_checkpoint(
-            checkpoint, output, data=data, arch=arch, arch_kwargs=_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
-            quantize=quantize, ort_format=ort_format, tolerance=tolerance, force=force).as_dict()
+    """Export a checkpoint to ONNX (opset 18, dynamic batch), validated against PyTorch in ONNX Runtime.
 
-    def show(result: dict) -> None:
-        out.print(f"wrote {result['path']} ({_fmt_bytes(result['bytes'])}); max |ONNX - PyTorch| = "
-                  f"{result['max_abs_diff']:.2e} (relative {result['max_rel_diff']:.2e})", highlight=False)
-        for extra in result["extra_files"]:
-            out.print(f"wrote {extra} ({_fmt_bytes(Path(extra).stat().st_size)})", highlight=False)
-        for note in result["mobile_notes"]:
-            out.print(f"mobile: {note}", highlight=False, markup=False)
+    A compressed checkpoint of an architecture that is not built into fixclf needs the same --arch
+    that compressed it."""
+    def work():
+        import compressor
 
-    _emit(_run(call), as_json, show)
+        command = compressor.ExportCommand(_source(checkpoint, arch, arch_kwargs, trust_pickle, data), output,
+                                           ExportOptions(quantize, ort_format, tolerance), force, seed)
+        return compressor.export_checkpoint(command)
+
+    _call(work, _show("print_export"), as_json)
+
+
+def _show(name: str) -> Callable[[object], None]:
+    """The renderer ``name`` of :mod:`cli.render` (imported only when there is something to show)."""
+    def show(result) -> None:
+        from cli import render
+
+        getattr(render, name)(result)
+    return show
+
+
+def _exit_code(exc: BaseException) -> int:
+    """Print one ``error:`` line for any failure; return its exit code."""
+    if isinstance(exc, Interrupted):
+        return _error(str(exc), exc.exit_code)
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or STATE["signalled"]:
+        return _error("interrupted; nothing was written", Interrupted.exit_code)
+    if isinstance(exc, FixclfError):
+        return _error(str(exc), exc.exit_code)
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's (typer's) own usage errors
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see fixclf {ctx.command.name} --help" if ctx is not None and ctx.command is not None else ""
+        return _error(" ".join(exc.format_message().split()).rstrip(".") + hint, 2)
+    return _error(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; rerun with --debug and "
+                  "report it", 1)
+
+
+def run(args: List[str]) -> int:
+    """Parse ``args`` and run the command; every failure is one line. Returns the exit code."""
+    try:
+        code = app(args=args, prog_name="fixclf", standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - parse errors, Ctrl-C between commands
+        if "--debug" in args:
+            raise
+        return _exit_code(exc)
+    if code == Interrupted.exit_code and not STATE["reported"]:  # typer turned a Ctrl-C into Exit(130)
+        return _exit_code(KeyboardInterrupt())
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    app()
+    from cli.entry import main as _main
+
+    _main()

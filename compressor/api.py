@@ -1,61 +1,44 @@
-"""The public pipeline: one call per CLI command (DESIGN: load -> plan -> surgery -> fine-tune ->
-evaluate -> save -> export -> report).
+"""The public pipeline: one call per CLI command, each a short sequence of stages.
 
->>> from compressor import compress, CompressOptions
->>> report = compress(CompressOptions("sample_models/mlp.pt", head="hadamard", hidden="acdc"))
->>> report["params"]["replaced"]["ratio"], report["accuracy"]
+``compress``: validate options -> load (:mod:`checkpoint`) -> plan (:mod:`surgery`) -> data
+(:mod:`data`) -> outputs checked (:mod:`outputs`) -> surgery and initialisation -> fine-tune
+(:mod:`finetune`) -> export and validate (:mod:`export`, :mod:`runtime`) -> report
+(:mod:`report`) -> every file committed together.
+
+>>> from compressor import compress, CompressOptions, SourceOptions
+>>> report = compress(CompressOptions(SourceOptions("sample_models/mlp.pt")))
+>>> report.params.replaced.ratio, report.accuracy.after
 """
 from __future__ import annotations
 
 import copy
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import COMPRESSED_FORMAT, LoadedModel, check_output_path, load_model, save_checkpoint
+from . import runtime
+from .checkpoint import Architecture, LoadedModel, compressed_payload, load_compressed, load_model, read_stored_report
 from .data import Dataset, check_against_model, load_data
 from .errors import DataError, UsageError
-from .export import DEFAULT_TOLERANCE, ExportResult, export_onnx
-from .finetune import EpochStats, FinetuneConfig, distill, evaluate
+from .export import ExportResult, choose_formats, to_onnx, validate, write_exports
+from .finetune import EpochStats, FinetuneResult, distill, evaluate, steps_per_epoch
 from .layers import count_stored
-from .report import find_latest_report, measure_latency, onnx_accuracy, ratio, summarise_layers
-from .surgery import apply_plan, check_hidden_init, initialise_from_dense, make_plan
+from .options import CompressOptions, ExportOptions, SourceOptions
+from .outputs import Artifacts, compress_outputs, export_outputs
+from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, Int8Figures, LatencyPair, LayerRow, OnnxFigures,
+                     ParamSummary, PlanReport, Report, find_latest_report, ratio)
+from .surgery import LayerPlan, apply_plan, initialise_from_dense, make_plan, replaced_parameters
 
-__all__ = ["CompressOptions", "Events", "compress", "plan_checkpoint", "export_checkpoint", "load_report", "load_compressed_model"]
+__all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
+           "load_compressed_model"]
 
 CALIBRATION_ROWS = 1024
 VALIDATION_ROWS = 256
-
-
-@dataclass
-class CompressOptions:
-    """Everything ``fixclf compress`` takes. ``output`` None: ``<checkpoint stem>.fixclf.pt`` in the cwd."""
-
-    checkpoint: str | Path
-    head: str = "hadamard"
-    hidden: str = "acdc"
-    depth: int = 2
-    hidden_init: str = "thesis"
-    data: str | Path | None = None
-    epochs: int = 40
-    max_time: float | None = None
-    lr: float = 2e-2
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    output: str | Path | None = None
-    seed: int = 0
-    device: str = "cpu"
-    arch: str | None = None
-    arch_kwargs: dict | None = None
-    trust_pickle: bool = False
-    quantize: str | None = None
-    ort_format: bool = False
-    tolerance: float = DEFAULT_TOLERANCE
-    latency_batch: int = 128
-    force: bool = False
+NOT_RECOVERED_MARGIN = 0.005  # accuracy this far below the original, and no better than at initialisation
 
 
 class Events:
@@ -63,210 +46,226 @@ class Events:
 
     def stage(self, text: str) -> None: ...
 
-    def finetune_start(self, epochs: int, steps_per_epoch: int) -> None: ...
+    def finetune_start(self, epochs: int, steps_per_epoch: int, rows: int) -> None: ...
 
     def step(self, epoch: int, step: int, loss: float) -> None: ...
 
     def epoch(self, stats: EpochStats) -> None: ...
 
 
-def _load(options) -> LoadedModel:
-    return load_model(options.checkpoint, arch=options.arch, arch_kwargs=options.arch_kwargs, trust_pickle=options.trust_pickle)
+@dataclass
+class ExportCommand:
+    """What ``fixclf export`` takes: a checkpoint (dense or compressed) and the ONNX file to write."""
+
+    source: SourceOptions
+    output: str | Path
+    export: ExportOptions = field(default_factory=ExportOptions)
+    force: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.source.validate()
+        self.export.validate()
+        if Path(self.output).suffix != ".onnx":
+            raise UsageError(f"-o {self.output} must end in .onnx")
 
 
-def _data_for(loaded: LoadedModel, spec, seed: int) -> Dataset:
-    source = spec or loaded.data
+def _load(source: SourceOptions) -> LoadedModel:
+    return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
+
+
+def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int) -> Dataset:
+    source = spec if spec is not None else loaded.data
     if source is None:
         raise DataError(
             f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); fixclf "
             "needs real inputs to fine-tune the new layers by distillation and to validate the ONNX export"
         )
-    return load_data(source, seed=seed)
-
-
-def _plan(loaded: LoadedModel, options: CompressOptions) -> list:
-    return make_plan(loaded.model, head=options.head, hidden=options.hidden, depth=options.depth,
-                     include=options.include, exclude=options.exclude, seed=options.seed)
-
-
-def _params_summary(original: nn.Module, layers: list[dict]) -> dict:
-    """Stored numbers of the whole model and of the replaced layers, before and after."""
-    before = count_stored(original)
-    replaced = summarise_layers(layers)
-    after = before - replaced["before"] + replaced["after"]
-    return {"before": before, "after": after, "ratio": ratio(before, after), "replaced": replaced}
-
-
-def plan_checkpoint(options: CompressOptions) -> dict:
-    """What ``compress`` would replace, by what, and the parameter counts; touches nothing."""
-    loaded = _load(options)
-    layers = [p.as_dict() for p in _plan(loaded, options)]
-    return {"model": str(loaded.path), "layers": layers, "params": _params_summary(loaded.model, layers)}
-
-
-def _outputs(options: CompressOptions) -> tuple[Path, Path, Path | None]:
-    checkpoint = Path(options.checkpoint)
-    output = Path(options.output) if options.output else Path(f"{checkpoint.stem}.fixclf.pt")
-    if output.suffix != ".pt":
-        raise UsageError(f"--output {output} must end in .pt (the ONNX file is written beside it)")
-    onnx_path = output.with_suffix(".onnx")
-    int8_path = output.with_suffix(".int8.onnx") if options.quantize else None
-    ort_path = onnx_path.with_suffix(".ort") if options.ort_format else None
-    for path in (output, onnx_path, int8_path, ort_path):
-        if path is not None:
-            check_output_path(path, [checkpoint], options.force)
-    return output, onnx_path, int8_path
-
-
-def _export_pair(original: nn.Module, compressed: nn.Module, data: Dataset, options: CompressOptions,
-                 onnx_path: Path, int8_path: Path | None, events: Events) -> tuple[dict, list[Path]]:
-    """Export original (to a temporary file) and compressed models; sizes, latency, int8 figures."""
-    samples = data.x_val[:VALIDATION_ROWS]
-    timing = data.x_val[: options.latency_batch]
-    written: list[Path] = []
-    figures: dict = {}
-    original_tmp = onnx_path.with_name(f".{onnx_path.stem}.original.onnx")
-    try:
-        events.stage("Exporting the original model to ONNX")
-        before = export_onnx(original, samples, original_tmp, tolerance=options.tolerance)
-        events.stage("Exporting the compressed model to ONNX")
-        after = export_onnx(compressed, samples, onnx_path, tolerance=options.tolerance, ort_format=options.ort_format)
-        written += [onnx_path, *map(Path, after.extra_files)]
-        events.stage("Measuring ONNX Runtime latency")
-        figures["latency_ms"] = {
-            "before": measure_latency(original_tmp, timing),
-            "after": measure_latency(onnx_path, timing),
-        }
-        figures["latency_ms"]["speedup"] = ratio(figures["latency_ms"]["before"]["median"], figures["latency_ms"]["after"]["median"])
-        figures["onnx_bytes"] = {"before": before.bytes, "after": after.bytes, "ratio": ratio(before.bytes, after.bytes)}
-        figures["onnx"] = {
-            "path": str(onnx_path),
-            "stored_parameter_bytes": after.stored_parameter_bytes,
-            "constant_bytes": after.constant_bytes,
-            "max_abs_diff": after.max_abs_diff,
-            "max_rel_diff": after.max_rel_diff,
-            "tolerance": options.tolerance,
-            "extra_files": after.extra_files,
-        }
-        if int8_path is not None:
-            events.stage("Quantising the compressed model to int8")
-            int8 = export_onnx(compressed, samples, int8_path, quantize="int8")
-            written.append(int8_path)
-            figures["onnx_bytes"]["after_int8"] = int8.bytes
-            figures["int8"] = {"path": str(int8_path), "top1_agreement": int8.top1_agreement,
-                               "latency_ms": measure_latency(int8_path, timing)}
-            if data.y_val is not None:
-                figures["int8"]["accuracy"] = onnx_accuracy(int8_path, data.x_val, data.y_val)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        original_tmp.unlink(missing_ok=True)
-    return figures, written
-
-
-def compress(options: CompressOptions, events: Events | None = None) -> dict:
-    """Compress a checkpoint end to end; returns the report (also stored in the output checkpoint)."""
-    events = events or Events()
-    started = time.monotonic()
-    events.stage(f"Loading {options.checkpoint}")
-    loaded = _load(options)
-    plan = _plan(loaded, options)
-    if options.device != "cpu" and not (options.device.startswith("cuda") and torch.cuda.is_available()):
-        raise UsageError(f"--device {options.device} is not available on this machine; use --device cpu")
-    check_hidden_init(options.hidden_init)
-    if loaded.arch is None:
-        raise UsageError(
-            f"{options.checkpoint} is a whole pickled model with no architecture reference, so its compressed checkpoint "
-            "could not be reloaded safely; also pass --arch package.module:factory naming its architecture"
-        )
-    output, onnx_path, int8_path = _outputs(options)
-    data = _data_for(loaded, options.data, options.seed)
+    data = load_data(source, seed=seed)
     check_against_model(data, loaded.model)
+    return data
 
-    original = loaded.model
-    torch.manual_seed(options.seed)
-    compressed = apply_plan(copy.deepcopy(original), plan)
+
+def _inputs(loaded: LoadedModel, data: Dataset | None) -> list[Path]:
+    """Every file a command read: never to be overwritten by its outputs."""
+    files = [loaded.path, loaded.data, loaded.factory_file, *(data.files if data else ())]
+    return [Path(f) for f in files if f is not None]
+
+
+def _rows(plan: list[LayerPlan]) -> list[LayerRow]:
+    return [LayerRow(**asdict(entry)) for entry in plan]
+
+
+def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
+    before = count_stored(original)
+    replaced = [p for p in plan if p.replaced]
+    old, new = sum(p.params_before for p in replaced), sum(p.params_after for p in replaced)
+    return ParamSummary(Counts.of(before, before - old + new), Counts.of(old, new))
+
+
+def plan_checkpoint(options: CompressOptions) -> PlanReport:
+    """What ``compress`` would replace, by what, and the stored numbers; touches nothing."""
+    options.validate()
+    loaded = _load(options.source)
+    plan = make_plan(loaded.model, options.plan, seed=options.seed)
+    return PlanReport(str(loaded.path), _rows(plan), _params(loaded.model, plan))
+
+
+def _check_device(device: str) -> None:
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} is not available on this machine (no CUDA device); use --device cpu")
+
+
+def _requested_formats(options: ExportOptions) -> dict[str, str]:
+    return {"onnx": "onnx"} | ({"onnx-int8": "int8"} if options.quantize else {}) | ({"ort": "ort"} if options.ort_format else {})
+
+
+def _data_reference(data: Dataset, output: Path) -> str | None:
+    """The data file, relative to the output's directory when it lies below it (so report and export
+    find it again); None otherwise (``fixclf export`` then needs ``--data``)."""
+    if len(data.files) != 1 or not data.files[0].is_file() or data.files[0].suffix not in (".npz", ".pt"):
+        return None
+    relative = os.path.relpath(data.files[0].resolve(), output.resolve().parent)
+    return None if relative.startswith("..") else Path(relative).as_posix()
+
+
+def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], data: Dataset,
+              options: CompressOptions, events: Events) -> tuple[FinetuneResult, Accuracy | None]:
     events.stage("Initialising the structured layers from the dense ones")
-    initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS], hidden_init=options.hidden_init)
-    accuracy: dict = {}
+    initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS], fit=options.finetune.init == "fit")
+    before = after_init = None
     if data.has_labels:
-        accuracy["before"] = evaluate(original, data.x_val, data.y_val)
-        accuracy["after_fit"] = evaluate(compressed, data.x_val, data.y_val)
-
-    config = FinetuneConfig(epochs=options.epochs, max_time=options.max_time, lr=options.lr, seed=options.seed, device=options.device)
+        before, after_init = evaluate(original, data.x_val, data.y_val), evaluate(compressed, data.x_val, data.y_val)
     events.stage("Fine-tuning by distillation from the original")
-    events.finetune_start(options.epochs, -(-data.x_train.shape[0] // config.batch_size))
-    tuned = distill(compressed, original, data, config, on_step=events.step, on_epoch=events.epoch)
+    events.finetune_start(options.finetune.epochs, steps_per_epoch(data.x_train.shape[0], options.finetune),
+                          data.x_train.shape[0])
+    tuned = distill(compressed, original, data, options.finetune, replaced_parameters(compressed, plan),
+                    seed=options.seed, on_step=events.step, on_epoch=events.epoch)
     compressed.cpu()
     original.cpu()
-    if data.has_labels:
-        accuracy["after"] = evaluate(compressed, data.x_val, data.y_val)
-    figures, written = _export_pair(original, compressed, data, options, onnx_path, int8_path, events)
+    if not data.has_labels:
+        return tuned, None
+    return tuned, Accuracy(before, after_init, evaluate(compressed, data.x_val, data.y_val))
 
-    layers = [p.as_dict() for p in plan]
-    report = {
-        "model": str(options.checkpoint),
-        "output": str(output),
-        "options": {"head": options.head, "hidden": options.hidden, "depth": options.depth, "init": options.hidden_init,
-                    "seed": options.seed,
-                    "epochs": options.epochs, "max_time": options.max_time, "lr": options.lr},
-        "data": {"source": data.source, "train": int(data.x_train.shape[0]), "held_out": int(data.x_val.shape[0]),
-                 "labels": data.has_labels},
-        "params": _params_summary(original, layers),
-        "accuracy": accuracy,
-        "finetune": {"epochs_run": len(tuned.epochs), "stopped_by": tuned.stopped_by,
-                     "seconds": round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0},
-        "layers": layers,
-        **figures,
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    events.stage(f"Saving {output}")
-    source = Path(str(options.data or loaded.data))
-    data_ref = str(source.resolve()) if source.is_file() else None  # so report/export find it again
-    try:
-        save_checkpoint(output, {
-            "format": COMPRESSED_FORMAT, "arch": loaded.arch, "kwargs": loaded.kwargs, "plan": layers,
-            "state_dict": compressed.state_dict(), "report": report, "data": data_ref,
-        })
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+
+def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
+    if accuracy is None:
+        return []
+    if accuracy.after <= accuracy.after_init and accuracy.after < accuracy.before - NOT_RECOVERED_MARGIN:
+        return [f"fine-tuning has not recovered the model: held-out accuracy {accuracy.after:.2%} is no better than right "
+                f"after initialisation ({accuracy.after_init:.2%}; original {accuracy.before:.2%}) after "
+                f"{len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time) or raise --lr"]
+    return []
+
+
+def _export(original: nn.Module, compressed: nn.Module, data: Dataset, options: CompressOptions, artifacts: Artifacts,
+            formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, Int8Figures | None]:
+    samples, timing = data.x_val[:VALIDATION_ROWS], data.x_val[: options.export.latency_batch]
+    events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
+    original_bytes = to_onnx(original, samples).proto.SerializeToString()
+    validate(original_bytes, original, samples, tolerance=options.export.tolerance)
+    events.stage("Exporting the compressed model to ONNX and validating it in ONNX Runtime")
+    result = write_exports(compressed, samples, artifacts, formats, tolerance=options.export.tolerance)
+    main = result.files["onnx"]
+    onnx = OnnxFigures(main.path, len(original_bytes), main.bytes, ratio(len(original_bytes), main.bytes),
+                       result.stored_parameter_bytes, result.constant_bytes, main.max_abs_diff, main.max_rel_diff,
+                       options.export.tolerance, [f.path for name, f in result.files.items() if name != "onnx"],
+                       result.mobile_notes)
+    events.stage("Measuring ONNX Runtime latency (one session at a time, thread spinning off)")
+    before, after = runtime.latency(original_bytes, timing), runtime.latency(artifacts.written("onnx"), timing)
+    int8 = None
+    if "onnx-int8" in result.files:
+        q, q_file = result.files["onnx-int8"], artifacts.written("int8")
+        int8 = Int8Figures(q.path, q.bytes, q.top1_agreement,
+                           runtime.accuracy(q_file, data.x_val, data.y_val) if data.has_labels else None,
+                           runtime.latency(q_file, timing))
+    return result, onnx, LatencyPair(before, after, ratio(before.median, after.median)), int8
+
+
+def compress(options: CompressOptions, events: Events | None = None) -> Report:
+    """Compress a checkpoint end to end; returns the report (also stored in the output checkpoint).
+
+    Every option and output is checked before any work; nothing is written unless everything
+    succeeds, and then all files are renamed into place together."""
+    events = events or Events()
+    started = time.monotonic()
+    options.validate()
+    _check_device(options.finetune.device)
+    events.stage(f"Loading {options.source.checkpoint}")
+    loaded = _load(options.source)
+    if loaded.arch is None:
+        raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
+                         "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming its architecture")
+    plan = make_plan(loaded.model, options.plan, seed=options.seed)
+    data = _data_for(loaded, options.source.data, options.seed)
+    paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
+                             ort_format=options.export.ort_format)
+    with Artifacts(paths, _inputs(loaded, data), options.force) as artifacts:
+        artifacts.check()
+        original = loaded.model
+        with torch.random.fork_rng():
+            torch.manual_seed(options.seed)
+            compressed = apply_plan(copy.deepcopy(original), plan)
+            formats, notes = choose_formats(compressed, _requested_formats(options.export))
+            tuned, accuracy = _finetune(original, compressed, plan, data, options, events)
+        exported, onnx, latency, int8 = _export(original, compressed, data, options, artifacts, formats, events)
+        report = Report(
+            model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
+            data=DataSummary(data.source, int(data.x_train.shape[0]), int(data.x_val.shape[0]), data.has_labels),
+            params=_params(original, plan), layers=_rows(plan),
+            finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
+                                     round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0),
+            accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
+            notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2))
+        events.stage(f"Saving {paths['checkpoint']}")
+        payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
+        artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))
+        artifacts.commit()
     return report
 
 
-def load_compressed_model(path: str | Path) -> nn.Module:
-    """One line to get a compressed model back: ``model = load_compressed_model("mlp.fixclf.pt")``."""
-    return load_model(path).model
+def _options_summary(options: CompressOptions) -> dict:
+    """The options that shaped the result, as plain values (the report's ``options``)."""
+    return {"head": options.plan.head, "hidden": options.plan.hidden, "depth": options.plan.depth,
+            "init": options.finetune.init, "seed": options.seed, "epochs": options.finetune.epochs,
+            "max_time": options.finetune.max_time, "lr": options.finetune.lr, "device": options.finetune.device,
+            "update_norm_stats": options.finetune.update_norm_stats}
 
 
-def load_report(path: str | Path | None = None) -> dict:
-    """The report stored in a compressed checkpoint (None: the newest ``*.fixclf.pt`` in the cwd)."""
+def load_compressed_model(path: str | Path, *, arch: Architecture | None = None) -> nn.Module:
+    """A compressed model back in one line (eval mode): ``load_compressed_model("mlp.fixclf.pt")``.
+
+    ``arch`` is needed only when the original architecture is not built into fixclf: the same
+    ``"package.module:factory"`` used to compress it, or the factory itself (e.g. a torchvision builder)."""
+    return load_compressed(path, arch=arch).model
+
+
+def load_report(path: str | Path | None = None) -> Report:
+    """The report stored in a compressed checkpoint (None: the newest ``*.fixclf.pt`` in the current
+    directory). Reads the checkpoint only: the model is neither built nor imported."""
     if path is None:
         path = find_latest_report(".")
         if path is None:
             raise UsageError("no *.fixclf.pt in this directory; pass the compressed checkpoint: fixclf report PATH")
-    loaded = load_model(path)
-    if not loaded.compressed or loaded.report is None:
-        raise UsageError(f"{path} is not a fixclf compressed checkpoint; run fixclf compress on it first")
-    return loaded.report
+    return read_stored_report(path)
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, data: str | Path | None = None,
-                      arch: str | None = None, arch_kwargs: dict | None = None, trust_pickle: bool = False,
-                      quantize: str | None = None, ort_format: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-                      force: bool = False, seed: int = 0) -> ExportResult:
-    """Export any accepted checkpoint (dense or compressed) to validated ONNX at ``output``."""
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise UsageError(f"-o {output} must end in .onnx")
-    check_output_path(output, [Path(checkpoint)], force)
-    if ort_format:
-        check_output_path(output.with_suffix(".ort"), [Path(checkpoint)], force)
-    loaded = load_model(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    dataset = _data_for(loaded, data, seed)
-    check_against_model(dataset, loaded.model)
-    return export_onnx(loaded.model, dataset.x_val[:VALIDATION_ROWS], output, quantize=quantize,
-                       ort_format=ort_format, tolerance=tolerance)
+def export_checkpoint(command: ExportCommand) -> ExportResult:
+    """Export any accepted checkpoint (dense or compressed) to validated ONNX at ``command.output``.
+
+    A compressed checkpoint of an architecture that is not built in needs ``source.arch`` again."""
+    command.validate()
+    loaded = _load(command.source)
+    data = _data_for(loaded, command.source.data, command.seed)
+    output = Path(command.output)
+    requested = {("onnx-int8" if command.export.quantize else "onnx"): "onnx"}
+    requested |= {"ort": "ort"} if command.export.ort_format else {}
+    formats, notes = choose_formats(loaded.model, requested)
+    with Artifacts(export_outputs(output, ort_format=command.export.ort_format), _inputs(loaded, data),
+                   command.force) as artifacts:
+        artifacts.check()
+        result = write_exports(loaded.model, data.x_val[:VALIDATION_ROWS], artifacts, formats,
+                               tolerance=command.export.tolerance)
+        artifacts.commit()
+    result.notes = notes + result.notes
+    return result

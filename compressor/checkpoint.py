@@ -1,106 +1,105 @@
-"""Safe loading and saving of checkpoints; the compressed checkpoint format.
+"""Safe loading and saving of checkpoints; the compressed checkpoint format (the plan serialised only here).
 
-Accepted inputs (``load_model``):
+Accepted inputs (:func:`load_model`):
 
-* a **fixclf checkpoint**: ``{"format": "fixclf.model/1", "arch": "pkg.module:factory",
-  "kwargs": {...}, "state_dict": {...}, "data": "optional/relative.npz"}``;
-* a **state_dict** plus ``arch="pkg.module:factory"`` (and ``arch_kwargs``);
+* a **fixclf checkpoint**: ``{"format": "fixclf.model/1", "arch": "compressor.zoo:mlp",
+  "kwargs": {...}, "state_dict": {...}, "data": "digits.npz"}``;
+* a **state_dict** plus the user's ``arch`` (``"package.module:factory"`` or a callable) and
+  ``arch_kwargs``;
 * a **compressed checkpoint** written by fixclf (``"format": "fixclf.compressed/1"``: the same
   plus ``"plan"``, the replacement of each layer, and ``"report"``);
 * a **whole pickled nn.Module**, only with ``trust_pickle=True``.
 
-Everything is read with ``torch.load(weights_only=True)``: a pickle that needs any class or
-function (the way a malicious ``__reduce__`` runs code) is refused, naming what it wanted.
-An architecture named *inside* a checkpoint is imported only from ``compressor.*``; any other
-module must be confirmed by the user passing the same ``arch``.
+Trust model. Everything is read with ``torch.load(weights_only=True)``: a pickle that needs any
+class or function (the way a malicious ``__reduce__`` runs code) is refused, naming what it
+wanted. Nothing read from a file decides which code runs:
 
-Writes are atomic: a temporary file in the target directory, then ``os.replace``.
+* ``arch`` in a file is looked up in the allow-list :data:`compressor.zoo.ARCHITECTURES`, never
+  imported; any other name is refused unless the user names the same architecture;
+* ``data`` in a file is a file name next to the checkpoint (relative, no ``..``), never code;
+* every other field is type- and range-checked: ``kwargs`` plain JSON values that must bind to
+  the factory's signature (an allow-listed model is first built on the meta device and its
+  shapes compared with the state_dict, so a tiny file cannot make fixclf allocate a huge model),
+  ``state_dict`` tensors finite and backed by real storage, the ``plan`` checked against the
+  layer registry's limits and the model's actual Linear layers, the ``report`` against its type.
+
+A problem with any of it is a :class:`CheckpointError` (exit code 3).
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
+import inspect
 import io
-import json
 import os
 import pickle
 import pickletools
-import re
-import tempfile
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError
+from .layers import REGISTRY
+from .references import call_user_code, describe, import_reference
+from .surgery import LayerPlan, apply_plan, linear_layers
+from .zoo import ARCHITECTURES
 
 __all__ = [
     "MODEL_FORMAT",
     "COMPRESSED_FORMAT",
+    "Architecture",
     "LoadedModel",
     "load_model",
     "load_compressed",
-    "save_checkpoint",
-    "atomic_write",
-    "check_output_path",
-    "build_arch",
-    "IMPORT_REFERENCE",
+    "read_stored_report",
+    "compressed_payload",
+    "plan_from_records",
 ]
 
-IMPORT_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-"""``package.module:name``: how --arch and --data name code to import."""
 MODEL_FORMAT = "fixclf.model/1"
 COMPRESSED_FORMAT = "fixclf.compressed/1"
+DATA_SUFFIXES = (".npz", ".pt")
+MAX_PLAIN_ITEMS = 10_000
+Architecture = str | Callable[..., nn.Module]
+"""How a caller names an architecture: ``"package.module:factory"`` or the factory itself."""
 
 
 @dataclass
 class LoadedModel:
-    """A model and what fixclf knows about where it came from."""
+    """A float32 model in eval mode and what fixclf knows about where it came from."""
 
     model: nn.Module
     path: Path
-    arch: str | None = None
+    arch: str | None = None  # reference stored in outputs (None: a whole pickled model)
     kwargs: dict = field(default_factory=dict)
     data: Path | None = None  # data file bundled with the checkpoint, resolved
-    plan: list[dict] | None = None  # only for compressed checkpoints
-    report: dict | None = None  # only for compressed checkpoints
-    compressed: bool = False
+    plan: list[LayerPlan] | None = None  # only for compressed checkpoints
+    factory_file: Path | None = None  # source file of a user's --arch module (protected from overwrite)
+
+    @property
+    def compressed(self) -> bool:
+        return self.plan is not None
 
 
-def build_arch(arch: str, kwargs: dict | None = None) -> nn.Module:
-    """Import ``pkg.module:factory`` and call it with ``kwargs``; it must return an nn.Module."""
-    if not IMPORT_REFERENCE.fullmatch(arch or ""):
-        raise CheckpointError(f"--arch {arch!r} is not of the form package.module:factory")
-    module_name, factory_name = arch.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise CheckpointError(f"cannot import {module_name!r} for --arch ({type(exc).__name__}: {exc}); check PYTHONPATH") from exc
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise CheckpointError(f"{module_name} has no callable {factory_name!r}; check --arch")
-    try:
-        model = factory(**(kwargs or {}))
-    except Exception as exc:
-        raise CheckpointError(f"{arch}(**{json.dumps(kwargs or {})}) failed: {type(exc).__name__}: {exc}; check --arch-kwargs") from exc
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _unsafe_globals(path: Path) -> list[str]:
     """Classes/functions a checkpoint's pickle would import, found without unpickling it."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        if found:
+            return found
     except Exception:  # not a zip checkpoint: scan the raw pickle's opcodes
         pass
     names, strings = [], []
     try:
-        for op, arg, _ in pickletools.genops(path.read_bytes()):
-            if op.name == "GLOBAL":
+        for op, arg, _ in pickletools.genops(io.BytesIO(path.read_bytes())):
+            if op.name in ("GLOBAL", "INST"):
                 names.append(str(arg).replace(" ", "."))
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 names.append(f"{strings[-2]}.{strings[-1]}")
@@ -111,7 +110,10 @@ def _unsafe_globals(path: Path) -> list[str]:
     return names
 
 
-def _safe_torch_load(path: Path, trust_pickle: bool) -> Any:
+def safe_load(path: Path, trust_pickle: bool = False) -> Any:
+    """``torch.load`` with weights_only (unless ``trust_pickle``); one-line CheckpointError on failure."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path} is a dangling symbolic link; point it at the checkpoint or pass the file itself")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; check the path")
     if path.is_dir():
@@ -122,143 +124,276 @@ def _safe_torch_load(path: Path, trust_pickle: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path)
+    except (Exception, SystemExit) as exc:
+        unsafe = [] if trust_pickle else _unsafe_globals(path)
         if unsafe:
             raise CheckpointError(
                 f"{path} needs {unsafe[0]} to load, which can run arbitrary code; if you trust this file, pass --trust-pickle"
             ) from exc
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]})") from exc
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-            "it may be truncated or of another format"
-        ) from exc
+        if isinstance(exc, pickle.UnpicklingError) or not trust_pickle:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}); it may be "
+                                  "truncated or of another format") from exc
+        raise CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})") from exc
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+def _require(obj: dict, key: str, kind: type | tuple[type, ...], path: Path, what: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CheckpointError(f"{path}: field {key!r} must be {what}, got {type(value).__name__}; the file is damaged "
+                              "or not written by fixclf")
+    return value
 
 
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or [str(exc)[:200]]
-        raise CheckpointError(f"{source} does not match the architecture ({first[0][:200]}); check --arch / --arch-kwargs") from exc
+def _check_plain(value: Any, path: Path, where: str, depth: int = 0) -> int:
+    """Plain JSON data only (str, int, float, bool, None, lists and str-keyed dicts of them); returns the item count."""
+    if depth > 8:
+        raise CheckpointError(f"{path}: {where} is nested too deeply")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return 1
+    if isinstance(value, (list, tuple)):
+        count = sum(_check_plain(v, path, where, depth + 1) for v in value)
+    elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        count = sum(_check_plain(v, path, where, depth + 1) for v in value.values())
+    else:
+        raise CheckpointError(f"{path}: {where} holds a {type(value).__name__}; only plain numbers, strings, lists and "
+                              "mappings are accepted")
+    if count > MAX_PLAIN_ITEMS:
+        raise CheckpointError(f"{path}: {where} is too large ({count} items)")
+    return count
+
+
+def _check_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: state_dict must map parameter names to tensors; the file is damaged")
+    for name, tensor in state.items():
+        if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+            raise CheckpointError(f"{path}: tensor {name} is a broadcast view larger than its data; save real tensors "
+                                  "(tensor.contiguous())")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {name} holds NaN or infinite values; the checkpoint is damaged or its "
+                                  "training diverged: use an earlier checkpoint")
+    return state
 
 
 def _bundled_data(path: Path, obj: dict) -> Path | None:
-    """The data file a fixclf checkpoint names, relative to the checkpoint (or absolute)."""
-    return (path.parent / obj["data"]) if obj.get("data") else None
+    """The data file a checkpoint names: a relative path next to (or below) the checkpoint, never code."""
+    ref = obj.get("data")
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or not ref:
+        raise CheckpointError(f"{path}: field 'data' must be a file name next to the checkpoint; the file is damaged")
+    relative = PurePosixPath(ref)
+    if relative.is_absolute() or ".." in relative.parts or relative.suffix not in DATA_SUFFIXES:
+        raise CheckpointError(f"{path} names data {ref!r}: only an .npz/.pt file next to the checkpoint is accepted "
+                              "from a file; pass your data with --data instead")
+    return path.parent / relative
 
 
-def _resolve_arch(stored: str | None, given: str | None, path: Path) -> str:
+def _factory(stored: str | None, given: Architecture | None, path: Path) -> tuple[str, Callable, bool]:
+    """(reference to store, factory, allow-listed) for a checkpoint's stored arch and the caller's."""
+    if callable(given):
+        return stored or describe(given), given, False
+    if given is not None and not isinstance(given, str):
+        raise CheckpointError(f"architecture must be 'package.module:factory' or a callable, got {type(given).__name__}")
     if given and stored and given != stored:
-        raise CheckpointError(f"{path} was saved with architecture {stored}, but --arch {given} was given; drop --arch")
-    arch = given or stored
-    if not arch:
-        raise CheckpointError(f"{path} holds a bare state_dict; pass --arch package.module:factory to say which model it is")
-    if not given and not arch.startswith("compressor."):
-        raise CheckpointError(f"{path} names architecture {arch}; pass --arch {arch} to allow importing that code")
-    return arch
+        raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; drop --arch")
+    name = given or stored
+    if not name:
+        raise CheckpointError(f"{path} holds a bare state_dict; name its architecture: --arch package.module:factory")
+    if name in ARCHITECTURES:
+        return name, ARCHITECTURES[name], True
+    if not given:
+        raise CheckpointError(f"{path} names architecture {name}, which is not built into fixclf; if you trust that "
+                              f"code, name it yourself: --arch {name} (arch={name!r} in Python)")
+    return name, import_reference(name, "--arch", CheckpointError), False
 
 
-def load_model(
-    path: str | os.PathLike,
-    *,
-    arch: str | None = None,
-    arch_kwargs: dict | None = None,
-    trust_pickle: bool = False,
-) -> LoadedModel:
+def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str) -> nn.Module:
+    """An allow-listed model built on the meta device: its shapes, without allocating its memory."""
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: kwargs do not fit {name} ({exc}); the file is damaged") from exc
+    with torch.device("meta"):
+        return _build(factory, kwargs, name)
+
+
+def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replaced: tuple[str, ...] = ()) -> None:
+    """``state`` must have ``model``'s keys and shapes, except below the ``replaced`` module names."""
+    def kept(key: str) -> bool:
+        return not any(r == "" or key.startswith(f"{r}.") for r in replaced)
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if kept(k)}
+    got = {k: tuple(v.shape) for k, v in state.items() if kept(k)}
+    if expected != got:
+        wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+        raise CheckpointError(f"{path}: state_dict does not match {name}(**kwargs) (first difference: {wrong[0]}); "
+                              "the file is damaged or belongs to another architecture")
+
+
+def _build(factory: Callable, kwargs: dict, name: str) -> nn.Module:
+    model = call_user_code(factory, kwargs, f"building the architecture {name}", CheckpointError)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; check --arch")
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, source: Path) -> nn.Module:
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
+        raise CheckpointError(f"{source} does not match the architecture ({detail}); check --arch / --arch-kwargs") from exc
+    return model.float().eval()
+
+
+def _source_file(factory: Callable) -> Path | None:
+    """The file a user's factory was imported from (protected from being overwritten), if any."""
+    try:
+        source = inspect.getsourcefile(factory)
+    except TypeError:
+        return None
+    return Path(source).resolve() if source else None
+
+
+def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict | None, path: Path) -> LoadedModel:
+    name, factory, allow_listed = _factory(obj.get("arch"), given, path)
+    _check_plain(kwargs, path, "kwargs")
+    if allow_listed:
+        _compare_shapes(_meta_model(factory, kwargs, path, name), state, path, name)
+    model = _build(factory, kwargs, name)
+    return LoadedModel(model, path, name, kwargs, factory_file=None if allow_listed else _source_file(factory))
+
+
+def _stored_kwargs(obj: dict, path: Path) -> dict:
+    kwargs = obj.get("kwargs")
+    if kwargs is None:
+        return {}
+    return _require(obj, "kwargs", dict, path, "a mapping of keyword arguments")
+
+
+def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arch_kwargs: dict | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
     """Load any accepted checkpoint (see module docstring) as a float32 model in eval mode."""
     path = Path(path)
-    obj = _safe_torch_load(path, trust_pickle)
+    obj = safe_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
+        _check_state(obj.state_dict(), path)
         if arch is None:
             return LoadedModel(obj.float().eval(), path)
-        model = build_arch(arch, arch_kwargs)  # give the pickled weights an importable architecture
-        _load_state(model, obj.state_dict(), str(path))
-        return LoadedModel(model.float().eval(), path, arch, arch_kwargs or {})
-    if isinstance(obj, dict) and obj.get("format") in (MODEL_FORMAT, COMPRESSED_FORMAT):
-        if obj["format"] == COMPRESSED_FORMAT:
-            return load_compressed(path, arch=arch, _obj=obj)
-        name = _resolve_arch(obj.get("arch"), arch, path)
-        kwargs = obj.get("kwargs") or {}
-        model = build_arch(name, kwargs)
-        _load_state(model, obj.get("state_dict", {}), str(path))
-        return LoadedModel(model.float().eval(), path, name, kwargs, _bundled_data(path, obj))
-    if _is_state_dict(obj):
-        name = _resolve_arch(None, arch, path)
-        model = build_arch(name, arch_kwargs)
-        _load_state(model, obj, str(path))
-        return LoadedModel(model.float().eval(), path, name, arch_kwargs or {})
-    raise CheckpointError(
-        f"{path} holds a {type(obj).__name__}, not a model, state_dict or fixclf checkpoint; "
-        "save model.state_dict() or the whole model"
-    )
+        loaded = _model_from({}, obj.state_dict(), arch, arch_kwargs or {}, path)
+        _load_state(loaded.model, obj.state_dict(), path)
+        return loaded
+    if isinstance(obj, dict) and obj.get("format") == COMPRESSED_FORMAT:
+        return load_compressed(path, arch=arch, _obj=obj)
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        _require(obj, "arch", str, path, "an architecture name")
+        state = _check_state(obj.get("state_dict"), path)
+        loaded = _model_from(obj, state, arch, _stored_kwargs(obj, path), path)
+        loaded.data = _bundled_data(path, obj)
+        _load_state(loaded.model, state, path)
+        return loaded
+    if isinstance(obj, dict) and "format" in obj:
+        raise CheckpointError(f"{path} has format {str(obj['format'])[:40]!r}, which this fixclf does not read; "
+                              f"expected {MODEL_FORMAT} or {COMPRESSED_FORMAT}")
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        state = _check_state(obj, path)
+        loaded = _model_from({}, state, arch, arch_kwargs or {}, path)
+        _load_state(loaded.model, state, path)
+        return loaded
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model, state_dict or fixclf checkpoint; "
+                          "save model.state_dict() or the whole model")
 
 
-def load_compressed(path: str | os.PathLike, *, arch: str | None = None, _obj: dict | None = None) -> LoadedModel:
-    """Load a compressed checkpoint (weights_only) and rebuild the structured model exactly."""
-    from .surgery import apply_plan  # surgery imports this module
+def plan_from_records(records: Any, model: nn.Module, path: Path) -> list[LayerPlan]:
+    """Check a stored plan against the registry and the model's Linear layers; the typed plan."""
+    if not isinstance(records, list) or not records:
+        raise CheckpointError(f"{path}: 'plan' must be a non-empty list of layers; the file is damaged")
+    linears = dict(linear_layers(model))
+    names = [f.name for f in fields(LayerPlan)]
+    plan, seen = [], set()
+    for record in records:
+        if not isinstance(record, dict) or set(record) != set(names):
+            raise CheckpointError(f"{path}: each plan entry must have exactly the fields {', '.join(names)}")
+        entry = LayerPlan(**record)
+        _check_plan_entry(entry, linears.get(entry.name) if isinstance(entry.name, str) else None, path)
+        if entry.name in seen:
+            raise CheckpointError(f"{path}: the plan names layer {entry.name!r} twice")
+        seen.add(entry.name)
+        plan.append(entry)
+    return plan
 
+
+def _check_plan_entry(entry: LayerPlan, linear: nn.Linear | None, path: Path) -> None:
+    where = f"{path}: plan entry {str(entry.name)[:60]!r}"
+    if linear is None:
+        raise CheckpointError(f"{where} names no Linear layer of the model; the file does not belong to this architecture")
+    if (entry.in_features, entry.out_features) != (linear.in_features, linear.out_features):
+        raise CheckpointError(f"{where} says Linear({entry.in_features}, {entry.out_features}), the model has "
+                              f"Linear({linear.in_features}, {linear.out_features})")
+    if not isinstance(entry.reason, str) or len(entry.reason) > 500 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (entry.params_before, entry.params_after)):
+        raise CheckpointError(f"{where} has malformed counts or reason")
+    if entry.kind is None:
+        if entry.options != {}:
+            raise CheckpointError(f"{where} keeps the layer but carries options")
+        return
+    if (entry.role, entry.kind) not in REGISTRY:
+        raise CheckpointError(f"{where}: {entry.role!r}/{entry.kind!r} is not a known layer kind")
+    try:
+        entry.options = entry.spec.check_options(entry.options)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    reason = entry.spec.unsupported(entry.in_features, entry.out_features)
+    if reason:
+        raise CheckpointError(f"{where}: {reason}")
+
+
+def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None, _obj: dict | None = None) -> LoadedModel:
+    """Load a compressed checkpoint (weights_only) and rebuild the structured model exactly.
+
+    ``arch``: needed only when the original architecture is not built into fixclf; the same
+    ``"package.module:factory"`` that compressed it, or that factory itself."""
     path = Path(path)
-    obj = _obj if _obj is not None else _safe_torch_load(path, trust_pickle=False)
+    obj = _obj if _obj is not None else safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != COMPRESSED_FORMAT:
         raise CheckpointError(f"{path} is not a fixclf compressed checkpoint; run fixclf compress first")
+    _require(obj, "arch", str, path, "an architecture name")
+    state = _check_state(obj.get("state_dict"), path)
+    read_stored_report(path, obj)
+    name, factory, allow_listed = _factory(obj["arch"], arch, path)
+    kwargs = _stored_kwargs(obj, path)
+    _check_plain(kwargs, path, "kwargs")
+    if allow_listed:  # check everything on the meta device before allocating anything
+        meta = _meta_model(factory, kwargs, path, name)
+        plan = plan_from_records(obj.get("plan"), meta, path)
+        _compare_shapes(meta, state, path, name, tuple(p.name for p in plan if p.replaced))
+    base = _build(factory, kwargs, name)
+    plan = plan_from_records(obj.get("plan"), base, path)
+    model = _load_state(apply_plan(base, plan), state, path)
+    return LoadedModel(model, path, name, kwargs, _bundled_data(path, obj), plan,
+                       factory_file=None if allow_listed else _source_file(factory))
+
+
+def read_stored_report(path: str | os.PathLike, _obj: dict | None = None):
+    """The typed report stored in a compressed checkpoint, read without building or importing the model."""
+    from .report import Report
+
+    path = Path(path)
+    obj = _obj if _obj is not None else safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != COMPRESSED_FORMAT:
+        raise CheckpointError(f"{path} is not a fixclf compressed checkpoint (no stored report); run fixclf compress on it first")
     try:
-        name = _resolve_arch(obj["arch"], arch, path)
-        kwargs, plan, state = obj.get("kwargs") or {}, obj["plan"], obj["state_dict"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is a damaged fixclf checkpoint (missing {exc}); compress the model again") from exc
-    model = apply_plan(build_arch(name, kwargs), plan)
-    _load_state(model, state, str(path))
-    return LoadedModel(model.float().eval(), path, name, kwargs, _bundled_data(path, obj), plan, obj.get("report"),
-                       compressed=True)
+        return Report.from_dict(obj.get("report"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: the stored report is malformed ({_first_line(exc)}); compress the model again") from exc
 
 
-def check_output_path(output: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that is one of the inputs, exists (without force) or cannot be written."""
-    resolved = output.resolve()
-    for source in inputs:
-        if source.exists() and resolved == source.resolve():
-            raise OutputError(f"output {output} is the input file; choose another --output (inputs are never modified)")
-    if output.is_dir():
-        raise OutputError(f"output {output} is a directory; give a file name")
-    if output.exists() and not force:
-        raise OutputError(f"{output} exists; pass --force to overwrite it or choose another --output")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"directory {parent} does not exist; create it or choose another --output")
-    try:  # a real write probe: os.access says yes to root even on read-only file systems
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fixclf-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"cannot write to directory {parent} ({exc.strerror}); choose another --output") from exc
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
-    # keep the suffix: onnxruntime picks the file format (.onnx or .ort) by it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomically ``torch.save`` a plain dict (loadable with weights_only=True)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+def compressed_payload(loaded: LoadedModel, plan: list[LayerPlan], model: nn.Module, report, data_ref: str | None) -> dict:
+    """The plain dict a compressed checkpoint stores (loadable with weights_only=True)."""
+    return {
+        "format": COMPRESSED_FORMAT, "arch": loaded.arch, "kwargs": loaded.kwargs,
+        "plan": [asdict(entry) for entry in plan], "state_dict": model.state_dict(),
+        "report": report.to_dict(), "data": data_ref,
+    }

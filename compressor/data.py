@@ -11,7 +11,7 @@ permutation) is held out for evaluation. Nothing here downloads anything.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import IMPORT_REFERENCE
+from .references import call_user_code, import_reference, is_reference
 from .errors import DataError
 
 __all__ = ["HOLDOUT_FRACTION", "Dataset", "load_data", "check_against_model"]
@@ -36,6 +36,7 @@ class Dataset:
     x_val: torch.Tensor
     y_val: torch.Tensor | None
     source: str
+    files: tuple[Path, ...] = ()  # what was read (the data file, or the data function's module): never overwritten
 
     @property
     def has_labels(self) -> bool:
@@ -49,15 +50,18 @@ def _as_tensor(value, name: str, source: str) -> torch.Tensor:
         raise DataError(f"{source}: {name} is not an array ({type(value).__name__})") from exc
 
 
-def _read(spec: str) -> dict:
-    if IMPORT_REFERENCE.fullmatch(spec) and not Path(spec).exists():
-        module, func = spec.split(":")
-        try:
-            result = getattr(importlib.import_module(module), func)()
-        except Exception as exc:
-            raise DataError(f"--data {spec}: calling it failed ({type(exc).__name__}: {exc})") from exc
-        return dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result
-    path = Path(spec)
+def _read(spec: str) -> tuple[dict, tuple[Path, ...]]:
+    """The arrays ``spec`` names and the files they came from."""
+    if is_reference(spec) and not Path(spec).exists():
+        function = import_reference(spec, "--data", DataError)
+        result = call_user_code(function, {}, f"--data {spec}", DataError)
+        module_file = getattr(sys.modules.get(getattr(function, "__module__", "")), "__file__", None)
+        arrays = dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result
+        return arrays, (Path(module_file),) if module_file else ()
+    return _read_file(Path(spec), spec), (Path(spec),)
+
+
+def _read_file(path: Path, spec: str) -> dict:
     if not path.is_file():
         raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y) or module:function")
     try:
@@ -78,9 +82,10 @@ def _check_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str)
         raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
     if y is not None:
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"{source}: labels for {name} must be ({x.shape[0]},), got {tuple(y.shape)}")
-        if torch.is_floating_point(y) and not torch.equal(y, y.round()):
-            raise DataError(f"{source}: labels must be integer class indices")
+            raise DataError(f"{source}: labels for {name} must be integer class indices of shape ({x.shape[0]},), got shape "
+                            f"{tuple(y.shape)}; convert one-hot or probability labels with y.argmax(1)")
+        if torch.is_floating_point(y) and not (torch.isfinite(y).all() and torch.equal(y, y.round())):
+            raise DataError(f"{source}: labels must be integer class indices, not fractions; pass y as integers")
         y = y.long()
     return x.float(), y
 
@@ -88,7 +93,7 @@ def _check_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str)
 def load_data(spec: str | Path, *, seed: int = 0) -> Dataset:
     """Read ``spec`` (see module docstring) and split off held-out rows when none are given."""
     source = str(spec)
-    arrays = _read(source)
+    arrays, files = _read(source)
     if not isinstance(arrays, dict) or "x" not in arrays:
         raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val')")
     x = _as_tensor(arrays["x"], "x", source)
@@ -98,13 +103,13 @@ def load_data(spec: str | Path, *, seed: int = 0) -> Dataset:
         x_val = _as_tensor(arrays["x_val"], "x_val", source)
         y_val = _as_tensor(arrays["y_val"], "y_val", source) if arrays.get("y_val") is not None else None
         x_val, y_val = _check_rows(x_val, y_val, "x_val", source)
-        return Dataset(x, y, x_val, y_val, source)
+        return Dataset(x, y, x_val, y_val, source, files)
     if x.shape[0] < 2:
         raise DataError(f"{source}: need at least 2 samples to hold some out for evaluation")
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(HOLDOUT_FRACTION * x.shape[0])))
     val, train = order[:n_val], order[n_val:]
-    return Dataset(x[train], y[train] if y is not None else None, x[val], y[val] if y is not None else None, source)
+    return Dataset(x[train], y[train] if y is not None else None, x[val], y[val] if y is not None else None, source, files)
 
 
 @torch.no_grad()

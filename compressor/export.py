@@ -1,15 +1,19 @@
-"""ONNX export with validation, shared transform constants, optional int8 and ORT format.
+"""ONNX export: an export spec, the exported graph, one writer per format, and validation on its own.
 
-``export_onnx`` runs ``torch.onnx.export(dynamo=True)`` at opset :data:`OPSET` with a dynamic
-batch axis, merges identical initializers (the DCT / Walsh-Hadamard constants of every layer of
-the same size become one initializer), checks the model with
-``onnx.checker.check_model(full_check=True)``, runs it in ONNX Runtime on real inputs and compares
-with PyTorch. Beyond the tolerance it raises :class:`ExportError` and leaves no file behind; the
-file appears only after validation (written to a temporary name, then renamed).
+:func:`to_onnx` runs ``torch.onnx.export(dynamo=True)`` at opset :data:`OPSET` as the
+:class:`ExportSpec` says (input and output names, the batch axis dynamic, the rest as in the
+example, token axes included), strips the exporter's debug metadata, merges identical
+initializers (the DCT / Walsh-Hadamard constants of every layer of the same size become one) and
+checks the graph with ``onnx.checker.check_model(full_check=True)``.
 
-Tolerance: ``max|onnx - torch| <= tolerance * max(1, max|torch|)`` (default 1e-4). An int8 file
-cannot meet that; it is validated by top-1 agreement with the float model instead
-(>= :data:`INT8_MIN_AGREEMENT` of the inputs) and its held-out accuracy is reported.
+:data:`FORMATS` holds one :class:`Format` per output kind: ``onnx`` (float32), ``onnx-int8``
+(ONNX Runtime's dynamic quantisation of the dense layers, never of the transform constants) and
+``ort`` (the ONNX Runtime Mobile format, by onnxruntime's own converter). Each writes one file
+and names its acceptance rule, which :func:`validate` applies by running the file in ONNX Runtime
+on real inputs against PyTorch: float formats need ``max|onnx - torch| <= tolerance *
+max(1, max|torch|)`` (default 1e-4); int8 needs top-1 agreement >= :data:`INT8_MIN_AGREEMENT`.
+A file that fails is an :class:`ExportError` and is never kept (the caller writes to temporary
+files, :mod:`compressor.outputs`).
 """
 from __future__ import annotations
 
@@ -20,69 +24,121 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from . import runtime
 from .errors import ExportError
 
 __all__ = [
     "OPSET",
     "DEFAULT_TOLERANCE",
     "INT8_MIN_AGREEMENT",
+    "ExportSpec",
+    "Exported",
+    "Validation",
+    "Format",
+    "FORMATS",
     "ExportResult",
+    "FileResult",
+    "choose_formats",
+    "write_exports",
+    "to_onnx",
+    "validate",
+    "has_dense_layers",
     "export_onnx",
     "onnx_initializer_bytes",
     "stored_state_bytes",
     "mobile_usability",
-    "ort_session",
 ]
 
 OPSET = 18
 """ONNX opset of every export: supported by ONNX Runtime >= 1.14 on all platforms, mobile included."""
 DEFAULT_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.98
+DENSE_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Names and dynamic axes of the exported graph. Axis 0 (batch) is dynamic; every other axis,
+    a token axis included, keeps the example's size (positional embeddings usually fix it)."""
+
+    input_name: str = "input"
+    output_name: str = "logits"
+    opset: int = OPSET
 
 
 @dataclass
-class ExportResult:
-    """What an export produced and how it was checked."""
+class Exported:
+    """A validated-to-be graph and what its file holds."""
 
+    proto: onnx.ModelProto
+    stored_names: set[str]  # state_dict names of the model (stored weights, not transform constants)
+    stored_parameter_bytes: int
+    constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors)
+
+
+@dataclass
+class Validation:
+    """How an exported file compares with PyTorch on the validation inputs."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float
+
+
+@dataclass
+class FileResult:
+    """One written format: where, how big, how it compared with PyTorch."""
+
+    format: str
     path: str
     bytes: int
     max_abs_diff: float
     max_rel_diff: float
+    top1_agreement: float
+
+
+@dataclass
+class ExportResult:
+    """What an export produced: one :class:`FileResult` per format, the file's make-up, notes."""
+
+    files: dict[str, FileResult]
     stored_parameter_bytes: int
     constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors)
     initializers: int
-    quantized: bool = False
-    top1_agreement: float = 1.0
-    extra_files: list[str] = field(default_factory=list)
-    mobile_notes: list[str] = field(default_factory=list)  # onnxruntime's mobile usability checker, with --ort
+    mobile_notes: list[str] = field(default_factory=list)  # onnxruntime's mobile usability checker, with ORT format
+    notes: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def ort_session(path_or_bytes, threads: int = 2):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
-    import onnxruntime as ort
+def onnx_initializer_bytes(model: onnx.ModelProto) -> int:
+    """Total bytes of the graph's initializers (the weights and constants the file carries)."""
+    return sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer)
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+def stored_state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state_dict (float32 parameters, integer permutations, ...)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def has_dense_layers(model: nn.Module) -> bool:
+    """Whether ``model`` keeps a dense Linear or convolution, the only layers int8 quantises."""
+    dense = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return any(type(m) in dense for m in model.modules())
 
 
 def _strip_debug_info(model: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, FX names) and intermediate
-    value_info: they are most of a small model's file and useless on a device (in place)."""
+    """Drop the exporter's per-node debug metadata and intermediate value_info (in place)."""
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
@@ -96,10 +152,8 @@ def _dedupe_initializers(model: onnx.ModelProto) -> None:
     for init in graph.initializer:
         array = onnx.numpy_helper.to_array(init)
         key = (init.data_type, tuple(init.dims), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest())
-        if key in first_of:
-            rename[init.name] = first_of[key]
-        else:
-            first_of[key] = init.name
+        rename[init.name] = first_of.setdefault(key, init.name)
+    rename = {old: new for old, new in rename.items() if old != new}
     if not rename:
         return
     kept = [init for init in graph.initializer if init.name not in rename]
@@ -107,23 +161,12 @@ def _dedupe_initializers(model: onnx.ModelProto) -> None:
     graph.initializer.extend(kept)
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-
-
-def onnx_initializer_bytes(model: onnx.ModelProto) -> int:
-    """Total bytes of the graph's initializers (the weights and constants the file carries)."""
-    return sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer)
-
-
-def stored_state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict (float32 parameters, integer permutations, ...)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            node.input[i] = rename.get(name, name)
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The dynamo exporter logs and warns a lot about optional packages; keep the CLI clean."""
+def _quiet():
+    """The exporter and ORT's tools log, warn and print a lot; keep fixclf's output clean."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch", "root", "")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -138,76 +181,125 @@ def _quiet_exporter():
                     logger.setLevel(level)
 
 
-def _to_proto(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
+    """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
+    model = model.eval().float()
     batch = torch.export.Dim("batch", min=1)
     try:
-        with _quiet_exporter():
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                opset_version=OPSET,
-                dynamic_shapes=({0: batch},),
-                input_names=["input"],
-                output_names=["logits"],
-                external_data=False,
-            )
+        with _quiet():
+            program = torch.onnx.export(model, (example.float()[:2],), dynamo=True, opset_version=spec.opset,
+                                        dynamic_shapes=({0: batch},), input_names=[spec.input_name],
+                                        output_names=[spec.output_name], external_data=False)
     except Exception as exc:  # the exporter raises many types; one line for the user
-        raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0][:300]}") from exc
+        raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
     proto = program.model_proto
     _strip_debug_info(proto)
     _dedupe_initializers(proto)
-    return proto
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"exported model failed onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
+    # The exporter folds parameter-only arithmetic into new initializers of the same size, so stored
+    # state is counted on the model and everything else the file carries is a constant.
+    stored = stored_state_bytes(model)
+    return Exported(proto, set(model.state_dict()), stored, max(0, onnx_initializer_bytes(proto) - stored))
 
 
-def _compare(session, model: nn.Module, inputs: torch.Tensor) -> tuple[float, float, float]:
-    """(max abs diff, relative diff, top-1 agreement) of the session's outputs against the model's."""
+def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
+             min_agreement: float | None = None) -> Validation:
+    """Run the file in ONNX Runtime on ``inputs`` and compare with ``model``; ExportError past the rule."""
     with torch.no_grad():
-        reference = model(inputs).float().numpy()
-    got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        reference = model(inputs.float()).float().numpy()
+    got = runtime.run(runtime.session(onnx_file), inputs)
     diff = float(np.abs(got - reference).max())
-    rel = diff / max(1.0, float(np.abs(reference).max()))
-    agreement = float((got.argmax(-1) == reference.argmax(-1)).mean())
-    return diff, rel, agreement
+    result = Validation(diff, diff / max(1.0, float(np.abs(reference).max())),
+                        float((got.argmax(-1) == reference.argmax(-1)).mean()))
+    if tolerance is not None and not result.max_rel_diff <= tolerance:
+        raise ExportError(f"ONNX output differs from PyTorch: max abs diff {diff:.3g}, relative {result.max_rel_diff:.3g} "
+                          f"> tolerance {tolerance:g}; no file written (raise --tolerance only if this difference is acceptable)")
+    if min_agreement is not None and result.top1_agreement < min_agreement:
+        raise ExportError(f"int8 model agrees with the float model on only {result.top1_agreement:.1%} of inputs "
+                          f"(need {min_agreement:.0%}); export without --quantize")
+    return result
 
 
-def _quantize_int8(float_path: str, out_path: str, model: onnx.ModelProto, stored_names: set[str]) -> None:
-    """Dynamic int8 quantisation of the dense layers (MatMul/Gemm/Conv with stored weights), never of
-    the transform constants.
+def _write_onnx(exported: Exported, float_file: Path, out: Path) -> None:
+    shutil.copyfile(float_file, out)
 
-    The quantiser renames the Gemm nodes it rewrites, so the transform MatMuls are excluded
-    rather than the dense ones included.
-    """
+
+def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
+    """Dynamic int8 quantisation of the dense layers (MatMul/Gemm/Conv with stored weights); the
+    transform MatMuls are excluded by name (the quantiser renames the nodes it rewrites)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weights = {init.name for init in model.graph.initializer if init.name in stored_names and len(init.dims) >= 2}
-    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
-    excluded = [n.name for n in matmuls if not weights.intersection(n.input)]
-    if len(excluded) == len(matmuls):
-        raise ExportError("--quantize int8: the model has no dense layer left to quantise; drop --quantize")
-    with _quiet_exporter():
-        quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+    graph = exported.proto.graph
+    weights = {i.name for i in graph.initializer if i.name in exported.stored_names and len(i.dims) >= 2}
+    excluded = [n.name for n in graph.node if n.op_type in DENSE_OPS and not weights.intersection(n.input)]
+    with _quiet():
+        quantize_dynamic(str(float_file), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
                          nodes_to_exclude=excluded)
 
 
-def _convert_to_ort(onnx_path: str, out_path: str) -> None:
+def _write_ort(exported: Exported, float_file: Path, out: Path) -> None:
     """ONNX -> ORT format (the format of the ONNX Runtime mobile packages), via onnxruntime's tools."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".fixclf-ort-") as work:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fixclf-ort-") as work:
         source = Path(work) / "model.onnx"
-        shutil.copyfile(onnx_path, source)
-        with _quiet_exporter():
+        shutil.copyfile(float_file, source)
+        with _quiet():
             convert_onnx_models_to_ort(source, output_dir=Path(work), optimization_styles=[OptimizationStyle.Fixed])
         produced = next(Path(work).glob("*.ort"), None)
         if produced is None:
             raise ExportError("ORT format conversion produced no .ort file; export plain ONNX instead")
-        os.replace(produced, out_path)
+        os.replace(produced, out)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One output format: ``write(exported, float_onnx_file, out_path)`` and its acceptance rule
+    (``min_agreement`` None: the relative tolerance; else top-1 agreement on the inputs)."""
+
+    name: str
+    write: Callable[[Exported, Path, Path], None]
+    min_agreement: float | None = None
+    validation_rows: int | None = None  # None: every validation input
+    needs_dense_layer: bool = False
+
+    def accept(self, out: Path, model: nn.Module, inputs: torch.Tensor, tolerance: float) -> Validation:
+        rows = inputs if self.validation_rows is None else inputs[: self.validation_rows]
+        if self.min_agreement is None:
+            return validate(out, model, rows, tolerance=tolerance)
+        return validate(out, model, rows, min_agreement=self.min_agreement)
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format("onnx", _write_onnx),
+    "onnx-int8": Format("onnx-int8", _write_int8, min_agreement=INT8_MIN_AGREEMENT, needs_dense_layer=True),
+    "ort": Format("ort", _write_ort, validation_rows=8),
+}
+"""Every output format by name; a new one (fp16, say) is a writer and one entry here."""
+
+
+def choose_formats(model: nn.Module, requested: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Which formats can be written for ``model`` (``requested``: format -> artifact role), decided
+    before any work. int8 of a model with no dense layer left is replaced by the float file when
+    it was to be the main output, else skipped; the notes say so."""
+    chosen, notes = {}, []
+    for name, role in requested.items():
+        if FORMATS[name].needs_dense_layer and not has_dense_layers(model):
+            notes.append("int8 skipped: no dense layer is left to quantise (only the structured layers' small "
+                         "diagonals remain); the float32 ONNX file is the deliverable")
+            if role == "onnx":
+                chosen["onnx"] = role
+            continue
+        chosen[name] = role
+    return chosen, notes
 
 
 def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
-    """Run onnxruntime's mobile usability checker (the tool behind
-    ``python -m onnxruntime.tools.check_onnx_model_mobile_usability``) and return what it says."""
+    """What onnxruntime's mobile usability checker (``python -m
+    onnxruntime.tools.check_onnx_model_mobile_usability``) says of the file."""
     from onnxruntime.tools.mobile_helpers import usability_checker
 
     class Collect(logging.Handler):
@@ -224,7 +316,7 @@ def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
     collector = Collect()
     logger.addHandler(collector)
     try:
-        with _quiet_exporter():
+        with _quiet():
             try_eps = usability_checker.analyze_model(Path(onnx_path), skip_optimize=False, logger=logger)
     except Exception as exc:  # the checker is best effort; the .ort file itself was produced and validated
         return [f"mobile usability check unavailable: {type(exc).__name__}: {exc}"]
@@ -235,76 +327,43 @@ def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
     return [line for line in collector.lines if line] + [verdict]
 
 
-def export_onnx(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    path: str | os.PathLike,
-    *,
-    tolerance: float = DEFAULT_TOLERANCE,
-    quantize: str | None = None,
-    ort_format: bool = False,
-) -> ExportResult:
-    """Export ``model`` to ``path``, validate it in ONNX Runtime on ``inputs``, return the figures.
+def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE,
+                quantize: str | None = None, ort_format: bool = False) -> ExportResult:
+    """Export ``model`` to one validated file at ``path`` (the library's one-call export).
 
-    ``inputs``: (M, ...) real samples (M >= 1); also the export example. ``quantize="int8"``
-    writes the dynamically quantised model instead of the float one. ``ort_format=True`` also
-    writes ``path`` with suffix ``.ort``. Nothing is left at ``path`` when anything fails.
+    ``inputs``: (M, ...) real samples, also the example. ``quantize="int8"`` writes the int8 model
+    at ``path`` (the float one, with a note, when no dense layer is left). ``ort_format`` also writes
+    ``path`` with suffix ``.ort``. Nothing is left behind on failure.
     """
+    from .outputs import Artifacts, export_outputs
+
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r}; use int8 or leave it out")
+    requested = {("onnx-int8" if quantize else "onnx"): "onnx"} | ({"ort": "ort"} if ort_format else {})
+    formats, notes = choose_formats(model, requested)
+    with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True) as artifacts:
+        result = write_exports(model, inputs, artifacts, formats, tolerance=tolerance)
+        artifacts.commit()
+    result.notes += notes
+    return result
+
+
+def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str], *,
+                  tolerance: float) -> ExportResult:
+    """Export ``model`` once, then write each format (name -> ``artifacts`` role) and validate it by its rule."""
     model = model.eval().float()
-    inputs = inputs.float()
-    path = Path(path)
-    stored_names = set(model.state_dict().keys())
-    proto = _to_proto(model, inputs[:2])
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
-        raise ExportError(f"exported model failed onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
-    # The exporter folds parameter-only arithmetic (e.g. ACDC's diagonal moved into the spectral
-    # layout) into new initializers of the same size, so stored state is counted on the model and
-    # everything else the file carries is a constant: transform factors, indices, shapes.
-    stored_bytes = stored_state_bytes(model)
-    constant_bytes = max(0, onnx_initializer_bytes(proto) - stored_bytes)
-    extra: list[str] = []
-    with atomic_write(path) as tmp_path:
-        tmp = str(tmp_path)
-        onnx.save_model(proto, tmp)
-        if quantize:
-            try:
-                _quantize_int8(tmp, tmp + ".q", proto, stored_names)
-                os.replace(tmp + ".q", tmp)
-            finally:
-                Path(tmp + ".q").unlink(missing_ok=True)
-        diff, rel, agreement = _compare(ort_session(tmp), model, inputs)
-        if quantize:
-            if agreement < INT8_MIN_AGREEMENT:
-                raise ExportError(
-                    f"int8 model agrees with the float model on only {agreement:.1%} of inputs "
-                    f"(need {INT8_MIN_AGREEMENT:.0%}); export without --quantize"
-                )
-        elif not rel <= tolerance:
-            raise ExportError(
-                f"ONNX output differs from PyTorch: max abs diff {diff:.3g}, relative {rel:.3g} > tolerance "
-                f"{tolerance:g}; no file written (raise --tolerance only if this difference is acceptable)"
-            )
-        notes: list[str] = []
-        if ort_format:
-            with atomic_write(path.with_suffix(".ort")) as ort_tmp:  # kept only if it loads and runs
-                _convert_to_ort(tmp, str(ort_tmp))
-                _compare(ort_session(str(ort_tmp)), model, inputs[:8])
-            extra.append(str(path.with_suffix(".ort")))
-            notes = mobile_usability(tmp)
-    return ExportResult(
-        path=str(path),
-        bytes=path.stat().st_size,
-        max_abs_diff=diff,
-        max_rel_diff=rel,
-        stored_parameter_bytes=stored_bytes,
-        constant_bytes=constant_bytes,
-        initializers=len(proto.graph.initializer),
-        quantized=bool(quantize),
-        top1_agreement=agreement,
-        extra_files=extra,
-        mobile_notes=notes,
-    )
+    exported = to_onnx(model, inputs)
+    float_file = artifacts.scratch(".onnx")
+    artifacts.guard(lambda: onnx.save_model(exported.proto, str(float_file)))
+    validate(float_file, model, inputs, tolerance=tolerance)
+    result = ExportResult({}, exported.stored_parameter_bytes, exported.constant_bytes,
+                          len(exported.proto.graph.initializer))
+    for name, role in formats.items():
+        fmt = FORMATS[name]
+        out = artifacts.write(role, lambda target: fmt.write(exported, float_file, target))
+        check = fmt.accept(out, model, inputs, tolerance)
+        result.files[name] = FileResult(name, str(artifacts.paths[role]), out.stat().st_size, check.max_abs_diff,
+                                        check.max_rel_diff, check.top1_agreement)
+    if "ort" in formats:
+        result.mobile_notes = mobile_usability(float_file)
+    return result

@@ -1,83 +1,222 @@
-"""Figures of a compression: parameters, ONNX bytes, accuracy, latency; as one JSON-able dict.
+"""The typed results of fixclf: :class:`Report` (``compress``) and :class:`PlanReport` (``plan``).
 
-``latency_ms`` is measured in ONNX Runtime on the CPU: :data:`WARMUP` untimed runs, then
-:data:`RUNS` timed runs of one batch; median and 90th percentile, with batch size and intra-op
-threads stated in the report. Original and compressed models are exported and timed the same way
-in the same process, so their ratio is meaningful even on a noisy machine.
+The CLI renders them and ``--json`` prints :meth:`Report.to_dict`; a compressed checkpoint stores
+the same dict and :meth:`Report.from_dict` reads it back, checking every field's type (a
+malformed stored report is refused, never half-rendered).
+
+Figures: ``params`` counts stored numbers (parameters and persistent buffers) of the whole model
+and of the replaced layers; ``onnx`` the exported file (bytes before / after, what it holds, the
+validation difference); ``latency`` ONNX Runtime CPU latency of the original and the compressed
+file, measured one session at a time with thread spinning off (:mod:`compressor.runtime`);
+``accuracy`` held-out top-1 before, right after initialisation and after fine-tuning.
 """
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+from .runtime import Latency
 
-from .export import ort_session
-from .finetune import evaluate
-
-__all__ = ["WARMUP", "RUNS", "measure_latency", "onnx_accuracy", "summarise_layers", "ratio", "find_latest_report"]
-
-WARMUP = 10
-RUNS = 50
-
-
-def measure_latency(onnx_path: str | Path, sample: torch.Tensor, *, threads: int = 2, runs: int = RUNS) -> dict:
-    """ORT CPU latency of one batch ``sample``: {"median", "p90", "batch", "threads", "runs"} in ms."""
-    session = ort_session(str(onnx_path), threads)
-    feed = {session.get_inputs()[0].name: sample.float().numpy()}
-    for _ in range(WARMUP):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {
-        "median": float(np.median(times)),
-        "p90": float(np.percentile(times, 90)),
-        "batch": int(sample.shape[0]),
-        "threads": threads,
-        "runs": runs,
-    }
-
-
-class _OnnxClassifier(nn.Module):
-    """An exported model behind the nn.Module interface, so that :func:`evaluate` can score it."""
-
-    def __init__(self, onnx_path: str | Path) -> None:
-        super().__init__()
-        self.session = ort_session(str(onnx_path))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.float().numpy()})[0])
-
-
-def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of an exported model in ONNX Runtime (used for the int8 file)."""
-    return evaluate(_OnnxClassifier(onnx_path), x, y, batch_size=256)
-
-
-def summarise_layers(plan: list[dict]) -> dict:
-    """Totals over the replaced layers: {"before", "after", "ratio"}."""
-    replaced = [p for p in plan if p["kind"] is not None]
-    before = sum(p["params_before"] for p in replaced)
-    after = sum(p["params_after"] for p in replaced)
-    return {"before": before, "after": after, "ratio": ratio(before, after)}
+__all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "Int8Figures",
+           "DataSummary", "FinetuneSummary", "PlanReport", "Report", "ratio", "find_latest_report"]
 
 
 def ratio(before: float, after: float) -> float | None:
     return round(before / after, 2) if after else None
 
 
+@dataclass
+class Counts:
+    before: int
+    after: int
+    ratio: float | None
+
+    @classmethod
+    def of(cls, before: int, after: int) -> "Counts":
+        return cls(before, after, ratio(before, after))
+
+
+@dataclass
+class ParamSummary:
+    """Stored numbers of the whole model and of the replaced layers alone."""
+
+    model: Counts
+    replaced: Counts
+
+
+@dataclass
+class LayerRow:
+    """One Linear layer of the plan, as reported."""
+
+    name: str
+    role: str
+    in_features: int
+    out_features: int
+    params_before: int
+    kind: str | None
+    options: dict[str, int | bool]
+    params_after: int
+    reason: str
+
+
+@dataclass
+class Accuracy:
+    """Held-out top-1: the original, the compressed model right after initialisation, after fine-tuning."""
+
+    before: float
+    after_init: float
+    after: float
+
+
+@dataclass
+class LatencyPair:
+    before: Latency
+    after: Latency
+    speedup: float | None
+
+
+@dataclass
+class OnnxFigures:
+    path: str
+    bytes_before: int
+    bytes_after: int
+    ratio: float | None
+    stored_parameter_bytes: int
+    constant_bytes: int
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    extra_files: list[str]
+    mobile_notes: list[str]
+
+
+@dataclass
+class Int8Figures:
+    path: str
+    bytes: int
+    top1_agreement: float
+    accuracy: float | None
+    latency: Latency
+
+
+@dataclass
+class DataSummary:
+    source: str
+    train: int
+    held_out: int
+    labels: bool
+
+
+@dataclass
+class FinetuneSummary:
+    epochs_run: int
+    steps: int
+    stopped_by: str
+    seconds: float
+    world_size: int = 1
+
+
+@dataclass
+class PlanReport:
+    """What ``compress`` would replace, by what, and the stored numbers; nothing is touched."""
+
+    model: str
+    layers: list[LayerRow]
+    params: ParamSummary
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """Everything one ``compress`` run measured."""
+
+    model: str
+    output: str
+    options: dict[str, int | float | str | bool | list | None]
+    data: DataSummary
+    params: ParamSummary
+    layers: list[LayerRow]
+    finetune: FinetuneSummary
+    accuracy: Accuracy | None
+    onnx: OnnxFigures
+    latency: LatencyPair
+    int8: Int8Figures | None
+    warnings: list[str]
+    notes: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "Report":
+        """Rebuild a report from its dict, checking every field (TypeError / ValueError otherwise)."""
+        return _build(cls, data, "report")
+
+
+def _check_plain(value, where: str):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_check_plain(v, where) for v in value]
+    raise TypeError(f"{where} holds a {type(value).__name__}")
+
+
+def _convert(hint, value, where: str):
+    """``value`` checked against the type ``hint`` (dataclasses, unions, list[X], dict[str, X], scalars)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(option, value, where)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{where} has an unexpected value of type {type(value).__name__}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where} must be a list")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, f"{where}[]") for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{where} must be a mapping")
+        _, item = typing.get_args(hint)
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is list:
+        return _check_plain(value, where)
+    if hint is type(None):
+        if value is not None:
+            raise TypeError(f"{where} must be empty")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise TypeError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing or set(data) - set(names):
+        raise ValueError(f"{where} has fields {sorted(data)}, expected {names}")
+    return cls(**{n: _convert(hints[n], data[n], f"{where}.{n}") for n in names if n in data})
+
+
 def find_latest_report(directory: str | Path = ".") -> Path | None:
     """The most recently written compressed checkpoint (``*.fixclf.pt``) in ``directory``."""
-    candidates = sorted(Path(directory).glob("*.fixclf.pt"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted((p for p in Path(directory).glob("*.fixclf.pt") if p.is_file()), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
-
-
-def to_json(report: dict) -> str:
-    return json.dumps(report, indent=2, sort_keys=False)

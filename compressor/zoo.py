@@ -1,13 +1,15 @@
-"""Built-in architectures: the bundled samples, referenced by checkpoints as ``compressor.zoo:NAME``.
+"""Built-in architectures: the allow-list of what a checkpoint may name by itself.
 
-Only architectures under ``compressor.`` are imported from a reference found inside a checkpoint;
-any other module must be named by the user (``--arch``), see :mod:`compressor.checkpoint`.
+:data:`ARCHITECTURES` maps the reference a checkpoint stores (``compressor.zoo:mlp``) to its
+factory. A checkpoint naming anything else is refused unless the user names the same
+architecture (``--arch`` / ``arch=``); nothing named in a file is ever imported
+(see :mod:`compressor.checkpoint`).
 """
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["mlp", "small_cnn"]
+__all__ = ["ARCHITECTURES", "mlp", "small_cnn"]
 
 
 def mlp(in_features: int = 64, hidden: tuple[int, ...] | list[int] = (512, 512, 512), num_classes: int = 10) -> nn.Sequential:
@@ -48,3 +50,10 @@ class SmallCNN(nn.Module):
 
 def small_cnn(channels: int = 32, hidden: int = 512, num_classes: int = 10) -> SmallCNN:
     return SmallCNN(channels, hidden, num_classes)
+
+
+ARCHITECTURES = {
+    "compressor.zoo:mlp": mlp,
+    "compressor.zoo:small_cnn": small_cnn,
+}
+"""The architectures a checkpoint may name without the user confirming them."""

@@ -40,12 +40,13 @@ def compressed_mlp(tmp_path_factory):
 
 def test_compress_report_json_fields(compressed_mlp):
     out, report = compressed_mlp
-    for key in ("params", "onnx_bytes", "accuracy", "latency_ms", "layers"):
+    for key in ("params", "onnx", "accuracy", "latency", "layers", "warnings", "notes"):
         assert key in report
-    assert report["params"]["after"] < report["params"]["before"]
-    assert report["onnx_bytes"]["after"] < report["onnx_bytes"]["before"]
-    assert set(report["accuracy"]) >= {"before", "after"}
-    assert set(report["latency_ms"]["after"]) >= {"median", "p90", "batch", "threads"}
+    assert report["params"]["model"]["after"] < report["params"]["model"]["before"]
+    assert report["onnx"]["bytes_after"] < report["onnx"]["bytes_before"]
+    assert set(report["accuracy"]) == {"before", "after_init", "after"}
+    assert set(report["latency"]["after"]) >= {"median", "p90", "batch", "threads"}
+    assert report["latency"]["after"]["spinning"] is False
     kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
     assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
     assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
@@ -58,7 +59,7 @@ def test_compressed_checkpoint_reloads_weights_only_with_same_logits(compressed_
     assert raw["format"] == "fixclf.compressed/1"
     model = load_compressed_model(out / "mlp.fixclf.pt")
     x = load_data(SAMPLES / "digits.npz").x_val[:64]
-    again = load_compressed_model(out / "mlp.fixclf.pt")
+    again = load_compressed_model(out / "mlp.fixclf.pt", arch="compressor.zoo:mlp")
     assert torch.equal(model(x), again(x))
     session = ort.InferenceSession(str(out / "mlp.fixclf.onnx"), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -71,6 +72,7 @@ def test_report_table_json_and_latest(compressed_mlp, monkeypatch):
     assert table.exit_code == 0 and "held-out accuracy" in table.stdout and "ONNX file" in table.stdout
     as_json = json.loads(invoke("report", str(out / "mlp.fixclf.pt"), "--json").stdout)
     assert as_json["params"] == report["params"]
+    assert "warning: fine-tuning has not recovered the model" in " ".join(table.stdout.split())  # 2 epochs only
     monkeypatch.chdir(out)
     latest = invoke("report", "--json")
     assert latest.exit_code == 0 and json.loads(latest.stdout)["output"] == report["output"]
@@ -83,7 +85,7 @@ def test_plan_touches_nothing(workdir):
     plan = json.loads(result.stdout)
     kinds = {layer["name"]: (layer["kind"], layer["reason"]) for layer in plan["layers"]}
     assert kinds == {"0": (None, "matched by --exclude"), "2": ("fastfood", ""), "4": ("hadamard", "")}
-    assert plan["params"]["after"] < plan["params"]["before"]
+    assert plan["params"]["model"]["after"] < plan["params"]["model"]["before"]
     assert sha256(MLP) == before and os.listdir(workdir) == []
     table = invoke("plan", CNN)
     assert table.exit_code == 0 and "classifier.0" in table.stdout
@@ -91,9 +93,12 @@ def test_plan_touches_nothing(workdir):
 
 def test_export_command(compressed_mlp, workdir):
     out, _ = compressed_mlp
-    result = invoke("export", str(out / "mlp.fixclf.pt"), "-o", "m.onnx", "--json")
+    # the data lives outside the output's directory, so the checkpoint does not name it: --data again
+    refused = invoke("export", str(out / "mlp.fixclf.pt"), "-o", "m.onnx")
+    assert refused.exit_code == 4 and "--data" in refused.stderr
+    result = invoke("export", str(out / "mlp.fixclf.pt"), "-o", "m.onnx", "--json", "--data", str(SAMPLES / "digits.npz"))
     assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
+    info = json.loads(result.stdout)["files"]["onnx"]
     assert info["bytes"] == os.path.getsize("m.onnx") and info["max_rel_diff"] <= 1e-4
     dense = invoke("export", CNN, "-o", "cnn.onnx")
     assert dense.exit_code == 0 and "wrote cnn.onnx" in dense.stdout
@@ -103,7 +108,7 @@ def test_subprocess_compress_cnn(workdir):
     """A real process, as a user runs it (console entry point's module), on the CNN sample."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
+        [sys.executable, "-m", "cli.entry", "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
          "--quantize", "int8", "--ort", "--json"],
         capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
     )
@@ -113,9 +118,10 @@ def test_subprocess_compress_cnn(workdir):
     assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}
     # int8 of the remaining dense layers (the convolutions) and the ORT mobile format
     assert (workdir / "cnn.fixclf.int8.onnx").is_file() and (workdir / "cnn.fixclf.ort").is_file()
-    assert report["onnx_bytes"]["after_int8"] < report["onnx_bytes"]["after"]
-    assert set(report["int8"]) >= {"accuracy", "latency_ms", "top1_agreement"}
-    assert set(report["latency_ms"]["before"]) >= {"median", "p90"}
+    assert report["int8"]["bytes"] < report["onnx"]["bytes_after"]
+    assert set(report["int8"]) >= {"accuracy", "latency", "top1_agreement"}
+    assert set(report["latency"]["before"]) >= {"median", "p90"}
+    assert report["onnx"]["extra_files"] == ["cnn.fixclf.int8.onnx", "cnn.fixclf.ort"]
 
 
 def test_whole_pickled_model_with_opt_in_and_arch(workdir):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from compressor.errors import ExportError
-from compressor.export import export_onnx, ort_session, stored_state_bytes
+from compressor.export import export_onnx, stored_state_bytes
+from compressor.runtime import session as ort_session
 from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead
 from compressor.transforms import split_factors
 
@@ -27,7 +28,7 @@ def test_each_module_exports_small_and_exact(name, tmp_path):
     module = MODULES[name]()
     x = torch.randn(16, module.in_features)
     result = export_onnx(module, x, tmp_path / "m.onnx")
-    assert result.max_rel_diff <= 1e-4
+    assert result.files["onnx"].max_rel_diff <= 1e-4
     model = onnx.load(tmp_path / "m.onnx")
     assert not any(node.metadata_props for node in model.graph.node)  # exporter debug info stripped
     n, c = module.in_features, module.out_features
@@ -72,9 +73,10 @@ def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
     dense = export_onnx(caffenet_head(False), x, tmp_path / "dense.onnx")
     small_model = caffenet_head(True)
     small = export_onnx(small_model, x, tmp_path / "small.onnx")
-    assert dense.bytes >= 100 * small.bytes, (dense.bytes, small.bytes)
+    dense_bytes, small_bytes = dense.files["onnx"].bytes, small.files["onnx"].bytes
+    assert dense_bytes >= 100 * small_bytes, (dense_bytes, small_bytes)
     expected = stored_state_bytes(small_model) + expected_constant_bytes([9216, 4096], [4096])
-    assert abs(small.bytes - expected) <= 0.10 * expected, (small.bytes, expected)
+    assert abs(small_bytes - expected) <= 0.10 * expected, (small_bytes, expected)
     # one initializer per transform size, however many layers use it
     shapes = [tuple(i.dims) for i in onnx.load(tmp_path / "small.onnx").graph.initializer]
     assert shapes.count((96, 192)) == 1 and shapes.count((64, 128)) == 1
@@ -104,11 +106,17 @@ def test_int8_and_ort_format(tmp_path):
     x = torch.randn(64, 64)
     full = export_onnx(model, x, tmp_path / "f.onnx", ort_format=True)
     int8 = export_onnx(model, x, tmp_path / "q.onnx", quantize="int8")
-    assert int8.bytes < full.bytes and int8.top1_agreement >= 0.98
+    assert int8.files["onnx-int8"].bytes < full.files["onnx"].bytes and int8.files["onnx-int8"].top1_agreement >= 0.98
     ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
-    assert full.extra_files == [str(tmp_path / "f.ort")] and os.path.getsize(tmp_path / "f.ort") > 0
-    assert full.mobile_notes and "execution provider" in full.mobile_notes[-1] or "EP" in full.mobile_notes[-1]
-    with pytest.raises(ExportError, match="no dense layer"):
-        export_onnx(ACDCStack(32, 32, 1), torch.randn(4, 32), tmp_path / "none.onnx", quantize="int8")
-    assert not (tmp_path / "none.onnx").exists()
+    assert full.files["ort"].path == str(tmp_path / "f.ort") and os.path.getsize(tmp_path / "f.ort") > 0
+    # the .ort file runs in ONNX Runtime and matches PyTorch (the mobile runtime loads the same format)
+    ort_out = ort_session(tmp_path / "f.ort").run(None, {"input": x[:8].numpy()})[0]
+    assert torch.allclose(torch.from_numpy(ort_out), model(x[:8]).detach(), atol=1e-4)
+    # no dense layer left: the float file is written and the result says why int8 was skipped
+    none = export_onnx(ACDCStack(32, 32, 1), torch.randn(4, 32), tmp_path / "none.onnx", quantize="int8")
+    assert set(none.files) == {"onnx"} and "int8 skipped" in none.notes[0]
+    assert {n.op_type for n in onnx.load(tmp_path / "none.onnx").graph.node}.isdisjoint({"MatMulInteger", "DynamicQuantizeLinear"})
+    with pytest.raises(ExportError, match="unknown quantisation"):
+        export_onnx(model, x, tmp_path / "int4.onnx", quantize="int4")
+    assert sorted(os.listdir(tmp_path)) == ["f.onnx", "f.ort", "none.onnx", "q.onnx"]

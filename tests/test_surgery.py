@@ -6,10 +6,15 @@ import copy
 import pytest
 import torch
 
+from torch import nn
+
 from compressor.checkpoint import load_model
 from compressor.data import load_data
 from compressor.errors import PlanError
-from compressor.surgery import ALPHA_START, _capture_inputs, apply_plan, initialise_from_dense, make_plan
+from compressor.layers import HadamardHead, hadamard_head_limit
+from compressor.layers.registry import ALPHA_START
+from compressor.options import PlanOptions
+from compressor.surgery import _capture_inputs, apply_plan, initialise_from_dense, make_plan
 from conftest import SAMPLES
 
 
@@ -33,7 +38,7 @@ def test_fit_init_approximates_the_dense_layers_better_than_thesis_init(mlp_and_
     errors = {}
     for init in ("thesis", "fit"):
         compressed = apply_plan(copy.deepcopy(original), plan)
-        initialise_from_dense(original, compressed, plan, data.x_train[:512], hidden_init=init)
+        initialise_from_dense(original, compressed, plan, data.x_train[:512], fit=init == "fit")
         errors[init] = _layer_errors(original, compressed, plan, data.x_val)
     assert all(f < 0.8 * t for f, t in zip(errors["fit"], errors["thesis"])), errors
 
@@ -47,13 +52,58 @@ def test_head_starts_from_the_original_class_prior(mlp_and_data):
     with torch.no_grad():
         prior = original(data.x_train[:512]).mean(0)
     assert torch.allclose(head.bias, prior, atol=1e-5) and float(head.alpha) == pytest.approx(ALPHA_START)
-    with pytest.raises(PlanError):
-        initialise_from_dense(original, compressed, plan, data.x_train[:8], hidden_init="random")
 
 
 def test_plan_is_a_pure_function_of_the_model(mlp_and_data):
     original, _ = mlp_and_data
     state = copy.deepcopy(original.state_dict())
-    plan = make_plan(original, hidden="fastfood", include=["2", "4"])
+    plan = make_plan(original, PlanOptions(hidden="fastfood", include=["2", "4"]))
     assert [(p.name, p.kind) for p in plan] == [("0", None), ("2", "fastfood"), ("4", "hadamard")]
     assert all(torch.equal(state[k], v) for k, v in original.state_dict().items())
+
+
+def test_bias_free_layers_stay_bias_free():
+    model = nn.Sequential(nn.Linear(30, 100, bias=False), nn.ReLU(), nn.Linear(100, 50), nn.ReLU(),
+                          nn.Linear(50, 7, bias=False))
+    for hidden in ("acdc", "fastfood"):
+        plan = make_plan(model, PlanOptions(hidden=hidden))
+        assert [p.options["bias"] for p in plan] == [False, True, False]
+        compressed = apply_plan(copy.deepcopy(model), plan)
+        assert compressed[0](torch.zeros(2, 30)).abs().max() == 0  # no bias anywhere in a bias-free replacement
+        assert compressed[4].bias is None
+        assert not any("bias" in name for name, _ in compressed[0].named_parameters())
+
+
+def test_a_model_that_is_one_linear_is_a_head():
+    plan = make_plan(nn.Linear(64, 10))
+    assert [(p.name, p.role, p.kind) for p in plan] == [("", "head", "hadamard")]
+    assert isinstance(apply_plan(nn.Linear(64, 10), plan), HadamardHead)
+
+
+@pytest.mark.parametrize("n, c", [(3, 7), (4, 15), (5, 20), (8, 255), (10, 1000), (12, 3000)])
+def test_hadamard_head_with_more_classes_than_features_is_built_not_searched(n, c):
+    head = HadamardHead(n, c, seed=1).double()
+    codes = head.code_matrix()
+    assert torch.unique(codes.sign(), dim=0).shape[0] == c  # every class its own code, by construction
+
+
+def test_hadamard_head_beyond_its_limit_is_refused_at_plan_time():
+    assert hadamard_head_limit(3) == 7
+    with pytest.raises(PlanError, match="--head orthogonal"):
+        make_plan(nn.Linear(3, 10))
+    with pytest.raises(ValueError):
+        HadamardHead(8, 1000)
+    assert make_plan(nn.Linear(3, 10), PlanOptions(head="orthogonal"))[0].kind == "orthogonal"
+
+
+def test_token_inputs_initialise_per_token_row():
+    """A (batch, tokens, features) model: calibration activations are flattened to rows."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+    plan = make_plan(model)
+    compressed = apply_plan(copy.deepcopy(model), plan)
+    x = torch.randn(6, 9, 16)
+    initialise_from_dense(model, compressed, plan, x)
+    assert compressed(x).shape == (6, 9, 5)
+    with torch.no_grad():
+        prior = model(x).reshape(-1, 5).mean(0)
+    assert torch.allclose(compressed[2].bias, prior, atol=1e-5)

@@ -1,16 +1,14 @@
-"""Structured replacements for a classifier's dense layers, and the registries that name them.
+"""Structured replacements for a classifier's dense layers, and the registry that names them.
 
-``HEADS`` maps a ``--head`` name to a fixed-classifier class built as ``cls(in_features,
-num_classes, seed=...)``; ``HIDDEN`` maps a ``--hidden`` name to a structured linear class built
-as ``cls(in_features, out_features, **options)``.
+:mod:`compressor.layers.registry` holds one :class:`LayerSpec` per kind (``hadamard`` and
+``orthogonal`` heads, ``acdc`` and ``fastfood`` hidden layers): options and limits, build,
+initialisation from the dense layer.
 """
 from .acdc import ACDC, ACDCStack, DCTPair
 from .base import StructuredLinear, count_stored, probe_affine
 from .fastfood import AdaptiveFastfood
-from .heads import FixedHead, HadamardHead, OrthogonalHead
-
-HEADS: dict[str, type[FixedHead]] = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
-HIDDEN: dict[str, type[StructuredLinear]] = {"acdc": ACDCStack, "fastfood": AdaptiveFastfood}
+from .heads import FixedHead, HadamardHead, OrthogonalHead, hadamard_head_limit
+from .registry import REGISTRY, LayerSpec, Option, kinds, register, spec_for
 
 __all__ = [
     "ACDC",
@@ -21,8 +19,13 @@ __all__ = [
     "HadamardHead",
     "OrthogonalHead",
     "StructuredLinear",
-    "HEADS",
-    "HIDDEN",
+    "LayerSpec",
+    "Option",
+    "REGISTRY",
     "count_stored",
+    "hadamard_head_limit",
+    "kinds",
     "probe_affine",
+    "register",
+    "spec_for",
 ]

@@ -22,8 +22,10 @@ the fast Walsh-Hadamard transform. Choices, each fixing a pitfall of plain trunc
   exactly orthogonal when C < 2^v (e.g. any C < N for N a power of two; C <= 1023 for N = 9216).
   Otherwise they are distinct and nearly orthogonal (see :meth:`FixedHead.coherence`).
 * If C + 1 > next_power_of_two(N), the first N columns would give identical pairs of class rows
-  (H_2N = [[H_N, H_N], [H_N, -H_N]]); the N features are then placed on N random columns of
-  H_P (a stored index of P numbers), re-drawn until all C rows are distinct.
+  (H_2N = [[H_N, H_N], [H_N, -H_N]]); the N features are then placed on N columns of H_P that
+  include the log2(P) power-of-two columns, which makes all C rows distinct by construction
+  (a stored index of P numbers; see :meth:`HadamardHead._draw_placement`). N features give at
+  most 2^N - 1 distinct codes: a head with more classes is refused (:func:`hadamard_head_limit`).
 
 :class:`OrthogonalHead` is the paper's random orthogonal alternative: Q is drawn once from a
 seeded generator (QR of a Gaussian matrix; rows orthonormal when C <= N, unit-norm otherwise)
@@ -39,7 +41,7 @@ from torch import nn
 
 from ..transforms import WalshHadamard, next_power_of_two, permute_last
 
-__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead"]
+__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit"]
 
 
 class FixedHead(nn.Module):
@@ -58,7 +60,7 @@ class FixedHead(nn.Module):
         super().__init__()
         self.in_features, self.num_classes, self.eps = in_features, num_classes, eps
         # The paper notes alpha 1..10 all train (fig. 3); fixclf sets it from data when it
-        # replaces a trained head (surgery.initialise_head).
+        # replaces a trained head (:func:`init_head_from_dense`).
         alpha_tensor = torch.tensor(float(alpha))
         if learn_alpha:
             self.alpha = nn.Parameter(alpha_tensor)
@@ -108,14 +110,21 @@ class FixedHead(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
 
 
-def _distinct_rows(rows: torch.Tensor) -> bool:
-    return torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+def hadamard_head_limit(in_features: int) -> int:
+    """Most classes a Hadamard head on ``in_features`` features can tell apart: 2^N - 1 distinct
+    nonzero sign patterns (row 0, all ones, is never used)."""
+    return (1 << min(in_features, 62)) - 1
 
 
 class HadamardHead(FixedHead):
     """Fixed truncated-Hadamard classifier; stores only alpha and the bias (see module doc)."""
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
+        if num_classes > hadamard_head_limit(in_features):
+            raise ValueError(
+                f"a Hadamard head on {in_features} features has at most {hadamard_head_limit(in_features)} distinct "
+                f"class codes, fewer than {num_classes} classes"
+            )
         super().__init__(in_features, num_classes, **kwargs)
         self.size = next_power_of_two(max(in_features, num_classes + 1))
         self.hadamard = WalshHadamard(self.size)
@@ -126,18 +135,26 @@ class HadamardHead(FixedHead):
             self.register_buffer("placement", self._draw_placement(torch.Generator().manual_seed(seed)))
 
     def _draw_placement(self, generator: torch.Generator) -> torch.Tensor:
-        """Permutation of P putting the N features on random columns with all C code rows distinct."""
-        rows = torch.arange(1, self.num_classes + 1)[:, None]
-        while True:
-            placement = torch.randperm(self.size, generator=generator)
-            columns = torch.argsort(placement)[: self.in_features]  # where feature j lands
-            parity = torch.bitwise_and(rows, columns[None, :])
-            bits = torch.zeros_like(parity)
-            while parity.any():  # popcount parity of row & column = Sylvester sign
-                bits ^= parity & 1
-                parity = parity >> 1
-            if _distinct_rows(bits):
-                return placement
+        """Permutation of P putting the N features on N columns of H_P so that all C code rows differ.
+
+        Constructive, never a search: the sign of H_P[r, c] is (-1)^popcount(r & c), so row r
+        restricted to columns c_1..c_N is the GF(2) vector (r . c_j)_j, linear in r. Two rows
+        r != r' coincide iff (r xor r') . c_j = 0 for every j; when the columns include the
+        p = log2(P) unit vectors 1, 2, 4, ..., P/2 that never happens. The other N - p columns are
+        drawn at random (never column 0, which is all ones) and the features shuffled over them.
+        """
+        p = self.size.bit_length() - 1
+        basis = [1 << k for k in range(p)]
+        others = [c for c in range(1, self.size) if c & (c - 1)]  # nonzero, not a power of two
+        picked = torch.randperm(len(others), generator=generator)[: self.in_features - p]
+        columns = torch.tensor(basis + [others[i] for i in picked.tolist()])
+        columns = columns[torch.randperm(self.in_features, generator=generator)]  # feature j -> columns[j]
+        free = torch.ones(self.size, dtype=torch.bool)
+        free[columns] = False
+        placement = torch.empty(self.size, dtype=torch.long)
+        placement[columns] = torch.arange(self.in_features)  # x_padded[placement][c_j] = x[j]
+        placement[free] = torch.arange(self.in_features, self.size)  # padding zeros elsewhere
+        return placement
 
     def raw_codes(self, x: torch.Tensor) -> torch.Tensor:
         if self.size != self.in_features:

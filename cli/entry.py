@@ -1,0 +1,36 @@
+"""The ``fixclf`` console entry point. Signals are handled before anything heavy is imported, so a
+Ctrl-C or SIGTERM at any moment (imports included) ends with one line and exit code 130."""
+from __future__ import annotations
+
+import signal
+import sys
+
+INTERRUPTED = 130
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT / SIGTERM: unwind like Ctrl-C, so that every cleanup (temporary files) runs."""
+    cli_main = sys.modules.get("cli.main")
+    if cli_main is not None:
+        cli_main.STATE["signalled"] = True
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if hasattr(signal, "SIGXFSZ"):  # over a file-size limit, writes fail (exit 8) instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        from cli.main import run
+
+        code = run(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; nothing was written\n")
+        code = INTERRUPTED
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""How the CLI draws things: fine-tuning progress on stderr, reports and plans as rich tables on stdout."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import compressor
+from compressor.export import ExportResult
+from compressor.report import LayerRow, ParamSummary, PlanReport, Report
+
+out = Console(width=None if sys.stdout.isatty() else 140)  # pipes and logs get a wide table
+
+
+class RichEvents(compressor.Events):
+    """Stages as lines and fine-tuning as a bar (steps, loss, held-out score, samples/s), on stderr."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        self.console, self.quiet = console, quiet
+        self.progress: Progress | None = None
+        self.task = None
+        self.batch_rows, self.started, self.steps = 0, 0.0, 0
+
+    def stage(self, text: str) -> None:
+        self.close()
+        if not self.quiet:
+            self.console.print(f"[bold cyan]›[/] {text}", highlight=False)
+
+    def finetune_start(self, epochs: int, steps_per_epoch: int, rows: int) -> None:
+        if self.quiet:
+            return
+        self.batch_rows = rows / max(1, steps_per_epoch)
+        self.started, self.steps = time.monotonic(), 0
+        self.progress = Progress(
+            TextColumn("  epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  held-out {task.fields[score]}  {task.fields[rate]} samples/s"),
+            TimeElapsedColumn(), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("finetune", total=epochs * steps_per_epoch, epoch=0, loss=0.0, score="-",
+                                           rate="-")
+
+    def step(self, epoch: int, step: int, loss: float) -> None:
+        if self.progress is not None:
+            self.steps += 1
+            rate = self.steps * self.batch_rows / max(1e-9, time.monotonic() - self.started)
+            self.progress.update(self.task, advance=1, epoch=epoch, loss=loss, rate=f"{rate:,.0f}")
+
+    def epoch(self, stats) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, score=f"{stats.score:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _layers_table(layers: list[LayerRow], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "role", "before", "after", "params before", "params after", "note"):
+        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    for row in layers:
+        table.add_row(row.name or "(the model)", row.role, f"Linear({row.in_features}, {row.out_features})",
+                      row.kind or "kept", f"{row.params_before:,}", f"{row.params_after:,}", row.reason)
+    return table
+
+
+def _params_line(params: ParamSummary) -> str:
+    m, r = params.model, params.replaced
+    return (f"parameters: model {m.before:,} → {m.after:,} ({m.ratio}x); "
+            f"replaced layers {r.before:,} → {r.after:,} ({r.ratio}x)")
+
+
+def print_plan(result: PlanReport) -> None:
+    out.print(_layers_table(result.layers, f"fixclf plan: {result.model}"))
+    out.print(_params_line(result.params), highlight=False)
+
+
+def _summary(report: Report) -> Table:
+    table = Table(show_header=True, title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right")
+    m, r, o = report.params.model, report.params.replaced, report.onnx
+    table.add_row("parameters (model)", f"{m.before:,}", f"{m.after:,}", f"{m.ratio}x")
+    table.add_row("parameters (replaced layers)", f"{r.before:,}", f"{r.after:,}", f"{r.ratio}x")
+    table.add_row("ONNX file", _bytes(o.bytes_before), _bytes(o.bytes_after), f"{o.ratio}x")
+    if report.int8 is not None:
+        table.add_row("ONNX file, int8", "", _bytes(report.int8.bytes), "")
+    if report.accuracy is not None:
+        a = report.accuracy
+        table.add_row("held-out accuracy", _pct(a.before), _pct(a.after), f"{100 * (a.after - a.before):+.2f} pp")
+    if report.int8 is not None and report.int8.accuracy is not None:
+        table.add_row("held-out accuracy, int8", "", _pct(report.int8.accuracy), "")
+    lat = report.latency
+    table.add_row(f"ORT latency median / p90 (batch {lat.after.batch}, {lat.after.threads} threads, spinning off)",
+                  f"{lat.before.median:.3f} / {lat.before.p90:.3f} ms", f"{lat.after.median:.3f} / {lat.after.p90:.3f} ms",
+                  f"{lat.speedup}x")
+    return table
+
+
+def print_report(report: Report) -> None:
+    out.print(_layers_table(report.layers, f"fixclf report: {report.model} → {report.output}"))
+    out.print(_summary(report))
+    o = report.onnx
+    out.print(f"ONNX: {o.path} ({_bytes(o.bytes_after)}: stored state {_bytes(o.stored_parameter_bytes)}, shared "
+              f"transform constants {_bytes(o.constant_bytes)}); max |ONNX - PyTorch| = {o.max_abs_diff:.2e} "
+              f"(relative {o.max_rel_diff:.2e})", highlight=False)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
+
+
+def print_export(result: ExportResult) -> None:
+    for name, written in result.files.items():
+        out.print(f"wrote {written.path} ({_bytes(Path(written.path).stat().st_size)}, {name}); max |ONNX - PyTorch| = "
+                  f"{written.max_abs_diff:.2e} (relative {written.max_rel_diff:.2e}), top-1 agreement "
+                  f"{written.top1_agreement:.1%}", highlight=False)
+    for note in result.mobile_notes:
+        out.print(f"mobile: {note}", highlight=False, markup=False)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)

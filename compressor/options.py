@@ -1,0 +1,170 @@
+"""The one options tree of fixclf: every option, its default (declared once, here) and its check.
+
+``CompressOptions`` holds what ``fixclf compress`` takes, grouped by the stage that uses it:
+:class:`SourceOptions` (what to load), :class:`PlanOptions` (what to replace by what),
+:class:`FinetuneOptions` (the distillation), :class:`ExportOptions` (ONNX, int8, ORT, latency).
+``validate()`` checks every value before any work is done and raises :class:`UsageError`
+(exit code 2) with one line naming the option and what is accepted. The library validates on
+entry too, so Python callers get the same checks as the CLI.
+
+Only the layer kinds come from elsewhere (:mod:`compressor.layers.registry`), so a new kind needs
+no change here.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = [
+    "SEED_MAX",
+    "DEPTH_MAX",
+    "DEVICE_PATTERN",
+    "KEEP",
+    "HIDDEN_INITS",
+    "QUANTIZATIONS",
+    "SourceOptions",
+    "PlanOptions",
+    "FinetuneOptions",
+    "ExportOptions",
+    "CompressOptions",
+]
+
+SEED_MAX = 2**32 - 1
+"""Seeds are in [0, SEED_MAX]: every RNG fixclf seeds (torch, its generators) accepts them."""
+DEPTH_MAX = 64
+"""ACDC layers per replaced Linear; the thesis stacks up to 12 (fig. 3.4), 64 is already absurd."""
+LATENCY_BATCH_MAX = 65536
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+KEEP = "keep"
+"""``--head keep`` / ``--hidden keep``: leave those layers dense."""
+HIDDEN_INITS = ("thesis", "fit")
+QUANTIZATIONS = ("int8",)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def _int_range(flag: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"{flag} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _positive_finite(flag: str, value: float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{flag} must be a finite number > 0, got {value!r}")
+
+
+@dataclass
+class SourceOptions:
+    """What to load. ``arch`` / ``arch_kwargs`` name the architecture of a bare state_dict (or
+    confirm one named inside a checkpoint); ``data`` is a file or ``package.module:function``."""
+
+    checkpoint: str | Path = ""
+    arch: str | None = None
+    arch_kwargs: dict | None = None
+    trust_pickle: bool = False
+    data: str | Path | None = None
+
+    def validate(self) -> None:
+        if not str(self.checkpoint):
+            raise UsageError("no checkpoint given; pass the trained model's .pt file")
+        if self.arch_kwargs is not None and self.arch is None:
+            raise UsageError("--arch-kwargs is given without --arch; pass --arch package.module:factory too")
+        if self.arch_kwargs is not None and not isinstance(self.arch_kwargs, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 256}'")
+
+
+@dataclass
+class PlanOptions:
+    """What replaces what: ``head`` for the last Linear, ``hidden`` for the others; ``depth`` is
+    ACDC's K; ``include`` / ``exclude`` are glob patterns on module names."""
+
+    head: str = "hadamard"
+    hidden: str = "acdc"
+    depth: int = 2
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        from .layers.registry import kinds  # the registry names the kinds; it needs torch
+
+        _choice("--head", self.head, (*kinds("head"), KEEP))
+        _choice("--hidden", self.hidden, (*kinds("hidden"), KEEP))
+        _int_range("--depth", self.depth, 1, DEPTH_MAX)
+        for pattern in [*self.include, *self.exclude]:
+            if not isinstance(pattern, str) or not pattern:
+                raise UsageError(f"--include/--exclude patterns must be non-empty globs, got {pattern!r}")
+
+
+@dataclass
+class FinetuneOptions:
+    """The distillation fine-tune (see :mod:`compressor.finetune` for the loss and schedule)."""
+
+    epochs: int = 40
+    max_time: float | None = None  # seconds, checked after every step
+    lr: float = 2e-2
+    batch_size: int = 64
+    temperature: float = 2.0
+    kept_lr_scale: float = 0.05  # layers fixclf keeps are trained: smaller steps
+    init: str = "thesis"
+    device: str = "cpu"
+    update_norm_stats: bool = False  # kept BatchNorm layers keep their running statistics unless True
+
+    def validate(self) -> None:
+        _int_range("--epochs", self.epochs, 1, 1_000_000)
+        _positive_finite("--max-time", self.max_time, optional=True)
+        _positive_finite("--lr", self.lr)
+        _int_range("batch size", self.batch_size, 1, 1 << 20)
+        _positive_finite("temperature", self.temperature)
+        _positive_finite("kept-layer learning-rate scale", self.kept_lr_scale)
+        _choice("--init", self.init, HIDDEN_INITS)
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise UsageError(f"--device {self.device!r} is not cpu, cuda or cuda:N")
+
+
+@dataclass
+class ExportOptions:
+    """ONNX export: validation tolerance, optional int8 and ORT-format files, latency batch."""
+
+    quantize: str | None = None
+    ort_format: bool = False
+    tolerance: float = 1e-4
+    latency_batch: int = 128
+
+    def validate(self) -> None:
+        if self.quantize is not None:
+            _choice("--quantize", self.quantize, QUANTIZATIONS)
+        _positive_finite("--tolerance", self.tolerance)
+        _int_range("--latency-batch", self.latency_batch, 1, LATENCY_BATCH_MAX)
+
+
+@dataclass
+class CompressOptions:
+    """Everything ``fixclf compress`` takes. ``output`` None: ``<checkpoint stem>.fixclf.pt`` in the
+    current directory; the ONNX file (and the int8 / ORT files) are written beside it."""
+
+    source: SourceOptions = field(default_factory=SourceOptions)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    export: ExportOptions = field(default_factory=ExportOptions)
+    output: str | Path | None = None
+    seed: int = 0
+    force: bool = False
+
+    def validate(self) -> None:
+        """Check every option; raises :class:`UsageError` (exit 2) before any work."""
+        self.source.validate()
+        self.plan.validate()
+        self.finetune.validate()
+        self.export.validate()
+        _int_range("--seed", self.seed, 0, SEED_MAX)
+        if self.output is not None and Path(self.output).suffix != ".pt":
+            raise UsageError(f"--output {self.output} must end in .pt (the ONNX file is written beside it)")

@@ -1,0 +1,183 @@
+"""Every file a command writes: derived names, checks before any work, temporary files, commit or roll back.
+
+An :class:`Artifacts` set owns the outputs of one command (the compressed checkpoint and its ONNX,
+int8 and ORT files, or an export's files). Before any work, :meth:`Artifacts.check` refuses an
+output that is one of the inputs (same file, also through a link), exists without ``force``, is a
+directory, has a name the file system cannot hold, or lies in a directory that cannot be
+written. Each file is written to a uniquely named temporary file in its target directory
+(``tempfile.mkstemp``: a user's file is never clobbered by a fixed name) and all of them are
+renamed into place together by :meth:`Artifacts.commit`; on any exit without commit (an error,
+Ctrl-C, SIGTERM turned into an exception by the CLI) every temporary file is removed. A write
+that fails (disk full, file-size limit, read-only file system) is an :class:`OutputError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from .errors import OutputError
+
+__all__ = ["Artifacts", "atomic_file", "check_output_path", "compress_outputs", "export_outputs"]
+
+TEMP_PREFIX = ".fixclf-"
+T = TypeVar("T")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse ``output`` before any work: an input, existing (without ``force``), or not writable."""
+    for source in inputs:
+        if _same_file(output, source) or output.resolve() == Path(source).resolve():
+            raise OutputError(f"output {output} is the input file {source}; choose another --output (inputs are never modified)")
+    if output.is_dir():
+        raise OutputError(f"output {output} is a directory; give a file name")
+    if output.exists() and not force:
+        raise OutputError(f"{output} exists; pass --force to overwrite it or choose another --output")
+    parent = output.parent
+    if not parent.is_dir():
+        raise OutputError(f"directory {parent} does not exist; create it or choose another --output")
+    if len(output.name.encode()) > _name_max(parent):
+        raise OutputError(f"output name {output.name[:40]}... is longer than the file system allows "
+                          f"({_name_max(parent)} bytes); choose a shorter --output")
+    try:  # a real write probe: os.access says yes to root even on read-only file systems
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f"{TEMP_PREFIX}probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to directory {parent} ({exc.strerror}); choose another --output") from exc
+
+
+class Artifacts:
+    """Named output files of one command, written to temporary files and committed together.
+
+    ``paths`` maps a role (``"checkpoint"``, ``"onnx"``, ``"int8"``, ``"ort"``) to the final path.
+    Use as a context manager: temporary files not committed are removed on exit.
+    """
+
+    def __init__(self, paths: dict[str, Path], inputs: Iterable[Path | None], force: bool) -> None:
+        self.paths = dict(paths)
+        self.inputs = [Path(p) for p in inputs if p is not None]
+        self.force = force
+        self._temps: dict[str, Path] = {}
+        self._scratch: list[Path] = []
+
+    def check(self) -> "Artifacts":
+        """Refuse any output that cannot or must not be written (before any work); returns self."""
+        finals = list(self.paths.values())
+        if len({p.resolve() for p in finals}) != len(finals):
+            raise OutputError("two outputs would have the same name; choose another --output")
+        for path in finals:
+            check_output_path(path, self.inputs, self.force)
+        return self
+
+    def _mkstemp(self, directory: Path, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=f".tmp{suffix}")
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+        return Path(name)
+
+    def temp(self, role: str) -> Path:
+        """A fresh, uniquely named temporary file beside the output of ``role`` (same suffix)."""
+        final = self.paths[role]
+        self._temps[role] = self.guard(lambda: self._mkstemp(final.parent, final.suffix), role)
+        return self._temps[role]
+
+    def scratch(self, suffix: str) -> Path:
+        """A working file beside the first output, never committed, removed with the temporary files."""
+        first = next(iter(self.paths.values()))
+        path = self.guard(lambda: self._mkstemp(first.parent, suffix))
+        self._scratch.append(path)
+        return path
+
+    def guard(self, action: Callable[[], T], role: str | None = None) -> T:
+        """Run a write; an OSError (disk full, file-size limit, read-only) becomes one :class:`OutputError`."""
+        target = self.paths[role] if role else next(iter(self.paths.values())).parent
+        try:
+            return action()
+        except OSError as exc:
+            raise OutputError(f"cannot write {target} ({exc.strerror or exc}); free some space or choose another "
+                              "--output") from exc
+
+    def write(self, role: str, writer: Callable[[Path], None]) -> Path:
+        """Run ``writer(temporary_path)`` for ``role``; returns the temporary path."""
+        tmp = self.temp(role)
+        self.guard(lambda: writer(tmp), role)
+        return tmp
+
+    def written(self, role: str) -> Path | None:
+        """The temporary file holding ``role``'s content, if it was written."""
+        return self._temps.get(role)
+
+    def commit(self) -> list[Path]:
+        """Rename every written temporary file into place; returns the final paths."""
+        done: list[Path] = []
+        try:
+            for role, tmp in list(self._temps.items()):
+                os.replace(tmp, self.paths[role])
+                done.append(self.paths[role])
+                del self._temps[role]
+        except OSError as exc:
+            for path in done:
+                path.unlink(missing_ok=True)
+            raise OutputError(f"cannot move the outputs into place ({exc.strerror}); nothing was kept") from exc
+        return done
+
+    def discard(self) -> None:
+        """Remove every temporary and scratch file not committed."""
+        for tmp in [*self._temps.values(), *self._scratch]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._temps.clear()
+        self._scratch.clear()
+
+    def __enter__(self) -> "Artifacts":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+
+def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, ort_format: bool) -> dict[str, Path]:
+    """``compress``'s files: ``<name>.fixclf.pt`` (default: in the current directory, named after the
+    input) and beside it ``.onnx``, ``.int8.onnx`` (with int8) and ``.ort`` (with ORT format)."""
+    primary = Path(output) if output is not None else Path(f"{checkpoint.stem}.fixclf.pt")
+    paths = {"checkpoint": primary, "onnx": primary.with_suffix(".onnx")}
+    if quantize:
+        paths["int8"] = primary.with_suffix(".int8.onnx")
+    if ort_format:
+        paths["ort"] = primary.with_suffix(".ort")
+    return paths
+
+
+def export_outputs(output: Path, *, ort_format: bool) -> dict[str, Path]:
+    """``export``'s files: the ONNX file (int8 when quantised) and, with ORT format, the ``.ort`` beside it."""
+    paths = {"onnx": output}
+    if ort_format:
+        paths["ort"] = output.with_suffix(".ort")
+    return paths
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """One file written atomically (a one-file :class:`Artifacts`): yields the temporary path."""
+    with Artifacts({"file": path}, [], force=True) as artifacts:
+        yield artifacts.temp("file")
+        artifacts.commit()
