@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from common import setup
-from compressor import CompressOptions, compress
+from compressor import CompressOptions, PlanOptions, SourceOptions, compress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +24,14 @@ def main() -> None:
         for sample in ("mlp", "cnn"):
             for hidden in ("acdc", "fastfood"):
                 start = time.perf_counter()
-                r = compress(CompressOptions(ROOT / "sample_models" / f"{sample}.pt", hidden=hidden,
+                r = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"), PlanOptions(hidden=hidden),
                                              output=Path(tmp) / f"{sample}-{hidden}.fixclf.pt"))
                 wall = time.perf_counter() - start
-                p, b, a, lat = r["params"]["replaced"], r["onnx_bytes"], r["accuracy"], r["latency_ms"]
-                print(f"| {sample} | {hidden} | {p['before']:,} → {p['after']:,} ({p['ratio']}x) | "
-                      f"{b['before']:,} → {b['after']:,} ({b['ratio']}x) | "
-                      f"{100 * a['before']:.2f}% → {100 * a['after']:.2f}% ({100 * (a['after'] - a['before']):+.2f} pp) | "
-                      f"{lat['before']['median']:.3f} → {lat['after']['median']:.3f} ({lat['speedup']}x) | {wall:.1f} |", flush=True)
+                p, o, a, lat = r.params.replaced, r.onnx, r.accuracy, r.latency
+                print(f"| {sample} | {hidden} | {p.before:,} → {p.after:,} ({p.ratio}x) | "
+                      f"{o.bytes_before:,} → {o.bytes_after:,} ({o.ratio}x) | "
+                      f"{100 * a.before:.2f}% → {100 * a.after:.2f}% ({100 * (a.after - a.before):+.2f} pp) | "
+                      f"{lat.before.median:.3f} → {lat.after.median:.3f} ({lat.speedup}x) | {wall:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

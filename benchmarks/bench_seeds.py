@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from common import setup
-from compressor import CompressOptions, compress
+from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +28,11 @@ def main() -> None:
             for init in ("thesis", "fit"):
                 cells = []
                 for seed in args.seeds:
-                    report = compress(CompressOptions(ROOT / "sample_models" / f"{sample}.pt", hidden_init=init, seed=seed,
+                    report = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"),
+                                                      finetune=FinetuneOptions(init=init), seed=seed,
                                                       output=Path(tmp) / f"{sample}-{init}-{seed}.fixclf.pt"))
-                    acc = report["accuracy"]
-                    cells.append(f"{100 * acc['before']:.2f}% → {100 * acc['after']:.2f}%")
+                    acc = report.accuracy
+                    cells.append(f"{100 * acc.before:.2f}% → {100 * acc.after:.2f}%")
                 print(f"| {sample} | {init} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -25,23 +25,21 @@ import torch
 from torch import nn
 
 from common import setup
-from compressor import CompressOptions, compress
+from compressor import CompressOptions, FinetuneOptions, PlanOptions, SourceOptions, compress, runtime
 from compressor.checkpoint import load_model
 from compressor.data import load_data
-from compressor.errors import ExportError
 from compressor.export import export_onnx
-from compressor.finetune import FinetuneConfig, distill
-from compressor.layers import StructuredLinear, count_stored
-from compressor.report import measure_latency, onnx_accuracy
+from compressor.finetune import distill
+from compressor.layers import count_stored
 from compressor.surgery import make_plan
 
 BATCH = 128
 
 
-class LowRank(StructuredLinear):
+class LowRank(nn.Module):
     """W ~ U V from the truncated SVD of a trained Linear: ``x -> (x V^T) U^T + b``, rank r.
 
-    A StructuredLinear, so fine-tuning treats it like fixclf's own new layers (same rate)."""
+    Fine-tuned like fixclf's own new layers (its parameters are passed as the new ones: same rate)."""
 
     def __init__(self, linear: nn.Linear, rank: int) -> None:
         super().__init__()
@@ -59,7 +57,7 @@ class LowRank(StructuredLinear):
         return self.second(self.first(x))
 
 
-def svd_model(original: nn.Module, plan) -> nn.Module:
+def svd_model(original: nn.Module, plan) -> tuple[nn.Module, list[nn.Parameter]]:
     """Every layer fixclf replaces becomes LowRank with one rank r for all, chosen so that their
     parameters add up to fixclf's for the same layers (matched budget over the whole model)."""
     model = copy.deepcopy(original)
@@ -67,47 +65,47 @@ def svd_model(original: nn.Module, plan) -> nn.Module:
     budget = sum(entry.params_after for entry in replaced)
     biases = sum(entry.out_features for entry in replaced)
     rank = max(1, round((budget - biases) / sum(e.in_features + e.out_features for e in replaced)))
+    new: list[nn.Parameter] = []
     for entry in replaced:
         parent_name, _, child = entry.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LowRank(getattr(parent, child), rank))
-    return model
+        new += list(getattr(parent, child).parameters())
+    return model, new
 
 
 def onnx_figures(model: nn.Module, data, path: Path, quantize: str | None = None) -> dict:
     result = export_onnx(model, data.x_val[:256], path, quantize=quantize)
-    return {"bytes": result.bytes, "accuracy": onnx_accuracy(path, data.x_val, data.y_val),
-            "latency_ms": measure_latency(path, data.x_val[:BATCH])["median"]}
+    if quantize and "onnx-int8" not in result.files:
+        return {"note": f"n/a: {result.notes[0]}"}
+    return {"bytes": path.stat().st_size, "accuracy": runtime.accuracy(path, data.x_val, data.y_val),
+            "latency_ms": runtime.latency(path, data.x_val[:BATCH]).median}
 
 
 def run(checkpoint: Path, workdir: Path) -> list[dict]:
     loaded = load_model(checkpoint)
     data = load_data(loaded.data)
     original = loaded.model
-    defaults = CompressOptions(checkpoint)
     rows = [{"method": "dense", "params": count_stored(original), **onnx_figures(original, data, workdir / "dense.onnx")}]
 
-    plan = make_plan(original, head="hadamard", hidden="acdc", depth=defaults.depth)
-    svd = svd_model(original, plan)
-    distill(svd, original, data, FinetuneConfig(epochs=defaults.epochs, lr=defaults.lr))
+    plan = make_plan(original)  # the default plan: Hadamard head, ACDC hidden layers
+    svd, new = svd_model(original, plan)
+    distill(svd, original, data, FinetuneOptions(), new)
     rows.append({"method": "svd (same params as fixclf-acdc)", "params": count_stored(svd), **onnx_figures(svd, data, workdir / "svd.onnx")})
 
     for hidden in ("acdc", "fastfood"):
         out = workdir / f"{hidden}.fixclf.pt"
-        report = compress(CompressOptions(checkpoint, hidden=hidden, output=out))
+        report = compress(CompressOptions(SourceOptions(checkpoint), PlanOptions(hidden=hidden), output=out))
         model = load_model(out).model
-        rows.append({"method": f"fixclf-{hidden}", "params": report["params"]["after"],
+        rows.append({"method": f"fixclf-{hidden}", "params": report.params.model.after,
                      **onnx_figures(model, data, workdir / f"{hidden}.onnx")})
         if hidden == "acdc":
             compressed_acdc = model
 
     rows.append({"method": "int8 (dynamic, ORT)", "params": count_stored(original),
                  **onnx_figures(original, data, workdir / "int8.onnx", quantize="int8")})
-    try:
-        rows.append({"method": "fixclf-acdc+int8", "params": count_stored(compressed_acdc),
-                     **onnx_figures(compressed_acdc, data, workdir / "acdc-int8.onnx", quantize="int8")})
-    except ExportError as exc:
-        rows.append({"method": "fixclf-acdc+int8", "note": f"n/a: {exc}"})
+    rows.append({"method": "fixclf-acdc+int8", "params": count_stored(compressed_acdc),
+                 **onnx_figures(compressed_acdc, data, workdir / "acdc-int8.onnx", quantize="int8")})
     dense = rows[0]
     for row in rows:
         if "bytes" in row:

@@ -1,6 +1,6 @@
 """fixclf command line: parse options into compressor's options tree, call one library function, print.
 
-Progress and errors go to stderr, results to stdout (a rich table, or JSON with ``--json``: then
+Progress (on a terminal, or with ``FIXCLF_PROGRESS=1``) and errors go to stderr, results to stdout (a rich table, or JSON with ``--json``: then
 stdout carries the JSON alone, whatever the user's model code prints while it runs). Every
 failure ends with one line ``error: <what; what to do>`` and the exit code of its class
 (:mod:`compressor.errors`): 2 for usage errors, click's own included; 130 for Ctrl-C or SIGTERM at
@@ -76,6 +76,12 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
     STATE["debug"] = debug
+
+
+def _progress_wanted() -> bool:
+    """Progress lines on a terminal; ``FIXCLF_PROGRESS=1`` forces them (logs), ``=0`` hides them."""
+    forced = os.environ.get("FIXCLF_PROGRESS")
+    return err.is_terminal if forced is None else forced == "1"
 
 
 def _arch_kwargs(text: Optional[str]) -> Optional[dict]:
@@ -159,7 +165,7 @@ def compress(
         from cli.render import RichEvents
         import compressor
 
-        events = RichEvents(err, quiet=as_json)
+        events = RichEvents(err, quiet=as_json or not _progress_wanted())
         try:
             return compressor.compress(tree, events)
         finally:

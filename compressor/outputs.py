@@ -42,6 +42,17 @@ def _name_max(directory: Path) -> int:
 
 def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
     """Refuse ``output`` before any work: an input, existing (without ``force``), or not writable."""
+    parent = output.parent
+    if len(output.name.encode()) > _name_max(parent if parent.is_dir() else Path(".")):
+        raise OutputError(f"output name {output.name[:40]}... is longer than the file system allows "
+                          f"({_name_max(parent)} bytes); choose a shorter --output")
+    try:
+        _check_target(output, inputs, force)
+    except OSError as exc:
+        raise OutputError(f"cannot use {output} as an output ({exc.strerror}); choose another --output") from exc
+
+
+def _check_target(output: Path, inputs: Iterable[Path], force: bool) -> None:
     for source in inputs:
         if _same_file(output, source) or output.resolve() == Path(source).resolve():
             raise OutputError(f"output {output} is the input file {source}; choose another --output (inputs are never modified)")
@@ -52,9 +63,6 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
     parent = output.parent
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist; create it or choose another --output")
-    if len(output.name.encode()) > _name_max(parent):
-        raise OutputError(f"output name {output.name[:40]}... is longer than the file system allows "
-                          f"({_name_max(parent)} bytes); choose a shorter --output")
     try:  # a real write probe: os.access says yes to root even on read-only file systems
         fd, probe = tempfile.mkstemp(dir=parent, prefix=f"{TEMP_PREFIX}probe-")
         os.close(fd)

@@ -1,5 +1,11 @@
-"""A corpus of bad inputs through the real CLI. For each: exit code != 0, exactly one error line on
-stderr and no traceback, the input files byte-identical afterwards, and no partial output."""
+"""A corpus of bad and hostile inputs through the real CLI (``python -m cli.entry``), one subprocess per case.
+
+For every case: the documented exit code, exactly one stderr line starting ``error:`` and no
+traceback, every input byte-identical afterwards, no new file anywhere in the working directory
+(hidden files and subdirectories included), and no canary file from code a checkpoint tried to run.
+Each case is its own process, forked from one that imported fixclf once (tests/cli_zygote.py), a few at
+a time, so the corpus stays fast; the interrupt tests start ``python -m cli.entry`` from scratch.
+"""
 from __future__ import annotations
 
 import os
@@ -14,174 +20,382 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli.main import app
 from compressor.zoo import mlp
+from cli_zygote import run_many
 from conftest import ROOT, SAMPLES, sha256
 
-runner = CliRunner()
+CANARY = "PWNED"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", FIXCLF_PROGRESS="1")
+MODEL_FORMAT, COMPRESSED_FORMAT = "fixclf.model/1", "fixclf.compressed/1"
 
 
-class WritesAFile:
-    """A malicious pickle: loading it would create the marker file."""
+class RunsCode:
+    """A malicious pickle: unpickling it would create the canary file."""
 
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
+    def __init__(self, protocol_zero: bool = False) -> None:
+        self.protocol_zero = protocol_zero
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.system, (f"touch {CANARY}",))
 
 
-def _setup(workdir: Path) -> None:
-    """Every input a case may use, created before hashing."""
-    shutil.copy(SAMPLES / "mlp.pt", workdir / "mlp.pt")
-    shutil.copy(SAMPLES / "digits.npz", workdir / "digits.npz")
-    (workdir / "empty.pt").write_bytes(b"")
+def _fixclf(obj: dict, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def _sample_state() -> dict:
+    return torch.load(SAMPLES / "mlp.pt", weights_only=True)
+
+
+def _compressed_sample(directory: Path) -> dict:
+    """A real compressed checkpoint of the MLP sample, made once in ``directory`` (not a case's input)."""
+    path = directory / "sample.fixclf.pt"
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "cli.entry", "compress", str(SAMPLES / "mlp.pt"), "--epochs", "1",
+                        "-o", str(path), "--json"], env=ENV, cwd=directory, check=True, capture_output=True)
+    return torch.load(path, weights_only=True)
+
+
+def _write_inputs(d: Path, compressed: dict) -> None:
+    """Every input any case uses, created once; each case runs on its own copy."""
+    shutil.copy(SAMPLES / "mlp.pt", d / "mlp.pt")
+    shutil.copy(SAMPLES / "digits.npz", d / "digits.npz")
+    (d / "empty.pt").write_bytes(b"")
     full = (SAMPLES / "mlp.pt").read_bytes()
-    (workdir / "truncated.pt").write_bytes(full[: len(full) // 2])
-    (workdir / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    (workdir / "folder").mkdir()
-    with open(workdir / "evil.pt", "wb") as f:
-        pickle.dump(WritesAFile(str(workdir / "PWNED")), f)
-    torch.save(mlp(64, [512, 512], 10).state_dict(), workdir / "weights.pt")
-    torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), workdir / "conv.pt")
-    torch.save(mlp(64, [512, 512], 10), workdir / "pickled.pt")
+    (d / "truncated.pt").write_bytes(full[: len(full) // 2])
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (d / "folder").mkdir()
+    (d / "dangling.fixclf.pt").symlink_to(d / "gone.pt")
+    with open(d / "evil.pt", "wb") as f:
+        pickle.dump(RunsCode(), f, protocol=2)
+    (d / "evil0.pt").write_bytes(b"cos\nsystem\n(S'touch " + CANARY.encode() + b"'\ntR.")  # protocol 0, no class needed
+    torch.save({"model": RunsCode()}, d / "evil_zip.pt")
+    torch.save(mlp(64, [512, 512], 10).state_dict(), d / "weights.pt")
+    torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), d / "conv.pt")
+    torch.save(mlp(64, [512, 512], 10), d / "pickled.pt")
     digits = np.load(SAMPLES / "digits.npz")
     x, y = digits["x"], digits["y"]
-    np.savez(workdir / "narrow.npz", x=x[:, :32], y=y)
-    np.savez(workdir / "badlabels.npz", x=x, y=y + 5)
+    np.savez(d / "narrow.npz", x=x[:, :32], y=y)
+    np.savez(d / "badlabels.npz", x=x, y=y + 5)
+    np.savez(d / "onehot.npz", x=x, y=np.eye(10)[y])
     nan = x.copy()
     nan[3, 7] = np.nan
-    np.savez(workdir / "nan.npz", x=nan, y=y)
-    torch.save({"format": "fixclf.compressed/1", "arch": "compressor.zoo:mlp", "state_dict": {}}, workdir / "broken.fixclf.pt")
-    linear = torch.nn.Linear(64, 10)
-    torch.save({"format": "fixclf.model/1", "arch": "torch.nn:Linear", "kwargs": {"in_features": 64, "out_features": 10},
-                "state_dict": linear.state_dict()}, workdir / "foreign_arch.pt")
-    shutil.copy(SAMPLES / "mlp.pt", workdir / "exists.fixclf.pt")
+    np.savez(d / "nan.npz", x=nan, y=y)
+    torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, d / "d.pt")
+    (d / "hostile_code.py").write_text("def net(**kw):\n    import sys\n    sys.exit(0)\n\n"
+                                       "def data():\n    raise SystemExit(3)\n")
+    _write_hostile_checkpoints(d, compressed)
 
 
-def _readonly_dir(workdir: Path) -> str:
-    if os.geteuid() == 0:  # root writes through permission bits; /sys is read-only even for root
-        return "/sys/out.pt"
-    target = workdir / "readonly"
-    target.mkdir()
-    target.chmod(0o555)
-    return str(target / "out.pt")
+def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
+    sample = _sample_state()
+    state, kwargs = sample["state_dict"], sample["kwargs"]
+    gadget = {"arch": "subprocess:run", "kwargs": {"args": ["touch", CANARY]}}
+    _fixclf({"format": MODEL_FORMAT, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget, "state_dict": {}},
+            d / "gadget.pt")
+    _fixclf({"format": MODEL_FORMAT, "arch": "subprocess:run", "kwargs": {"args": ["touch", CANARY]}, "state_dict": {}},
+            d / "foreign_call.pt")
+    _fixclf({**sample, "data": "tempfile:mkdtemp"}, d / "data_code.pt")
+    _fixclf({**sample, "data": "../../etc/passwd.npz"}, d / "data_escape.pt")
+    _fixclf({**sample, "data": "/etc/hosts.npz"}, d / "data_absolute.pt")
+    _fixclf({**sample, "data": 5}, d / "data_int.pt")
+    _fixclf({**sample, "arch": 123}, d / "arch_int.pt")
+    _fixclf({**sample, "state_dict": [1, 2, 3]}, d / "state_list.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "hidden": torch.tensor([512, 512])}}, d / "kwargs_tensor.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "hidden": [10**6] * 3}}, d / "kwargs_huge.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "unknown": 1}}, d / "kwargs_unknown.pt")
+    _fixclf({**sample, "format": "fixclf.model/99"}, d / "format_future.pt")
+    nan_state = {k: v.clone() for k, v in state.items()}
+    nan_state["2.weight"][0, 0] = float("nan")
+    _fixclf({**sample, "state_dict": nan_state}, d / "nan_weights.pt")
+    broadcast = dict(state, **{"2.weight": torch.zeros(1).expand(512, 512)})
+    _fixclf({**sample, "state_dict": broadcast}, d / "broadcast.pt")
+    linear = torch.nn.Linear(3, 10)
+    _fixclf({"format": MODEL_FORMAT, "arch": "compressor.zoo:mlp", "kwargs": {"in_features": 64, "hidden": [3],
+             "num_classes": 10}, "state_dict": mlp(64, [3], 10).state_dict()}, d / "narrow_hidden.pt")
+    torch.save(linear.state_dict(), d / "linear3.pt")
+    inf_state = {k: v.clone() for k, v in compressed["state_dict"].items()}
+    next(v for v in inf_state.values() if v.is_floating_point())[0] = float("inf")
+    plan = compressed["plan"]
+    for name, value in {
+        "c_report_empty": {**compressed, "report": {}},
+        "c_report_list": {**compressed, "report": [1, 2]},
+        "c_plan_str": {**compressed, "plan": "x", "report": {}},
+        "c_plan_missing_layer": {**compressed, "plan": [{**plan[0], "name": "nope"}, *plan[1:]]},
+        "c_plan_depth": {**compressed, "plan": [{**plan[0], "options": {**plan[0]["options"], "depth": 10**6}}, *plan[1:]]},
+        "c_plan_kind": {**compressed, "plan": [{**plan[0], "kind": "compressor.checkpoint:build_arch"}, *plan[1:]]},
+        "c_gadget": {**compressed, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget},
+        "c_inf": {**compressed, "state_dict": inf_state},
+        "c_missing_fields": {"format": COMPRESSED_FORMAT, "arch": "compressor.zoo:mlp", "state_dict": {}},
+    }.items():
+        _fixclf(value, d / f"{name}.fixclf.pt")
+    shutil.copy(SAMPLES / "mlp.pt", d / "exists.fixclf.pt")
+    os.link(d / "mlp.pt", d / "hardlink.pt")
+    (d / "data_link.pt").symlink_to(d / "d.pt")
 
 
-CASES = {
-    "missing file": ["compress", "nope.pt"],
-    "directory": ["compress", "folder"],
-    "empty file": ["compress", "empty.pt"],
-    "truncated checkpoint": ["compress", "truncated.pt"],
-    "random bytes": ["compress", "random.pt"],
-    "malicious pickle": ["compress", "evil.pt"],
-    "state_dict without --arch": ["compress", "weights.pt", "--data", "digits.npz"],
-    "--arch that does not match": ["compress", "weights.pt", "--arch", "compressor.zoo:small_cnn", "--data", "digits.npz"],
-    "--arch that does not import": ["compress", "weights.pt", "--arch", "no_such_pkg.models:net"],
-    "model without Linear layers": ["plan", "conv.pt", "--arch", "torch.nn:Conv2d",
-                                    "--arch-kwargs", '{"in_channels": 1, "out_channels": 4, "kernel_size": 3}'],
-    "user checkpoint without --data": ["compress", "weights.pt", "--arch", "compressor.zoo:mlp",
-                                       "--arch-kwargs", '{"hidden": [512, 512]}'],
-    "wrong data feature size": ["compress", "mlp.pt", "--data", "narrow.npz"],
-    "labels out of range": ["compress", "mlp.pt", "--data", "badlabels.npz"],
-    "NaN in data": ["compress", "mlp.pt", "--data", "nan.npz"],
-    "missing data file": ["compress", "mlp.pt", "--data", "nowhere.npz"],
-    "NaN during fine-tune": ["compress", "mlp.pt", "--lr", "1e30", "--epochs", "2"],
-    "output equals input": ["compress", "mlp.pt", "-o", "mlp.pt"],
-    "existing output without --force": ["compress", "mlp.pt", "-o", "exists.fixclf.pt"],
-    "unknown head": ["compress", "mlp.pt", "--head", "triangular"],
-    "unknown hidden": ["plan", "mlp.pt", "--hidden", "lowrank"],
-    "unknown init": ["compress", "mlp.pt", "--init", "random"],
-    "depth 0": ["plan", "mlp.pt", "--depth", "0"],
-    "empty include match": ["compress", "mlp.pt", "--include", "features.*"],
-    "bad --arch-kwargs JSON": ["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"],
-    "corrupt compressed checkpoint": ["report", "broken.fixclf.pt"],
-    "whole pickled model without --trust-pickle": ["compress", "pickled.pt", "--data", "digits.npz"],
-    "whole pickled model without --arch": ["compress", "pickled.pt", "--trust-pickle", "--data", "digits.npz"],
-    "report of a dense checkpoint": ["report", "mlp.pt"],
-    "truncated compressed checkpoint": ["report", "truncated.pt"],
-    "export to a non-onnx name": ["export", "mlp.pt", "-o", "model.txt"],
-    "architecture outside compressor.* not confirmed": ["plan", "foreign_arch.pt"],
+C = "compress"
+CASES: dict[str, tuple[list[str], int]] = {
+    # code from a checkpoint: must never run (canary), refused as a checkpoint error
+    "arch gadget in a fixclf checkpoint": (["plan", "gadget.pt"], 3),
+    "arch outside the allow-list": (["plan", "foreign_call.pt"], 3),
+    "arch gadget through compress": ([C, "gadget.pt", "--data", "digits.npz"], 3),
+    "arch gadget in a compressed checkpoint (export)": (["export", "c_gadget.fixclf.pt", "-o", "o.onnx"], 3),
+    "data field naming code": ([C, "data_code.pt"], 3),
+    "data field escaping its directory": ([C, "data_escape.pt"], 3),
+    "data field absolute": ([C, "data_absolute.pt"], 3),
+    "malicious pickle": ([C, "evil.pt"], 3),
+    "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
+    "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
+    # malformed fields
+    "arch=123": (["plan", "arch_int.pt"], 3),
+    "state_dict=[1,2,3]": (["plan", "state_list.pt"], 3),
+    "data=5": ([C, "data_int.pt"], 3),
+    "tensor in kwargs": (["plan", "kwargs_tensor.pt"], 3),
+    "kwargs asking for a huge model": (["plan", "kwargs_huge.pt"], 3),
+    "unknown kwargs": (["plan", "kwargs_unknown.pt"], 3),
+    "unknown format version": (["plan", "format_future.pt"], 3),
+    "NaN weights": (["plan", "nan_weights.pt"], 3),
+    "broadcast tensor larger than its data": (["plan", "broadcast.pt"], 3),
+    "report={}": (["report", "c_report_empty.fixclf.pt"], 3),
+    "report=[1,2]": (["report", "c_report_list.fixclf.pt"], 3),
+    "plan='x'": (["export", "c_plan_str.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan naming a missing layer": (["export", "c_plan_missing_layer.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan with depth 10**6": (["export", "c_plan_depth.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan naming an unknown kind": (["export", "c_plan_kind.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "infinite weights in a compressed checkpoint": (["export", "c_inf.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "compressed checkpoint missing fields": (["report", "c_missing_fields.fixclf.pt"], 3),
+    "dangling symlink as report input": (["report", "dangling.fixclf.pt"], 3),
+    # unreadable or wrong checkpoints
+    "missing file": ([C, "nope.pt"], 3),
+    "directory": ([C, "folder"], 3),
+    "empty file": ([C, "empty.pt"], 3),
+    "truncated checkpoint": ([C, "truncated.pt"], 3),
+    "random bytes": ([C, "random.pt"], 3),
+    "state_dict without --arch": ([C, "weights.pt", "--data", "digits.npz"], 3),
+    "--arch that does not match": ([C, "weights.pt", "--arch", "compressor.zoo:small_cnn", "--data", "digits.npz"], 3),
+    "--arch that does not import": ([C, "weights.pt", "--arch", "no_such_pkg.models:net"], 3),
+    "--arch factory calling sys.exit(0)": (["plan", "weights.pt", "--arch", "hostile_code:net"], 3),
+    "whole pickled model without --trust-pickle": ([C, "pickled.pt", "--data", "digits.npz"], 3),
+    "truncated compressed checkpoint": (["report", "truncated.pt"], 3),
+    "report of a dense checkpoint": (["report", "mlp.pt"], 3),
+    # data
+    "user checkpoint without --data": ([C, "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                                        '{"hidden": [512, 512]}'], 4),
+    "wrong data feature size": ([C, "mlp.pt", "--data", "narrow.npz"], 4),
+    "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
+    "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
+    "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
+    "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
+    "--data function raising SystemExit": ([C, "mlp.pt", "--data", "hostile_code:data"], 4),
+    # plans that cannot be built (these used to hang)
+    "model without Linear layers": (["plan", "conv.pt", "--arch", "torch.nn:Conv2d", "--arch-kwargs",
+                                     '{"in_channels": 1, "out_channels": 4, "kernel_size": 3}'], 5),
+    "Hadamard head with more classes than codes (3 -> 10 Linear)": (
+        ["plan", "linear3.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 10}'], 5),
+    "Hadamard head after a 3-wide hidden layer": ([C, "narrow_hidden.pt", "--data", "digits.npz"], 5),
+    "empty include match": ([C, "mlp.pt", "--include", "features.*"], 5),
+    # fine-tuning
+    "NaN during fine-tune": ([C, "mlp.pt", "--lr", "1e30", "--epochs", "2"], 6),
+    # outputs: inputs are never overwritten, --force or not
+    "output equals input": ([C, "mlp.pt", "-o", "mlp.pt"], 8),
+    "output is the data file, --force": ([C, "mlp.pt", "--data", "d.pt", "-o", "d.pt", "--force"], 8),
+    "output is a link to the data file, --force": ([C, "mlp.pt", "--data", "d.pt", "-o", "data_link.pt", "--force"], 8),
+    "output is a hard link to the checkpoint, --force": ([C, "mlp.pt", "-o", "hardlink.pt", "--force"], 8),
+    "existing output without --force": ([C, "mlp.pt", "-o", "exists.fixclf.pt"], 8),
+    "output name too long": ([C, "mlp.pt", "-o", "x" * 260 + ".pt"], 8),
+    "ONNX name beside the output too long": ([C, "mlp.pt", "-o", "x" * 252 + ".pt"], 8),  # .pt fits, .onnx does not
+    "output directory missing": ([C, "mlp.pt", "-o", "no/such/dir/out.pt"], 8),
+    # usage errors: exit 2 before any work
+    "unknown head": ([C, "mlp.pt", "--head", "triangular"], 2),
+    "unknown hidden": (["plan", "mlp.pt", "--hidden", "lowrank"], 2),
+    "unknown init": ([C, "mlp.pt", "--init", "random"], 2),
+    "depth 0": (["plan", "mlp.pt", "--depth", "0"], 2),
+    "depth 10**6": (["plan", "mlp.pt", "--depth", "1000000"], 2),
+    "seed overflow": ([C, "mlp.pt", "--seed", "18446744073709551616"], 2),
+    "negative seed": (["plan", "mlp.pt", "--seed", "-1"], 2),
+    "epochs -1": ([C, "mlp.pt", "--epochs", "-1"], 2),
+    "epochs abc (click's own error)": ([C, "mlp.pt", "--epochs", "abc"], 2),
+    "lr -1": ([C, "mlp.pt", "--lr", "-1"], 2),
+    "lr nan": ([C, "mlp.pt", "--lr", "nan"], 2),
+    "lr inf": ([C, "mlp.pt", "--lr", "inf"], 2),
+    "max-time 0": ([C, "mlp.pt", "--max-time", "0"], 2),
+    "tolerance -1": ([C, "mlp.pt", "--tolerance", "-1"], 2),
+    "latency-batch 0": ([C, "mlp.pt", "--latency-batch", "0"], 2),
+    "quantize int4": ([C, "mlp.pt", "--quantize", "int4"], 2),
+    "export quantize int4": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int4"], 2),
+    "device tpu": ([C, "mlp.pt", "--device", "tpu"], 2),
+    "--arch-kwargs without --arch": ([C, "mlp.pt", "--arch-kwargs", '{"hidden": [512, 512]}'], 2),
+    "bad --arch-kwargs JSON": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"], 2),
+    "--arch-kwargs not an object": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "[1]"], 2),
+    "output not .pt": ([C, "mlp.pt", "-o", "out.onnx"], 2),
+    "export to a non-onnx name": (["export", "mlp.pt", "-o", "model.txt"], 2),
+    "missing argument": ([C], 2),
+    "unknown option": (["plan", "mlp.pt", "--bogus"], 2),
+    "unknown command": (["squash", "mlp.pt"], 2),
+    "whole pickled model without --arch": ([C, "pickled.pt", "--trust-pickle", "--data", "digits.npz"], 2),
 }
 
-# The documented exit code of each kind of error (compressor/errors.py, README "Errors").
-EXIT_CODES = {
-    "missing file": 3, "malicious pickle": 3, "state_dict without --arch": 3, "--arch that does not match": 3,
-    "model without Linear layers": 5, "user checkpoint without --data": 4, "wrong data feature size": 4,
-    "labels out of range": 4, "NaN in data": 4, "NaN during fine-tune": 6, "output equals input": 8,
-    "existing output without --force": 8, "unknown head": 5, "empty include match": 5,
-    "bad --arch-kwargs JSON": 2, "export to a non-onnx name": 2, "architecture outside compressor.* not confirmed": 3,
-}
+
+def _tree(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden ones too) with its hash; links by their target."""
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        if path.is_symlink():
+            result[rel] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            result[rel] = sha256(path)
+        elif path.is_dir():
+            result[rel] = "dir"
+    return result
 
 
-def _snapshot(workdir: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in workdir.iterdir() if p.is_file()}
+def _case_dir(template: Path, root: Path, name: str) -> Path:
+    """A private copy of the inputs for one case (links re-pointed into the copy, the hard link kept one)."""
+    workdir = root / f"case{len(list(root.iterdir()))}"
+    shutil.copytree(template, workdir, symlinks=True)
+    for link in ("dangling.fixclf.pt", "data_link.pt"):
+        target = Path(os.readlink(workdir / link)).name
+        (workdir / link).unlink()
+        (workdir / link).symlink_to(workdir / target)
+    (workdir / "hardlink.pt").unlink()
+    os.link(workdir / "mlp.pt", workdir / "hardlink.pt")
+    return workdir
 
 
-def _assert_clean_failure(exit_code: int, stderr: str, before: dict, workdir: Path) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert exit_code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    assert _snapshot(workdir) == before  # inputs byte-identical, nothing new written
+def _run_cases(template: Path, root: Path, cases: dict[str, list[str]], fsize: int | None = None) -> dict[str, dict]:
+    """Every case in its own process (forked from one that imported fixclf), its own copy of the inputs."""
+    root.mkdir(exist_ok=True)
+    dirs = {name: _case_dir(template, root, name) for name in cases}
+    logs = root.parent / f"{root.name}-logs"
+    logs.mkdir()
+    befores = {name: _tree(d) for name, d in dirs.items()}
+    requests = {name: {"args": args, "cwd": str(dirs[name]), "out": str(logs / f"{i}.out"),
+                       "err": str(logs / f"{i}.err"), "fsize": fsize} for i, (name, args) in enumerate(cases.items())}
+    codes = run_many(requests)
+    return {name: {"code": codes[name], "stderr": Path(requests[name]["err"]).read_text(),
+                   "stdout": Path(requests[name]["out"]).read_text(), "before": befores[name],
+                   "after": _tree(dirs[name]), "canary": (dirs[name] / CANARY).exists()} for name in cases}
+
+
+@pytest.fixture(scope="module")
+def compressed_sample(tmp_path_factory) -> dict:
+    return _compressed_sample(tmp_path_factory.mktemp("compressed"))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, compressed_sample) -> Path:
+    directory = tmp_path_factory.mktemp("inputs")
+    _write_inputs(directory, compressed_sample)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def results(template, tmp_path_factory) -> dict[str, dict]:
+    return _run_cases(template, tmp_path_factory.mktemp("cases"), {name: args for name, (args, _) in CASES.items()})
+
+
+def _assert_clean_failure(result: dict, expected_code: int) -> None:
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["code"] == expected_code, result["stderr"]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
+    assert "Traceback" not in result["stderr"]
+    assert result["after"] == result["before"]  # inputs byte-identical, nothing new, nothing left behind
+    assert not result["canary"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input(case, workdir):
-    _setup(workdir)
-    before = _snapshot(workdir)
-    result = runner.invoke(app, [*CASES[case], "--json"] if CASES[case][0] == "compress" else CASES[case])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    _assert_clean_failure(result.exit_code, result.stderr, before, workdir)
-    assert not (workdir / "PWNED").exists()
-    if case in EXIT_CODES:
-        assert result.exit_code == EXIT_CODES[case], result.stderr
+def test_bad_input(case, results):
+    _assert_clean_failure(results[case], CASES[case][1])
 
 
-def test_read_only_output_directory(workdir):
-    _setup(workdir)
-    before = _snapshot(workdir)
-    result = runner.invoke(app, ["compress", "mlp.pt", "-o", _readonly_dir(workdir), "--json"])
-    _assert_clean_failure(result.exit_code, result.stderr, before, workdir)
+def test_messages_say_what_to_do(results):
+    said = {name: results[name]["stderr"] for name in CASES}
+    assert "--trust-pickle" in said["malicious pickle"] and "system" in said["malicious pickle"]
+    assert "system" in said["protocol-0 pickle calling os.system"] and "--trust-pickle" in said["protocol-0 pickle calling os.system"]
+    assert "--arch compressor.checkpoint:build_arch" in said["arch gadget in a fixclf checkpoint"]
+    assert "--data" in said["data field naming code"]
+    assert "integer class indices" in said["one-hot labels"] and "argmax" in said["one-hot labels"]
+    assert "--head orthogonal" in said["Hadamard head with more classes than codes (3 -> 10 Linear)"]
+    assert "--epochs" in said["epochs abc (click's own error)"]
+    assert "--arch" in said["--arch-kwargs without --arch"]
+    assert "NaN" in said["NaN weights"]
 
 
-def test_foreign_architecture_runs_once_confirmed(workdir):
-    _setup(workdir)
-    refused = runner.invoke(app, ["plan", "foreign_arch.pt"])
-    assert "--arch torch.nn:Linear" in refused.stderr
-    confirmed = runner.invoke(app, ["plan", "foreign_arch.pt", "--arch", "torch.nn:Linear"])
-    assert confirmed.exit_code == 0, confirmed.output
+def test_file_size_limit_and_read_only_directory_fail_cleanly(template, tmp_path):
+    """Disk full (simulated with a file-size limit) and an unwritable directory: exit 8, one line, nothing left."""
+    readonly = "/sys/out.pt"  # root writes through permission bits; /sys never
+    if os.geteuid() != 0:
+        (template / "ro").mkdir(exist_ok=True)
+        (template / "ro").chmod(0o555)
+        readonly = "ro/out.pt"
+    full = _run_cases(template, tmp_path / "full", {"fsize": [C, "mlp.pt", "--epochs", "1", "-o", "o.pt"]}, fsize=20_000)
+    denied = _run_cases(template, tmp_path / "denied", {"read-only": [C, "mlp.pt", "-o", readonly]})
+    _assert_clean_failure(full["fsize"], 8)
+    _assert_clean_failure(denied["read-only"], 8)
 
 
-def test_malicious_pickle_names_the_global_and_the_flag(workdir):
-    _setup(workdir)
-    result = runner.invoke(app, ["plan", "evil.pt"])
-    assert "system" in result.stderr and "--trust-pickle" in result.stderr
-    assert not (workdir / "PWNED").exists()
-
-
-def test_interrupted_fine_tune_keeps_nothing(workdir):
-    """Ctrl-C (SIGINT) in the middle of fine-tuning, in a real process."""
-    _setup(workdir)
-    before = _snapshot(workdir)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "compress", "mlp.pt", "--epochs", "10000"],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = []
-    for line in proc.stderr:  # wait until fine-tuning has started
-        lines.append(line)
-        if "Fine-tuning" in line:
-            break
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float) -> tuple[int, str, dict, dict]:
+    """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds)."""
+    before = _tree(workdir)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.entry", *args], cwd=workdir, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    if isinstance(when, str):
+        for line in proc.stderr:
+            lines.append(line)
+            if when in line:
+                break
+        time.sleep(0.5)
+    else:
+        time.sleep(when)
+    proc.send_signal(sig)
     rest = proc.stderr.read()
-    proc.wait(timeout=60)
-    errors = [l for l in (lines + rest.splitlines()) if l.startswith("error:")]
-    assert proc.returncode == 130
-    assert errors == ["error: interrupted during fine-tuning; nothing was written"], rest
-    assert "Traceback" not in rest
-    assert _snapshot(workdir) == before
+    proc.wait(timeout=120)
+    return proc.returncode, "".join(lines) + rest, before, _tree(workdir)
+
+
+@pytest.mark.parametrize("sig, when", [
+    (signal.SIGINT, "Fine-tuning"),  # Ctrl-C mid fine-tune
+    (signal.SIGTERM, "Exporting the compressed"),  # SIGTERM during export and validation
+    (signal.SIGINT, 0.4),  # during the imports
+])
+def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when):
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", "60"], work, sig, when)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 130, stderr
+    assert len(errors) == 1 and "nothing was written" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert after == before
+
+
+def test_checkpoint_data_never_imported_even_when_it_looks_like_code(template, tmp_path, compressed_sample):
+    """A compressed checkpoint whose architecture is not built in: its report reads without any code."""
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    obj = torch.load(work / "c_gadget.fixclf.pt", weights_only=True)
+    obj["report"] = compressed_sample["report"]
+    torch.save(obj, work / "hostile_but_valid_report.fixclf.pt")
+    proc = subprocess.run([sys.executable, "-m", "cli.entry", "report", "hostile_but_valid_report.fixclf.pt", "--json"],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (work / CANARY).exists()
+
+
+def test_no_fixed_temporary_names(template, tmp_path):
+    """User files that look like fixclf's old temporary names are neither overwritten nor deleted."""
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    for name in (".o.original.onnx", ".o.onnx.tmp", ".fixclf-probe-x"):
+        (work / name).write_text("user data")
+    before = _tree(work)
+    proc = subprocess.run([sys.executable, "-m", "cli.entry", C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    after = _tree(work)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["o.onnx", "o.pt"]

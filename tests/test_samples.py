@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from compressor import CompressOptions, compress
+from compressor import CompressOptions, SourceOptions, compress
 from conftest import SAMPLES
 
 
 @pytest.mark.parametrize("sample, original, max_drop", [("mlp", 0.9889, 0.005), ("cnn", 0.9916, 0.01)])
 def test_default_compress_keeps_accuracy(sample, original, max_drop, workdir):
-    report = compress(CompressOptions(SAMPLES / f"{sample}.pt", head="hadamard", hidden="acdc"))
-    assert report["accuracy"]["before"] == pytest.approx(original, abs=1e-4)  # the README's figure
-    assert all(layer["kind"] is not None for layer in report["layers"])
-    assert report["params"]["replaced"]["ratio"] >= 10
-    accuracy = report["accuracy"]
-    assert accuracy["after"] >= accuracy["before"] - max_drop, accuracy
+    report = compress(CompressOptions(SourceOptions(SAMPLES / f"{sample}.pt")))  # the CLI's defaults
+    assert report.accuracy.before == pytest.approx(original, abs=1e-4)  # the README's figure
+    assert all(layer.kind is not None for layer in report.layers)
+    assert report.params.replaced.ratio >= 10
+    assert report.accuracy.after >= report.accuracy.before - max_drop, report.accuracy
+    assert report.warnings == []
