@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_samples.py
 	$(BIN)/python benchmarks/bench_caffenet_head.py
 	$(BIN)/python benchmarks/bench_seeds.py
+	$(BIN)/python benchmarks/bench_alexnet.py --max-time 40
 	$(BIN)/python -m pip install -q -e '.[plot]'
 	$(BIN)/python benchmarks/compare.py sample_models/mlp.pt --markdown --plot docs/compare_mlp.png
 	$(BIN)/python benchmarks/compare.py sample_models/cnn.pt --markdown --plot docs/compare_cnn.png

@@ -33,7 +33,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 STATE = {"debug": False, "signalled": False, "reported": False}
-PLAN, TUNE, EXPORT = PlanOptions(), FinetuneOptions(), ExportOptions()  # the defaults, declared once in compressor.options
+DEFAULTS = CompressOptions()  # every default is declared once, in compressor.options
+PLAN, TUNE, EXPORT = DEFAULTS.plan, DEFAULTS.finetune, DEFAULTS.export
 
 
 def _error(message: str, code: int) -> int:
@@ -110,7 +111,7 @@ HIDDEN = typer.Option(PLAN.hidden, "--hidden", help="Replacement of hidden Linea
 DEPTH = typer.Option(PLAN.depth, "--depth", help="ACDC layers per replaced Linear (K, 1-64).")
 INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose name matches (glob; repeatable).")
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
-SEED = typer.Option(0, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")
+SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (and nothing else).")
 QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of the dense "
                         "layers left): int8. With none left, the float file is kept and the report says so.")

@@ -118,6 +118,11 @@ def _summary(report: Report) -> Table:
     return table
 
 
+def _lines(prefix: str, lines: list[str], style: str | None = None) -> None:
+    for line in lines:
+        out.print(f"{prefix}: {line}", style=style, highlight=False, markup=False)
+
+
 def print_report(report: Report) -> None:
     out.print(_layers_table(report.layers, f"fixclf report: {report.model} → {report.output}"))
     out.print(_summary(report))
@@ -125,10 +130,8 @@ def print_report(report: Report) -> None:
     out.print(f"ONNX: {o.path} ({_bytes(o.bytes_after)}: stored state {_bytes(o.stored_parameter_bytes)}, shared "
               f"transform constants {_bytes(o.constant_bytes)}); max |ONNX - PyTorch| = {o.max_abs_diff:.2e} "
               f"(relative {o.max_rel_diff:.2e})", highlight=False)
-    for note in report.notes:
-        out.print(f"note: {note}", highlight=False, markup=False)
-    for warning in report.warnings:
-        out.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
+    _lines("note", report.notes)
+    _lines("warning", report.warnings, style="yellow")
 
 
 def print_export(result: ExportResult) -> None:
@@ -136,7 +139,5 @@ def print_export(result: ExportResult) -> None:
         out.print(f"wrote {written.path} ({_bytes(Path(written.path).stat().st_size)}, {name}); max |ONNX - PyTorch| = "
                   f"{written.max_abs_diff:.2e} (relative {written.max_rel_diff:.2e}), top-1 agreement "
                   f"{written.top1_agreement:.1%}", highlight=False)
-    for note in result.mobile_notes:
-        out.print(f"mobile: {note}", highlight=False, markup=False)
-    for note in result.notes:
-        out.print(f"note: {note}", highlight=False, markup=False)
+    _lines("mobile", result.mobile_notes)
+    _lines("note", result.notes)

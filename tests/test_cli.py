@@ -135,3 +135,20 @@ def test_whole_pickled_model_with_opt_in_and_arch(workdir):
                     '{"hidden": [512, 512]}', "--data", str(SAMPLES / "digits.npz"), "--epochs", "1", "--json")
     assert result.exit_code == 0, result.output
     assert load_compressed_model(workdir / "pickled.fixclf.pt") is not None
+
+
+def test_max_time_is_checked_every_step(workdir):
+    result = invoke("compress", MLP, "--epochs", "1000", "--max-time", "0.5", "--latency-batch", "8", "--json")
+    assert result.exit_code == 0, result.output
+    finetune = json.loads(result.stdout)["finetune"]
+    assert finetune["stopped_by"] == "max_time" and finetune["epochs_run"] == 1  # stopped inside the first epoch
+    assert finetune["steps"] < 23 and finetune["seconds"] < 5
+
+
+def test_int8_of_a_model_with_no_dense_layer_left_is_decided_before_work(workdir):
+    """The MLP sample loses every dense layer: the float ONNX file is written and the report says why."""
+    result = invoke("compress", MLP, "--quantize", "int8", "--epochs", "1", "--latency-batch", "8", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["int8"] is None and any("int8 skipped" in note for note in report["notes"])
+    assert sorted(os.listdir(workdir)) == ["mlp.fixclf.onnx", "mlp.fixclf.pt"]

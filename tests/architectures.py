@@ -1,0 +1,87 @@
+"""Test-local models with the shapes of real architectures (torchvision's plain wheel does not import
+next to the CPU torch, so these reproduce what matters to fixclf): a ResNet-style CNN (conv +
+BatchNorm + ``fc`` head), a ViT-style encoder on (batch, tokens, features) with qkv / proj / MLP
+Linears, and an MLP-Mixer whose token-mixing Linears act across the token axis."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResNetStyle(nn.Module):
+    """conv-BN-ReLU x2, global pooling, an FC hidden layer and the ``fc`` head; 1 x 8 x 8 inputs."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.hidden = nn.Linear(width * 4, 64)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        x = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 2).flatten(1)
+        return self.fc(F.relu(self.hidden(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention (qkv, proj) and MLP (fc1, fc2)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViTStyle(nn.Module):
+    """(batch, tokens, patch features) -> patch embedding, position embedding, one block, mean pool, head."""
+
+    def __init__(self, tokens: int = 16, patch: int = 4, dim: int = 32, heads: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(patch, dim)
+        self.pos = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.block = Block(dim, heads)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block(self.embed(x) + self.pos)).mean(1))
+
+
+class MixerStyle(nn.Module):
+    """MLP-Mixer layer: a token-mixing Linear across the token axis, a channel-mixing Linear, head."""
+
+    def __init__(self, tokens: int = 16, patch: int = 4, dim: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(patch, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token_mix = nn.Linear(tokens, tokens)
+        self.channel_mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.token_mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + F.gelu(self.channel_mix(self.norm2(x)))
+        return self.head(x.mean(1))
+
+
+def resnet_style(width: int = 16, classes: int = 10) -> ResNetStyle:
+    return ResNetStyle(width, classes)
+
+
+def vit_style(classes: int = 10) -> ViTStyle:
+    return ViTStyle(classes=classes)
+
+
+def mixer_style(classes: int = 10) -> MixerStyle:
+    return MixerStyle(classes=classes)

@@ -1,0 +1,97 @@
+"""Shapes of real architectures end to end through the CLI: conv + BatchNorm + ``fc`` head, a
+ViT-style model on (batch, tokens, features), an MLP-Mixer with token-mixing Linears. For each:
+``plan``, ``compress`` (a few steps), ``report`` without ``--arch``, ``export`` with it,
+``load_compressed_model(path, arch=...)`` equal to the ONNX file, kept BatchNorm statistics
+byte-identical, and ``--json`` output that stays JSON although the architecture prints."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import architectures
+from cli.main import app
+from compressor import load_compressed_model
+from compressor.runtime import run, session
+
+runner = CliRunner()
+INPUTS = {"resnet_style": (64,), "vit_style": (16, 4), "mixer_style": (16, 4)}
+ARCH = {name: f"architectures:{name}" for name in INPUTS}
+
+
+def _checkpoint_and_data(name: str, workdir) -> None:
+    torch.manual_seed(0)
+    model = getattr(architectures, name)()
+    for module in model.modules():  # trained-looking statistics, so that overwriting them would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(1000)
+    torch.save(model.state_dict(), workdir / f"{name}.pt")
+    x = torch.randn(320, *INPUTS[name])
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    np.savez(workdir / "data.npz", x=x.numpy(), y=y.numpy())
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_real_architecture_shapes_end_to_end(name, workdir):
+    _checkpoint_and_data(name, workdir)
+    plan = runner.invoke(app, ["plan", f"{name}.pt", "--arch", ARCH[name], "--json"])
+    assert plan.exit_code == 0, plan.output
+    layers = json.loads(plan.stdout)["layers"]
+    assert layers[-1]["role"] == "head" and all(layer["kind"] for layer in layers)
+
+    result = runner.invoke(app, ["compress", f"{name}.pt", "--arch", ARCH[name], "--data", "data.npz", "--epochs", "1",
+                                 "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["onnx"]["max_rel_diff"] <= 1e-4
+
+    stored = runner.invoke(app, ["report", f"{name}.fixclf.pt", "--json"])  # no --arch: the model is not built
+    assert stored.exit_code == 0 and json.loads(stored.stdout)["params"] == report["params"]
+    refused = runner.invoke(app, ["export", f"{name}.fixclf.pt", "-o", "again.onnx", "--data", "data.npz"])
+    assert refused.exit_code == 3 and f"--arch {ARCH[name]}" in refused.stderr
+    again = runner.invoke(app, ["export", f"{name}.fixclf.pt", "-o", "again.onnx", "--data", "data.npz",
+                                "--arch", ARCH[name]])
+    assert again.exit_code == 0, again.output
+
+    model = load_compressed_model(f"{name}.fixclf.pt", arch=getattr(architectures, name))
+    assert torch.equal(model(torch.ones(2, *INPUTS[name])), load_compressed_model(f"{name}.fixclf.pt", arch=ARCH[name])(
+        torch.ones(2, *INPUTS[name])))
+    x = torch.from_numpy(np.load("data.npz")["x"][:64])
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(run(session(f"{name}.fixclf.onnx"), x))
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+    original = torch.load(f"{name}.pt", weights_only=True)
+    compressed = torch.load(f"{name}.fixclf.pt", weights_only=True)["state_dict"]
+    statistics = [k for k in original if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(original[k], compressed[k]) for k in statistics)
+    assert (name == "resnet_style") == bool(statistics)
+
+
+def test_norm_statistics_update_only_when_asked(workdir):
+    _checkpoint_and_data("resnet_style", workdir)
+    result = runner.invoke(app, ["compress", "resnet_style.pt", "--arch", ARCH["resnet_style"], "--data", "data.npz",
+                                 "--epochs", "1", "--update-norm-stats", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    original = torch.load("resnet_style.pt", weights_only=True)
+    compressed = torch.load("resnet_style.fixclf.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(original["bn1.running_mean"], compressed["bn1.running_mean"])
+
+
+def test_json_stays_json_when_user_code_prints(workdir):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    torch.save(model.state_dict(), workdir / "noisy.pt")
+    (workdir / "noisy.py").write_text("import torch\n"
+                                      "def net():\n    print('banner from a model zoo')\n"
+                                      "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n")
+    result = runner.invoke(app, ["plan", "noisy.pt", "--arch", "noisy:net", "--json"])  # ./noisy.py, as python -m finds it
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layers"][0]["name"] == "0"
