@@ -62,6 +62,8 @@ MODEL_FORMAT = "fixclf.model/1"
 COMPRESSED_FORMAT = "fixclf.compressed/1"
 DATA_SUFFIXES = (".npz", ".pt")
 MAX_PLAIN_ITEMS = 10_000
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
+                torch.int32, torch.int64, torch.bool)
 Architecture = str | Callable[..., nn.Module]
 """How a caller names an architecture: ``"package.module:factory"`` or the factory itself."""
 
@@ -166,6 +168,9 @@ def _check_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: state_dict must map parameter names to tensors; the file is damaged")
     for name, tensor in state.items():
+        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.dtype not in STATE_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is {tensor.layout} {tensor.dtype}; fixclf reads dense real "
+                                  "tensors only: save model.state_dict() of a float model")
         if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
             raise CheckpointError(f"{path}: tensor {name} is a broadcast view larger than its data; save real tensors "
                                   "(tensor.contiguous())")
