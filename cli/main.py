@@ -118,6 +118,9 @@ QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (
 ORT_FORMAT = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort) and check mobile usability.")
 TOLERANCE = typer.Option(EXPORT.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
 FORCE = typer.Option(False, "--force", help="Overwrite existing outputs (never an input file).")
+OBJECTIVE = typer.Option(PLAN.objective, "--objective", help="size: replace every planned layer; latency: keep dense "
+                         "each layer whose replacement is slower alone in ONNX Runtime at batch 1 at the model's shapes.")
+LATENCY_BATCH = typer.Option(EXPORT.latency_batch, "--latency-batch", help="Batch size of the latency measurement.")
 
 
 @app.command()
@@ -144,7 +147,8 @@ def compress(
     quantize: Optional[str] = QUANTIZE,
     ort_format: bool = ORT_FORMAT,
     tolerance: float = TOLERANCE,
-    latency_batch: int = typer.Option(EXPORT.latency_batch, "--latency-batch", help="Batch size of the latency measurement."),
+    latency_batch: int = LATENCY_BATCH,
+    objective: str = OBJECTIVE,
     force: bool = FORCE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
@@ -154,7 +158,7 @@ def compress(
     """Replace the head and hidden FC layers, fine-tune by distillation, save, export ONNX and report."""
     options = lambda: CompressOptions(  # noqa: E731 - built inside the work, where its errors become one line
         source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
-        plan=PlanOptions(head, hidden, depth, include or [], exclude or []),
+        plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective),
         finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, init=init, device=device,
                                  update_norm_stats=update_norm_stats),
         export=ExportOptions(quantize, ort_format, tolerance, latency_batch),
@@ -183,19 +187,25 @@ def plan(
     depth: int = DEPTH,
     include: Optional[List[str]] = INCLUDE,
     exclude: Optional[List[str]] = EXCLUDE,
+    objective: str = OBJECTIVE,
+    data: Optional[str] = typer.Option(None, "--data", help="Inputs that show each layer's real shape (token axes "
+                                       "included) to time it; default: the checkpoint's bundled data, if any."),
+    latency_batch: int = LATENCY_BATCH,
     seed: int = SEED,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
     trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Show which layers compress would replace by what, and the stored numbers; changes nothing."""
+    """Show which layers compress would replace by what, the stored numbers and, with data, each layer's ONNX
+    Runtime latency alone (dense vs structured, batch 1 on 1 thread and --latency-batch on 2); changes nothing."""
     def work():
         import compressor
 
         return compressor.plan_checkpoint(CompressOptions(
-            source=_source(checkpoint, arch, arch_kwargs, trust_pickle),
-            plan=PlanOptions(head, hidden, depth, include or [], exclude or []), seed=seed))
+            source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
+            plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective),
+            export=ExportOptions(latency_batch=latency_batch), seed=seed))
 
     _call(work, _show("print_plan"), as_json)
 

@@ -75,13 +75,31 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _latency_cells(row: LayerRow, timed: bool) -> list[str]:
+    if not timed:
+        return []
+    c = row.cost
+    if c is None:
+        return ["", ""]
+    mark = " [bold red]slower[/]" if c.slower_at_batch1 else ""
+    return [f"{c.dense_batch1_ms:.3f} → {c.structured_batch1_ms:.3f}{mark}",
+            f"{c.dense_batch_ms:.3f} → {c.structured_batch_ms:.3f}"]
+
+
 def _layers_table(layers: list[LayerRow], title: str) -> Table:
+    timed = next((row.cost for row in layers if row.cost is not None), None)
+    columns = ["layer", "role", "before", "after", "params before", "params after"]
+    if timed is not None:
+        columns += ["ms batch 1 (1 thread)", f"ms batch {timed.batch} (2 threads)"]
     table = Table(title=title, title_justify="left")
-    for col in ("layer", "role", "before", "after", "params before", "params after", "note"):
-        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    for col in [*columns, "note"]:
+        table.add_column(col, justify="right" if col.startswith(("params", "ms")) else "left")
     for row in layers:
-        table.add_row(row.name or "(the model)", row.role, f"Linear({row.in_features}, {row.out_features})",
-                      row.kind or "kept", f"{row.params_before:,}", f"{row.params_after:,}", row.reason)
+        shape = "x".join(str(t) for t in (row.cost.tokens if row.cost else []))
+        table.add_row(row.name or "(the model)", row.role,
+                      f"Linear({row.in_features}, {row.out_features})" + (f" on {shape} tokens" if shape else ""),
+                      row.kind or "kept", f"{row.params_before:,}", f"{row.params_after:,}",
+                      *_latency_cells(row, timed is not None), row.reason)
     return table
 
 
@@ -94,6 +112,8 @@ def _params_line(params: ParamSummary) -> str:
 def print_plan(result: PlanReport) -> None:
     out.print(_layers_table(result.layers, f"fixclf plan: {result.model}"))
     out.print(_params_line(result.params), highlight=False)
+    _lines("note", result.notes)
+    _lines("warning", result.warnings, style="yellow")
 
 
 def _summary(report: Report) -> Table:

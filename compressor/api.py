@@ -22,8 +22,9 @@ from torch import nn
 
 from . import runtime
 from .checkpoint import Architecture, LoadedModel, compressed_payload, load_compressed, load_model, read_stored_report
+from .cost import LayerCost, layer_shapes, measure
 from .data import Dataset, check_against_model, load_data
-from .errors import DataError, UsageError
+from .errors import DataError, PlanError, UsageError
 from .export import ExportResult, choose_formats, to_onnx, validate, write_exports
 from .finetune import EpochStats, FinetuneResult, distill, evaluate, steps_per_epoch
 from .layers import count_stored
@@ -31,7 +32,7 @@ from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, Int8Figures, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, Report, find_latest_report, ratio)
-from .surgery import LayerPlan, apply_plan, initialise_from_dense, make_plan, replaced_parameters
+from .surgery import LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters
 
 __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
            "load_compressed_model"]
@@ -92,8 +93,42 @@ def _inputs(loaded: LoadedModel, data: Dataset | None) -> list[Path]:
     return [Path(f) for f in files if f is not None]
 
 
-def _rows(plan: list[LayerPlan]) -> list[LayerRow]:
-    return [LayerRow(**asdict(entry)) for entry in plan]
+def _rows(plan: list[LayerPlan], costs: dict[str, LayerCost] | None = None) -> list[LayerRow]:
+    return [LayerRow(**asdict(entry), cost=(costs or {}).get(entry.name)) for entry in plan]
+
+
+def _plan(loaded: LoadedModel, data: Dataset | None, options: CompressOptions,
+          measure_cost: bool) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
+    """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
+    find them (always for ``--objective latency``, where slower replacements are then kept dense)."""
+    plan = make_plan(loaded.model, options.plan, seed=options.seed)
+    if data is None or not (measure_cost or options.plan.objective == "latency"):
+        return plan, {}
+    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], data.x_val[:2])
+    costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
+    if options.plan.objective == "latency":
+        slower = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
+                  for name, c in costs.items() if c.slower_at_batch1}
+        plan = keep_dense(plan, slower)
+    return plan, costs
+
+
+NOTHING_FASTER = ("no layer would be replaced: every replacement is slower than its dense layer at this model's "
+                  "shapes; use --objective size to compress for size anyway")
+
+
+def _cost_warnings(rows: list[LayerRow]) -> list[str]:
+    if all(r.kind is None for r in rows):
+        return [NOTHING_FASTER]
+    timed = [r for r in rows if r.kind is not None and r.cost is not None]
+    if not timed:
+        return []
+    dense = sum(r.cost.dense_batch1_ms for r in timed)
+    structured = sum(r.cost.structured_batch1_ms for r in timed)
+    if structured <= dense:
+        return []
+    return [f"the replaced layers will be slower at batch 1: {dense:.3f} ms dense, {structured:.3f} ms structured "
+            f"(summed, each alone); --objective latency keeps the slower ones dense"]
 
 
 def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
@@ -104,11 +139,17 @@ def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
 
 
 def plan_checkpoint(options: CompressOptions) -> PlanReport:
-    """What ``compress`` would replace, by what, and the stored numbers; touches nothing."""
+    """What ``compress`` would replace, by what, the stored numbers and, when there is data (``--data``
+    or the checkpoint's bundled file), each layer's ORT latency alone, dense and structured. Writes nothing."""
     options.validate()
     loaded = _load(options.source)
-    plan = make_plan(loaded.model, options.plan, seed=options.seed)
-    return PlanReport(str(loaded.path), _rows(plan), _params(loaded.model, plan))
+    data = None
+    if options.source.data is not None or loaded.data is not None:
+        data = _data_for(loaded, options.source.data, options.seed)
+    plan, costs = _plan(loaded, data, options, measure_cost=True)
+    rows = _rows(plan, costs)
+    notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
+    return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes, _cost_warnings(rows))
 
 
 def _check_device(device: str) -> None:
@@ -196,8 +237,10 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report:
     if loaded.arch is None:
         raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
                          "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming its architecture")
-    plan = make_plan(loaded.model, options.plan, seed=options.seed)
     data = _data_for(loaded, options.source.data, options.seed)
+    plan, costs = _plan(loaded, data, options, measure_cost=False)
+    if not any(entry.replaced for entry in plan):
+        raise PlanError(NOTHING_FASTER)
     paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                              ort_format=options.export.ort_format)
     with Artifacts(paths, _inputs(loaded, data), options.force) as artifacts:
@@ -212,7 +255,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report:
         report = Report(
             model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
             data=DataSummary(data.source, int(data.x_train.shape[0]), int(data.x_val.shape[0]), data.has_labels),
-            params=_params(original, plan), layers=_rows(plan),
+            params=_params(original, plan), layers=_rows(plan, costs),
             finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
                                      round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0),
             accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
@@ -227,6 +270,7 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report:
 def _options_summary(options: CompressOptions) -> dict:
     """The options that shaped the result, as plain values (the report's ``options``)."""
     return {"head": options.plan.head, "hidden": options.plan.hidden, "depth": options.plan.depth,
+            "objective": options.plan.objective,
             "init": options.finetune.init, "seed": options.seed, "epochs": options.finetune.epochs,
             "max_time": options.finetune.max_time, "lr": options.finetune.lr, "device": options.finetune.device,
             "update_norm_stats": options.finetune.update_norm_stats}

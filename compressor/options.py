@@ -26,6 +26,7 @@ __all__ = [
     "KEEP",
     "HIDDEN_INITS",
     "QUANTIZATIONS",
+    "OBJECTIVES",
     "SourceOptions",
     "PlanOptions",
     "FinetuneOptions",
@@ -43,6 +44,7 @@ KEEP = "keep"
 """``--head keep`` / ``--hidden keep``: leave those layers dense."""
 HIDDEN_INITS = ("thesis", "fit")
 QUANTIZATIONS = ("int8",)
+OBJECTIVES = ("size", "latency")
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -85,13 +87,16 @@ class SourceOptions:
 @dataclass
 class PlanOptions:
     """What replaces what: ``head`` for the last Linear, ``hidden`` for the others; ``depth`` is
-    ACDC's K; ``include`` / ``exclude`` are glob patterns on module names."""
+    ACDC's K; ``include`` / ``exclude`` are glob patterns on module names. ``objective``: ``size``
+    replaces every planned layer; ``latency`` keeps dense each layer whose replacement is slower
+    alone in ONNX Runtime at batch 1 at the model's real shapes (:mod:`compressor.cost`)."""
 
     head: str = "hadamard"
     hidden: str = "acdc"
     depth: int = 2
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    objective: str = "size"
 
     def validate(self) -> None:
         from .layers.registry import kinds  # the registry names the kinds; it needs torch
@@ -99,6 +104,7 @@ class PlanOptions:
         _choice("--head", self.head, (*kinds("head"), KEEP))
         _choice("--hidden", self.hidden, (*kinds("hidden"), KEEP))
         _int_range("--depth", self.depth, 1, DEPTH_MAX)
+        _choice("--objective", self.objective, OBJECTIVES)
         for pattern in [*self.include, *self.exclude]:
             if not isinstance(pattern, str) or not pattern:
                 raise UsageError(f"--include/--exclude patterns must be non-empty globs, got {pattern!r}")

@@ -18,6 +18,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cost import LayerCost
 from .runtime import Latency
 
 __all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "Int8Figures",
@@ -60,6 +61,7 @@ class LayerRow:
     options: dict[str, int | bool]
     params_after: int
     reason: str
+    cost: LayerCost | None = None  # ORT latency of the layer alone, dense and structured (plan with data)
 
 
 @dataclass
@@ -127,6 +129,7 @@ class PlanReport:
     layers: list[LayerRow]
     params: ParamSummary
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,7 +39,8 @@ from .layers import count_stored, spec_for
 from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
 
-__all__ = ["LayerPlan", "make_plan", "apply_plan", "initialise_from_dense", "linear_layers", "replaced_parameters"]
+__all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
+           "replaced_parameters"]
 
 
 @dataclass
@@ -129,6 +130,14 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
             for i, (name, linear) in enumerate(linears)]
     if not any(p.replaced for p in plan):
         raise PlanError("no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden")
+    return plan
+
+
+def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:
+    """The plan with the layers in ``names`` (name -> reason) kept dense."""
+    for entry in plan:
+        if entry.name in names:
+            entry.kind, entry.options, entry.params_after, entry.reason = None, {}, entry.params_before, names[entry.name]
     return plan
 
 

@@ -44,6 +44,7 @@ def test_real_architecture_shapes_end_to_end(name, workdir):
     assert plan.exit_code == 0, plan.output
     layers = json.loads(plan.stdout)["layers"]
     assert layers[-1]["role"] == "head" and all(layer["kind"] for layer in layers)
+    assert all(layer["cost"] is None for layer in layers)  # no data given: nothing to time the layers on
 
     result = runner.invoke(app, ["compress", f"{name}.pt", "--arch", ARCH[name], "--data", "data.npz", "--epochs", "1",
                                  "--latency-batch", "8", "--json"])
@@ -95,3 +96,23 @@ def test_json_stays_json_when_user_code_prints(workdir):
     result = runner.invoke(app, ["plan", "noisy.pt", "--arch", "noisy:net", "--json"])  # ./noisy.py, as python -m finds it
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["layers"][0]["name"] == "0"
+
+
+def test_plan_times_each_layer_at_its_real_shape_and_objective_latency_keeps_the_slower(workdir):
+    _checkpoint_and_data("mixer_style", workdir)
+    args = ["plan", "mixer_style.pt", "--arch", ARCH["mixer_style"], "--data", "data.npz", "--latency-batch", "4", "--json"]
+    timed = json.loads(runner.invoke(app, args).stdout)
+    costs = {layer["name"]: layer["cost"] for layer in timed["layers"]}
+    assert costs["token_mix"]["tokens"] == [32] and costs["channel_mix"]["tokens"] == [16]  # (batch, features, tokens)
+    assert all(c["batch"] == 4 and c["dense_batch1_ms"] > 0 and c["structured_batch_ms"] > 0 for c in costs.values())
+    latency = json.loads(runner.invoke(app, [*args, "--objective", "latency"]).stdout)
+    for layer in latency["layers"]:  # kept exactly when its replacement was measured slower at batch 1
+        c = layer["cost"]
+        if layer["kind"] is None:
+            assert "slower than dense at batch 1" in layer["reason"] and c["structured_batch1_ms"] > c["dense_batch1_ms"]
+        else:
+            assert c["structured_batch1_ms"] <= c["dense_batch1_ms"]
+    if all(layer["kind"] is None for layer in latency["layers"]):  # then compress has nothing to do: exit 5
+        refused = runner.invoke(app, ["compress", "mixer_style.pt", "--arch", ARCH["mixer_style"], "--data", "data.npz",
+                                      "--objective", "latency"])
+        assert refused.exit_code == 5 and "--objective size" in refused.stderr

@@ -1,0 +1,90 @@
+"""What a replacement costs at run time: each planned layer timed alone in ONNX Runtime, dense and structured.
+
+Each Linear layer sees inputs of shape (batch, *tokens, in_features) in the real model (a ViT's
+qkv layer sees (batch, tokens, features); a Mixer's token-mixing layer sees (batch, features,
+tokens)). :func:`layer_shapes` finds those shapes by running the model once on two rows of real
+data; :func:`measure` exports the dense layer and its planned replacement alone, with that shape,
+and times both in ONNX Runtime (:mod:`compressor.runtime`: thread spinning off, one session at a
+time) at batch 1 with 1 thread (how ONNX Runtime Mobile runs) and at the latency batch with 2
+threads. Layers with the same kind, options (seed aside) and shape are timed once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import runtime
+from .export import to_onnx
+from .surgery import LayerPlan
+
+__all__ = ["LayerCost", "layer_shapes", "measure", "MOBILE_THREADS", "BATCH_THREADS"]
+
+MOBILE_THREADS = 1
+BATCH_THREADS = 2
+TIMING_RUNS = 20
+
+
+@dataclass
+class LayerCost:
+    """ORT latency (ms, median) of one layer alone: dense and structured, at batch 1 and batch N."""
+
+    tokens: list[int]
+    batch: int
+    dense_batch1_ms: float
+    structured_batch1_ms: float
+    dense_batch_ms: float
+    structured_batch_ms: float
+
+    @property
+    def slower_at_batch1(self) -> bool:
+        return self.structured_batch1_ms > self.dense_batch1_ms
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The middle axes (tokens) of each named layer's input when ``model`` runs on ``example``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:  # returns None: the output is left as it is
+            shapes.setdefault(name, tuple(args[0].shape[1:-1]))
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        model.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _time(module: nn.Module, shape: tuple[int, ...], batch: int) -> tuple[float, float]:
+    """(batch-1 ms with 1 thread, batch-N ms with 2 threads) of ``module`` alone on inputs (b, *shape)."""
+    module = module.eval()
+    with torch.no_grad():
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        onnx_bytes = to_onnx(module, example).proto.SerializeToString()
+    one = runtime.latency(onnx_bytes, torch.randn(1, *shape), threads=MOBILE_THREADS, runs=TIMING_RUNS).median
+    many = runtime.latency(onnx_bytes, torch.randn(batch, *shape), threads=BATCH_THREADS, runs=TIMING_RUNS).median
+    return one, many
+
+
+def measure(model: nn.Module, plan: list[LayerPlan], tokens: dict[str, tuple[int, ...]], batch: int) -> dict[str, LayerCost]:
+    """Time every replaced layer of ``plan`` (dense ``model`` layers vs their replacements) at its real shape."""
+    costs: dict[str, LayerCost] = {}
+    seen: dict[tuple, LayerCost] = {}
+    for entry in plan:
+        if not entry.replaced or entry.name not in tokens:
+            continue
+        shape = (*tokens[entry.name], entry.in_features)
+        key = (entry.kind, entry.in_features, entry.out_features, shape,
+               tuple(sorted((k, v) for k, v in entry.options.items() if k != "seed")))
+        if key not in seen:
+            dense = _time(model.get_submodule(entry.name), shape, batch)
+            structured = _time(entry.build(), shape, batch)
+            seen[key] = LayerCost(list(tokens[entry.name]), batch, dense[0], structured[0], dense[1], structured[1])
+        costs[entry.name] = seen[key]
+    return costs
