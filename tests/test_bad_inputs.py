@@ -365,7 +365,8 @@ def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float) -> t
 def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when):
     work = tmp_path / "w"
     shutil.copytree(template, work, symlinks=True)
-    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", "60"], work, sig, when)
+    epochs = "60" if when == "Fine-tuning" else "3"  # long enough to be interrupted there; short to reach the export
+    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", epochs, "--latency-batch", "8"], work, sig, when)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 130, stderr
     assert len(errors) == 1 and "nothing was written" in errors[0], stderr
