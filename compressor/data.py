@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .references import call_user_code, import_reference, is_reference
-from .errors import DataError
+from .errors import DataError, PlanError
 
 __all__ = ["HOLDOUT_FRACTION", "Dataset", "load_data", "check_against_model"]
 
@@ -112,18 +112,30 @@ def load_data(spec: str | Path, *, seed: int = 0) -> Dataset:
     return Dataset(x[train], y[train] if y is not None else None, x[val], y[val] if y is not None else None, source, files)
 
 
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 @torch.no_grad()
 def check_against_model(data: Dataset, model: nn.Module) -> int:
     """Check the data fits the model before any work; returns the number of classes C."""
-    try:
-        logits = model(data.x_train[:2])
-    except Exception as exc:
-        raise DataError(
-            f"{data.source}: samples of shape {tuple(data.x_train.shape[1:])} do not fit the model "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]}); check --data"
-        ) from exc
     if data.x_val.shape[1:] != data.x_train.shape[1:]:
         raise DataError(f"{data.source}: x_val rows have shape {tuple(data.x_val.shape[1:])}, x rows {tuple(data.x_train.shape[1:])}")
+    try:
+        logits = model(data.x_train[:2])
+    except (Exception, SystemExit) as exc:
+        raise DataError(
+            f"{data.source}: samples of shape {tuple(data.x_train.shape[1:])} do not fit the model "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}); check --data"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
+        raise PlanError(f"the model returns {_describe(logits)}; fixclf compresses classifiers whose forward returns "
+                        "one float logits tensor (batch, classes): wrap the model so that it does")
+    if data.has_labels and logits.ndim != 2:
+        raise DataError(f"{data.source}: labels need a model returning (batch, classes) logits, this one returns shape "
+                        f"{tuple(logits.shape)}; drop y (distillation alone needs no labels) or pool the outputs")
     classes = logits.shape[-1]
     for labels in (data.y_train, data.y_val):
         if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= classes):

@@ -83,8 +83,14 @@ def _write_inputs(d: Path, compressed: dict) -> None:
     nan[3, 7] = np.nan
     np.savez(d / "nan.npz", x=nan, y=y)
     torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, d / "d.pt")
-    (d / "hostile_code.py").write_text("def net(**kw):\n    import sys\n    sys.exit(0)\n\n"
-                                       "def data():\n    raise SystemExit(3)\n")
+    (d / "hostile_code.py").write_text(
+        "import sys\nimport torch\n\ndef net(**kw):\n    sys.exit(0)\n\ndef data():\n    raise SystemExit(3)\n\n"
+        "class Pair(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n        return self.fc(x), x\n\n"
+        "class PerToken(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(8, 10)\n    def forward(self, x):\n        return self.fc(x.reshape(-1, 8, 8))\n")
+    for name, width in (("pair", 64), ("per_token", 8)):
+        torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     _write_hostile_checkpoints(d, compressed)
 
 
@@ -196,6 +202,9 @@ CASES: dict[str, tuple[list[str], int]] = {
         ["plan", "linear3.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 10}'], 5),
     "Hadamard head after a 3-wide hidden layer": ([C, "narrow_hidden.pt", "--data", "digits.npz"], 5),
     "empty include match": ([C, "mlp.pt", "--include", "features.*"], 5),
+    "model returning a tuple": ([C, "pair.pt", "--arch", "hostile_code:Pair", "--data", "digits.npz"], 5),
+    "labels for a model returning per-token logits": ([C, "per_token.pt", "--arch", "hostile_code:PerToken", "--data",
+                                                       "digits.npz"], 4),
     # fine-tuning
     "NaN during fine-tune": ([C, "mlp.pt", "--lr", "1e30", "--epochs", "2"], 6),
     # outputs: inputs are never overwritten, --force or not
