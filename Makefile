@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_caffenet_head.py
 	$(BIN)/python benchmarks/bench_seeds.py
 	$(BIN)/python benchmarks/bench_alexnet.py --max-time 40
+	$(BIN)/python benchmarks/bench_plan_cost.py
 	$(BIN)/python -m pip install -q -e '.[plot]'
 	$(BIN)/python benchmarks/compare.py sample_models/mlp.pt --markdown --plot docs/compare_mlp.png
 	$(BIN)/python benchmarks/compare.py sample_models/cnn.pt --markdown --plot docs/compare_cnn.png
