@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_seeds.py
 	$(BIN)/python benchmarks/bench_alexnet.py --max-time 40
 	$(BIN)/python benchmarks/bench_plan_cost.py
+	$(BIN)/python benchmarks/bench_hard.py
 	$(BIN)/python -m pip install -q -e '.[plot]'
 	$(BIN)/python benchmarks/compare.py sample_models/mlp.pt --markdown --plot docs/compare_mlp.png
 	$(BIN)/python benchmarks/compare.py sample_models/cnn.pt --markdown --plot docs/compare_cnn.png
@@ -37,6 +38,7 @@ bench: install
 samples: install
 	$(BIN)/python -m pip install -q -e '.[samples]'
 	$(BIN)/python sample_models/make_samples.py
+	$(BIN)/python sample_models/make_hard_samples.py
 
 clean:
 	rm -rf build .pytest_cache *.fixclf.pt *.fixclf.onnx

@@ -43,6 +43,7 @@ from torch import nn
 from .errors import CheckpointError
 from .layers import REGISTRY
 from .references import call_user_code, describe, import_reference
+from .outputs import atomic_file
 from .surgery import LayerPlan, apply_plan, linear_layers
 from .zoo import ARCHITECTURES
 
@@ -56,6 +57,7 @@ __all__ = [
     "read_stored_report",
     "compressed_payload",
     "plan_from_records",
+    "save_checkpoint",
 ]
 
 MODEL_FORMAT = "fixclf.model/1"
@@ -402,3 +404,10 @@ def compressed_payload(loaded: LoadedModel, plan: list[LayerPlan], model: nn.Mod
         "plan": [asdict(entry) for entry in plan], "state_dict": model.state_dict(),
         "report": report.to_dict(), "data": data_ref,
     }
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Atomically ``torch.save`` a plain dict (loadable with weights_only=True), e.g. a fixclf checkpoint
+    ``{"format": MODEL_FORMAT, "arch": ..., "kwargs": ..., "state_dict": ..., "data": ...}``."""
+    with atomic_file(Path(path)) as tmp:
+        torch.save(payload, tmp)
