@@ -6,14 +6,21 @@ import signal
 import sys
 
 INTERRUPTED = 130
+STATE = {"signalled": False}
 
 
 def _on_signal(signum, frame) -> None:
     """SIGINT / SIGTERM: unwind like Ctrl-C, so that every cleanup (temporary files) runs."""
-    cli_main = sys.modules.get("cli.main")
-    if cli_main is not None:
-        cli_main.STATE["signalled"] = True
+    STATE["signalled"] = True
     raise KeyboardInterrupt
+
+
+def ignore_late_signals() -> None:
+    """Once the outcome is decided (outputs committed, exit code known), a late Ctrl-C changes nothing.
+    Only the handlers this entry point installed are replaced (an embedding process keeps its own)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is _on_signal:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def main() -> None:
@@ -26,8 +33,10 @@ def main() -> None:
 
         code = run(sys.argv[1:])
     except KeyboardInterrupt:
+        ignore_late_signals()
         sys.stderr.write("error: interrupted; nothing was written\n")
         code = INTERRUPTED
+    ignore_late_signals()
     sys.stdout.flush()
     sys.exit(code)
 

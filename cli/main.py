@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 
+from cli import entry
 from compressor.errors import FixclfError, Interrupted, UsageError
 from compressor.options import (CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
 
@@ -32,14 +33,19 @@ app = typer.Typer(
     "7 export, 8 output, 130 interrupted.",
 )
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-STATE = {"debug": False, "signalled": False, "reported": False}
+STATE = {"debug": False, "reported": False}
 DEFAULTS = CompressOptions()  # every default is declared once, in compressor.options
 PLAN, TUNE, EXPORT = DEFAULTS.plan, DEFAULTS.finetune, DEFAULTS.export
 
 
+def _one_line(text: str) -> str:
+    """Printable text on one line: control characters (newlines, terminal escapes) become spaces."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+
+
 def _error(message: str, code: int) -> int:
     STATE["reported"] = True
-    err.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    err.print(f"error: {_one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
     return code
 
 
@@ -64,6 +70,7 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
     try:
         with _stdout_to_stderr():
             result = work()
+        entry.ignore_late_signals()  # the work is done and committed: a late Ctrl-C must not report it lost
     except BaseException as exc:  # noqa: BLE001 - the one place a command's failure becomes one line
         if STATE["debug"]:
             raise
@@ -268,7 +275,7 @@ def _exit_code(exc: BaseException) -> int:
     """Print one ``error:`` line for any failure; return its exit code."""
     if isinstance(exc, Interrupted):
         return _error(str(exc), exc.exit_code)
-    if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or STATE["signalled"]:
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or entry.STATE["signalled"]:
         return _error("interrupted; nothing was written", Interrupted.exit_code)
     if isinstance(exc, FixclfError):
         return _error(str(exc), exc.exit_code)

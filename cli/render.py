@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,7 +30,7 @@ class RichEvents(compressor.Events):
     def stage(self, text: str) -> None:
         self.close()
         if not self.quiet:
-            self.console.print(f"[bold cyan]›[/] {text}", highlight=False)
+            self.console.print(f"[bold cyan]›[/] {_safe(text)}", highlight=False)
 
     def finetune_start(self, epochs: int, steps_per_epoch: int, rows: int) -> None:
         if self.quiet:
@@ -59,6 +60,11 @@ class RichEvents(compressor.Events):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _safe(text: object) -> str:
+    """User-controlled text for rich: markup escaped, control characters (newlines, escapes) made spaces."""
+    return escape(" ".join("".join(ch if ch.isprintable() else " " for ch in str(text)).split()))
 
 
 def _bytes(n: Optional[float]) -> str:
@@ -91,15 +97,15 @@ def _layers_table(layers: list[LayerRow], title: str) -> Table:
     columns = ["layer", "role", "before", "after", "params before", "params after"]
     if timed is not None:
         columns += ["ms batch 1 (1 thread)", f"ms batch {timed.batch} (2 threads)"]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_safe(title), title_justify="left")
     for col in [*columns, "note"]:
         table.add_column(col, justify="right" if col.startswith(("params", "ms")) else "left")
     for row in layers:
         shape = "x".join(str(t) for t in (row.cost.tokens if row.cost else []))
-        table.add_row(row.name or "(the model)", row.role,
+        table.add_row(_safe(row.name or "(the model)"), _safe(row.role),
                       f"Linear({row.in_features}, {row.out_features})" + (f" on {shape} tokens" if shape else ""),
-                      row.kind or "kept", f"{row.params_before:,}", f"{row.params_after:,}",
-                      *_latency_cells(row, timed is not None), row.reason)
+                      _safe(row.kind or "kept"), f"{row.params_before:,}", f"{row.params_after:,}",
+                      *_latency_cells(row, timed is not None), _safe(row.reason))
     return table
 
 
@@ -140,14 +146,14 @@ def _summary(report: Report) -> Table:
 
 def _lines(prefix: str, lines: list[str], style: str | None = None) -> None:
     for line in lines:
-        out.print(f"{prefix}: {line}", style=style, highlight=False, markup=False)
+        out.print(f"{prefix}: {_safe(line)}", style=style, highlight=False)
 
 
 def print_report(report: Report) -> None:
     out.print(_layers_table(report.layers, f"fixclf report: {report.model} → {report.output}"))
     out.print(_summary(report))
     o = report.onnx
-    out.print(f"ONNX: {o.path} ({_bytes(o.bytes_after)}: stored state {_bytes(o.stored_parameter_bytes)}, shared "
+    out.print(f"ONNX: {_safe(o.path)} ({_bytes(o.bytes_after)}: stored state {_bytes(o.stored_parameter_bytes)}, shared "
               f"transform constants {_bytes(o.constant_bytes)}); max |ONNX - PyTorch| = {o.max_abs_diff:.2e} "
               f"(relative {o.max_rel_diff:.2e})", highlight=False)
     _lines("note", report.notes)
@@ -156,7 +162,7 @@ def print_report(report: Report) -> None:
 
 def print_export(result: ExportResult) -> None:
     for name, written in result.files.items():
-        out.print(f"wrote {written.path} ({_bytes(Path(written.path).stat().st_size)}, {name}); max |ONNX - PyTorch| = "
+        out.print(f"wrote {_safe(written.path)} ({_bytes(written.bytes)}, {name}); max |ONNX - PyTorch| = "
                   f"{written.max_abs_diff:.2e} (relative {written.max_rel_diff:.2e}), top-1 agreement "
                   f"{written.top1_agreement:.1%}", highlight=False)
     _lines("mobile", result.mobile_notes)

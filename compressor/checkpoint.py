@@ -33,6 +33,7 @@ import os
 import pickle
 import pickletools
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -40,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, FixclfError
 from .layers import REGISTRY
 from .references import call_user_code, describe, import_reference
 from .outputs import atomic_file
@@ -58,12 +59,14 @@ __all__ = [
     "compressed_payload",
     "plan_from_records",
     "save_checkpoint",
+    "check_unpacked_size",
 ]
 
 MODEL_FORMAT = "fixclf.model/1"
 COMPRESSED_FORMAT = "fixclf.compressed/1"
 DATA_SUFFIXES = (".npz", ".pt")
 MAX_PLAIN_ITEMS = 10_000
+CHECKPOINT_UNPACK_RATIO = 2
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
                 torch.int32, torch.int64, torch.bool)
 Architecture = str | Callable[..., nn.Module]
@@ -114,6 +117,19 @@ def _unsafe_globals(path: Path) -> list[str]:
     return names
 
 
+def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) -> None:
+    """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
+    times its size (plus 1 MB): torch.save never compresses, so a deflated checkpoint that grows
+    hundreds of times is a zip bomb, not a model."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > max_ratio * path.stat().st_size + (1 << 20):
+        raise error(f"{path} unpacks to {unpacked:,} bytes from {path.stat().st_size:,}: refused as a zip bomb; "
+                    "save it again without compression")
+
+
 def safe_load(path: Path, trust_pickle: bool = False) -> Any:
     """``torch.load`` with weights_only (unless ``trust_pickle``); one-line CheckpointError on failure."""
     if path.is_symlink() and not path.exists():
@@ -124,6 +140,7 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
+    check_unpacked_size(path, CHECKPOINT_UNPACK_RATIO, CheckpointError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -190,10 +207,12 @@ def _bundled_data(path: Path, obj: dict) -> Path | None:
     if not isinstance(ref, str) or not ref:
         raise CheckpointError(f"{path}: field 'data' must be a file name next to the checkpoint; the file is damaged")
     relative = PurePosixPath(ref)
-    if relative.is_absolute() or ".." in relative.parts or relative.suffix not in DATA_SUFFIXES:
+    target = path.parent / relative
+    inside = target.resolve().is_relative_to(path.parent.resolve())
+    if relative.is_absolute() or ".." in relative.parts or relative.suffix not in DATA_SUFFIXES or not inside:
         raise CheckpointError(f"{path} names data {ref!r}: only an .npz/.pt file next to the checkpoint is accepted "
                               "from a file; pass your data with --data instead")
-    return path.parent / relative
+    return target
 
 
 def _factory(stored: str | None, given: Architecture | None, path: Path) -> tuple[str, Callable, bool]:
@@ -245,9 +264,10 @@ def _build(factory: Callable, kwargs: dict, name: str) -> nn.Module:
     return model
 
 
-def _load_state(model: nn.Module, state: dict, source: Path) -> nn.Module:
+def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
+    """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)."""
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
@@ -324,7 +344,8 @@ def plan_from_records(records: Any, model: nn.Module, path: Path) -> list[LayerP
         if not isinstance(record, dict) or set(record) != set(names):
             raise CheckpointError(f"{path}: each plan entry must have exactly the fields {', '.join(names)}")
         entry = LayerPlan(**record)
-        _check_plan_entry(entry, linears.get(entry.name) if isinstance(entry.name, str) else None, path)
+        _check_plan_types(entry, f"{path}: plan entry")
+        _check_plan_entry(entry, linears.get(entry.name), path)
         if entry.name in seen:
             raise CheckpointError(f"{path}: the plan names layer {entry.name!r} twice")
         seen.add(entry.name)
@@ -332,16 +353,22 @@ def plan_from_records(records: Any, model: nn.Module, path: Path) -> list[LayerP
     return plan
 
 
+def _check_plan_types(entry: LayerPlan, where: str) -> None:
+    ints = (entry.in_features, entry.out_features, entry.params_before, entry.params_after)
+    if (not isinstance(entry.name, str) or entry.role not in ("head", "hidden") or not isinstance(entry.reason, str)
+            or not (entry.kind is None or isinstance(entry.kind, str)) or not isinstance(entry.options, dict)
+            or not all(type(v) is int and 0 <= v < 2**63 for v in ints) or len(entry.reason) > 500):
+        raise CheckpointError(f"{where} has malformed fields; the file is damaged")
+
+
 def _check_plan_entry(entry: LayerPlan, linear: nn.Linear | None, path: Path) -> None:
     where = f"{path}: plan entry {str(entry.name)[:60]!r}"
+    _check_plan_types(entry, where)
     if linear is None:
         raise CheckpointError(f"{where} names no Linear layer of the model; the file does not belong to this architecture")
     if (entry.in_features, entry.out_features) != (linear.in_features, linear.out_features):
         raise CheckpointError(f"{where} says Linear({entry.in_features}, {entry.out_features}), the model has "
                               f"Linear({linear.in_features}, {linear.out_features})")
-    if not isinstance(entry.reason, str) or len(entry.reason) > 500 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (entry.params_before, entry.params_after)):
-        raise CheckpointError(f"{where} has malformed counts or reason")
     if entry.kind is None:
         if entry.options != {}:
             raise CheckpointError(f"{where} keeps the layer but carries options")
@@ -372,13 +399,15 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
     name, factory, allow_listed = _factory(obj["arch"], arch, path)
     kwargs = _stored_kwargs(obj, path)
     _check_plain(kwargs, path, "kwargs")
-    if allow_listed:  # check everything on the meta device before allocating anything
+    if allow_listed:  # everything is checked on the meta device; the dense layers a plan replaces are never allocated
         meta = _meta_model(factory, kwargs, path, name)
         plan = plan_from_records(obj.get("plan"), meta, path)
         _compare_shapes(meta, state, path, name, tuple(p.name for p in plan if p.replaced))
-    base = _build(factory, kwargs, name)
-    plan = plan_from_records(obj.get("plan"), base, path)
-    model = _load_state(apply_plan(base, plan), state, path)
+        model = _load_state(apply_plan(meta, plan), state, path, assign=True)
+    else:
+        base = _build(factory, kwargs, name)
+        plan = plan_from_records(obj.get("plan"), base, path)
+        model = _load_state(apply_plan(base, plan), state, path)
     return LoadedModel(model, path, name, kwargs, _bundled_data(path, obj), plan,
                        factory_file=None if allow_listed else _source_file(factory))
 

@@ -166,14 +166,16 @@ def _dedupe_initializers(model: onnx.ModelProto) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporter and ORT's tools log, warn and print a lot; keep fixclf's output clean."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch", "root", "")]
+    """The exporter and ORT's tools log, warn and print a lot (graph dumps on failure); keep fixclf's output
+    clean: their failures still surface, as one-line ExportErrors."""
+    names = ("torch.onnx", "torch", "torch.export", "root", "", "onnxruntime", "ort_format_model", "ort_format_model.utils")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
             try:
                 yield
             finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -24,6 +25,17 @@ __all__ = ["Artifacts", "atomic_file", "check_output_path", "compress_outputs", 
 
 TEMP_PREFIX = ".fixclf-"
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back for a few system calls that must not be split (create + record, renames)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -64,9 +76,10 @@ def _check_target(output: Path, inputs: Iterable[Path], force: bool) -> None:
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist; create it or choose another --output")
     try:  # a real write probe: os.access says yes to root even on read-only file systems
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f"{TEMP_PREFIX}probe-")
-        os.close(fd)
-        os.unlink(probe)
+        with _signals_held():
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=f"{TEMP_PREFIX}probe-")
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to directory {parent} ({exc.strerror}); choose another --output") from exc
 
@@ -94,8 +107,11 @@ class Artifacts:
             check_output_path(path, self.inputs, self.force)
         return self
 
-    def _mkstemp(self, directory: Path, suffix: str) -> Path:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=f".tmp{suffix}")
+    def _mkstemp(self, directory: Path, suffix: str, record: Callable[[Path], None]) -> Path:
+        """A new temporary file, recorded for removal before any signal can interrupt in between."""
+        with _signals_held():
+            fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=f".tmp{suffix}")
+            record(Path(name))
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
@@ -105,15 +121,13 @@ class Artifacts:
     def temp(self, role: str) -> Path:
         """A fresh, uniquely named temporary file beside the output of ``role`` (same suffix)."""
         final = self.paths[role]
-        self._temps[role] = self.guard(lambda: self._mkstemp(final.parent, final.suffix), role)
-        return self._temps[role]
+        return self.guard(lambda: self._mkstemp(final.parent, final.suffix, lambda p: self._temps.__setitem__(role, p)),
+                          role)
 
     def scratch(self, suffix: str) -> Path:
         """A working file beside the first output, never committed, removed with the temporary files."""
         first = next(iter(self.paths.values()))
-        path = self.guard(lambda: self._mkstemp(first.parent, suffix))
-        self._scratch.append(path)
-        return path
+        return self.guard(lambda: self._mkstemp(first.parent, suffix, self._scratch.append))
 
     def guard(self, action: Callable[[], T], role: str | None = None) -> T:
         """Run a write; an OSError (disk full, file-size limit, read-only) becomes one :class:`OutputError`."""
@@ -135,17 +149,23 @@ class Artifacts:
         return self._temps.get(role)
 
     def commit(self) -> list[Path]:
-        """Rename every written temporary file into place; returns the final paths."""
+        """Rename every written temporary file into place, all or none; returns the final paths.
+
+        Ctrl-C / SIGTERM are held back during the renames; one that arrived meanwhile removes the
+        renamed files again before it propagates, so an interrupted command keeps nothing."""
         done: list[Path] = []
         try:
-            for role, tmp in list(self._temps.items()):
-                os.replace(tmp, self.paths[role])
-                done.append(self.paths[role])
-                del self._temps[role]
-        except OSError as exc:
+            with _signals_held():
+                for role, tmp in list(self._temps.items()):
+                    os.replace(tmp, self.paths[role])
+                    done.append(self.paths[role])
+                    del self._temps[role]
+        except BaseException as exc:
             for path in done:
                 path.unlink(missing_ok=True)
-            raise OutputError(f"cannot move the outputs into place ({exc.strerror}); nothing was kept") from exc
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot move the outputs into place ({exc.strerror}); nothing was kept") from exc
+            raise
         return done
 
     def discard(self) -> None:

@@ -13,6 +13,7 @@ file, measured one session at a time with thread spinning off (:mod:`compressor.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -163,11 +164,15 @@ class Report:
         return _build(cls, data, "report")
 
 
-def _check_plain(value, where: str):
+def _check_plain(value, where: str, depth: int = 0):
+    if depth > 4:
+        raise ValueError(f"{where} is nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is not a finite number")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [_check_plain(v, where) for v in value]
+        return [_check_plain(v, where, depth + 1) for v in value]
     raise TypeError(f"{where} holds a {type(value).__name__}")
 
 
@@ -199,8 +204,12 @@ def _convert(hint, value, where: str):
         if value is not None:
             raise TypeError(f"{where} must be empty")
         return None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or abs(value) > 1e300:
+            raise ValueError(f"{where} is not a finite number")
         return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
+        raise ValueError(f"{where} is out of range")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise TypeError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
     return value

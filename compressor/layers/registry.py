@@ -84,15 +84,30 @@ def fit_to_dense(module: nn.Module, dense: nn.Linear, x: torch.Tensor, fit: bool
             schedule.step()
 
 
+MAX_FEATURES = 1 << 20
+"""Widest layer any kind is built for (CaffeNet's widest is 9216): a bound on what a plan read from a
+file can make fixclf allocate."""
+
+
 def _always(in_features: int, out_features: int) -> str:
+    if max(in_features, out_features) > MAX_FEATURES:
+        return f"layers wider than {MAX_FEATURES:,} features are not supported"
     return ""
 
 
 def _hadamard_fits(in_features: int, out_features: int) -> str:
+    if _always(in_features, out_features):
+        return _always(in_features, out_features)
     limit = hadamard_head_limit(in_features)
     if out_features > limit:
         return (f"a Hadamard head on {in_features} features tells at most {limit} classes apart, not {out_features}; "
                 "use --head orthogonal or --head keep")
+    return ""
+
+
+def _orthogonal_fits(in_features: int, out_features: int) -> str:
+    if _always(in_features, out_features) or in_features * out_features > MAX_FEATURES * 64:
+        return f"an orthogonal head stores C x N numbers; {out_features} x {in_features} is too large: use --head hadamard"
     return ""
 
 
@@ -155,7 +170,7 @@ def kinds(role: str) -> tuple[str, ...]:
 register(LayerSpec("hadamard", "head", HadamardHead, "fixed truncated Hadamard head: alpha and bias stored",
                    init_from_dense=init_head_from_dense, unsupported=_hadamard_fits))
 register(LayerSpec("orthogonal", "head", OrthogonalHead, "fixed random orthogonal head (C x N stored buffer)",
-                   init_from_dense=init_head_from_dense))
+                   init_from_dense=init_head_from_dense, unsupported=_orthogonal_fits))
 register(LayerSpec("acdc", "hidden", ACDCStack, "ACDC stack: K x (A, DCT, D, IDCT) with ReLU and permutations",
                    options=(*COMMON_OPTIONS, Option("depth", 2, 1, DEPTH_MAX))))
 register(LayerSpec("fastfood", "hidden", AdaptiveFastfood, "Adaptive Fastfood: S H G Pi H B"))
