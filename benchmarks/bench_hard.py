@@ -54,9 +54,9 @@ def part_curve(samples: list[str]) -> None:
         for epochs in budgets:
             plan = make_plan(loaded.model)
             student = apply_plan(copy.deepcopy(loaded.model), plan)
-            initialise_from_dense(loaded.model, student, plan, data.x_train[:1024])
+            initialise_from_dense(loaded.model, student, plan, data.head("train", 1024)[0])
             distill(student, loaded.model, data, FinetuneOptions(epochs=epochs), replaced_parameters(student, plan))
-            cells.append(f"{100 * evaluate(student, data.x_val, data.y_val):.2f}")
+            cells.append(f"{100 * evaluate(student, data):.2f}")
         print(f"| {sample} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -81,7 +81,7 @@ def part_narrow(samples: list[str], seeds: list[int]) -> None:
             torch.manual_seed(seed)
             student, new = _narrow(sample, loaded.model)
             distill(student, loaded.model, data, FinetuneOptions(), new, seed=seed)
-            cells.append(f"{100 * evaluate(student, data.x_val, data.y_val):.2f}")
+            cells.append(f"{100 * evaluate(student, data):.2f}")
         fc = sum(count_stored(m) for m in student.modules() if isinstance(m, torch.nn.Linear))
         print(f"| {sample} | narrow dense | {fc:,} | " + " | ".join(cells) + " |", flush=True)
 

@@ -17,7 +17,7 @@ from torch import nn
 from common import setup, time_ms
 from compressor.export import export_onnx
 from compressor.layers import ACDCStack, AdaptiveFastfood, HadamardHead
-from compressor.report import measure_latency
+from compressor.runtime import latency
 
 BATCH = 128
 CLASSES = 1000
@@ -37,7 +37,7 @@ def measure(module: nn.Module, n: int, workdir: Path) -> dict:
     backward = time_ms(step)
     path = workdir / "layer.onnx"
     exported = export_onnx(module, x, path)
-    ort = measure_latency(path, x, runs=30)["median"]
+    ort = latency(path, x, runs=30).median
     path.unlink()
     return {"fwd": forward, "fwdbwd": backward, "ort": ort, "bytes": exported.bytes}
 

@@ -75,11 +75,11 @@ def svd_model(original: nn.Module, plan) -> tuple[nn.Module, list[nn.Parameter]]
 
 
 def onnx_figures(model: nn.Module, data, path: Path, quantize: str | None = None) -> dict:
-    result = export_onnx(model, data.x_val[:256], path, quantize=quantize)
+    result = export_onnx(model, data.head("val", 256)[0], path, quantize=quantize)
     if quantize and "onnx-int8" not in result.files:
         return {"note": f"n/a: {result.notes[0]}"}
-    return {"bytes": path.stat().st_size, "accuracy": runtime.accuracy(path, data.x_val, data.y_val),
-            "latency_ms": runtime.latency(path, data.x_val[:BATCH]).median}
+    return {"bytes": path.stat().st_size, "accuracy": runtime.accuracy(path, data.batches("val", 256)),
+            "latency_ms": runtime.latency(path, data.head("val", BATCH)[0]).median}
 
 
 def run(checkpoint: Path, workdir: Path) -> list[dict]:

@@ -43,9 +43,15 @@ def _one_line(text: str) -> str:
     return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
+def _is_rank_zero() -> bool:
+    """Under torchrun only rank 0 prints (results and errors): every process exits with the same code."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 def _error(message: str, code: int) -> int:
     STATE["reported"] = True
-    err.print(f"error: {_one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
+    if _is_rank_zero():
+            err.print(f"error: {_one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
     return code
 
 
@@ -75,6 +81,8 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
         if STATE["debug"]:
             raise
         raise typer.Exit(_exit_code(exc)) from None
+    if result is None:  # a torchrun process other than rank 0
+        return
     if as_json:
         sys.stdout.write(json.dumps(result if isinstance(result, dict) else result.to_dict(), indent=2) + "\n")
     else:
@@ -138,13 +146,22 @@ def compress(
     depth: int = DEPTH,
     init: str = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thesis' near-identity (thesis) or "
                              "are first fitted to the dense layers by least squares (fit)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val) or "
-                                       "package.module:function. Not needed for checkpoints that bundle data (the samples)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val), a "
+                                       "directory of .npy/.npz shards (read lazily), or package.module:function returning "
+                                       "arrays, a Dataset or an IterableDataset. Not needed for checkpoints that bundle "
+                                       "data (the samples)."),
     epochs: int = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
     max_time: Optional[float] = typer.Option(None, "--max-time", help="Fine-tuning time budget in seconds (checked every step)."),
     lr: float = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam)."),
     update_norm_stats: bool = typer.Option(False, "--update-norm-stats", help="Let kept BatchNorm layers update their "
                                            "running statistics during fine-tuning (default: kept as trained)."),
+    batch_size: int = typer.Option(TUNE.batch_size, "--batch-size", help="Fine-tuning batch (global: under torchrun "
+                                   "it is split among the processes, so N processes take the same steps as one)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) "
+                                "and continue from it if it is there; removed once the outputs are written."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="With --resume: also keep the state every N steps."),
+    amp: bool = typer.Option(TUNE.amp, "--amp/--no-amp", help="On CUDA, fine-tune under autocast (bf16 where "
+                             "supported, else fp16 with gradient scaling)."),
     include: Optional[List[str]] = INCLUDE,
     exclude: Optional[List[str]] = EXCLUDE,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx "
@@ -166,8 +183,9 @@ def compress(
     options = lambda: CompressOptions(  # noqa: E731 - built inside the work, where its errors become one line
         source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
         plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective),
-        finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, init=init, device=device,
-                                 update_norm_stats=update_norm_stats),
+        finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, batch_size=batch_size, init=init,
+                                 device=device, update_norm_stats=update_norm_stats, amp=amp, resume=resume,
+                                 save_every=save_every),
         export=ExportOptions(quantize, ort_format, tolerance, latency_batch),
         output=output, seed=seed, force=force,
     )

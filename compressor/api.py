@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -23,10 +24,11 @@ from torch import nn
 from . import runtime
 from .checkpoint import Architecture, LoadedModel, compressed_payload, load_compressed, load_model, read_stored_report
 from .cost import LayerCost, layer_shapes, measure
-from .data import Dataset, check_against_model, load_data
-from .errors import DataError, PlanError, UsageError
+from .data import DataSource, check_against_model, load_data
+from .distributed import World, world_from_environment
+from .errors import DataError, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, to_onnx, validate, write_exports
-from .finetune import EpochStats, FinetuneResult, distill, evaluate, steps_per_epoch
+from .finetune import EpochStats, FinetuneResult, ResumeFile, distill, evaluate, steps_per_epoch
 from .layers import count_stored
 from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs
@@ -75,7 +77,7 @@ def _load(source: SourceOptions) -> LoadedModel:
     return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
 
 
-def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int) -> Dataset:
+def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int) -> DataSource:
     source = spec if spec is not None else loaded.data
     if source is None:
         raise DataError(
@@ -87,7 +89,7 @@ def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int) -> Datase
     return data
 
 
-def _inputs(loaded: LoadedModel, data: Dataset | None) -> list[Path]:
+def _inputs(loaded: LoadedModel, data: DataSource | None) -> list[Path]:
     """Every file a command read: never to be overwritten by its outputs."""
     files = [loaded.path, loaded.data, loaded.factory_file, *(data.files if data else ())]
     return [Path(f) for f in files if f is not None]
@@ -97,14 +99,14 @@ def _rows(plan: list[LayerPlan], costs: dict[str, LayerCost] | None = None) -> l
     return [LayerRow(**asdict(entry), cost=(costs or {}).get(entry.name)) for entry in plan]
 
 
-def _plan(loaded: LoadedModel, data: Dataset | None, options: CompressOptions,
+def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions,
           measure_cost: bool) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
     """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
     find them (always for ``--objective latency``, where slower replacements are then kept dense)."""
     plan = make_plan(loaded.model, options.plan, seed=options.seed)
     if data is None or not (measure_cost or options.plan.objective == "latency"):
         return plan, {}
-    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], data.x_val[:2])
+    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], data.head("val", 2)[0])
     costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
     if options.plan.objective == "latency":
         slower = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
@@ -161,7 +163,7 @@ def _requested_formats(options: ExportOptions) -> dict[str, str]:
     return {"onnx": "onnx"} | ({"onnx-int8": "int8"} if options.quantize else {}) | ({"ort": "ort"} if options.ort_format else {})
 
 
-def _data_reference(data: Dataset, output: Path) -> str | None:
+def _data_reference(data: DataSource, output: Path) -> str | None:
     """The data file, relative to the output's directory when it lies below it (so report and export
     find it again); None otherwise (``fixclf export`` then needs ``--data``)."""
     if len(data.files) != 1 or not data.files[0].is_file() or data.files[0].suffix not in (".npz", ".pt"):
@@ -170,23 +172,27 @@ def _data_reference(data: Dataset, output: Path) -> str | None:
     return None if relative.startswith("..") else Path(relative).as_posix()
 
 
-def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], data: Dataset,
-              options: CompressOptions, events: Events) -> tuple[FinetuneResult, Accuracy | None]:
+def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], data: DataSource,
+              options: CompressOptions, events: Events, world: World,
+              resume: ResumeFile | None) -> tuple[FinetuneResult, Accuracy | None]:
     events.stage("Initialising the structured layers from the dense ones")
-    initialise_from_dense(original, compressed, plan, data.x_train[:CALIBRATION_ROWS], fit=options.finetune.init == "fit")
+    calibration = data.head("train", CALIBRATION_ROWS)[0]
+    initialise_from_dense(original, compressed, plan, calibration, fit=options.finetune.init == "fit")
+    world.check_identical(compressed.state_dict())
     before = after_init = None
-    if data.has_labels:
-        before, after_init = evaluate(original, data.x_val, data.y_val), evaluate(compressed, data.x_val, data.y_val)
-    events.stage("Fine-tuning by distillation from the original")
-    events.finetune_start(options.finetune.epochs, steps_per_epoch(data.x_train.shape[0], options.finetune),
-                          data.x_train.shape[0])
+    if data.has_labels and world.is_main:
+        before, after_init = evaluate(original, data), evaluate(compressed, data)
+    events.stage("Fine-tuning by distillation from the original"
+                 + (f" ({world.size} processes)" if world.distributed else ""))
+    rows = data.training_rows()
+    events.finetune_start(options.finetune.epochs, steps_per_epoch(rows, options.finetune), rows)
     tuned = distill(compressed, original, data, options.finetune, replaced_parameters(compressed, plan),
-                    seed=options.seed, on_step=events.step, on_epoch=events.epoch)
+                    seed=options.seed, world=world, resume=resume, on_step=events.step, on_epoch=events.epoch)
     compressed.cpu()
     original.cpu()
-    if not data.has_labels:
+    if not data.has_labels or not world.is_main:
         return tuned, None
-    return tuned, Accuracy(before, after_init, evaluate(compressed, data.x_val, data.y_val))
+    return tuned, Accuracy(before, after_init, evaluate(compressed, data))
 
 
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
@@ -201,7 +207,7 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
 
 def _export(original: nn.Module, compressed: nn.Module, data: Dataset, options: CompressOptions, artifacts: Artifacts,
             formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, Int8Figures | None]:
-    samples, timing = data.x_val[:VALIDATION_ROWS], data.x_val[: options.export.latency_batch]
+    samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
     original_bytes = to_onnx(original, samples).proto.SerializeToString()
     validate(original_bytes, original, samples, tolerance=options.export.tolerance)
@@ -218,52 +224,89 @@ def _export(original: nn.Module, compressed: nn.Module, data: Dataset, options: 
     if "onnx-int8" in result.files:
         q, q_file = result.files["onnx-int8"], artifacts.written("int8")
         int8 = Int8Figures(q.path, q.bytes, q.top1_agreement,
-                           runtime.accuracy(q_file, data.x_val, data.y_val) if data.has_labels else None,
+                           runtime.accuracy(q_file, data.batches("val", VALIDATION_ROWS)) if data.has_labels else None,
                            runtime.latency(q_file, timing))
     return result, onnx, LatencyPair(before, after, ratio(before.median, after.median)), int8
 
 
-def compress(options: CompressOptions, events: Events | None = None) -> Report:
+def compress(options: CompressOptions, events: Events | None = None) -> Report | None:
     """Compress a checkpoint end to end; returns the report (also stored in the output checkpoint).
 
     Every option and output is checked before any work; nothing is written unless everything
-    succeeds, and then all files are renamed into place together."""
-    events = events or Events()
-    started = time.monotonic()
+    succeeds, and then all files are renamed into place together. Under ``torchrun`` every process
+    calls this; rank 0 writes and returns the report, the others return None
+    (:mod:`compressor.distributed`)."""
     options.validate()
     _check_device(options.finetune.device)
-    events.stage(f"Loading {options.source.checkpoint}")
-    loaded = _load(options.source)
-    if loaded.arch is None:
-        raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
-                         "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming its architecture")
-    data = _data_for(loaded, options.source.data, options.seed)
-    plan, costs = _plan(loaded, data, options, measure_cost=False)
-    if not any(entry.replaced for entry in plan):
-        raise PlanError(NOTHING_FASTER)
-    paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
-                             ort_format=options.export.ort_format)
-    with Artifacts(paths, _inputs(loaded, data), options.force) as artifacts:
-        artifacts.check()
-        original = loaded.model
-        with torch.random.fork_rng():
-            torch.manual_seed(options.seed)
-            compressed = apply_plan(copy.deepcopy(original), plan)
-            formats, notes = choose_formats(compressed, _requested_formats(options.export))
-            tuned, accuracy = _finetune(original, compressed, plan, data, options, events)
-        exported, onnx, latency, int8 = _export(original, compressed, data, options, artifacts, formats, events)
-        report = Report(
-            model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
-            data=DataSummary(data.source, int(data.x_train.shape[0]), int(data.x_val.shape[0]), data.has_labels),
-            params=_params(original, plan), layers=_rows(plan, costs),
-            finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
-                                     round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0),
-            accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
-            notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2))
-        events.stage(f"Saving {paths['checkpoint']}")
-        payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
-        artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))
-        artifacts.commit()
+    world = world_from_environment(options.finetune.device)
+    try:
+        return _compress(options, events if events is not None and world.is_main else Events(), world)
+    finally:
+        world.close()
+
+
+def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource, checkpoint: Path,
+                 world: World) -> ResumeFile | None:
+    """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), and what identifies the run."""
+    if not options.finetune.resume:
+        return None
+    summary = {k: v for k, v in _options_summary(options).items() if k != "max_time"}
+    fingerprint = {"model": str(loaded.path.resolve()), "model_bytes": loaded.path.stat().st_size,
+                   "data": str(data.source), "batch_size": options.finetune.batch_size, "world_size": world.size,
+                   "include": list(options.plan.include), "exclude": list(options.plan.exclude), **summary}
+    return ResumeFile(checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".resume.pt"), fingerprint,
+                      options.finetune.save_every)
+
+
+def _compress(options: CompressOptions, events: Events, world: World) -> Report | None:
+    started = time.monotonic()
+    with world.stage():
+        events.stage(f"Loading {options.source.checkpoint}")
+        loaded = _load(options.source)
+        if loaded.arch is None:
+            raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
+                             "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
+                             "its architecture")
+        data = _data_for(loaded, options.source.data, options.seed)
+        plan, costs = _plan(loaded, data, options, measure_cost=False)
+        if not any(entry.replaced for entry in plan):
+            raise PlanError(NOTHING_FASTER)
+        paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
+                                 ort_format=options.export.ort_format)
+        resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
+        inputs = _inputs(loaded, data)
+        if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
+            raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
+        artifacts = Artifacts(paths, inputs, options.force) if world.is_main else None
+        if artifacts is not None:
+            artifacts.check()
+    with artifacts if artifacts is not None else contextlib.nullcontext():
+        with world.stage():
+            original = loaded.model
+            with torch.random.fork_rng():
+                torch.manual_seed(options.seed)
+                compressed = apply_plan(copy.deepcopy(original), plan)
+                formats, notes = choose_formats(compressed, _requested_formats(options.export))
+                tuned, accuracy = _finetune(original, compressed, plan, data, options, events, world, resume)
+        with world.stage():
+            if not world.is_main:
+                return None
+            exported, onnx, latency, int8 = _export(original, compressed, data, options, artifacts, formats, events)
+            report = Report(
+                model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
+                data=DataSummary(data.source, int(data.training_rows()), int(data.val_rows or 0), data.has_labels),
+                params=_params(original, plan), layers=_rows(plan, costs),
+                finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
+                                         round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
+                                         round(tuned.samples_per_second, 1)),
+                accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
+                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2))
+            events.stage(f"Saving {paths['checkpoint']}")
+            payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
+            artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))
+            artifacts.commit()
+            if resume is not None:
+                resume.path.unlink(missing_ok=True)
     return report
 
 
@@ -308,7 +351,7 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
     with Artifacts(export_outputs(output, ort_format=command.export.ort_format), _inputs(loaded, data),
                    command.force) as artifacts:
         artifacts.check()
-        result = write_exports(loaded.model, data.x_val[:VALIDATION_ROWS], artifacts, formats,
+        result = write_exports(loaded.model, data.head("val", VALIDATION_ROWS)[0], artifacts, formats,
                                tolerance=command.export.tolerance)
         artifacts.commit()
     result.notes = notes + result.notes

@@ -1,83 +1,87 @@
-"""Calibration and fine-tuning data: loading, splitting, validation.
+"""Fine-tuning data: where samples come from, the held-out split, and batches for one or many processes.
 
 ``--data`` accepts
 
-* ``.npz`` or ``.pt`` (read with weights_only) holding ``x`` (N, ...) and optionally ``y`` (N,)
-  integer labels, and optionally a validation split ``x_val`` / ``y_val``;
-* ``package.module:function`` returning such a dict (or a tuple ``(x, y)``).
+* an ``.npz`` or ``.pt`` file (``.pt`` read with weights_only) holding ``x`` (N, ...), optional
+  integer labels ``y`` (N,) and an optional validation split ``x_val`` / ``y_val``: read into memory;
+* a **directory of shards**, read lazily: ``NAME.npy`` files hold ``x`` rows and are memory-mapped,
+  each with optional labels in ``NAME.y.npy``; ``NAME.npz`` files hold ``x`` (and ``y``) and are
+  read one shard at a time. Shards are taken in name order;
+* ``package.module:function`` returning such a dict (or a tuple ``(x, y)``), or a
+  ``torch.utils.data.Dataset`` (read item by item; items ``x`` or ``(x, y)``), or an
+  ``IterableDataset`` (streamed: one pass per epoch; it must be finite and yield the same items in
+  the same order every pass, as a file reader does).
 
-Without a validation split, a deterministic :data:`HOLDOUT_FRACTION` of the rows (seeded
-permutation) is held out for evaluation. Nothing here downloads anything.
+A stream's length (to size the learning-rate schedule) is its ``len()`` when it defines one, else
+counted by one reading pass before training.
+
+Memory bound: arrays from files and functions are held in memory; a shard directory holds one
+``.npz`` shard (``.npy`` shards are paged in by the OS) plus one batch; a ``Dataset`` holds what
+its items hold; an ``IterableDataset`` holds one batch. Calibration (:data:`CALIBRATION_ROWS`),
+ONNX validation and latency rows are the first rows of a split, held in memory.
+
+Held-out rows: the given ``x_val`` split, else a seeded, deterministic :data:`HOLDOUT_FRACTION` of
+the rows (at most :data:`HOLDOUT_MAX`), disjoint from the training rows. For an
+``IterableDataset`` (no random access) item ``i`` is held out when ``i % 5 == seed % 5`` (the
+first :data:`HOLDOUT_MAX` such items). Labels are optional everywhere. Nothing here downloads
+anything.
+
+Batches (:meth:`DataSource.batches`): the training rows are shuffled per epoch (epoch e's order is the
+e-th draw of a generator seeded with ``seed``) (shard directories: shards shuffled, then rows within each shard, so
+one shard is read at a time), cut into *global* batches of ``batch_size`` rows, and each global
+batch is split into ``world`` contiguous chunks, one per process: the processes of a
+``torchrun`` job together see exactly the batches one process would.
 """
 from __future__ import annotations
 
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .references import call_user_code, import_reference, is_reference
+from .checkpoint import check_unpacked_size
 from .errors import DataError, PlanError
+from .references import call_user_code, import_reference, is_reference
 
-__all__ = ["HOLDOUT_FRACTION", "Dataset", "load_data", "check_against_model"]
+__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels"]
 
 HOLDOUT_FRACTION = 0.2
+HOLDOUT_MAX = 10_000
+STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
+NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
+                  torch.int32, torch.int64, torch.bool)
+DATA_UNPACK_RATIO = 200  # a compressed .npz of real data unpacks a few times its size; zeros thousands of times
+LABELS_SUFFIX = ".y.npy"
 
-
-@dataclass
-class Dataset:
-    """Training rows (for fitting and distillation) and held-out rows (for evaluation)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor | None
-    x_val: torch.Tensor
-    y_val: torch.Tensor | None
-    source: str
-    files: tuple[Path, ...] = ()  # what was read (the data file, or the data function's module): never overwritten
-
-    @property
-    def has_labels(self) -> bool:
-        return self.y_train is not None and self.y_val is not None
+Rows = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 def _as_tensor(value, name: str, source: str) -> torch.Tensor:
+    """A dense real tensor backed by its own data (no broadcast views, sparse, quantised or meta tensors)."""
     try:
-        return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+        tensor = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
     except Exception as exc:
-        raise DataError(f"{source}: {name} is not an array ({type(value).__name__})") from exc
+        raise DataError(f"{source}: {name} is not a numeric array ({type(value).__name__} of "
+                        f"{getattr(getattr(value, 'dtype', None), 'name', '?')}); give numbers") from exc
+    if (tensor.layout is not torch.strided or tensor.is_quantized or tensor.device.type != "cpu"
+            or tensor.is_complex() or tensor.dtype not in NUMERIC_DTYPES):
+        raise DataError(f"{source}: {name} is a {tensor.layout} {tensor.dtype} tensor on {tensor.device}; give a dense "
+                        "real array")
+    if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+        raise DataError(f"{source}: {name} is a broadcast view larger than its data; save a real array")
+    return tensor
 
 
-def _read(spec: str) -> tuple[dict, tuple[Path, ...]]:
-    """The arrays ``spec`` names and the files they came from."""
-    if is_reference(spec) and not Path(spec).exists():
-        function = import_reference(spec, "--data", DataError)
-        result = call_user_code(function, {}, f"--data {spec}", DataError)
-        module_file = getattr(sys.modules.get(getattr(function, "__module__", "")), "__file__", None)
-        arrays = dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result
-        return arrays, (Path(module_file),) if module_file else ()
-    return _read_file(Path(spec), spec), (Path(spec),)
-
-
-def _read_file(path: Path, spec: str) -> dict:
-    if not path.is_file():
-        raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y) or module:function")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
-
-
-def _check_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> Rows:
+    """``x`` as finite float32 (N, ...) rows and ``y`` as int64 (N,) class indices."""
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample, got shape {tuple(x.shape)}")
-    if not torch.is_floating_point(x):
-        x = x.float()
+    x = x.float()  # checked after the cast: 1e300 in float64 is infinite in float32
     if not torch.isfinite(x).all():
         raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
     if y is not None:
@@ -87,29 +91,385 @@ def _check_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str)
         if torch.is_floating_point(y) and not (torch.isfinite(y).all() and torch.equal(y, y.round())):
             raise DataError(f"{source}: labels must be integer class indices, not fractions; pass y as integers")
         y = y.long()
-    return x.float(), y
+    return x, y
 
 
-def load_data(spec: str | Path, *, seed: int = 0) -> Dataset:
-    """Read ``spec`` (see module docstring) and split off held-out rows when none are given."""
-    source = str(spec)
-    arrays, files = _read(source)
+def _split_for_rank(rows: int, rank: int, world: int) -> slice:
+    """This process's contiguous chunk of a global batch of ``rows`` rows."""
+    per = -(-rows // world)
+    return slice(min(rows, rank * per), min(rows, (rank + 1) * per))
+
+
+# --- row stores: random access to rows by index --------------------------------------------------------------
+
+
+class _Store:
+    """Rows by index. ``rows``: how many; ``labelled``: whether rows carry labels."""
+
+    rows: int
+    labelled: bool
+
+    def fetch(self, index: torch.Tensor) -> Rows:
+        raise NotImplementedError
+
+    def shuffled(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``index`` in a random order (a store may keep rows that live together close together)."""
+        return index[torch.randperm(index.numel(), generator=generator)]
+
+
+class _ArrayStore(_Store):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        self.x, self.y = x, y
+        self.rows, self.labelled = x.shape[0], y is not None
+
+    def fetch(self, index: torch.Tensor) -> Rows:
+        return self.x[index], None if self.y is None else self.y[index]
+
+
+class _ShardStore(_Store):
+    """A directory of ``.npy`` (memory-mapped) or ``.npz`` (one resident shard) files."""
+
+    def __init__(self, directory: Path, source: str) -> None:
+        self.source = source
+        self.x_files = sorted(p for p in directory.iterdir() if p.suffix in (".npy", ".npz")
+                              and not p.name.endswith(LABELS_SUFFIX))
+        if not self.x_files:
+            raise DataError(f"--data {source}: the directory holds no .npy or .npz shards; put x rows in NAME.npy "
+                            f"(labels in NAME{LABELS_SUFFIX}) or NAME.npz (x, y)")
+        if len({p.suffix for p in self.x_files}) > 1:
+            raise DataError(f"--data {source}: mixes .npy and .npz shards; use one kind")
+        shapes = [self._shape(p) for p in self.x_files]
+        if len({s[1:] for s in shapes}) > 1:
+            raise DataError(f"--data {source}: shards hold rows of different shapes {sorted({s[1:] for s in shapes})}")
+        labelled = [self._has_labels(p) for p in self.x_files]
+        if len(set(labelled)) > 1:
+            raise DataError(f"--data {source}: some shards have labels and some do not; label all or none")
+        self.labelled = labelled[0]
+        self.sizes = torch.tensor([s[0] for s in shapes])
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes
+        self.rows = int(self.sizes.sum())
+        self._resident: tuple[int, Rows] | None = None
+
+    def _shape(self, path: Path) -> tuple[int, ...]:
+        try:
+            if path.suffix == ".npy":
+                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            else:
+                check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+                with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+                    major, _ = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape = read_header(member)[0]
+        except Exception as exc:
+            raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); shards are "
+                            ".npy arrays or .npz files with x (and y)") from exc
+        if len(shape) < 2 or shape[0] == 0:
+            raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)")
+        return tuple(shape)
+
+    def _has_labels(self, path: Path) -> bool:
+        if path.suffix == ".npy":
+            return path.with_name(path.stem + LABELS_SUFFIX).is_file()
+        with zipfile.ZipFile(path) as archive:
+            return "y.npy" in archive.namelist()
+
+    def _shard(self, i: int) -> Rows:
+        """Shard ``i``'s rows (memory-mapped for .npy; the last .npz shard read stays resident)."""
+        if self._resident is not None and self._resident[0] == i:
+            return self._resident[1]
+        path = self.x_files[i]
+        try:
+            if path.suffix == ".npy":
+                x = np.load(path, mmap_mode="r", allow_pickle=False)
+                y = np.load(path.with_name(path.stem + LABELS_SUFFIX), allow_pickle=False) if self.labelled else None
+            else:
+                with np.load(path, allow_pickle=False) as npz:
+                    x, y = npz["x"], (npz["y"] if self.labelled else None)
+        except Exception as exc:
+            raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__})") from exc
+        if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0]):
+            raise DataError(f"--data {self.source}: shard {path.name} has {x.shape[0]} rows but labels of shape {y.shape}")
+        self._resident = (i, (x, y))
+        return x, y
+
+    def fetch(self, index: torch.Tensor) -> Rows:
+        shard_of = torch.searchsorted(self.starts, index, right=True) - 1
+        xs, ys = [], []
+        for shard in shard_of.unique_consecutive().tolist():
+            local = (index[shard_of == shard] - self.starts[shard]).numpy()
+            x, y = self._shard(shard)
+            xs.append(_as_tensor(np.ascontiguousarray(x[local]), "x", self.source))
+            ys.append(None if y is None else _as_tensor(np.asarray(y[local]), "y", self.source))
+        name = self.x_files[int(shard_of[0])].name
+        return _checked_rows(torch.cat(xs), None if ys[0] is None else torch.cat(ys), name, self.source)
+
+    def shuffled(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Shards in a random order, then rows in a random order within each shard."""
+        shard_of = torch.searchsorted(self.starts, index, right=True) - 1
+        parts = []
+        for shard in torch.randperm(len(self.x_files), generator=generator).tolist():
+            rows = index[shard_of == shard]
+            parts.append(rows[torch.randperm(rows.numel(), generator=generator)])
+        return torch.cat(parts)
+
+
+class _ItemStore(_Store):
+    """A map-style ``torch.utils.data.Dataset``: items ``x`` or ``(x, y)``."""
+
+    def __init__(self, dataset, source: str) -> None:
+        self.dataset, self.source = dataset, source
+        try:
+            self.rows = len(dataset)
+        except Exception as exc:
+            raise DataError(f"--data {source}: the Dataset has no usable len() ({type(exc).__name__}); define __len__ "
+                            "or return an IterableDataset") from exc
+        if not isinstance(self.rows, int) or self.rows < 1:
+            raise DataError(f"--data {source}: the Dataset is empty; give it samples")
+        self.labelled = _item_parts(self._item(0), source)[1] is not None
+
+    def _item(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as exc:
+            raise DataError(f"--data {self.source}: reading item {i} failed ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0][:120]})") from exc
+
+    def fetch(self, index: torch.Tensor) -> Rows:
+        return _collate([self._item(i) for i in index.tolist()], self.labelled, self.source)
+
+
+def _item_parts(item, source: str) -> tuple[object, object | None]:
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise DataError(f"--data {source}: items must be x or (x, y), got a {type(item).__name__} of {len(item)}")
+        return item[0], item[1]
+    if isinstance(item, dict):
+        return item.get("x"), item.get("y")
+    return item, None
+
+
+def _collate(items: list, labelled: bool, source: str) -> Rows:
+    """Stack items (``x`` or ``(x, y)``) into checked rows (checked once per batch, not per item)."""
+    parts = [_item_parts(item, source) for item in items]
+    if any((y is not None) != labelled for _, y in parts):
+        raise DataError(f"--data {source}: some items have labels and some do not; give (x, y) for all or x for all")
+    xs = [x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x, _ in parts]
+    if len({x.shape for x in xs}) > 1:
+        raise DataError(f"--data {source}: items have different shapes {sorted({tuple(x.shape) for x in xs})}; "
+                        "give items of one shape")
+    try:
+        x = torch.stack(xs)
+        y = torch.as_tensor([y for _, y in parts]) if labelled else None
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise DataError(f"--data {source}: items are not numeric arrays ({type(exc).__name__}); give numbers") from exc
+    return _checked_rows(_as_tensor(x, "x", source), None if y is None else _as_tensor(y, "y", source), "items", source)
+
+
+# --- the source ------------------------------------------------------------------------------------------------
+
+
+class DataSource:
+    """Training rows and held-out rows of one ``--data`` (see the module docstring).
+
+    ``train_rows`` / ``val_rows`` are None for a stream until one pass has counted them."""
+
+    source: str
+    files: tuple[Path, ...]  # what was read (data file, directory or module): never overwritten
+    has_labels: bool
+    train_rows: int | None
+    val_rows: int | None
+
+    def head(self, split: str, n: int) -> Rows:
+        """The first ``n`` rows (fewer if the split is smaller) of ``split`` ("train" or "val"), in memory."""
+        xs, ys, got = [], [], 0
+        for x, y in self.batches(split, min(n, 4096)):
+            xs.append(x[: n - got])
+            ys.append(None if y is None else y[: n - got])
+            got += xs[-1].shape[0]
+            if got >= n:
+                break
+        return torch.cat(xs), None if ys[0] is None else torch.cat(ys)
+
+    def training_rows(self) -> int:
+        """The number of training rows (a stream of unknown length is counted by one pass)."""
+        return self.train_rows
+
+    def batches(self, split: str, batch_size: int, *, epoch: int | None = None, seed: int = 0, rank: int = 0,
+                world: int = 1, skip: int = 0) -> Iterator[Rows]:
+        """Batches of ``split``. With ``epoch`` the training rows are shuffled for that epoch and each
+        global batch of ``batch_size`` rows is split among ``world`` processes (this is ``rank``'s
+        chunk, possibly empty); ``skip`` global batches are passed over first (resume)."""
+        raise NotImplementedError
+
+
+class _IndexedSource(DataSource):
+    """Rows with random access: in-memory arrays, shard directories, map-style Datasets."""
+
+    def __init__(self, source: str, files: tuple[Path, ...], train: _Store, train_index: torch.Tensor, val: _Store,
+                 val_index: torch.Tensor) -> None:
+        self.source, self.files = source, files
+        self.stores = {"train": (train, train_index), "val": (val, val_index)}
+        self.has_labels = train.labelled and val.labelled
+        self.train_rows, self.val_rows = int(train_index.numel()), int(val_index.numel())
+
+    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0):
+        store, index = self.stores[split]
+        if epoch is not None:
+            index = self._epoch_order(store, index, seed, epoch)
+        for chunk in index.split(batch_size)[skip:]:
+            mine = chunk[_split_for_rank(chunk.numel(), rank, world)] if epoch is not None else chunk
+            x, y = store.fetch(mine) if mine.numel() else self._empty(store)
+            yield x, (y if self.has_labels else None)
+
+    @staticmethod
+    def _epoch_order(store: _Store, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s order: the epoch-th draw of one generator seeded with ``seed`` (replayed, so
+        that a resumed run and every process of a distributed run draw the same order)."""
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epoch - 1):
+            store.shuffled(index, generator)
+        return store.shuffled(index, generator)
+
+    def _empty(self, store: _Store) -> Rows:
+        x, y = store.fetch(torch.zeros(1, dtype=torch.long))
+        return x[:0], None if y is None else y[:0]
+
+
+class _StreamSource(DataSource):
+    """An ``IterableDataset``: item ``i`` is held out when ``i % 5 == seed % 5`` (first HOLDOUT_MAX)."""
+
+    def __init__(self, dataset, source: str, files: tuple[Path, ...], seed: int) -> None:
+        self.dataset, self.source, self.files = dataset, source, files
+        self.offset = seed % STREAM_HOLDOUT_EVERY
+        self.train_rows = self.val_rows = None
+        first = next(self._items(), None)
+        if first is None:
+            raise DataError(f"--data {source}: the IterableDataset yields no items; give it samples")
+        self.labelled = _item_parts(first[1], source)[1] is not None
+        self.has_labels = self.labelled
+
+    def _items(self) -> Iterator[tuple[int, object]]:
+        try:
+            yield from enumerate(self.dataset)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"--data {self.source}: reading the stream failed ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0][:120]})") from exc
+
+    def _split(self, split: str) -> Iterator[object]:
+        held, count = 0, 0
+        for i, item in self._items():
+            is_val = i % STREAM_HOLDOUT_EVERY == self.offset and held < HOLDOUT_MAX
+            held += is_val
+            if is_val == (split == "val"):
+                count += 1
+                yield item
+        if split == "train":
+            self.train_rows = count
+        else:
+            self.val_rows = count
+
+    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0):
+        pending, done = [], 0
+        for item in self._split(split):
+            pending.append(item)
+            if len(pending) == batch_size:
+                done += 1
+                if done > skip:
+                    yield self._chunk(pending, rank, world, epoch is not None)
+                pending = []
+        if pending and done + 1 > skip:
+            yield self._chunk(pending, rank, world, epoch is not None)
+
+    def training_rows(self) -> int:
+        """From the stream's ``len()`` when it has one, else counted by one reading pass."""
+        if self.train_rows is None and _has_len(self.dataset):
+            items = len(self.dataset)
+            self.val_rows = min(HOLDOUT_MAX, len(range(self.offset, items, STREAM_HOLDOUT_EVERY)))
+            self.train_rows = items - self.val_rows
+        if self.train_rows is None:
+            for _ in self._split("train"):
+                pass
+        return self.train_rows
+
+    def _chunk(self, items: list, rank: int, world: int, distributed: bool) -> Rows:
+        mine = items[_split_for_rank(len(items), rank, world)] if distributed else items
+        x, y = _collate(mine or items[:1], self.labelled, self.source)
+        return (x, y) if mine else (x[:0], None if y is None else y[:0])
+
+
+def _has_len(dataset) -> bool:
+    try:
+        return isinstance(len(dataset), int)
+    except TypeError:
+        return False
+
+
+def _holdout(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, disjoint (train, val) row indices, each in ascending order."""
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    n_val = min(HOLDOUT_MAX, max(1, int(round(HOLDOUT_FRACTION * rows))))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _from_store(store: _Store, source: str, files: tuple[Path, ...], seed: int) -> _IndexedSource:
+    if store.rows < 2:
+        raise DataError(f"{source}: need at least 2 samples to hold some out for evaluation")
+    train, val = _holdout(store.rows, seed)
+    return _IndexedSource(source, files, store, train, store, val)
+
+
+def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _IndexedSource:
     if not isinstance(arrays, dict) or "x" not in arrays:
         raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val')")
     x = _as_tensor(arrays["x"], "x", source)
     y = _as_tensor(arrays["y"], "y", source) if arrays.get("y") is not None else None
-    x, y = _check_rows(x, y, "x", source)
-    if arrays.get("x_val") is not None:
-        x_val = _as_tensor(arrays["x_val"], "x_val", source)
-        y_val = _as_tensor(arrays["y_val"], "y_val", source) if arrays.get("y_val") is not None else None
-        x_val, y_val = _check_rows(x_val, y_val, "x_val", source)
-        return Dataset(x, y, x_val, y_val, source, files)
-    if x.shape[0] < 2:
-        raise DataError(f"{source}: need at least 2 samples to hold some out for evaluation")
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(HOLDOUT_FRACTION * x.shape[0])))
-    val, train = order[:n_val], order[n_val:]
-    return Dataset(x[train], y[train] if y is not None else None, x[val], y[val] if y is not None else None, source, files)
+    train = _ArrayStore(*_checked_rows(x, y, "x", source))
+    if arrays.get("x_val") is None:
+        return _from_store(train, source, files, seed)
+    x_val = _as_tensor(arrays["x_val"], "x_val", source)
+    y_val = _as_tensor(arrays["y_val"], "y_val", source) if arrays.get("y_val") is not None else None
+    val = _ArrayStore(*_checked_rows(x_val, y_val, "x_val", source))
+    if val.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(f"{source}: x_val rows have shape {tuple(val.x.shape[1:])}, x rows {tuple(train.x.shape[1:])}")
+    if train.labelled != val.labelled:
+        raise DataError(f"{source}: labels are given for only one of x and x_val; give both y and y_val, or neither")
+    return _IndexedSource(source, files, train, torch.arange(train.rows), val, torch.arange(val.rows))
+
+
+def _read_file(path: Path, spec: str) -> dict:
+    check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+    if not path.is_file():
+        raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y), a directory of shards or "
+                        "module:function")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
+
+
+def load_data(spec: str | Path, *, seed: int = 0) -> DataSource:
+    """The data ``spec`` names (see the module docstring), split into training and held-out rows."""
+    source = str(spec)
+    path = Path(source)
+    if path.is_dir():
+        return _from_store(_ShardStore(path, source), source, (path,), seed)
+    if not (is_reference(source) and not path.exists()):
+        return _from_arrays(_read_file(path, source), source, (path,), seed)
+    function = import_reference(source, "--data", DataError)
+    result = call_user_code(function, {}, f"--data {source}", DataError)
+    module_file = getattr(sys.modules.get(getattr(function, "__module__", "")), "__file__", None)
+    files = (Path(module_file),) if module_file else ()
+    if isinstance(result, torch.utils.data.IterableDataset):
+        return _StreamSource(result, source, files, seed)
+    if isinstance(result, torch.utils.data.Dataset):
+        return _from_store(_ItemStore(result, source), source, files, seed)
+    return _from_arrays(dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result, source, files, seed)
 
 
 def _describe(value) -> str:
@@ -118,16 +478,26 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def check_labels(y: torch.Tensor | None, classes: int, source: str) -> None:
+    """Labels must index the model's ``classes`` outputs."""
+    if y is not None and y.numel() and (y.min() < 0 or y.max() >= classes):
+        raise DataError(f"{source}: labels range over [{int(y.min())}, {int(y.max())}] but the model has {classes} classes "
+                        f"(labels must be in [0, {classes})); check the labels")
+
+
 @torch.no_grad()
-def check_against_model(data: Dataset, model: nn.Module) -> int:
-    """Check the data fits the model before any work; returns the number of classes C."""
-    if data.x_val.shape[1:] != data.x_train.shape[1:]:
-        raise DataError(f"{data.source}: x_val rows have shape {tuple(data.x_val.shape[1:])}, x rows {tuple(data.x_train.shape[1:])}")
+def check_against_model(data: DataSource, model: nn.Module) -> int:
+    """Check the data fits the model before any work; returns the number of classes C. Labels held
+    in memory are all checked here; streamed labels are checked batch by batch as they come."""
+    x, _ = data.head("train", 2)
+    val_x, _ = data.head("val", 1)
+    if val_x.shape[1:] != x.shape[1:]:
+        raise DataError(f"{data.source}: held-out rows have shape {tuple(val_x.shape[1:])}, training rows {tuple(x.shape[1:])}")
     try:
-        logits = model(data.x_train[:2])
+        logits = model(x)
     except (Exception, SystemExit) as exc:
         raise DataError(
-            f"{data.source}: samples of shape {tuple(data.x_train.shape[1:])} do not fit the model "
+            f"{data.source}: samples of shape {tuple(x.shape[1:])} do not fit the model "
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}); check --data"
         ) from exc
     if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
@@ -137,10 +507,8 @@ def check_against_model(data: Dataset, model: nn.Module) -> int:
         raise DataError(f"{data.source}: labels need a model returning (batch, classes) logits, this one returns shape "
                         f"{tuple(logits.shape)}; drop y (distillation alone needs no labels) or pool the outputs")
     classes = logits.shape[-1]
-    for labels in (data.y_train, data.y_val):
-        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-            raise DataError(
-                f"{data.source}: labels range over [{int(labels.min())}, {int(labels.max())}] but the model has "
-                f"{classes} classes (labels must be in [0, {classes})); check the labels"
-            )
+    if isinstance(data, _IndexedSource):
+        for store, _ in data.stores.values():
+            if isinstance(store, _ArrayStore):
+                check_labels(store.y, classes, data.source)
     return classes

@@ -1,8 +1,8 @@
 """Brief fine-tuning by distillation from the original model, and evaluation.
 
-Loss per batch (Hinton et al. distillation; T the temperature)::
+Loss per global batch B of rows (Hinton et al. distillation; T the temperature)::
 
-    L = T^2 * KL(softmax(teacher / T) || softmax(student / T))  [+ cross-entropy(student, y) if labels]
+    L = 1/|B| * sum_{i in B} [ T^2 * KL(softmax(teacher_i / T) || softmax(student_i / T))  (+ CE(student_i, y_i) with labels) ]
 
 Optimiser: Adam, no weight decay (the thesis applies none to ACDC's A and D; the paper keeps
 alpha out of it), cosine learning-rate decay over the budget. The parameters of the layers the
@@ -12,10 +12,23 @@ does not undo them. Kept normalisation layers (BatchNorm and other running-stati
 stay in eval mode, so their running statistics are never overwritten by the fine-tuning data;
 ``update_norm_stats=True`` lets them update as in ordinary training.
 
+Distributed (:mod:`compressor.distributed`): each process computes its chunk of the global batch
+and its loss is scaled by ``world / |B|`` so that DDP's gradient average equals the gradient of L
+above: N processes take the same steps as one process would (up to float summation order).
+After every step's forward pass the processes agree (one all-reduce) on the rows, the loss sum and
+whether any failed, ran out of data or reached ``max_time``; only rank 0 evaluates.
+
+On CUDA the forward passes run under autocast (bf16 where the GPU supports it, else fp16 with
+gradient scaling) unless ``amp`` is off; parameters and optimiser state stay float32.
+
 The run stops at ``epochs`` or after ``max_time`` seconds (checked after every step), whichever
 comes first. The held-out score (accuracy with labels, else the negative distillation loss) is
 reported per epoch but never used to pick a state: it is the figure the report quotes, so
 selecting on it would overstate accuracy.
+
+Resume (:class:`ResumeFile`): the student, optimiser, scheduler, gradient scaler, RNG state and
+history are written atomically at the end of every epoch (and every ``save_every`` steps); a run
+given the same file continues from there and ends in the same state as an uninterrupted run.
 
 Guards: a non-finite loss stops the run, restores the last finite state (end of the last
 complete epoch, or the initialisation) and raises :class:`TrainingError`; Ctrl-C does the same
@@ -26,20 +39,26 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
-from .errors import Interrupted, TrainingError
+from .data import DataSource, check_labels
+from .distributed import World
+from .errors import DataError, Interrupted, TrainingError, UsageError
 from .options import FinetuneOptions
 
-__all__ = ["EpochStats", "FinetuneResult", "evaluate", "distill", "steps_per_epoch", "freeze_norm_statistics"]
+__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "evaluate", "distill", "steps_per_epoch",
+           "freeze_norm_statistics"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+EVAL_BATCH = 512
+RESUME_FORMAT = "fixclf.resume/1"
 
 
 @dataclass
@@ -55,35 +74,66 @@ class FinetuneResult:
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
     stopped_by: str = "epochs"
+    samples_per_second: float = 0.0
+    resumed_from: int | None = None  # the global step the run continued from
+
+
+@dataclass
+class ResumeFile:
+    """Where the fine-tune state is kept, and what must match to continue from it.
+
+    ``fingerprint``: plain values describing the run (options, model, data); a state written by a
+    run with another fingerprint is refused rather than silently mixed in."""
+
+    path: Path
+    fingerprint: dict
+    save_every: int | None = None
 
 
 def steps_per_epoch(rows: int, options: FinetuneOptions) -> int:
     return math.ceil(rows / options.batch_size)
 
 
+def _autocast(device: str, enabled: bool):
+    if not (enabled and device.startswith("cuda")):
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512, device: str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on (x, y)."""
+def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
+             device: str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on the held-out rows of a :class:`DataSource`, or on rows ``data`` with labels ``y``."""
     model.eval()
-    correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start : start + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == y[start : start + batch_size]).sum())
-    return correct / max(1, x.shape[0])
+    source = data.source if isinstance(data, DataSource) else "labels"
+    batches = data.batches("val", EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
+    correct = rows = 0
+    for x, labels in batches:
+        for start in range(0, x.shape[0], EVAL_BATCH):
+            logits = model(x[start:start + EVAL_BATCH].to(device))
+            part = labels[start:start + EVAL_BATCH]
+            check_labels(part, logits.shape[-1], source)
+            correct += int((logits.argmax(-1).cpu() == part).sum())
+            rows += part.shape[0]
+    return correct / max(1, rows)
 
 
-def _kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,
-                    reduction="batchmean") * t * t
+def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) summed over rows (and over token positions, as batchmean does)."""
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    log_target=True, reduction="sum") * t * t
 
 
 @torch.no_grad()
-def _score(student: nn.Module, teacher: nn.Module, data: Dataset, options: FinetuneOptions) -> float:
+def _score(student: nn.Module, teacher: nn.Module, data: DataSource, options: FinetuneOptions, device: str) -> float:
     if data.has_labels:
-        return evaluate(student, data.x_val, data.y_val, device=options.device)
+        return evaluate(student, data, device=device)
     student.eval()
-    x = data.x_val.to(options.device)
-    return -float(_kd(student(x), teacher(x), options.temperature))
+    total = rows = 0.0
+    for x, _ in data.batches("val", EVAL_BATCH):
+        x = x.to(device)
+        total, rows = total + float(_kd_sum(student(x), teacher(x), options.temperature)), rows + x.shape[0]
+    return -total / max(1, rows)
 
 
 def _param_groups(student: nn.Module, new: list[nn.Parameter], options: FinetuneOptions) -> list[dict]:
@@ -109,80 +159,203 @@ def _diverged(epoch: int) -> TrainingError:
                          f"after epoch {epoch - 1} and wrote nothing; lower --lr")
 
 
-def _train_epoch(student, teacher, data, options, optimiser, scheduler, order, epoch, on_step, deadline) -> tuple[float, int, bool]:
-    """One pass over ``order``; returns (mean loss, steps run, deadline reached)."""
-    total, steps = 0.0, 0
-    for idx in order.split(options.batch_size):
-        x = data.x_train[idx].to(options.device)
-        with torch.no_grad():
-            target = teacher(x)
-        logits = student(x)
-        loss = _kd(logits, target, options.temperature)
-        if data.y_train is not None:
-            loss = loss + F.cross_entropy(logits, data.y_train[idx].to(options.device))
-        value = loss.detach().item()
-        if not math.isfinite(value):
-            raise _diverged(epoch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        scheduler.step()
-        total, steps = total + value, steps + 1
-        if on_step:
-            on_step(epoch, steps, value)
-        if deadline is not None and time.monotonic() >= deadline:
-            return total / steps, steps, True
-    return total / max(1, steps), steps, False
+class _Run:
+    """The state of one fine-tune: model, optimiser, schedule, position, history."""
+
+    def __init__(self, student, teacher, data, options, new_parameters, seed, world, resume, on_step, on_epoch):
+        self.student, self.teacher, self.data, self.options = student, teacher, data, options
+        self.seed, self.world, self.resume, self.on_step, self.on_epoch = seed, world, resume, on_step, on_epoch
+        self.device = world.device(options.device)
+        self.epoch_steps = steps_per_epoch(data.training_rows(), options)
+        self.optimiser = torch.optim.Adam(_param_groups(student, new_parameters, options), weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, max(1, options.epochs * self.epoch_steps))
+        fp16 = self.device.startswith("cuda") and options.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.trainer = student
+        if world.distributed:
+            ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            # buffers are constants or frozen statistics: no broadcast, so a forward pass holds no collective
+            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+        self.result = FinetuneResult()
+        self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
+
+    # --- resume ---------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"format": RESUME_FORMAT, "fingerprint": self.resume.fingerprint, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "steps": self.result.steps, "samples": self.samples,
+                "seconds": self.seconds, "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(), "history": [asdict(e) for e in self.result.epochs]}
+
+    def save(self) -> None:
+        if self.resume is None or not self.world.is_main:
+            return
+        from .outputs import atomic_file
+
+        state = self.state()
+        with atomic_file(self.resume.path) as tmp:
+            torch.save(state, tmp)
+
+    def restore(self) -> None:
+        if self.resume is None or not self.resume.path.is_file():
+            return
+        path = self.resume.path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"{path}: the resume state cannot be read ({type(exc).__name__}); delete it to start over") from exc
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            raise UsageError(f"{path} is not a fixclf resume state; delete it or choose another --output")
+        if state.get("fingerprint") != self.resume.fingerprint:
+            changed = sorted(k for k in {**self.resume.fingerprint, **(state.get("fingerprint") or {})}
+                             if (state.get("fingerprint") or {}).get(k) != self.resume.fingerprint.get(k))
+            raise UsageError(f"{path} was written by a run with other settings ({', '.join(changed)}); run with the "
+                             "same settings, or delete it to start over")
+        try:
+            self.student.load_state_dict(state["student"])
+            self.optimiser.load_state_dict(state["optimiser"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+            self.result.steps, self.samples = int(state["steps"]), int(state["samples"])
+            self.seconds = float(state["seconds"])
+            self.result.epochs = [EpochStats(**e) for e in state["history"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"{path}: the resume state does not fit this run ({type(exc).__name__}); delete it to "
+                             "start over") from exc
+        self.result.resumed_from = self.result.steps
+
+    # --- one step -------------------------------------------------------------------------------------------
+
+    def _forward(self, batch) -> tuple[torch.Tensor, float]:
+        """This process's loss sum (not yet scaled) and its row count."""
+        x, y = batch
+        x = x.to(self.device)
+        with _autocast(self.device, self.options.amp):
+            with torch.no_grad():
+                target = self.teacher(x)
+            logits = self.trainer(x)
+        loss = _kd_sum(logits, target, self.options.temperature)
+        if y is not None:
+            check_labels(y, logits.shape[-1], self.data.source)
+            loss = loss + F.cross_entropy(logits.float(), y.to(self.device), reduction="sum")
+        return loss, x.shape[0]
+
+    def step(self, batches: Iterator, deadline: float | None) -> tuple[bool, bool]:
+        """One step on the next of ``batches`` (None: this process has run out); returns (epoch over, time up).
+
+        Reading the batch and the forward pass may fail on one process only: the sync that follows
+        them (before any gradient all-reduce) tells every process."""
+        loss, rows, failure, batch = None, 0, None, None
+        try:
+            batch = next(batches)
+            if batch is not None:
+                loss, rows = self._forward(batch)
+        except DataError as exc:
+            failure = exc
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            failure = DataError(f"{self.data.source}: a batch failed in the model ({type(exc).__name__}: "
+                                f"{(str(exc).splitlines() or [''])[0][:150]})")
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        mine = [float(rows), float(loss.detach()) if loss is not None else 0.0, float(batch is None), float(timed_out)]
+        total_rows, loss_sum, exhausted, time_up = [sum(c) for c in zip(*self.world.sync(mine, failure))]
+        if exhausted:
+            return True, bool(time_up)
+        if not math.isfinite(loss_sum):
+            raise _diverged(self.epoch)
+        self.optimiser.zero_grad()
+        self.scaler.scale(loss * (self.world.size / total_rows)).backward()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        self.scheduler.step()
+        self.result.steps += 1
+        self.step_in_epoch += 1
+        self.samples += int(total_rows)
+        if self.on_step and self.world.is_main:
+            self.on_step(self.epoch, self.step_in_epoch, loss_sum / total_rows)
+        self.epoch_loss += loss_sum
+        self.epoch_rows += total_rows
+        return False, bool(time_up)
+
+    def _batches(self) -> Iterator:
+        yield from self.data.batches("train", self.options.batch_size, epoch=self.epoch, seed=self.seed,
+                                     rank=self.world.rank, world=self.world.size, skip=self.step_in_epoch)
+        while True:
+            yield None
+
+    def run_epoch(self, deadline: float | None) -> bool:
+        """Train until the epoch's data ends; returns True when the time budget ran out."""
+        self.student.train()
+        if not self.options.update_norm_stats:
+            freeze_norm_statistics(self.student)
+        self.epoch_loss = self.epoch_rows = 0.0
+        since_save = 0
+        batches = self._batches()
+        while True:
+            over, time_up = self.step(batches, deadline)
+            if over or time_up:
+                return time_up
+            since_save += 1
+            if self.resume is not None and self.resume.save_every and since_save >= self.resume.save_every:
+                self.save()
+                since_save = 0
+        return False
 
 
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    data: Dataset,
+    data: DataSource,
     options: FinetuneOptions,
     new_parameters: list[nn.Parameter],
     *,
     seed: int = 0,
+    world: World | None = None,
+    resume: ResumeFile | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``student`` in place towards ``teacher`` on ``data.x_train``; returns the history.
+    """Fine-tune ``student`` in place towards ``teacher`` on ``data``'s training rows; returns the history.
 
-    ``new_parameters``: the replaced layers' parameters (full ``lr``). ``on_step(epoch, step,
-    loss)`` and ``on_epoch(stats)`` report progress (the CLI draws it).
-    """
-    student.to(options.device)
-    teacher.to(options.device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    n = data.x_train.shape[0]
-    optimiser = torch.optim.Adam(_param_groups(student, new_parameters, options), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, options.epochs * steps_per_epoch(n, options)))
-    result = FinetuneResult()
+    ``new_parameters``: the replaced layers' parameters (full ``lr``). ``world``: this process's
+    place in a torchrun job (default: alone). ``resume``: keep and continue from a resume state.
+    ``on_step(epoch, step, loss)`` and ``on_epoch(stats)`` report progress on rank 0 (the CLI draws it)."""
+    world = world or World()
+    device = world.device(options.device)
+    student.to(device)
+    teacher.to(device).eval()
+    with world.stage():  # every process has counted its data before DDP's first collective
+        data.training_rows()
+    run = _Run(student, teacher, data, options, new_parameters, seed, world, resume, on_step, on_epoch)
+    run.restore()
     last_good = copy.deepcopy(student.state_dict())
-    start = time.monotonic()
-    deadline = start + options.max_time if options.max_time is not None else None
+    start = time.monotonic() - run.seconds
+    deadline = time.monotonic() + options.max_time if options.max_time is not None else None
     try:
-        for epoch in range(1, options.epochs + 1):
-            student.train()
-            if not options.update_norm_stats:
-                freeze_norm_statistics(student)
-            order = torch.randperm(n, generator=generator)
-            loss, steps, timed_out = _train_epoch(student, teacher, data, options, optimiser, scheduler, order, epoch,
-                                                  on_step, deadline)
-            result.steps += steps
-            stats = EpochStats(epoch, loss, _score(student, teacher, data, options), time.monotonic() - start)
-            result.epochs.append(stats)
-            if on_epoch:
+        while run.epoch <= options.epochs:
+            time_up = run.run_epoch(deadline)
+            run.seconds = time.monotonic() - start
+            score = _score(student, teacher, data, options, device) if world.is_main else float("nan")
+            stats = EpochStats(run.epoch, run.epoch_loss / max(1.0, run.epoch_rows), score, run.seconds)
+            run.result.epochs.append(stats)
+            if on_epoch and world.is_main:
                 on_epoch(stats)
             last_good = copy.deepcopy(student.state_dict())
-            if timed_out:
-                result.stopped_by = "max_time"
+            run.epoch, run.step_in_epoch = run.epoch + 1, 0
+            run.save()
+            if time_up:
+                run.result.stopped_by = "max_time"
                 break
     except TrainingError:
         student.load_state_dict(last_good)
         raise
     except KeyboardInterrupt as exc:
         student.load_state_dict(last_good)
-        raise Interrupted("interrupted during fine-tuning; nothing was written") from exc
+        kept = f"; the fine-tune state is kept in {resume.path}: rerun with --resume to continue" if (
+            resume is not None and resume.path.is_file()) else ""
+        raise Interrupted(f"interrupted during fine-tuning; nothing was written{kept}") from exc
+    run.result.samples_per_second = run.samples / max(1e-9, run.seconds)
     student.eval()
-    return result
+    return run.result

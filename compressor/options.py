@@ -123,17 +123,24 @@ class FinetuneOptions:
     init: str = "thesis"
     device: str = "cpu"
     update_norm_stats: bool = False  # kept BatchNorm layers keep their running statistics unless True
+    amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16 with gradient scaling)
+    resume: bool = False  # keep a resume state beside the output and continue from it if one is there
+    save_every: int | None = None  # steps between resume states (besides every epoch end)
 
     def validate(self) -> None:
         _int_range("--epochs", self.epochs, 1, 1_000_000)
         _positive_finite("--max-time", self.max_time, optional=True)
         _positive_finite("--lr", self.lr)
-        _int_range("batch size", self.batch_size, 1, 1 << 20)
+        _int_range("--batch-size", self.batch_size, 1, 1 << 20)
         _positive_finite("temperature", self.temperature)
         _positive_finite("kept-layer learning-rate scale", self.kept_lr_scale)
         _choice("--init", self.init, HIDDEN_INITS)
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise UsageError(f"--device {self.device!r} is not cpu, cuda or cuda:N")
+        if self.save_every is not None:
+            _int_range("--save-every", self.save_every, 1, 1 << 40)
+            if not self.resume:
+                raise UsageError("--save-every keeps a resume state: pass --resume too")
 
 
 @dataclass

@@ -120,6 +120,7 @@ class FinetuneSummary:
     stopped_by: str
     seconds: float
     world_size: int = 1
+    samples_per_second: float = 0.0
 
 
 @dataclass

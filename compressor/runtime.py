@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -70,11 +71,11 @@ def latency(model: str | Path | bytes, sample: torch.Tensor, *, threads: int = 2
     return Latency(float(np.median(times)), float(np.percentile(times, 90)), int(sample.shape[0]), threads, runs)
 
 
-def accuracy(model: str | Path | bytes, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy of an exported classifier on (x, y)."""
+def accuracy(model: str | Path | bytes, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy of an exported classifier over labelled batches ``(x, y)``."""
     sess = session(model)
-    correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        logits = run(sess, x[start:start + batch_size])
-        correct += int((torch.from_numpy(logits).argmax(-1) == y[start:start + batch_size]).sum())
-    return correct / max(1, x.shape[0])
+    correct = rows = 0
+    for x, y in batches:
+        correct += int((torch.from_numpy(run(sess, x)).argmax(-1) == y).sum())
+        rows += y.shape[0]
+    return correct / max(1, rows)

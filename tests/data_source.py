@@ -1,5 +1,9 @@
-"""A ``module:function`` data source for tests (``--data data_source:digits``)."""
+"""``module:function`` data sources for tests (``--data data_source:digits`` and friends)."""
+import os
+
 import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
 
 from conftest import SAMPLES
 
@@ -7,3 +11,71 @@ from conftest import SAMPLES
 def digits():
     arrays = np.load(SAMPLES / "digits.npz")
     return {"x": arrays["x"], "y": arrays["y"]}
+
+
+class DigitItems(Dataset):
+    """The digits rows as a map-style Dataset of (x, y) items."""
+
+    def __init__(self):
+        arrays = np.load(SAMPLES / "digits.npz")
+        self.x, self.y = arrays["x"], arrays["y"]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.x[i]), int(self.y[i])
+
+
+class DigitStream(IterableDataset):
+    """The digits rows as a stream of (x, y) items."""
+
+    def __iter__(self):
+        items = DigitItems()
+        for i in range(len(items)):
+            yield items[i]
+
+
+def items():
+    return DigitItems()
+
+
+def stream():
+    return DigitStream()
+
+
+class BadOnRankOne(IterableDataset):
+    """Good rows, except that the process of rank 1 of a torchrun job meets a broken item."""
+
+    def __iter__(self):
+        items = DigitItems()
+        for i in range(len(items)):
+            if i == 700 and os.environ.get("RANK") == "1":
+                raise ValueError("corrupt record 700")
+            yield items[i]
+
+
+def bad_on_rank_one():
+    return BadOnRankOne()
+
+
+WIDE = 8192  # features of the wide model: few items make many bytes
+
+
+def wide_mlp():
+    """An 8192 -> 32 -> 10 MLP (``--arch data_source:wide_mlp``)."""
+    return torch.nn.Sequential(torch.nn.Linear(WIDE, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+class WideStream(IterableDataset):
+    """FIXCLF_TEST_ROWS rows of WIDE features made on the fly in blocks (seeded: every pass is the same)."""
+
+    def __iter__(self):
+        rows, block = int(os.environ["FIXCLF_TEST_ROWS"]), 256
+        generator = torch.Generator().manual_seed(0)
+        for start in range(0, rows, block):
+            yield from torch.rand(min(block, rows - start), WIDE, generator=generator)
+
+
+def wide_stream():
+    return WideStream()

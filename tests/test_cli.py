@@ -59,7 +59,7 @@ def test_compressed_checkpoint_reloads_weights_only_with_same_logits(compressed_
     raw = torch.load(out / "mlp.fixclf.pt", weights_only=True)
     assert raw["format"] == "fixclf.compressed/1"
     model = load_compressed_model(out / "mlp.fixclf.pt")
-    x = load_data(SAMPLES / "digits.npz").x_val[:64]
+    x = load_data(SAMPLES / "digits.npz").head("val", 64)[0]
     again = load_compressed_model(out / "mlp.fixclf.pt", arch="compressor.zoo:mlp")
     assert torch.equal(model(x), again(x))
     session = ort.InferenceSession(str(out / "mlp.fixclf.onnx"), providers=["CPUExecutionProvider"])

@@ -1,4 +1,5 @@
-"""Data sources: .npz, .pt, module:function; deterministic hold-out; validation against the model."""
+"""Data sources: files, shard directories, Datasets, streams; deterministic disjoint hold-out;
+batches split among processes exactly as one process would see them; validation against the model."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,27 +12,80 @@ from compressor.errors import DataError
 from conftest import SAMPLES
 
 
+def _all(data, split):
+    xs, ys = zip(*data.batches(split, 100))
+    return torch.cat(xs), torch.cat(ys) if ys[0] is not None else None
+
+
 def test_npz_with_validation_split_is_used_as_given():
     data = load_data(SAMPLES / "digits.npz")
     raw = np.load(SAMPLES / "digits.npz")
-    assert torch.equal(data.x_val, torch.from_numpy(raw["x_val"])) and data.has_labels
+    x_val, y_val = _all(data, "val")
+    assert torch.equal(x_val, torch.from_numpy(raw["x_val"])) and torch.equal(y_val, torch.from_numpy(raw["y_val"]))
+    assert data.has_labels and data.train_rows == len(raw["x"]) and data.val_rows == len(raw["x_val"])
 
 
 def test_module_function_and_pt_sources_hold_out_deterministically(tmp_path):
     a = load_data("data_source:digits", seed=3)
     b = load_data("data_source:digits", seed=3)
-    assert torch.equal(a.x_val, b.x_val)
-    n = a.x_train.shape[0] + a.x_val.shape[0]
-    assert a.x_val.shape[0] == round(HOLDOUT_FRACTION * n)
-    torch.save({"x": a.x_train, "y": a.y_train}, tmp_path / "d.pt")
+    assert torch.equal(_all(a, "val")[0], _all(b, "val")[0])
+    n = a.train_rows + a.val_rows
+    assert a.val_rows == round(HOLDOUT_FRACTION * n)
+    x_train, y_train = _all(a, "train")
+    torch.save({"x": x_train, "y": y_train}, tmp_path / "d.pt")
     c = load_data(tmp_path / "d.pt")
-    assert c.x_train.shape[0] + c.x_val.shape[0] == a.x_train.shape[0]
+    assert c.train_rows + c.val_rows == a.train_rows
+
+
+def _rows_as_set(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x}
+
+
+@pytest.mark.parametrize("spec", ["data_source:items", "data_source:stream", "shards-npy", "shards-npz"])
+def test_every_source_kind_gives_disjoint_complete_splits(tmp_path, spec):
+    raw = np.load(SAMPLES / "digits.npz")
+    if spec.startswith("shards"):
+        for i, part in enumerate(np.array_split(np.arange(len(raw["x"])), 5)):
+            if spec == "shards-npy":
+                np.save(tmp_path / f"part{i}.npy", raw["x"][part])
+                np.save(tmp_path / f"part{i}.y.npy", raw["y"][part])
+            else:
+                np.savez(tmp_path / f"part{i}.npz", x=raw["x"][part], y=raw["y"][part])
+        spec = str(tmp_path)
+    data = load_data(spec, seed=1)
+    (x_train, y_train), (x_val, y_val) = _all(data, "train"), _all(data, "val")
+    assert data.has_labels and x_train.shape[1:] == (64,)
+    assert not _rows_as_set(x_train) & _rows_as_set(x_val)
+    assert x_train.shape[0] + x_val.shape[0] == len(raw["x"])
+    assert data.training_rows() == x_train.shape[0]
+    again = load_data(spec, seed=1)
+    assert torch.equal(_all(again, "val")[0], x_val)
+    assert check_against_model(data, load_model(SAMPLES / "mlp.pt").model) == 10
+
+
+@pytest.mark.parametrize("spec", ["data_source:digits", "data_source:stream"])
+def test_processes_together_see_exactly_the_single_process_batches(spec):
+    data = load_data(spec)
+    alone = list(data.batches("train", 64, epoch=3, seed=7))
+    split = [list(data.batches("train", 64, epoch=3, seed=7, rank=r, world=3)) for r in range(3)]
+    assert all(len(chunks) == len(alone) for chunks in split)
+    for step, (x, y) in enumerate(alone):
+        assert torch.equal(torch.cat([split[r][step][0] for r in range(3)]), x)
+        assert torch.equal(torch.cat([split[r][step][1] for r in range(3)]), y)
+    resumed = list(data.batches("train", 64, epoch=3, seed=7, skip=5))
+    assert torch.equal(resumed[0][0], alone[5][0])
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly():
+    data = load_data("data_source:digits")
+    first = lambda epoch: next(iter(data.batches("train", 64, epoch=epoch, seed=0)))[0]  # noqa: E731
+    assert not torch.equal(first(1), first(2)) and torch.equal(first(2), first(2))
 
 
 def test_labels_are_optional(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.random.rand(50, 64).astype(np.float32))
     data = load_data(tmp_path / "x.npz")
-    assert not data.has_labels and data.y_val is None
+    assert not data.has_labels and _all(data, "val")[1] is None
     assert check_against_model(data, load_model(SAMPLES / "mlp.pt").model) == 10
 
 
@@ -44,3 +98,14 @@ def test_bad_sources(tmp_path):
     np.savez(tmp_path / "float_labels.npz", x=np.zeros((4, 64), np.float32), y=np.array([0.5, 1, 2, 3]))
     with pytest.raises(DataError, match="integer"):
         load_data(tmp_path / "float_labels.npz")
+    np.savez(tmp_path / "half.npz", x=np.zeros((4, 64), np.float32), y=np.arange(4), x_val=np.zeros((2, 64), np.float32))
+    with pytest.raises(DataError, match="only one of"):
+        load_data(tmp_path / "half.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .npy or .npz shards"):
+        load_data(tmp_path / "empty")
+    (tmp_path / "mixed").mkdir()
+    np.save(tmp_path / "mixed" / "a.npy", np.zeros((3, 64), np.float32))
+    np.save(tmp_path / "mixed" / "b.npy", np.zeros((3, 32), np.float32))
+    with pytest.raises(DataError, match="different shapes"):
+        load_data(tmp_path / "mixed")

@@ -38,8 +38,8 @@ def test_fit_init_approximates_the_dense_layers_better_than_thesis_init(mlp_and_
     errors = {}
     for init in ("thesis", "fit"):
         compressed = apply_plan(copy.deepcopy(original), plan)
-        initialise_from_dense(original, compressed, plan, data.x_train[:512], fit=init == "fit")
-        errors[init] = _layer_errors(original, compressed, plan, data.x_val)
+        initialise_from_dense(original, compressed, plan, data.head("train", 512)[0], fit=init == "fit")
+        errors[init] = _layer_errors(original, compressed, plan, data.head("val", 10**6)[0])
     assert all(f < 0.8 * t for f, t in zip(errors["fit"], errors["thesis"])), errors
 
 
@@ -47,10 +47,10 @@ def test_head_starts_from_the_original_class_prior(mlp_and_data):
     original, data = mlp_and_data
     plan = make_plan(original)
     compressed = apply_plan(copy.deepcopy(original), plan)
-    initialise_from_dense(original, compressed, plan, data.x_train[:512])
+    initialise_from_dense(original, compressed, plan, data.head("train", 512)[0])
     head = compressed.get_submodule(plan[-1].name)
     with torch.no_grad():
-        prior = original(data.x_train[:512]).mean(0)
+        prior = original(data.head("train", 512)[0]).mean(0)
     assert torch.allclose(head.bias, prior, atol=1e-5) and float(head.alpha) == pytest.approx(ALPHA_START)
 
 

@@ -1,0 +1,138 @@
+"""Running one ``compress`` as N processes under ``torchrun`` (torch.distributed, DDP).
+
+``torchrun --standalone --nproc_per_node=N $(which fixclf) compress ...`` starts N copies of the
+command; torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Every process loads, plans and
+initialises the same model (every random choice is seeded, and :meth:`World.check_identical`
+verifies the states agree), fine-tunes its share of each global batch under
+``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA, one GPU per process), and only rank 0
+evaluates, exports, writes and prints.
+
+Failures: every synchronisation point is one :meth:`World.sync` (an all-gather of each process's
+outcome); the pipeline is cut into stages (:meth:`World.stage`) that end in one, and the fine-tune
+loop syncs after every step's forward pass. A process that fails anywhere reports at its next
+sync, which meets the others at theirs, so every process raises the first failing rank's error
+(same exit code; only rank 0 prints it) and none waits forever.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import FixclfError, Interrupted, UsageError
+
+__all__ = ["World", "world_from_environment", "DistributedError", "RemoteError"]
+
+TIMEOUT = timedelta(minutes=30)  # the longest a process waits for the others (rank 0 exports meanwhile)
+
+
+class DistributedError(FixclfError):
+    """Another process of the job failed in a way that could not be reported (it died)."""
+
+    exit_code = 1
+
+
+@dataclass
+class World:
+    """This process's place in the job: ``rank`` of ``size`` processes (``size`` 1: no torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def device(self, requested: str) -> str:
+        """The device of this process: ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
+        return f"cuda:{self.local_rank}" if self.distributed and requested == "cuda" else requested
+
+    def sync(self, payload: object = None, error: FixclfError | None = None) -> list:
+        """The one collective of fixclf's own (DDP's gradient all-reduce aside): every process sends
+        ``payload`` or its ``error`` and receives everyone's. Raises ``error`` if given, else the
+        first other process's error (as :class:`RemoteError`, same exit code); returns the payloads.
+
+        Because every synchronisation point is this same call, a process that fails anywhere and
+        reports here meets the others wherever they next synchronise: nobody waits forever."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return [payload]
+        outcomes: list = [None] * self.size
+        mine = ("ok", payload) if error is None else ("error", (error.exit_code, str(error)))
+        try:
+            dist.all_gather_object(outcomes, mine)
+        except Exception as exc:
+            raise DistributedError(f"lost contact with the other processes ({type(exc).__name__}); one of them "
+                                   "stopped: see its output") from exc
+        if error is not None:
+            raise error
+        for rank, (kind, value) in enumerate(outcomes):
+            if kind == "error":
+                code, message = value
+                raised = RemoteError(message if rank == 0 else f"rank {rank}: {message}")
+                raised.exit_code = code
+                raise raised
+        return [value for _, value in outcomes]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes (a :meth:`sync`)."""
+        return [sum(column) for column in zip(*self.sync(values))]
+
+    def check_identical(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise unless every process holds the same ``state`` (a float64 checksum per tensor)."""
+        sums = [(float(t.detach().double().sum()), float(t.detach().double().abs().sum())) for t in state.values()]
+        if any(other != sums for other in self.sync(sums)):
+            raise DistributedError("the processes built different models (an unseeded random choice in the "
+                                   "architecture factory?); make the model's construction deterministic")
+
+    @contextmanager
+    def stage(self) -> Iterator[None]:
+        """Run a stage on every process, then :meth:`sync`: if any failed, all raise the first failure."""
+        try:
+            yield
+        except (KeyboardInterrupt, Interrupted, RemoteError):
+            raise  # interrupts do not wait (torchrun stops every process); a RemoteError was agreed already
+        except FixclfError as exc:
+            self.sync(error=exc)
+        except Exception as exc:
+            if not self.distributed:
+                raise
+            self.sync(error=DistributedError(f"rank {self.rank} failed: {type(exc).__name__}: "
+                                             f"{(str(exc).splitlines() or [''])[0][:200]}"))
+        else:
+            self.sync()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RemoteError(FixclfError):
+    """Another process's error, raised here too so that every process exits with its code."""
+
+
+def world_from_environment(device: str) -> World:
+    """The job this process belongs to (from torchrun's environment); joins its process group."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available() or torch.cuda.device_count() <= world.local_rank:
+            raise UsageError(f"--device cuda under torchrun needs one GPU per process; this machine has "
+                             f"{torch.cuda.device_count()}: use --device cpu or fewer processes")
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+    return world

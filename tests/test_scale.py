@@ -1,0 +1,161 @@
+"""Fine-tuning at scale: torchrun / DDP, a failing process, Ctrl-C under torchrun, streamed data in
+bounded memory, resume, CUDA (skipped without a GPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressor
+from compressor import CompressOptions, SourceOptions
+from compressor.checkpoint import load_compressed
+from compressor.errors import Interrupted, UsageError
+from compressor.options import FinetuneOptions
+from conftest import ROOT, SAMPLES
+
+TESTS = Path(__file__).resolve().parent
+MLP = str(SAMPLES / "mlp.pt")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "FIXCLF_PROGRESS": "0"}
+FIXCLF = [sys.executable, "-m", "cli.entry"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], cwd: Path, world: int = 2) -> list[subprocess.CompletedProcess]:
+    """``world`` processes of ``fixclf args`` joined as torchrun joins them (its environment variables),
+    so that each one's exit code and output can be seen."""
+    port = str(_free_port())
+    procs = [subprocess.Popen(FIXCLF + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(world)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
+    (tmp_path / "one").mkdir()
+    alone = compressor.compress(CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=4),
+                                                output=tmp_path / "one" / "mlp.fixclf.pt"))
+    two = tmp_path / "two"
+    two.mkdir()
+    result = subprocess.run(TORCHRUN + ["-m", "cli.entry", "compress", MLP, "--epochs", "4", "-o",
+                                        str(two / "mlp.fixclf.pt"), "--json"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)  # rank 0 alone prints: one JSON object
+    assert report["finetune"]["world_size"] == 2 and report["finetune"]["steps"] == alone.finetune.steps
+    assert abs(report["accuracy"]["after"] - alone.accuracy.after) <= 0.005
+    assert sorted(p.name for p in two.iterdir()) == ["mlp.fixclf.onnx", "mlp.fixclf.pt"]
+    assert compressor.load_report(two / "mlp.fixclf.pt").finetune.world_size == 2
+
+
+def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
+    results = _launch(["compress", MLP, "--data", "data_source:bad_on_rank_one", "--epochs", "2", "-o",
+                       str(tmp_path / "m.fixclf.pt")], tmp_path)
+    assert [r.returncode for r in results] == [4, 4], [r.stderr[-800:] for r in results]
+    lines = [line for r in results for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1:") and "corrupt record 700" in lines[0], lines
+    assert not any("Traceback" in r.stderr for r in results)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_and_writes_nothing(tmp_path):
+    proc = subprocess.Popen(TORCHRUN + ["-m", "cli.entry", "compress", MLP, "--epochs", "400", "-o",
+                                        str(tmp_path / "m.fixclf.pt")],
+                            cwd=tmp_path, env={**ENV, "FIXCLF_PROGRESS": "1"}, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stderr:
+        if "Fine-tuning" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole process group
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0
+    assert "error: interrupted" in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's adaptive threshold would add fragmentation noise
+
+
+def _peak_rss_mb(rows: int, cwd: Path) -> float:
+    """Peak resident memory (MB) of one compress of the wide model on a stream of ``rows`` rows."""
+    code = ("import resource, sys; from cli.main import run; code = run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr); sys.exit(code)")
+    state = cwd / "wide.pt"
+    torch.save(__import__("data_source").wide_mlp().state_dict(), state)
+    result = subprocess.run([sys.executable, "-c", code, "compress", str(state), "--arch", "data_source:wide_mlp",
+                             "--data", "data_source:wide_stream", "--hidden", "keep", "--epochs", "1", "--batch-size", "256",
+                             "--latency-batch", "8", "-o", str(cwd / f"w{rows}.fixclf.pt"), "--json"],
+                            cwd=cwd, env={**ENV, "FIXCLF_TEST_ROWS": str(rows), **STEADY_MALLOC}, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["data"]["train"] == rows - rows // 5
+    return float(result.stderr.strip().splitlines()[-1])
+
+
+def test_a_stream_larger_than_the_memory_bound_streams_through(tmp_path):
+    """Three times the rows (196 MB -> 590 MB of float32) must not grow the peak memory: what is held
+    (calibration, validation and latency rows, one batch) is bounded, the rest streams through."""
+    small_rows, big_rows = 6_000, 18_000
+    bound_mb = 40
+    grown = _peak_rss_mb(big_rows, tmp_path) - _peak_rss_mb(small_rows, tmp_path)
+    assert grown < bound_mb, f"peak RSS grew {grown:.0f} MB for 390 MB more data"
+
+
+class _StopAt(compressor.Events):
+    def __init__(self, step: int) -> None:
+        self.at, self.seen = step, 0
+
+    def step(self, epoch, step, loss) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            raise KeyboardInterrupt
+
+
+def _options(tmp_path: Path, name: str, resume: bool, **finetune) -> CompressOptions:
+    tune = FinetuneOptions(epochs=3, resume=resume, save_every=7 if resume else None, **finetune)
+    return CompressOptions(SourceOptions(MLP), finetune=tune, output=tmp_path / name)
+
+
+def test_resume_ends_in_the_state_of_an_uninterrupted_run(tmp_path):
+    compressor.compress(_options(tmp_path, "a.fixclf.pt", resume=False))
+    with pytest.raises(Interrupted, match="rerun with --resume"):
+        compressor.compress(_options(tmp_path, "b.fixclf.pt", resume=True), _StopAt(40))  # epoch 2, 5 steps after a save
+    assert (tmp_path / "b.fixclf.resume.pt").is_file() and not (tmp_path / "b.fixclf.pt").exists()
+    resumed = compressor.compress(_options(tmp_path, "b.fixclf.pt", resume=True))
+    assert not (tmp_path / "b.fixclf.resume.pt").exists()  # removed once the outputs are written
+    a = load_compressed(tmp_path / "a.fixclf.pt").model.state_dict()
+    b = load_compressed(tmp_path / "b.fixclf.pt").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.finetune.steps == compressor.load_report(tmp_path / "a.fixclf.pt").finetune.steps
+
+
+def test_resume_refuses_a_state_written_with_other_settings(tmp_path):
+    with pytest.raises(Interrupted):
+        compressor.compress(_options(tmp_path, "c.fixclf.pt", resume=True), _StopAt(10))
+    with pytest.raises(UsageError, match="other settings \\(lr\\)"):
+        compressor.compress(_options(tmp_path, "c.fixclf.pt", resume=True, lr=0.001))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: --device cuda is checked "
+                    "on the GPU machine (docs/benchmarks.md)")
+def test_cuda_fine_tune_with_mixed_precision(tmp_path):
+    report = compressor.compress(CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=3, device="cuda"),
+                                                 output=tmp_path / "g.fixclf.pt"))
+    assert report.options["device"] == "cuda" and report.accuracy.after > 0.9
