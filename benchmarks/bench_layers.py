@@ -1,9 +1,11 @@
 """Layer speed and size: dense nn.Linear vs ACDC (depth 1) vs Adaptive Fastfood, and the dense
-N -> 1000 head vs HadamardHead, batch 128, N in {1024, 4096, 9216}.
+N -> 1000 head vs HadamardHead, batch 128 on 2 threads and batch 1 on 1 thread (how ONNX Runtime
+Mobile runs), N in {512, 1024, 4096, 9216}.
 
 Run: python benchmarks/bench_layers.py [--sizes 1024 4096 9216]
 Prints a markdown table: PyTorch forward, PyTorch forward+backward, ONNX Runtime forward (median
-ms), ONNX bytes, and each figure's ratio to the dense layer of the same row group, same run.
+ms; batch 128 / 2 threads and batch 1 / 1 thread; one session at a time, thread spinning off), ONNX
+bytes, and each figure's ratio to the dense layer of the same row group, same run.
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ def measure(module: nn.Module, n: int, workdir: Path) -> dict:
     path = workdir / "layer.onnx"
     exported = export_onnx(module, x, path)
     ort = latency(path, x, runs=30).median
+    ort_batch1 = latency(path, x[:1], threads=1, runs=200).median
     path.unlink()
-    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "bytes": exported.bytes}
+    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "ort1": ort_batch1, "bytes": exported.bytes}
 
 
 def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
@@ -59,16 +62,16 @@ def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 9216])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 4096, 9216])
     args = parser.parse_args()
     setup()
     print(f"batch {BATCH}; times are medians in ms; (x) = dense time / this time, or dense bytes / these bytes\n")
-    print("| N | layer | PyTorch fwd | PyTorch fwd+bwd | ORT fwd | ONNX bytes |")
-    print("|---|---|---|---|---|---|")
+    print("| N | layer | PyTorch fwd | PyTorch fwd+bwd | ORT fwd | ORT batch 1, 1 thread | ONNX bytes |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             for name, r, base in rows_for(n, Path(tmp)):
-                cells = [f"{r[k]:.3f} ({base[k] / r[k]:.1f}x)" for k in ("fwd", "fwdbwd", "ort")]
+                cells = [f"{r[k]:.3f} ({base[k] / r[k]:.1f}x)" for k in ("fwd", "fwdbwd", "ort", "ort1")]
                 print(f"| {n} | {name} | {' | '.join(cells)} | {r['bytes']:,} ({base['bytes'] / r['bytes']:.0f}x) |", flush=True)
 
 

@@ -137,10 +137,12 @@ def _summary(report: Report) -> Table:
         table.add_row("held-out accuracy", _pct(a.before), _pct(a.after), f"{100 * (a.after - a.before):+.2f} pp")
     if report.int8 is not None and report.int8.accuracy is not None:
         table.add_row("held-out accuracy, int8", "", _pct(report.int8.accuracy), "")
-    lat = report.latency
-    table.add_row(f"ORT latency median / p90 (batch {lat.after.batch}, {lat.after.threads} threads, spinning off)",
-                  f"{lat.before.median:.3f} / {lat.before.p90:.3f} ms", f"{lat.after.median:.3f} / {lat.after.p90:.3f} ms",
-                  f"{lat.speedup}x")
+    for lat in (report.latency, report.mobile_latency):
+        if lat is not None:
+            table.add_row(f"ORT latency median / p90 (batch {lat.after.batch}, {lat.after.threads} thread"
+                          f"{'s' if lat.after.threads > 1 else ''}, spinning off)",
+                          f"{lat.before.median:.3f} / {lat.before.p90:.3f} ms",
+                          f"{lat.after.median:.3f} / {lat.after.p90:.3f} ms", f"{lat.speedup}x")
     return table
 
 

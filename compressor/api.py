@@ -41,6 +41,7 @@ __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_che
 
 CALIBRATION_ROWS = 1024
 VALIDATION_ROWS = 256
+MOBILE_RUNS = 200  # batch-1 runs are short: more of them for a stable median
 NOT_RECOVERED_MARGIN = 0.005  # accuracy this far below the original, and no better than at initialisation
 
 
@@ -205,8 +206,9 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
     return []
 
 
-def _export(original: nn.Module, compressed: nn.Module, data: Dataset, options: CompressOptions, artifacts: Artifacts,
-            formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, Int8Figures | None]:
+def _export(original: nn.Module, compressed: nn.Module, data: DataSource, options: CompressOptions, artifacts: Artifacts,
+            formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair,
+                                                             Int8Figures | None]:
     samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
     original_bytes = to_onnx(original, samples).proto.SerializeToString()
@@ -220,13 +222,16 @@ def _export(original: nn.Module, compressed: nn.Module, data: Dataset, options: 
                        result.mobile_notes)
     events.stage("Measuring ONNX Runtime latency (one session at a time, thread spinning off)")
     before, after = runtime.latency(original_bytes, timing), runtime.latency(artifacts.written("onnx"), timing)
+    mobile = [runtime.latency(model, timing[:1], threads=1, runs=MOBILE_RUNS)
+              for model in (original_bytes, artifacts.written("onnx"))]
     int8 = None
     if "onnx-int8" in result.files:
         q, q_file = result.files["onnx-int8"], artifacts.written("int8")
         int8 = Int8Figures(q.path, q.bytes, q.top1_agreement,
                            runtime.accuracy(q_file, data.batches("val", VALIDATION_ROWS)) if data.has_labels else None,
                            runtime.latency(q_file, timing))
-    return result, onnx, LatencyPair(before, after, ratio(before.median, after.median)), int8
+    return (result, onnx, LatencyPair(before, after, ratio(before.median, after.median)),
+            LatencyPair(*mobile, ratio(mobile[0].median, mobile[1].median)), int8)
 
 
 def compress(options: CompressOptions, events: Events | None = None) -> Report | None:
@@ -291,7 +296,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         with world.stage():
             if not world.is_main:
                 return None
-            exported, onnx, latency, int8 = _export(original, compressed, data, options, artifacts, formats, events)
+            exported, onnx, latency, mobile, int8 = _export(original, compressed, data, options, artifacts, formats, events)
             report = Report(
                 model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
                 data=DataSummary(data.source, int(data.training_rows()), int(data.val_rows or 0), data.has_labels),
@@ -300,7 +305,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
-                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2))
+                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile)
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
             artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))

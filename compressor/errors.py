@@ -13,7 +13,11 @@ code   class                        meaning
 7      ExportError                  ONNX export or its validation failed
 8      OutputError                  output path refused (exists, same as input, ...)
 130    Interrupted                  Ctrl-C; nothing half-written was kept
+1      distributed.DistributedError another process of a torchrun job was lost
 =====  ==========================  ==============================================
+
+Under torchrun every process exits with the code of the first failing process's error
+(:class:`compressor.distributed.RemoteError` carries it); only rank 0 prints the line.
 """
 from __future__ import annotations
 

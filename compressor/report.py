@@ -155,6 +155,7 @@ class Report:
     warnings: list[str]
     notes: list[str]
     seconds: float
+    mobile_latency: LatencyPair | None = None  # batch 1 on 1 thread, how ONNX Runtime Mobile runs
 
     def to_dict(self) -> dict:
         return asdict(self)

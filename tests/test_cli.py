@@ -48,6 +48,8 @@ def test_compress_report_json_fields(compressed_mlp):
     assert set(report["accuracy"]) == {"before", "after_init", "after"}
     assert set(report["latency"]["after"]) >= {"median", "p90", "batch", "threads"}
     assert report["latency"]["after"]["spinning"] is False
+    mobile = report["mobile_latency"]  # batch 1 on 1 thread, as ONNX Runtime Mobile runs
+    assert mobile["after"]["batch"] == mobile["before"]["batch"] == 1 and mobile["after"]["threads"] == 1
     kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
     assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
     assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
@@ -71,6 +73,7 @@ def test_report_table_json_and_latest(compressed_mlp, monkeypatch):
     out, report = compressed_mlp
     table = invoke("report", str(out / "mlp.fixclf.pt"))
     assert table.exit_code == 0 and "held-out accuracy" in table.stdout and "ONNX file" in table.stdout
+    assert "batch 1, 1 thread" in table.stdout
     as_json = json.loads(invoke("report", str(out / "mlp.fixclf.pt"), "--json").stdout)
     assert as_json["params"] == report["params"]
     assert "warning: fine-tuning has not recovered the model" in " ".join(table.stdout.split())  # 2 epochs only

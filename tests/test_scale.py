@@ -2,6 +2,7 @@
 bounded memory, resume, CUDA (skipped without a GPU)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -15,9 +16,12 @@ import torch
 
 import compressor
 from compressor import CompressOptions, SourceOptions
-from compressor.checkpoint import load_compressed
+from compressor.checkpoint import load_model
+from compressor.data import load_data
 from compressor.errors import Interrupted, UsageError
-from compressor.options import FinetuneOptions
+from compressor.finetune import ResumeFile, distill
+from compressor.options import FinetuneOptions, PlanOptions
+from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
 from conftest import ROOT, SAMPLES
 
 TESTS = Path(__file__).resolve().parent
@@ -118,39 +122,57 @@ def test_a_stream_larger_than_the_memory_bound_streams_through(tmp_path):
     assert grown < bound_mb, f"peak RSS grew {grown:.0f} MB for 390 MB more data"
 
 
-class _StopAt(compressor.Events):
-    def __init__(self, step: int) -> None:
-        self.at, self.seen = step, 0
+def _tune(resume: ResumeFile | None, stop_at: int | None = None):
+    """The MLP sample's student after a 3-epoch distillation (interrupted at step ``stop_at``)."""
+    loaded = load_model(MLP)
+    data = load_data(loaded.data)
+    plan = make_plan(loaded.model, PlanOptions())
+    torch.manual_seed(0)
+    student = apply_plan(copy.deepcopy(loaded.model), plan)
+    initialise_from_dense(loaded.model, student, plan, data.head("train", 512)[0])
 
-    def step(self, epoch, step, loss) -> None:
-        self.seen += 1
-        if self.seen == self.at:
+    def on_step(epoch, step, loss):
+        on_step.seen += 1
+        if on_step.seen == stop_at:
             raise KeyboardInterrupt
-
-
-def _options(tmp_path: Path, name: str, resume: bool, **finetune) -> CompressOptions:
-    tune = FinetuneOptions(epochs=3, resume=resume, save_every=7 if resume else None, **finetune)
-    return CompressOptions(SourceOptions(MLP), finetune=tune, output=tmp_path / name)
+    on_step.seen = 0
+    result = distill(student, loaded.model, data, FinetuneOptions(epochs=3), replaced_parameters(student, plan),
+                     resume=resume, on_step=on_step)
+    return student.state_dict(), result
 
 
 def test_resume_ends_in_the_state_of_an_uninterrupted_run(tmp_path):
-    compressor.compress(_options(tmp_path, "a.fixclf.pt", resume=False))
+    state = ResumeFile(tmp_path / "m.resume.pt", {"run": 1}, save_every=7)
+    uninterrupted, whole = _tune(None)
     with pytest.raises(Interrupted, match="rerun with --resume"):
-        compressor.compress(_options(tmp_path, "b.fixclf.pt", resume=True), _StopAt(40))  # epoch 2, 5 steps after a save
-    assert (tmp_path / "b.fixclf.resume.pt").is_file() and not (tmp_path / "b.fixclf.pt").exists()
-    resumed = compressor.compress(_options(tmp_path, "b.fixclf.pt", resume=True))
-    assert not (tmp_path / "b.fixclf.resume.pt").exists()  # removed once the outputs are written
-    a = load_compressed(tmp_path / "a.fixclf.pt").model.state_dict()
-    b = load_compressed(tmp_path / "b.fixclf.pt").model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.finetune.steps == compressor.load_report(tmp_path / "a.fixclf.pt").finetune.steps
+        _tune(state, stop_at=40)  # in epoch 2 (23 steps each), 3 steps after the last save
+    resumed, rest = _tune(state)
+    assert rest.resumed_from == 37 and rest.steps == whole.steps  # saves: 23 (epoch 1), 30, 37
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    with pytest.raises(UsageError, match="other settings \\(run\\)"):
+        _tune(ResumeFile(state.path, {"run": 2}))
 
 
-def test_resume_refuses_a_state_written_with_other_settings(tmp_path):
+def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
+    options = CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=1, resume=True),
+                              output=tmp_path / "c.fixclf.pt")
+
+    class StopAt(compressor.Events):
+        def step(self, epoch, step, loss):
+            if step == 10:
+                raise KeyboardInterrupt
     with pytest.raises(Interrupted):
-        compressor.compress(_options(tmp_path, "c.fixclf.pt", resume=True), _StopAt(10))
+        compressor.compress(options, StopAt())
+    assert (tmp_path / "c.fixclf.resume.pt").is_file() is False  # no epoch ended, no --save-every: nothing to keep
+    options.finetune.save_every = 5
+    with pytest.raises(Interrupted, match="rerun with --resume"):
+        compressor.compress(options, StopAt())
+    options.finetune.lr = 0.001
     with pytest.raises(UsageError, match="other settings \\(lr\\)"):
-        compressor.compress(_options(tmp_path, "c.fixclf.pt", resume=True, lr=0.001))
+        compressor.compress(options)
+    options.finetune.lr = FinetuneOptions().lr
+    compressor.compress(options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: --device cuda is checked "
