@@ -88,7 +88,19 @@ def _write_inputs(d: Path, compressed: dict) -> None:
         "class Pair(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n        return self.fc(x), x\n\n"
         "class PerToken(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(8, 10)\n    def forward(self, x):\n        return self.fc(x.reshape(-1, 8, 8))\n")
+        "        self.fc = torch.nn.Linear(8, 10)\n    def forward(self, x):\n        return self.fc(x.reshape(-1, 8, 8))\n\n"
+        "class Ragged(torch.utils.data.Dataset):\n    def __len__(self):\n        return 100\n"
+        "    def __getitem__(self, i):\n        return torch.zeros(64 if i % 2 else 32)\n\n"
+        "def ragged():\n    return Ragged()\n\n"
+        "class Empty(torch.utils.data.IterableDataset):\n    def __iter__(self):\n        return iter(())\n\n"
+        "def empty_stream():\n    return Empty()\n")
+    np.savez_compressed(d / "bomb.npz", x=np.zeros((200_000, 64), np.float32))  # 51 MB of zeros in ~50 KB
+    np.savez(d / "val_without_labels.npz", x=x, y=y, x_val=x[:50])
+    (d / "shards_mixed").mkdir()
+    np.save(d / "shards_mixed" / "a.npy", x)
+    np.save(d / "shards_mixed" / "b.npy", x[:, :32])
+    (d / "shards_empty").mkdir()
+    (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
     for name, width in (("pair", 64), ("per_token", 8)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     _write_hostile_checkpoints(d, compressed)
@@ -131,6 +143,7 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
         "c_plan_missing_layer": {**compressed, "plan": [{**plan[0], "name": "nope"}, *plan[1:]]},
         "c_plan_depth": {**compressed, "plan": [{**plan[0], "options": {**plan[0]["options"], "depth": 10**6}}, *plan[1:]]},
         "c_plan_kind": {**compressed, "plan": [{**plan[0], "kind": "compressor.checkpoint:build_arch"}, *plan[1:]]},
+        "c_plan_options_str": {**compressed, "plan": [{**plan[0], "options": "x"}, *plan[1:]]},
         "c_gadget": {**compressed, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget},
         "c_inf": {**compressed, "state_dict": inf_state},
         "c_missing_fields": {"format": COMPRESSED_FORMAT, "arch": "compressor.zoo:mlp", "state_dict": {}},
@@ -170,6 +183,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "plan naming a missing layer": (["export", "c_plan_missing_layer.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
     "plan with depth 10**6": (["export", "c_plan_depth.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
     "plan naming an unknown kind": (["export", "c_plan_kind.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan options not a mapping": (["export", "c_plan_options_str.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
     "infinite weights in a compressed checkpoint": (["export", "c_inf.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
     "compressed checkpoint missing fields": (["report", "c_missing_fields.fixclf.pt"], 3),
     "dangling symlink as report input": (["report", "dangling.fixclf.pt"], 3),
@@ -195,6 +209,12 @@ CASES: dict[str, tuple[list[str], int]] = {
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
     "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
     "--data function raising SystemExit": ([C, "mlp.pt", "--data", "hostile_code:data"], 4),
+    "compressed data unpacking to 1000x its size": ([C, "mlp.pt", "--data", "bomb.npz"], 4),
+    "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
+    "shard directory with rows of two shapes": ([C, "mlp.pt", "--data", "shards_mixed"], 4),
+    "empty shard directory": ([C, "mlp.pt", "--data", "shards_empty"], 4),
+    "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
+    "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),
     # plans that cannot be built (these used to hang)
     "model without Linear layers": (["plan", "conv.pt", "--arch", "torch.nn:Conv2d", "--arch-kwargs",
                                      '{"in_channels": 1, "out_channels": 4, "kernel_size": 3}'], 5),
@@ -235,6 +255,9 @@ CASES: dict[str, tuple[list[str], int]] = {
     "quantize int4": ([C, "mlp.pt", "--quantize", "int4"], 2),
     "export quantize int4": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int4"], 2),
     "device tpu": ([C, "mlp.pt", "--device", "tpu"], 2),
+    "batch size 0": ([C, "mlp.pt", "--batch-size", "0"], 2),
+    "--save-every without --resume": ([C, "mlp.pt", "--save-every", "10"], 2),
+    "--resume over a file that is not a resume state": ([C, "mlp.pt", "--resume", "-o", "o.fixclf.pt"], 2),
     "--arch-kwargs without --arch": ([C, "mlp.pt", "--arch-kwargs", '{"hidden": [512, 512]}'], 2),
     "bad --arch-kwargs JSON": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"], 2),
     "--arch-kwargs not an object": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "[1]"], 2),
