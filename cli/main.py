@@ -160,6 +160,8 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) "
                                 "and continue from it if it is there; removed once the outputs are written."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="With --resume: also keep the state every N steps."),
+    nproc: int = typer.Option(1, "--nproc", help="Fine-tune in N processes on this machine (DDP; the same as "
+                              "torchrun --standalone --nproc_per_node=N $(which fixclf) compress ...)."),
     amp: bool = typer.Option(TUNE.amp, "--amp/--no-amp", help="On CUDA, fine-tune under autocast (bf16 where "
                              "supported, else fp16 with gradient scaling)."),
     include: Optional[List[str]] = INCLUDE,
@@ -189,6 +191,9 @@ def compress(
         export=ExportOptions(quantize, ort_format, tolerance, latency_batch),
         output=output, seed=seed, force=force,
     )
+    if nproc != 1:
+        raise typer.Exit(_launch(nproc, options))
+
     def work():
         tree = options()
         tree.validate()
@@ -280,6 +285,39 @@ def export(
     _call(work, _show("print_export"), as_json)
 
 
+def _without_nproc(args: List[str]) -> List[str]:
+    """The command line as given, less ``--nproc N`` / ``--nproc=N``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _launch(processes: int, options: Callable[[], CompressOptions]) -> int:
+    """``compress --nproc N``: check everything once here, then run the command as N processes
+    (:func:`compressor.distributed.launch`); their rank 0 prints. Returns the exit code."""
+    try:
+        if not 1 <= processes <= 256:
+            raise UsageError(f"--nproc must be an integer in [1, 256], got {processes}")
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise UsageError("--nproc inside a torchrun job: drop --nproc (torchrun already started the processes)")
+        if "args" not in STATE:
+            raise UsageError("--nproc needs the fixclf command line (run fixclf, not the typer app)")
+        options().validate()
+        from compressor.distributed import launch
+
+        return launch(_without_nproc(STATE["args"]), processes)
+    except BaseException as exc:  # noqa: BLE001 - one line, as every command
+        if STATE["debug"]:
+            raise
+        return _exit_code(exc)
+
+
 def _show(name: str) -> Callable[[object], None]:
     """The renderer ``name`` of :mod:`cli.render` (imported only when there is something to show)."""
     def show(result) -> None:
@@ -309,6 +347,7 @@ def _exit_code(exc: BaseException) -> int:
 
 def run(args: List[str]) -> int:
     """Parse ``args`` and run the command; every failure is one line. Returns the exit code."""
+    STATE["args"] = list(args)
     try:
         code = app(args=args, prog_name="fixclf", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - parse errors, Ctrl-C between commands

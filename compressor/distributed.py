@@ -16,6 +16,11 @@ sync, which meets the others at theirs, so every process raises the first failin
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,9 +31,10 @@ import torch.distributed as dist
 
 from .errors import FixclfError, Interrupted, UsageError
 
-__all__ = ["World", "world_from_environment", "DistributedError", "RemoteError"]
+__all__ = ["World", "world_from_environment", "launch", "DistributedError", "RemoteError"]
 
 TIMEOUT = timedelta(minutes=30)  # the longest a process waits for the others (rank 0 exports meanwhile)
+GRACE_SECONDS = 30  # after one process fails, how long the others get to report the same error and exit
 
 
 class DistributedError(FixclfError):
@@ -136,3 +142,48 @@ def world_from_environment(device: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
     return world
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(arguments: list[str], processes: int) -> int:
+    """Run ``fixclf arguments`` as ``processes`` processes on this machine, joined as
+    ``torchrun --standalone`` joins them (its environment variables); returns the job's exit code.
+
+    The code is the first failing process's (they agree on it: see :meth:`World.sync`), so it is
+    one of fixclf's documented codes, unlike torchrun's own 1. A process that dies without
+    reporting ends the others after :data:`GRACE_SECONDS`; Ctrl-C is passed to every process."""
+    base = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    children = [subprocess.Popen([sys.executable, "-m", "cli.entry", *arguments],
+                                 env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                for rank in range(processes)]
+    try:
+        return _wait(children)
+    except KeyboardInterrupt:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            child.wait()
+        raise Interrupted("interrupted; every process stopped and nothing was written") from None
+
+
+def _wait(children: list[subprocess.Popen]) -> int:
+    failed_at = None
+    while any(child.poll() is None for child in children):
+        codes = [child.returncode for child in children if child.returncode is not None]
+        if failed_at is None and any(codes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+        time.sleep(0.05)
+    codes = [child.returncode for child in children]
+    return next((c if c > 0 else 1 for c in codes if c != 0), 0)

@@ -174,8 +174,9 @@ class _Run:
         self.trainer = student
         if world.distributed:
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-            # buffers are constants or frozen statistics: no broadcast, so a forward pass holds no collective
-            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+            # buffers are constants or frozen statistics: synced once here, never in a forward pass, so a
+            # forward pass holds no collective (a failing batch cannot leave another process waiting in one)
+            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
         self.result = FinetuneResult()
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
 

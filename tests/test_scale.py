@@ -79,6 +79,15 @@ def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nproc_launches_the_processes_and_exits_with_the_failing_code(tmp_path):
+    result = subprocess.run(FIXCLF + ["compress", MLP, "--nproc", "2", "--data", "data_source:bad_on_rank_one",
+                                      "--epochs", "2", "-o", str(tmp_path / "m.fixclf.pt")],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error: rank 1:"), result.stderr[-1500:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_under_torchrun_stops_every_process_and_writes_nothing(tmp_path):
     proc = subprocess.Popen(TORCHRUN + ["-m", "cli.entry", "compress", MLP, "--epochs", "400", "-o",
                                         str(tmp_path / "m.fixclf.pt")],
