@@ -130,13 +130,15 @@ def _summary(report: Report) -> Table:
     table.add_row("parameters (model)", f"{m.before:,}", f"{m.after:,}", f"{m.ratio}x")
     table.add_row("parameters (replaced layers)", f"{r.before:,}", f"{r.after:,}", f"{r.ratio}x")
     table.add_row("ONNX file", _bytes(o.bytes_before), _bytes(o.bytes_after), f"{o.ratio}x")
-    if report.int8 is not None:
-        table.add_row("ONNX file, int8", "", _bytes(report.int8.bytes), "")
+    for label, reduced in (("int8", report.int8), ("fp16", report.fp16)):
+        if reduced is not None:
+            table.add_row(f"ONNX file, {label}", "", _bytes(reduced.bytes), f"top-1 agreement {reduced.top1_agreement:.1%}")
     if report.accuracy is not None:
         a = report.accuracy
         table.add_row("held-out accuracy", _pct(a.before), _pct(a.after), f"{100 * (a.after - a.before):+.2f} pp")
-    if report.int8 is not None and report.int8.accuracy is not None:
-        table.add_row("held-out accuracy, int8", "", _pct(report.int8.accuracy), "")
+    for label, reduced in (("int8", report.int8), ("fp16", report.fp16)):
+        if reduced is not None and reduced.accuracy is not None:
+            table.add_row(f"held-out accuracy, {label}", "", _pct(reduced.accuracy), "")
     for lat in (report.latency, report.mobile_latency):
         if lat is not None:
             table.add_row(f"ORT latency median / p90 (batch {lat.after.batch}, {lat.after.threads} thread"

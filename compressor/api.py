@@ -27,13 +27,13 @@ from .cost import LayerCost, layer_shapes, measure
 from .data import DataSource, check_against_model, load_data
 from .distributed import World, world_from_environment
 from .errors import DataError, OutputError, PlanError, UsageError
-from .export import ExportResult, choose_formats, to_onnx, validate, write_exports
+from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
 from .finetune import EpochStats, FinetuneResult, ResumeFile, distill, evaluate, steps_per_epoch
 from .layers import count_stored
 from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs
-from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, Int8Figures, LatencyPair, LayerRow, OnnxFigures,
-                     ParamSummary, PlanReport, Report, find_latest_report, ratio)
+from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
+                     ParamSummary, PlanReport, ReducedFigures, Report, find_latest_report, ratio)
 from .surgery import LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters
 
 __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
@@ -72,6 +72,8 @@ class ExportCommand:
         self.export.validate()
         if Path(self.output).suffix != ".onnx":
             raise UsageError(f"-o {self.output} must end in .onnx")
+        if self.export.quantize and self.export.precision != "fp32":
+            raise UsageError("--quantize int8 and --precision fp16 each make the one exported file; choose one")
 
 
 def _load(source: SourceOptions) -> LoadedModel:
@@ -161,7 +163,8 @@ def _check_device(device: str) -> None:
 
 
 def _requested_formats(options: ExportOptions) -> dict[str, str]:
-    return {"onnx": "onnx"} | ({"onnx-int8": "int8"} if options.quantize else {}) | ({"ort": "ort"} if options.ort_format else {})
+    return ({"onnx": "onnx"} | ({"onnx-int8": "int8"} if options.quantize else {})
+            | ({"onnx-fp16": "fp16"} if options.precision == "fp16" else {}) | ({"ort": "ort"} if options.ort_format else {}))
 
 
 def _data_reference(data: DataSource, output: Path) -> str | None:
@@ -208,7 +211,7 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
 
 def _export(original: nn.Module, compressed: nn.Module, data: DataSource, options: CompressOptions, artifacts: Artifacts,
             formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair,
-                                                             Int8Figures | None]:
+                                                             dict[str, ReducedFigures]]:
     samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
     original_bytes = to_onnx(original, samples).proto.SerializeToString()
@@ -224,14 +227,16 @@ def _export(original: nn.Module, compressed: nn.Module, data: DataSource, option
     before, after = runtime.latency(original_bytes, timing), runtime.latency(artifacts.written("onnx"), timing)
     mobile = [runtime.latency(model, timing[:1], threads=1, runs=MOBILE_RUNS)
               for model in (original_bytes, artifacts.written("onnx"))]
-    int8 = None
-    if "onnx-int8" in result.files:
-        q, q_file = result.files["onnx-int8"], artifacts.written("int8")
-        int8 = Int8Figures(q.path, q.bytes, q.top1_agreement,
-                           runtime.accuracy(q_file, data.batches("val", VALIDATION_ROWS)) if data.has_labels else None,
-                           runtime.latency(q_file, timing))
+    reduced = {}
+    for name, role in (("onnx-int8", "int8"), ("onnx-fp16", "fp16")):
+        if name in result.files:
+            q, q_file = result.files[name], artifacts.written(role)
+            reduced[role] = ReducedFigures(
+                q.path, q.bytes, q.top1_agreement,
+                runtime.accuracy(q_file, data.batches("val", VALIDATION_ROWS)) if data.has_labels else None,
+                runtime.latency(q_file, timing))
     return (result, onnx, LatencyPair(before, after, ratio(before.median, after.median)),
-            LatencyPair(*mobile, ratio(mobile[0].median, mobile[1].median)), int8)
+            LatencyPair(*mobile, ratio(mobile[0].median, mobile[1].median)), reduced)
 
 
 def compress(options: CompressOptions, events: Events | None = None) -> Report | None:
@@ -277,7 +282,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
-                                 ort_format=options.export.ort_format)
+                                 ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
         inputs = _inputs(loaded, data)
         if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
@@ -296,7 +301,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         with world.stage():
             if not world.is_main:
                 return None
-            exported, onnx, latency, mobile, int8 = _export(original, compressed, data, options, artifacts, formats, events)
+            exported, onnx, latency, mobile, reduced = _export(original, compressed, data, options, artifacts, formats, events)
             report = Report(
                 model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
                 data=DataSummary(data.source, int(data.training_rows()), int(data.val_rows or 0), data.has_labels),
@@ -304,8 +309,9 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                 finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
-                accuracy=accuracy, onnx=onnx, latency=latency, int8=int8, warnings=_warnings(accuracy, tuned),
-                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile)
+                accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"), warnings=_warnings(accuracy, tuned),
+                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile,
+                fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
             artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))
@@ -350,7 +356,7 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
     loaded = _load(command.source)
     data = _data_for(loaded, command.source.data, command.seed)
     output = Path(command.output)
-    requested = {("onnx-int8" if command.export.quantize else "onnx"): "onnx"}
+    requested = {main_format(command.export.quantize, command.export.precision): "onnx"}
     requested |= {"ort": "ort"} if command.export.ort_format else {}
     formats, notes = choose_formats(loaded.model, requested)
     with Artifacts(export_outputs(output, ort_format=command.export.ort_format), _inputs(loaded, data),

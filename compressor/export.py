@@ -45,6 +45,7 @@ __all__ = [
     "Validation",
     "Format",
     "FORMATS",
+    "main_format",
     "ExportResult",
     "FileResult",
     "choose_formats",
@@ -62,6 +63,7 @@ OPSET = 18
 """ONNX opset of every export: supported by ONNX Runtime >= 1.14 on all platforms, mobile included."""
 DEFAULT_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.98
+FP16_MIN_AGREEMENT = 0.99
 DENSE_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -208,7 +210,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
 
 
 def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
-             min_agreement: float | None = None) -> Validation:
+             min_agreement: float | None = None, what: str = "reduced-precision") -> Validation:
     """Run the file in ONNX Runtime on ``inputs`` and compare with ``model``; ExportError past the rule."""
     with torch.no_grad():
         reference = model(inputs.float()).float().numpy()
@@ -220,8 +222,8 @@ def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tens
         raise ExportError(f"ONNX output differs from PyTorch: max abs diff {diff:.3g}, relative {result.max_rel_diff:.3g} "
                           f"> tolerance {tolerance:g}; no file written (raise --tolerance only if this difference is acceptable)")
     if min_agreement is not None and result.top1_agreement < min_agreement:
-        raise ExportError(f"int8 model agrees with the float model on only {result.top1_agreement:.1%} of inputs "
-                          f"(need {min_agreement:.0%}); export without --quantize")
+        raise ExportError(f"the {what} model agrees with the float32 model on only {result.top1_agreement:.1%} of "
+                          f"inputs (need {min_agreement:.0%}); export without --quantize / --precision")
     return result
 
 
@@ -240,6 +242,15 @@ def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
     with _quiet():
         quantize_dynamic(str(float_file), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
                          nodes_to_exclude=excluded)
+
+
+def _write_fp16(exported: Exported, float_file: Path, out: Path) -> None:
+    """Float16 weights and arithmetic (onnxconverter-common's converter), float32 inputs and outputs."""
+    from onnxconverter_common import float16
+
+    with _quiet():
+        converted = float16.convert_float_to_float16(exported.proto, keep_io_types=True)
+    onnx.save_model(converted, str(out))
 
 
 def _write_ort(exported: Exported, float_file: Path, out: Path) -> None:
@@ -272,15 +283,23 @@ class Format:
         rows = inputs if self.validation_rows is None else inputs[: self.validation_rows]
         if self.min_agreement is None:
             return validate(out, model, rows, tolerance=tolerance)
-        return validate(out, model, rows, min_agreement=self.min_agreement)
+        return validate(out, model, rows, min_agreement=self.min_agreement, what=self.name)
 
 
 FORMATS: dict[str, Format] = {
     "onnx": Format("onnx", _write_onnx),
     "onnx-int8": Format("onnx-int8", _write_int8, min_agreement=INT8_MIN_AGREEMENT, needs_dense_layer=True),
+    "onnx-fp16": Format("onnx-fp16", _write_fp16, min_agreement=FP16_MIN_AGREEMENT),
     "ort": Format("ort", _write_ort, validation_rows=8),
 }
-"""Every output format by name; a new one (fp16, say) is a writer and one entry here."""
+"""Every output format by name; a new one is a writer and one entry here."""
+
+
+def main_format(quantize: str | None, precision: str) -> str:
+    """The format of ``fixclf export``'s one ONNX file."""
+    if quantize and precision != "fp32":
+        raise ExportError("--quantize int8 and --precision fp16 are two different files; choose one")
+    return "onnx-int8" if quantize else ("onnx-fp16" if precision == "fp16" else "onnx")
 
 
 def choose_formats(model: nn.Module, requested: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -330,18 +349,19 @@ def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
 
 
 def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE,
-                quantize: str | None = None, ort_format: bool = False) -> ExportResult:
+                quantize: str | None = None, precision: str = "fp32", ort_format: bool = False) -> ExportResult:
     """Export ``model`` to one validated file at ``path`` (the library's one-call export).
 
     ``inputs``: (M, ...) real samples, also the example. ``quantize="int8"`` writes the int8 model
-    at ``path`` (the float one, with a note, when no dense layer is left). ``ort_format`` also writes
+    at ``path`` (the float one, with a note, when no dense layer is left); ``precision="fp16"`` the
+    float16 one (accepted on >= 99% top-1 agreement with float32). ``ort_format`` also writes
     ``path`` with suffix ``.ort``. Nothing is left behind on failure.
     """
     from .outputs import Artifacts, export_outputs
 
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r}; use int8 or leave it out")
-    requested = {("onnx-int8" if quantize else "onnx"): "onnx"} | ({"ort": "ort"} if ort_format else {})
+    requested = {main_format(quantize, precision): "onnx"} | ({"ort": "ort"} if ort_format else {})
     formats, notes = choose_formats(model, requested)
     with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True) as artifacts:
         result = write_exports(model, inputs, artifacts, formats, tolerance=tolerance)

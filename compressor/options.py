@@ -44,6 +44,7 @@ KEEP = "keep"
 """``--head keep`` / ``--hidden keep``: leave those layers dense."""
 HIDDEN_INITS = ("thesis", "fit")
 QUANTIZATIONS = ("int8",)
+PRECISIONS = ("fp32", "fp16")
 OBJECTIVES = ("size", "latency")
 
 
@@ -151,10 +152,12 @@ class ExportOptions:
     ort_format: bool = False
     tolerance: float = 1e-4
     latency_batch: int = 128
+    precision: str = "fp32"  # fp16: also (compress) or instead (export) a float16 ONNX file
 
     def validate(self) -> None:
         if self.quantize is not None:
             _choice("--quantize", self.quantize, QUANTIZATIONS)
+        _choice("--precision", self.precision, PRECISIONS)
         _positive_finite("--tolerance", self.tolerance)
         _int_range("--latency-batch", self.latency_batch, 1, LATENCY_BATCH_MAX)
 

@@ -183,13 +183,17 @@ class Artifacts:
         self.discard()
 
 
-def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, ort_format: bool) -> dict[str, Path]:
+def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, ort_format: bool,
+                     fp16: bool = False) -> dict[str, Path]:
     """``compress``'s files: ``<name>.fixclf.pt`` (default: in the current directory, named after the
-    input) and beside it ``.onnx``, ``.int8.onnx`` (with int8) and ``.ort`` (with ORT format)."""
+    input) and beside it ``.onnx``, ``.int8.onnx`` (with int8), ``.fp16.onnx`` (with fp16) and
+    ``.ort`` (with ORT format)."""
     primary = Path(output) if output is not None else Path(f"{checkpoint.stem}.fixclf.pt")
     paths = {"checkpoint": primary, "onnx": primary.with_suffix(".onnx")}
     if quantize:
         paths["int8"] = primary.with_suffix(".int8.onnx")
+    if fp16:
+        paths["fp16"] = primary.with_suffix(".fp16.onnx")
     if ort_format:
         paths["ort"] = primary.with_suffix(".ort")
     return paths

@@ -22,7 +22,7 @@ from pathlib import Path
 from .cost import LayerCost
 from .runtime import Latency
 
-__all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "Int8Figures",
+__all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "ReducedFigures",
            "DataSummary", "FinetuneSummary", "PlanReport", "Report", "ratio", "find_latest_report"]
 
 
@@ -97,7 +97,7 @@ class OnnxFigures:
 
 
 @dataclass
-class Int8Figures:
+class ReducedFigures:
     path: str
     bytes: int
     top1_agreement: float
@@ -151,11 +151,12 @@ class Report:
     accuracy: Accuracy | None
     onnx: OnnxFigures
     latency: LatencyPair
-    int8: Int8Figures | None
+    int8: ReducedFigures | None
     warnings: list[str]
     notes: list[str]
     seconds: float
     mobile_latency: LatencyPair | None = None  # batch 1 on 1 thread, how ONNX Runtime Mobile runs
+    fp16: ReducedFigures | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -256,6 +256,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "export quantize int4": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int4"], 2),
     "device tpu": ([C, "mlp.pt", "--device", "tpu"], 2),
     "batch size 0": ([C, "mlp.pt", "--batch-size", "0"], 2),
+    "precision fp8": ([C, "mlp.pt", "--precision", "fp8"], 2),
+    "export with both int8 and fp16": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int8", "--precision", "fp16"], 2),
     "--save-every without --resume": ([C, "mlp.pt", "--save-every", "10"], 2),
     "--resume over a file that is not a resume state": ([C, "mlp.pt", "--resume", "-o", "o.fixclf.pt"], 2),
     "--arch-kwargs without --arch": ([C, "mlp.pt", "--arch-kwargs", '{"hidden": [512, 512]}'], 2),

@@ -113,7 +113,7 @@ def test_subprocess_compress_cnn(workdir):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "cli.entry", "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
-         "--quantize", "int8", "--ort", "--json"],
+         "--quantize", "int8", "--precision", "fp16", "--ort", "--json"],
         capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -125,7 +125,10 @@ def test_subprocess_compress_cnn(workdir):
     assert report["int8"]["bytes"] < report["onnx"]["bytes_after"]
     assert set(report["int8"]) >= {"accuracy", "latency", "top1_agreement"}
     assert set(report["latency"]["before"]) >= {"median", "p90"}
-    assert report["onnx"]["extra_files"] == ["cnn.fixclf.int8.onnx", "cnn.fixclf.ort"]
+    assert report["onnx"]["extra_files"] == ["cnn.fixclf.int8.onnx", "cnn.fixclf.fp16.onnx", "cnn.fixclf.ort"]
+    # float16: accepted on >= 99% top-1 agreement with float32, its held-out accuracy reported
+    assert report["fp16"]["top1_agreement"] >= 0.99 and report["fp16"]["bytes"] < report["onnx"]["bytes_after"]
+    assert abs(report["fp16"]["accuracy"] - report["accuracy"]["after"]) <= 0.01
 
 
 def test_whole_pickled_model_with_opt_in_and_arch(workdir):

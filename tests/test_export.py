@@ -1,6 +1,7 @@
 """ONNX export: matches PyTorch in ONNX Runtime, keeps the compression, fails loudly and cleanly."""
 from __future__ import annotations
 
+import copy
 import os
 
 import onnx
@@ -8,11 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from compressor.checkpoint import load_model
+from compressor.data import load_data
 from compressor.errors import ExportError
+from compressor.options import PlanOptions
+from compressor.surgery import apply_plan, initialise_from_dense, make_plan
 from compressor.export import export_onnx, stored_state_bytes
 from compressor.runtime import session as ort_session
 from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead
 from compressor.transforms import split_factors
+from conftest import SAMPLES
 
 MODULES = {
     "acdc": lambda: ACDC(1024),
@@ -120,3 +126,20 @@ def test_int8_and_ort_format(tmp_path):
     with pytest.raises(ExportError, match="unknown quantisation"):
         export_onnx(model, x, tmp_path / "int4.onnx", quantize="int4")
     assert sorted(os.listdir(tmp_path)) == ["f.onnx", "f.ort", "none.onnx", "q.onnx"]
+
+
+@pytest.mark.parametrize("sample", ["mlp", "cnn"])
+def test_fp16_export_of_the_compressed_samples_agrees_with_float32(sample, tmp_path):
+    """The structured transforms in half precision: >= 99% top-1 agreement on held-out rows (the
+    acceptance rule), and logits within 1% of the largest float32 logit."""
+    loaded = load_model(SAMPLES / f"{sample}.pt")
+    data = load_data(loaded.data)
+    plan = make_plan(loaded.model, PlanOptions())
+    model = apply_plan(copy.deepcopy(loaded.model), plan)
+    x = data.head("train", 256)[0]
+    initialise_from_dense(loaded.model, model, plan, x)
+    val = data.head("val", 359)[0]
+    result = export_onnx(model, val, tmp_path / "h.onnx", precision="fp16")
+    fp16 = result.files["onnx-fp16"]
+    assert fp16.top1_agreement >= 0.99 and fp16.max_rel_diff < 0.01, fp16
+    assert "float16" in {onnx.TensorProto.DataType.Name(i.data_type).lower() for i in onnx.load(tmp_path / "h.onnx").graph.initializer}
