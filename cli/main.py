@@ -178,6 +178,9 @@ def compress(
     tolerance: float = TOLERANCE,
     latency_batch: int = LATENCY_BATCH,
     objective: str = OBJECTIVE,
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy (percentage points) the model may "
+                                             "lose: the costliest replaced layers are kept dense, one at a time, "
+                                             "judged on rows set aside from training (x_select/y_select, else 10%)."),
     force: bool = FORCE,
     arch: Optional[str] = ARCH,
     arch_kwargs: Optional[str] = ARCH_KW,
@@ -187,7 +190,7 @@ def compress(
     """Replace the head and hidden FC layers, fine-tune by distillation, save, export ONNX and report."""
     options = lambda: CompressOptions(  # noqa: E731 - built inside the work, where its errors become one line
         source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
-        plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective),
+        plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective, max_drop),
         finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, batch_size=batch_size, init=init,
                                  device=device, update_norm_stats=update_norm_stats, amp=amp, resume=resume,
                                  save_every=save_every),

@@ -34,7 +34,8 @@ from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, find_latest_report, ratio)
-from .surgery import LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters
+from .surgery import (LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters,
+                      with_dense_layer)
 
 __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
            "load_compressed_model"]
@@ -80,14 +81,14 @@ def _load(source: SourceOptions) -> LoadedModel:
     return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
 
 
-def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int) -> DataSource:
+def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection: bool = False) -> DataSource:
     source = spec if spec is not None else loaded.data
     if source is None:
         raise DataError(
             f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); fixclf "
             "needs real inputs to fine-tune the new layers by distillation and to validate the ONNX export"
         )
-    data = load_data(source, seed=seed)
+    data = load_data(source, seed=seed, selection=selection)
     check_against_model(data, loaded.model)
     return data
 
@@ -199,6 +200,46 @@ def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan],
     return tuned, Accuracy(before, after_init, evaluate(compressed, data))
 
 
+def _surgery_and_finetune(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
+                          events: Events, world: World, resume: ResumeFile | None):
+    with torch.random.fork_rng():
+        torch.manual_seed(options.seed)
+        compressed = apply_plan(copy.deepcopy(original), plan)
+        return (compressed, *_finetune(original, compressed, plan, data, options, events, world, resume))
+
+
+def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
+                            events: Events, world: World, resume: ResumeFile | None):
+    """Surgery and fine-tune; with ``--max-drop``, again with the costliest replaced layer kept dense
+    (measured by putting each one back alone) until the accuracy lost on the selection rows, set
+    aside from training and distinct from the held-out rows, is within budget. Every process
+    decides the same (same model, same rows)."""
+    budget, notes = options.plan.max_drop, []
+    reference = evaluate(original, data, split="select") if budget is not None else 0.0
+    while True:
+        compressed, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events, world, resume)
+        if budget is None:
+            return compressed, tuned, accuracy, notes
+        score = evaluate(compressed, data, split="select")
+        lost = 100 * (reference - score)
+        replaced = [entry.name for entry in plan if entry.replaced]
+        if lost <= budget:
+            kept = [e.name or "the model" for e in plan if e.reason.startswith("kept dense for --max-drop")]
+            notes.append(f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside for the decision"
+                         + (f" after keeping {', '.join(kept)} dense" if kept else ""))
+            return compressed, tuned, accuracy, notes
+        if len(replaced) == 1:
+            raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} replaced, "
+                            f"{lost:.2f} pp are lost on the rows set aside; raise --max-drop or fine-tune longer (--epochs)")
+        regained = {name: evaluate(with_dense_layer(compressed, original, name), data, split="select") - score
+                    for name in replaced}
+        costliest = max(regained, key=regained.get)
+        events.stage(f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside; keeping "
+                     f"{costliest or 'the model'} dense and fine-tuning again")
+        plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
+                                            f"{100 * regained[costliest]:.2f} pp on the rows set aside)"})
+
+
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
     if accuracy is None:
         return []
@@ -277,7 +318,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
                              "its architecture")
-        data = _data_for(loaded, options.source.data, options.seed)
+        data = _data_for(loaded, options.source.data, options.seed, selection=options.plan.max_drop is not None)
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
@@ -293,11 +334,10 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
-            with torch.random.fork_rng():
-                torch.manual_seed(options.seed)
-                compressed = apply_plan(copy.deepcopy(original), plan)
-                formats, notes = choose_formats(compressed, _requested_formats(options.export))
-                tuned, accuracy = _finetune(original, compressed, plan, data, options, events, world, resume)
+            compressed, tuned, accuracy, budget_notes = _compress_within_budget(original, plan, data, options, events,
+                                                                                world, resume)
+            formats, notes = choose_formats(compressed, _requested_formats(options.export))
+            notes = budget_notes + notes
         with world.stage():
             if not world.is_main:
                 return None
@@ -327,7 +367,7 @@ def _options_summary(options: CompressOptions) -> dict:
             "objective": options.plan.objective,
             "init": options.finetune.init, "seed": options.seed, "epochs": options.finetune.epochs,
             "max_time": options.finetune.max_time, "lr": options.finetune.lr, "device": options.finetune.device,
-            "update_norm_stats": options.finetune.update_norm_stats}
+            "update_norm_stats": options.finetune.update_norm_stats, "max_drop": options.plan.max_drop}
 
 
 def load_compressed_model(path: str | Path, *, arch: Architecture | None = None) -> nn.Module:

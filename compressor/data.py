@@ -52,6 +52,7 @@ __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
+SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
 STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
 NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
                   torch.int32, torch.int64, torch.bool)
@@ -331,6 +332,22 @@ class _IndexedSource(DataSource):
             store.shuffled(index, generator)
         return store.shuffled(index, generator)
 
+    def carve_selection(self, seed: int) -> None:
+        """Set aside a "select" split for decisions that must not look at the held-out rows the report
+        quotes: ``x_select``/``y_select`` when given, else a seeded SELECTION_FRACTION of the training rows
+        (at most HOLDOUT_MAX), which then no longer train."""
+        if "select" in self.stores:
+            return
+        store, index = self.stores["train"]
+        order = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed + 1))
+        n = min(HOLDOUT_MAX, max(1, int(round(SELECTION_FRACTION * index.numel()))))
+        if index.numel() - n < 1:
+            raise DataError(f"{self.source}: too few training rows to set some aside for --max-drop; give more data "
+                            "or x_select/y_select")
+        self.stores["select"] = (store, index[order[:n]].sort().values)
+        self.stores["train"] = (store, index[order[n:]].sort().values)
+        self.train_rows = self.train_rows - n
+
     def _empty(self, store: _Store) -> Rows:
         x, y = store.fetch(torch.zeros(1, dtype=torch.long))
         return x[:0], None if y is None else y[:0]
@@ -436,7 +453,15 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
         raise DataError(f"{source}: x_val rows have shape {tuple(val.x.shape[1:])}, x rows {tuple(train.x.shape[1:])}")
     if train.labelled != val.labelled:
         raise DataError(f"{source}: labels are given for only one of x and x_val; give both y and y_val, or neither")
-    return _IndexedSource(source, files, train, torch.arange(train.rows), val, torch.arange(val.rows))
+    data = _IndexedSource(source, files, train, torch.arange(train.rows), val, torch.arange(val.rows))
+    if arrays.get("x_select") is not None and arrays.get("y_select") is not None:
+        select = _ArrayStore(*_checked_rows(_as_tensor(arrays["x_select"], "x_select", source),
+                                            _as_tensor(arrays["y_select"], "y_select", source), "x_select", source))
+        if select.x.shape[1:] != train.x.shape[1:]:
+            raise DataError(f"{source}: x_select rows have shape {tuple(select.x.shape[1:])}, x rows "
+                            f"{tuple(train.x.shape[1:])}")
+        data.stores["select"] = (select, torch.arange(select.rows))
+    return data
 
 
 def _read_file(path: Path, spec: str) -> dict:
@@ -453,8 +478,19 @@ def _read_file(path: Path, spec: str) -> dict:
         raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
 
 
-def load_data(spec: str | Path, *, seed: int = 0) -> DataSource:
-    """The data ``spec`` names (see the module docstring), split into training and held-out rows."""
+def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> DataSource:
+    """The data ``spec`` names (see the module docstring), split into training and held-out rows
+    (and, with ``selection``, a "select" split for decisions: see :meth:`_IndexedSource.carve_selection`)."""
+    data = _load(spec, seed)
+    if selection:
+        if not isinstance(data, _IndexedSource) or not data.has_labels:
+            raise DataError(f"--data {spec}: --max-drop needs labelled data with random access (arrays, shards or a "
+                            "Dataset), to measure accuracy on rows set aside from training")
+        data.carve_selection(seed)
+    return data
+
+
+def _load(spec: str | Path, seed: int) -> DataSource:
     source = str(spec)
     path = Path(source)
     if path.is_dir():

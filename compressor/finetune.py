@@ -102,11 +102,12 @@ def _autocast(device: str, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
-             device: str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on the held-out rows of a :class:`DataSource`, or on rows ``data`` with labels ``y``."""
+             device: str = "cpu", split: str = "val") -> float:
+    """Top-1 accuracy of ``model`` on the ``split`` rows (held-out by default) of a :class:`DataSource`,
+    or on rows ``data`` with labels ``y``."""
     model.eval()
     source = data.source if isinstance(data, DataSource) else "labels"
-    batches = data.batches("val", EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
+    batches = data.batches(split, EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
     correct = rows = 0
     for x, labels in batches:
         for start in range(0, x.shape[0], EVAL_BATCH):

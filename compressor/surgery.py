@@ -28,6 +28,8 @@ input in the original model (each spec's ``init_from_dense``):
 """
 from __future__ import annotations
 
+import copy
+
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
 
 __all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
-           "replaced_parameters"]
+           "replaced_parameters", "with_dense_layer"]
 
 
 @dataclass
@@ -156,6 +158,17 @@ def apply_plan(model: nn.Module, plan: list[LayerPlan]) -> nn.Module:
             return entry.build()
         parent_name, _, child = entry.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, entry.build())
+    return model
+
+
+def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> nn.Module:
+    """A copy of ``compressed`` whose layer ``name`` is the original dense one again (to measure what
+    replacing that layer costs)."""
+    if name == "":
+        return copy.deepcopy(original)
+    model = copy.deepcopy(compressed)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, copy.deepcopy(original.get_submodule(name)))
     return model
 
 

@@ -1,0 +1,78 @@
+"""``--max-drop``: the plan keeps dense, one at a time, the replaced layer that costs the most
+accuracy, judged on rows set aside from training and distinct from the held-out rows the report
+quotes, until the loss there is within the budget."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+import architectures
+from cli.main import app
+from compressor.data import SELECTION_FRACTION, load_data
+
+runner = CliRunner()
+ARCH = "architectures:one_sensitive_layer"
+# lr ~ 0 and depth 1: the structured layers stay at their near-identity start, so what each replacement costs is
+# fixed by the model alone (the identity layer almost nothing, the random projection nearly everything)
+FROZEN = ["--depth", "1", "--epochs", "1", "--lr", "1e-9", "--latency-batch", "8", "--json"]
+
+
+def _model_and_data(workdir) -> None:
+    torch.manual_seed(0)
+    model = architectures.one_sensitive_layer()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.eye(32))
+        model[2].bias.zero_()
+    torch.save(model.state_dict(), workdir / "net.pt")
+    x = torch.randn(1200, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    np.savez(workdir / "data.npz", x=x.numpy(), y=y.numpy())
+
+
+def _rows(data, split: str) -> set[bytes]:
+    return {row.numpy().tobytes() for x, _ in data.batches(split, 4096) for row in x}
+
+
+def test_selection_rows_are_set_aside_from_training_and_held_out(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(1000) % 3)
+    plain, data = load_data(tmp_path / "d.npz", seed=5), load_data(tmp_path / "d.npz", seed=5, selection=True)
+    train, val, select = _rows(data, "train"), _rows(data, "val"), _rows(data, "select")
+    assert _rows(plain, "val") == val  # the held-out rows the report quotes do not move
+    assert not (train & select) and not (val & select) and train | select == _rows(plain, "train")
+    assert len(select) == round(SELECTION_FRACTION * len(_rows(plain, "train"))) == data.train_rows // 9
+    assert _rows(load_data(tmp_path / "d.npz", seed=5, selection=True), "select") == select  # deterministic
+
+
+def test_max_drop_keeps_the_costly_layer_dense_and_replaces_the_cheap_one(workdir):
+    _model_and_data(workdir)
+    result = runner.invoke(app, ["compress", "net.pt", "--arch", ARCH, "--data", "data.npz", "--head", "keep",
+                                 "--max-drop", "10", *FROZEN])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["0"]["kind"] is None and "kept dense for --max-drop 10" in layers["0"]["reason"]
+    assert layers["2"]["kind"] == "acdc"
+    assert report["options"]["max_drop"] == 10
+    assert any(note.startswith("--max-drop 10:") and "after keeping 0 dense" in note for note in report["notes"])
+
+
+def test_max_drop_that_no_plan_meets_is_refused_and_writes_nothing(workdir):
+    _model_and_data(workdir)
+    result = runner.invoke(app, ["compress", "net.pt", "--arch", ARCH, "--data", "data.npz", "--max-drop", "0",
+                                 "--hidden", "keep", *FROZEN])
+    assert result.exit_code == 5
+    assert "no plan stays within --max-drop 0" in result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["data.npz", "net.pt"]
+
+
+def test_max_drop_is_checked_before_any_work(workdir):
+    for bad in ("-1", "101", "nan"):
+        result = runner.invoke(app, ["compress", "missing.pt", "--max-drop", bad])
+        assert result.exit_code == 2 and "--max-drop" in result.stderr, result.output
+    result = runner.invoke(app, ["compress", "missing.pt", "--max-drop", "1", "--resume"])
+    assert result.exit_code == 2 and "--resume" in result.stderr
