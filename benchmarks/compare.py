@@ -67,10 +67,8 @@ def svd_model(original: nn.Module, plan) -> tuple[nn.Module, list[nn.Parameter]]
     rank = max(1, round((budget - biases) / sum(e.in_features + e.out_features for e in replaced)))
     new: list[nn.Parameter] = []
     for entry in replaced:
-        parent_name, _, child = entry.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRank(getattr(parent, child), rank))
-        new += list(getattr(parent, child).parameters())
+        model.set_submodule(entry.name, LowRank(model.get_submodule(entry.name), rank))
+        new += list(model.get_submodule(entry.name).parameters())
     return model, new
 
 

@@ -116,9 +116,9 @@ def _source(checkpoint: Path, arch, arch_kwargs, trust_pickle, data=None) -> Sou
     return SourceOptions(checkpoint, arch, _arch_kwargs(arch_kwargs), trust_pickle, data)
 
 
-ARCH = typer.Option(None, "--arch", help="Architecture as package.module:factory: needed for a bare state_dict, to "
+ARCH = typer.Option(None, "--arch", help="Architecture as package.module:factory (needed for a bare state_dict, to "
                     "confirm one a checkpoint names that is not built into fixclf, and again to export or reload such a "
-                    "compressed checkpoint. The current directory is searched first, as python -m does.")
+                    "compressed checkpoint). The current directory is searched first, as python -m does.")
 ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch (needs --arch).")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (runs code from the file).")
 HEAD = typer.Option(PLAN.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
@@ -128,63 +128,55 @@ INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
 SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (and nothing else).")
-QUANTIZE = typer.Option(None, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of the dense "
-                        "layers left): int8. With none left, the float file is kept and the report says so.")
+QUANTIZE = typer.Option(EXPORT.quantize, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of "
+                        "the dense layers left): int8. With none left, the float file is kept and the report says so.")
 PRECISION = typer.Option(EXPORT.precision, "--precision", help="fp16: also write a float16 ONNX file (compress) or "
                          "write float16 (export), accepted on >= 99% top-1 agreement with float32. fp32: float32 only.")
-ORT_FORMAT = typer.Option(False, "--ort", help="Also write the ONNX Runtime mobile format (.ort) and check mobile usability.")
+ORT_FORMAT = typer.Option(EXPORT.ort_format, "--ort", help="Also write ONNX Runtime's mobile format (.ort); check it.")
 TOLERANCE = typer.Option(EXPORT.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
-FORCE = typer.Option(False, "--force", help="Overwrite existing outputs (never an input file).")
+FORCE = typer.Option(DEFAULTS.force, "--force", help="Overwrite existing outputs (never an input file).")
 OBJECTIVE = typer.Option(PLAN.objective, "--objective", help="size: replace every planned layer; latency: keep dense "
                          "each layer whose replacement is slower alone in ONNX Runtime at batch 1 at the model's shapes.")
 LATENCY_BATCH = typer.Option(EXPORT.latency_batch, "--latency-batch", help="Batch size of the latency measurement.")
+INIT = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thesis' near-identity (thesis) or are "
+                    "first fitted to the dense layers by least squares (fit).")
+TRAIN_DATA = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val, x_select, y_select), a "
+                          "directory of .npy/.npz shards (read lazily), or package.module:function returning arrays, a "
+                          "Dataset or an IterableDataset. Not needed for checkpoints that bundle data (the samples).")
+EPOCHS = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most).")
+CHECKPOINT = typer.Argument(..., help="Trained checkpoint (.pt).")
+MAX_TIME = typer.Option(TUNE.max_time, "--max-time", help="Fine-tuning time budget in seconds (checked every step).")
+LR = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam).")
+NORM_STATS = typer.Option(TUNE.update_norm_stats, "--update-norm-stats", help="Let kept BatchNorm layers update their "
+                          "running statistics during fine-tuning (default: kept as trained).")
+BATCH = typer.Option(TUNE.batch_size, "--batch-size", help="Fine-tuning batch (global: under torchrun it is split "
+                     "among the processes, so N processes take the same steps as one).")
+RESUME = typer.Option(TUNE.resume, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) and "
+                      "continue from it if it is there; removed once the outputs are written.")
+SAVE_EVERY = typer.Option(TUNE.save_every, "--save-every", help="With --resume: also keep the state every N steps.")
+NPROC = typer.Option(1, "--nproc", help="Fine-tune in N processes on this machine (DDP; the same as torchrun "
+                     "--standalone --nproc_per_node=N $(which fixclf) compress ...).")
+AMP = typer.Option(TUNE.amp, "--amp/--no-amp", help="On CUDA, fine-tune under autocast (bf16 where supported, else "
+                   "fp16 with gradient scaling).")
+OUTPUT = typer.Option(DEFAULTS.output, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx goes "
+                      "beside it. Default: ./<name>.fixclf.pt")
+DEVICE = typer.Option(TUNE.device, "--device", help="Fine-tuning device: cpu, cuda or cuda:N.")
+MAX_DROP = typer.Option(PLAN.max_drop, "--max-drop", help="Accuracy (percentage points) the model may lose: the "
+                        "costliest replaced layers are kept dense, one at a time, judged on rows set aside from training "
+                        "(x_select/y_select, else 10%), never on the held-out rows the report quotes.")
 
 
 @app.command()
 def compress(
-    checkpoint: Path = typer.Argument(..., help="Trained checkpoint (.pt)."),
-    head: str = HEAD,
-    hidden: str = HIDDEN,
-    depth: int = DEPTH,
-    init: str = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thesis' near-identity (thesis) or "
-                             "are first fitted to the dense layers by least squares (fit)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val), a "
-                                       "directory of .npy/.npz shards (read lazily), or package.module:function returning "
-                                       "arrays, a Dataset or an IterableDataset. Not needed for checkpoints that bundle "
-                                       "data (the samples)."),
-    epochs: int = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most)."),
-    max_time: Optional[float] = typer.Option(None, "--max-time", help="Fine-tuning time budget in seconds (checked every step)."),
-    lr: float = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam)."),
-    update_norm_stats: bool = typer.Option(False, "--update-norm-stats", help="Let kept BatchNorm layers update their "
-                                           "running statistics during fine-tuning (default: kept as trained)."),
-    batch_size: int = typer.Option(TUNE.batch_size, "--batch-size", help="Fine-tuning batch (global: under torchrun "
-                                   "it is split among the processes, so N processes take the same steps as one)."),
-    resume: bool = typer.Option(False, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) "
-                                "and continue from it if it is there; removed once the outputs are written."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="With --resume: also keep the state every N steps."),
-    nproc: int = typer.Option(1, "--nproc", help="Fine-tune in N processes on this machine (DDP; the same as "
-                              "torchrun --standalone --nproc_per_node=N $(which fixclf) compress ...)."),
-    amp: bool = typer.Option(TUNE.amp, "--amp/--no-amp", help="On CUDA, fine-tune under autocast (bf16 where "
-                             "supported, else fp16 with gradient scaling)."),
-    include: Optional[List[str]] = INCLUDE,
-    exclude: Optional[List[str]] = EXCLUDE,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Compressed checkpoint to write (.pt); the .onnx "
-                                          "goes beside it. Default: ./<name>.fixclf.pt"),
-    seed: int = SEED,
-    device: str = typer.Option(TUNE.device, "--device", help="Fine-tuning device: cpu, cuda or cuda:N."),
-    quantize: Optional[str] = QUANTIZE,
-    precision: str = PRECISION,
-    ort_format: bool = ORT_FORMAT,
-    tolerance: float = TOLERANCE,
-    latency_batch: int = LATENCY_BATCH,
-    objective: str = OBJECTIVE,
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy (percentage points) the model may "
-                                             "lose: the costliest replaced layers are kept dense, one at a time, "
-                                             "judged on rows set aside from training (x_select/y_select, else 10%)."),
-    force: bool = FORCE,
-    arch: Optional[str] = ARCH,
-    arch_kwargs: Optional[str] = ARCH_KW,
-    trust_pickle: bool = TRUST,
+    checkpoint: Path = CHECKPOINT, head: str = HEAD, hidden: str = HIDDEN, depth: int = DEPTH, init: str = INIT,
+    data: Optional[str] = TRAIN_DATA, epochs: int = EPOCHS, max_time: Optional[float] = MAX_TIME, lr: float = LR,
+    update_norm_stats: bool = NORM_STATS, batch_size: int = BATCH, resume: bool = RESUME,
+    save_every: Optional[int] = SAVE_EVERY, nproc: int = NPROC, amp: bool = AMP,
+    include: Optional[List[str]] = INCLUDE, exclude: Optional[List[str]] = EXCLUDE, output: Optional[Path] = OUTPUT,
+    seed: int = SEED, device: str = DEVICE, quantize: Optional[str] = QUANTIZE, precision: str = PRECISION,
+    ort_format: bool = ORT_FORMAT, tolerance: float = TOLERANCE, latency_batch: int = LATENCY_BATCH,
+    objective: str = OBJECTIVE, max_drop: Optional[float] = MAX_DROP, force: bool = FORCE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KW, trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
     """Replace the head and hidden FC layers, fine-tune by distillation, save, export ONNX and report."""
@@ -217,7 +209,7 @@ def compress(
 
 @app.command()
 def plan(
-    checkpoint: Path = typer.Argument(..., help="Trained checkpoint (.pt)."),
+    checkpoint: Path = CHECKPOINT,
     head: str = HEAD,
     hidden: str = HIDDEN,
     depth: int = DEPTH,
@@ -267,15 +259,15 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
     data: Optional[str] = typer.Option(None, "--data", help="Inputs to validate the export on (default: the checkpoint's "
                                        "bundled data)."),
+    arch: Optional[str] = ARCH,
+    arch_kwargs: Optional[str] = ARCH_KW,
+    trust_pickle: bool = TRUST,
     quantize: Optional[str] = QUANTIZE,
     precision: str = PRECISION,
     ort_format: bool = ORT_FORMAT,
     tolerance: float = TOLERANCE,
     force: bool = FORCE,
     seed: int = SEED,
-    arch: Optional[str] = ARCH,
-    arch_kwargs: Optional[str] = ARCH_KW,
-    trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
     """Export a checkpoint to ONNX (opset 18, dynamic batch), validated against PyTorch in ONNX Runtime.

@@ -31,9 +31,9 @@ from .export import ExportResult, choose_formats, main_format, to_onnx, validate
 from .finetune import EpochStats, FinetuneResult, ResumeFile, distill, evaluate, steps_per_epoch
 from .layers import count_stored
 from .options import CompressOptions, ExportOptions, SourceOptions
-from .outputs import Artifacts, compress_outputs, export_outputs
+from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
-                     ParamSummary, PlanReport, ReducedFigures, Report, find_latest_report, ratio)
+                     ParamSummary, PlanReport, ReducedFigures, Report, ratio)
 from .surgery import (LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters,
                       with_dense_layer)
 
@@ -65,8 +65,8 @@ class ExportCommand:
     source: SourceOptions
     output: str | Path
     export: ExportOptions = field(default_factory=ExportOptions)
-    force: bool = False
-    seed: int = 0
+    force: bool = CompressOptions.force
+    seed: int = CompressOptions.seed
 
     def validate(self) -> None:
         self.source.validate()
@@ -202,10 +202,15 @@ def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan],
 
 def _surgery_and_finetune(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
                           events: Events, world: World, resume: ResumeFile | None):
+    """The compressed model, the formats it can be written in (decided and said before the fine-tune),
+    their notes, and the fine-tune's result and accuracy."""
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
         compressed = apply_plan(copy.deepcopy(original), plan)
-        return (compressed, *_finetune(original, compressed, plan, data, options, events, world, resume))
+        formats, notes = choose_formats(compressed, _requested_formats(options.export))
+        for note in notes:
+            events.stage(f"note: {note}")
+        return (compressed, formats, notes, *_finetune(original, compressed, plan, data, options, events, world, resume))
 
 
 def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
@@ -214,20 +219,21 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
     (measured by putting each one back alone) until the accuracy lost on the selection rows, set
     aside from training and distinct from the held-out rows, is within budget. Every process
     decides the same (same model, same rows)."""
-    budget, notes = options.plan.max_drop, []
+    budget = options.plan.max_drop
     reference = evaluate(original, data, split="select") if budget is not None else 0.0
     while True:
-        compressed, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events, world, resume)
+        compressed, formats, notes, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events,
+                                                                            world, resume)
         if budget is None:
-            return compressed, tuned, accuracy, notes
+            return compressed, formats, notes, tuned, accuracy
         score = evaluate(compressed, data, split="select")
         lost = 100 * (reference - score)
         replaced = [entry.name for entry in plan if entry.replaced]
         if lost <= budget:
             kept = [e.name or "the model" for e in plan if e.reason.startswith("kept dense for --max-drop")]
-            notes.append(f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside for the decision"
+            notes.insert(0, f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside for the decision"
                          + (f" after keeping {', '.join(kept)} dense" if kept else ""))
-            return compressed, tuned, accuracy, notes
+            return compressed, formats, notes, tuned, accuracy
         if len(replaced) == 1:
             raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} replaced, "
                             f"{lost:.2f} pp are lost on the rows set aside; raise --max-drop or fine-tune longer (--epochs)")
@@ -305,8 +311,7 @@ def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource
     fingerprint = {"model": str(loaded.path.resolve()), "model_bytes": loaded.path.stat().st_size,
                    "data": str(data.source), "batch_size": options.finetune.batch_size, "world_size": world.size,
                    "include": list(options.plan.include), "exclude": list(options.plan.exclude), **summary}
-    return ResumeFile(checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".resume.pt"), fingerprint,
-                      options.finetune.save_every)
+    return ResumeFile(resume_path(checkpoint), fingerprint, options.finetune.save_every)
 
 
 def _compress(options: CompressOptions, events: Events, world: World) -> Report | None:
@@ -334,10 +339,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
-            compressed, tuned, accuracy, budget_notes = _compress_within_budget(original, plan, data, options, events,
+            compressed, formats, notes, tuned, accuracy = _compress_within_budget(original, plan, data, options, events,
                                                                                 world, resume)
-            formats, notes = choose_formats(compressed, _requested_formats(options.export))
-            notes = budget_notes + notes
         with world.stage():
             if not world.is_main:
                 return None
@@ -382,7 +385,7 @@ def load_report(path: str | Path | None = None) -> Report:
     """The report stored in a compressed checkpoint (None: the newest ``*.fixclf.pt`` in the current
     directory). Reads the checkpoint only: the model is neither built nor imported."""
     if path is None:
-        path = find_latest_report(".")
+        path = latest_compressed(".")
         if path is None:
             raise UsageError("no *.fixclf.pt in this directory; pass the compressed checkpoint: fixclf report PATH")
     return read_stored_report(path)

@@ -222,16 +222,18 @@ def _factory(stored: str | None, given: Architecture | None, path: Path) -> tupl
     if given is not None and not isinstance(given, str):
         raise CheckpointError(f"architecture must be 'package.module:factory' or a callable, got {type(given).__name__}")
     if given and stored and given != stored:
-        raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; drop --arch")
+        raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; name {stored} or no "
+                              "architecture (arch= in Python, --arch on the command line)")
     name = given or stored
     if not name:
-        raise CheckpointError(f"{path} holds a bare state_dict; name its architecture: --arch package.module:factory")
+        raise CheckpointError(f"{path} holds a bare state_dict; name its architecture: arch='package.module:factory' in "
+                              "Python, --arch on the command line")
     if name in ARCHITECTURES:
         return name, ARCHITECTURES[name], True
     if not given:
         raise CheckpointError(f"{path} names architecture {name}, which is not built into fixclf; if you trust that "
                               f"code, name it yourself: --arch {name} (arch={name!r} in Python)")
-    return name, import_reference(name, "--arch", CheckpointError), False
+    return name, import_reference(name, "the architecture", CheckpointError), False
 
 
 def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str) -> nn.Module:
@@ -260,7 +262,7 @@ def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replac
 def _build(factory: Callable, kwargs: dict, name: str) -> nn.Module:
     model = call_user_code(factory, kwargs, f"building the architecture {name}", CheckpointError)
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; check --arch")
+        raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; name a factory that returns the model")
     return model
 
 
@@ -271,7 +273,8 @@ def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = Fals
     except (RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
-        raise CheckpointError(f"{source} does not match the architecture ({detail}); check --arch / --arch-kwargs") from exc
+        raise CheckpointError(f"{source} does not match the architecture ({detail}); check the architecture and its keyword "
+                              "arguments (arch= / arch_kwargs in Python, --arch / --arch-kwargs)") from exc
     return model.float().eval()
 
 
@@ -392,7 +395,7 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
     path = Path(path)
     obj = _obj if _obj is not None else safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != COMPRESSED_FORMAT:
-        raise CheckpointError(f"{path} is not a fixclf compressed checkpoint; run fixclf compress first")
+        raise CheckpointError(f"{path} is not a fixclf compressed checkpoint; compress the model first (fixclf compress)")
     _require(obj, "arch", str, path, "an architecture name")
     state = _check_state(obj.get("state_dict"), path)
     read_stored_report(path, obj)
@@ -414,7 +417,7 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
 
 def read_stored_report(path: str | os.PathLike, _obj: dict | None = None):
     """The typed report stored in a compressed checkpoint, read without building or importing the model."""
-    from .report import Report
+    from .report import Report  # lazily: report imports cost -> export -> onnx, which loading weights never needs
 
     path = Path(path)
     obj = _obj if _obj is not None else safe_load(path)

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import nn
 
 from . import runtime
 from .errors import ExportError
+from .options import ExportOptions
+from .outputs import Artifacts, export_outputs, scratch_directory
 
 __all__ = [
     "OPSET",
@@ -61,7 +62,7 @@ __all__ = [
 
 OPSET = 18
 """ONNX opset of every export: supported by ONNX Runtime >= 1.14 on all platforms, mobile included."""
-DEFAULT_TOLERANCE = 1e-4
+DEFAULT_TOLERANCE = ExportOptions.tolerance
 INT8_MIN_AGREEMENT = 0.98
 FP16_MIN_AGREEMENT = 0.99
 DENSE_OPS = ("MatMul", "Gemm", "Conv")
@@ -257,7 +258,7 @@ def _write_ort(exported: Exported, float_file: Path, out: Path) -> None:
     """ONNX -> ORT format (the format of the ONNX Runtime mobile packages), via onnxruntime's tools."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fixclf-ort-") as work:
+    with scratch_directory(out) as work:
         source = Path(work) / "model.onnx"
         shutil.copyfile(float_file, source)
         with _quiet():
@@ -357,7 +358,6 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
     float16 one (accepted on >= 99% top-1 agreement with float32). ``ort_format`` also writes
     ``path`` with suffix ``.ort``. Nothing is left behind on failure.
     """
-    from .outputs import Artifacts, export_outputs
 
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r}; use int8 or leave it out")

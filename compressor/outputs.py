@@ -24,6 +24,8 @@ from .errors import OutputError
 __all__ = ["Artifacts", "atomic_file", "check_output_path", "compress_outputs", "export_outputs"]
 
 TEMP_PREFIX = ".fixclf-"
+COMPRESSED_SUFFIX = ".fixclf.pt"
+"""What ``compress`` names its checkpoint by default, and what ``report`` looks for."""
 T = TypeVar("T")
 
 
@@ -188,7 +190,7 @@ def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, o
     """``compress``'s files: ``<name>.fixclf.pt`` (default: in the current directory, named after the
     input) and beside it ``.onnx``, ``.int8.onnx`` (with int8), ``.fp16.onnx`` (with fp16) and
     ``.ort`` (with ORT format)."""
-    primary = Path(output) if output is not None else Path(f"{checkpoint.stem}.fixclf.pt")
+    primary = Path(output) if output is not None else Path(f"{checkpoint.stem}{COMPRESSED_SUFFIX}")
     paths = {"checkpoint": primary, "onnx": primary.with_suffix(".onnx")}
     if quantize:
         paths["int8"] = primary.with_suffix(".int8.onnx")
@@ -197,6 +199,23 @@ def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, o
     if ort_format:
         paths["ort"] = primary.with_suffix(".ort")
     return paths
+
+
+def resume_path(checkpoint: Path) -> Path:
+    """Where ``--resume`` keeps the fine-tune state of a run writing ``checkpoint``: ``<name>.resume.pt`` beside it."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".resume.pt")
+
+
+def latest_compressed(directory: str | Path = ".") -> Path | None:
+    """The most recently written compressed checkpoint (``*.fixclf.pt``) in ``directory``."""
+    candidates = sorted((p for p in Path(directory).glob(f"*{COMPRESSED_SUFFIX}") if p.is_file()),
+                        key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def scratch_directory(beside: Path):
+    """A uniquely named temporary directory (``.fixclf-*``) in ``beside``'s directory, removed on exit."""
+    return tempfile.TemporaryDirectory(dir=beside.parent, prefix=TEMP_PREFIX)
 
 
 def export_outputs(output: Path, *, ort_format: bool) -> dict[str, Path]:

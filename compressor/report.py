@@ -17,13 +17,12 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .cost import LayerCost
 from .runtime import Latency
 
 __all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "ReducedFigures",
-           "DataSummary", "FinetuneSummary", "PlanReport", "Report", "ratio", "find_latest_report"]
+           "DataSummary", "FinetuneSummary", "PlanReport", "Report", "ratio"]
 
 
 def ratio(before: float, after: float) -> float | None:
@@ -229,9 +228,3 @@ def _build(cls, data, where: str):
     if missing or set(data) - set(names):
         raise ValueError(f"{where} has fields {sorted(data)}, expected {names}")
     return cls(**{n: _convert(hints[n], data[n], f"{where}.{n}") for n in names if n in data})
-
-
-def find_latest_report(directory: str | Path = ".") -> Path | None:
-    """The most recently written compressed checkpoint (``*.fixclf.pt``) in ``directory``."""
-    candidates = sorted((p for p in Path(directory).glob("*.fixclf.pt") if p.is_file()), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None

@@ -156,8 +156,7 @@ def apply_plan(model: nn.Module, plan: list[LayerPlan]) -> nn.Module:
             continue
         if entry.name == "":
             return entry.build()
-        parent_name, _, child = entry.name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, entry.build())
+        model.set_submodule(entry.name, entry.build())
     return model
 
 
@@ -167,8 +166,7 @@ def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> n
     if name == "":
         return copy.deepcopy(original)
     model = copy.deepcopy(compressed)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, copy.deepcopy(original.get_submodule(name)))
+    model.set_submodule(name, copy.deepcopy(original.get_submodule(name)))
     return model
 
 

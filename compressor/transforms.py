@@ -7,33 +7,36 @@ Transpose, Slice and Concat, so that
 * autograd works without custom backward code,
 * ``torch.onnx.export(dynamo=True)`` emits standard ONNX ops (no complex tensors,
   no ``DFT``), and
-* the constants are O(n): Kronecker factors of size about sqrt(n), never an
-  n x n matrix.
+* the constants are O(n): Kronecker factors of size about n^(1/3) and per-element twiddles,
+  never an n x n matrix.
 
-Walsh-Hadamard (Sylvester order), ``n = a * b`` with a, b powers of two::
+Walsh-Hadamard (Sylvester order) and its extension to n = q 2^k are Kronecker products of small
+orthonormal factors, ``H_n = H_(d_0) (x) H_(d_1) (x) H_(d_2)``: each factor is one MatMul on its own
+axis of ``x.reshape(M, d_0, d_1, d_2)``, from the left or (the last) from the right, so no data is
+transposed (:class:`OrthogonalKronecker`; 3 n^(1/3) multiply-adds per element).
 
-    H_n = H_a (x) H_b   =>   H_n x = vec(H_a X H_b),  X = x.reshape(a, b)
+DCT-II (orthonormal, as ``scipy.fft.dct(norm="ortho")``; thesis section 3.10 uses it for ACDC) by
+Makhoul's reordering and a real-arithmetic three-stage FFT, n = a b c::
 
-DCT-II (orthonormal, as ``scipy.fft.dct(norm="ortho")``) by Makhoul's reordering
-plus a real-arithmetic "four-step" FFT with ``n = a * b`` (thesis section 3.10
-uses DCT-II for ACDC)::
-
-    v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]          (no constants)
-    V[k] = sum_m v[m] exp(-2 pi i m k / n)
+    v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]          (one gather)
+    V[k] = sum_m v[m] W_n^(m k),  W_n = exp(-2 pi i / n)
     X[k] = s_k Re(exp(-i pi k / (2n)) V[k]),  s_0 = sqrt(1/n), s_k = sqrt(2/n)
 
-    with m = b*m1 + m2, k = k1 + a*k2:
-    V[k1 + a k2] = sum_m2 W_n^(m2 k1) W_b^(m2 k2) sum_m1 v[b m1 + m2] W_a^(m1 k1)
+    with m = b c m1 + c m2 + m3 and k = k1 + a k2 + a b k3:
+    V[k] = sum_m3 W_c^(m3 k3) W_n^(m3 (k1 + a k2)) sum_m2 W_b^(m2 k2) W_ab^(m2 k1) sum_m1 W_a^(m1 k1) v[m1, m2, m3]
 
-The half-sample shift exp(-i pi k/(2n)) splits into a k1 factor (folded into the
-twiddles) and a k2 factor (folded into the last DFT matrix), so the DCT is:
-one gather (Makhoul order and the first transpose in one index), one real MatMul
-(a -> 2a: real and imaginary parts), a transpose, the complex twiddle (4 Mul) and two
-b x b MatMuls (real part only). The DCT-III (the inverse)
-is the exact transpose of that chain, run backwards.
+Stage 1 is a real (2a x a) MatMul from the left (real input, complex output, rows (k1, re|im));
+stage 2 one complex b x b matrix *per k1* (a real (2b x 2b) matrix, batched over k1), into which
+the twiddle W_ab^(m2 k1) and the k1 and k2 parts of the half-sample shift are folded; the
+remaining twiddle W_n^(m3 (k1 + a k2)) and stage 3 (the k3 part of the shift folded in, real part
+only) are two elementwise Mul and two MatMuls over (re|im, m3). Work per element:
+2a + 4b + 4c multiply-adds (160 at 4096 against 4 sqrt(n) = 256 for the two-stage "four-step"
+form fixclf used before); constants O(n) (the per-k1 matrices hold 4 a b^2 ~ 4n numbers). The
+DCT-III (the inverse) is the exact transpose of that chain, run backwards.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 
@@ -41,12 +44,18 @@ import torch
 from torch import nn
 
 __all__ = [
+    "OrthogonalKronecker",
     "WalshHadamard",
+    "KroneckerHadamard",
+    "kronecker_hadamard_matrix",
+    "kronecker_orders",
+    "kronecker_size",
+    "odd_part",
     "DCT2",
     "DCT3",
     "hadamard_matrix",
     "dct_matrix",
-    "split_factors",
+    "dct_factors",
     "next_power_of_two",
     "permute_last",
     "dct_size",
@@ -56,29 +65,6 @@ __all__ = [
 def next_power_of_two(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def split_factors(n: int) -> tuple[int, int]:
-    """Split ``n = a * b`` with ``a <= b`` as balanced as possible (a the largest divisor <= sqrt(n))."""
-    a = math.isqrt(n)
-    while n % a:
-        a -= 1
-    return a, n // a
-
-
-def dct_size(n: int, max_ratio: int = 4) -> int:
-    """Smallest even size >= n whose balanced factors ``a * b`` have ``b <= max_ratio * a``.
-
-    ACDC pads its features to this size so that the four-step DCT stays O(n sqrt(n))
-    with small factors (a prime n would otherwise give a = 1, a dense DFT).
-    """
-    m = max(2, int(n))
-    while True:
-        if m % 2 == 0:
-            a, b = split_factors(m)
-            if b <= max_ratio * a:
-                return m
-        m += 1
 
 
 @lru_cache(maxsize=None)
@@ -126,58 +112,184 @@ class _ConstantTransform(nn.Module):
         return self
 
 
-class WalshHadamard(_ConstantTransform):
+def odd_part(n: int) -> tuple[int, int]:
+    """``(q, k)`` with ``n = q * 2^k`` and q odd."""
+    k = (n & -n).bit_length() - 1
+    return n >> k, k
+
+
+def kronecker_orders(n: int) -> tuple[int, ...]:
+    """Orders ``d_0 .. d_{s-1}`` of the Kronecker factors of a size-n :class:`OrthogonalKronecker`.
+
+    n = q 2^k (q odd): d_0 = q 2^(k_0), d_i = 2^(k_i), k_0 + ... + k_{s-1} = k, with s = 1 stage up
+    to n = 64, 2 below 2048 and 3 from there (measured in ONNX Runtime, batch 1 and 128: at 4096,
+    16 x 16 x 16 ran 1.1-1.4x faster than 64 x 64; at 512, 16 x 32 ran faster than 8 x 8 x 8). The
+    k_i minimise the work per element, sum(d_i).
+    """
+    q, k = odd_part(n)
+    stages = 1 if n <= 64 else 2 if n < 2048 else 3
+    stages = min(stages, k + 1) if q == 1 else stages
+    best: tuple[int, ...] | None = None
+    for split in itertools.product(range(k + 1), repeat=stages - 1):
+        if sum(split) > k:
+            continue
+        orders = (q << (k - sum(split)), *(1 << e for e in split))
+        if min(orders) > 1 or stages == 1:
+            if best is None or sum(orders) < sum(best):
+                best = orders
+    return best if best is not None else (n,)
+
+
+def kronecker_size(n: int, max_odd: int = 15) -> int:
+    """Smallest size >= n of the form q 2^k with q odd and q <= ``max_odd``: what Adaptive Fastfood
+    pads to (9216 = 9 x 1024 needs no padding; 300 -> 320 = 5 x 64 instead of 512)."""
+    m = max(1, int(n))
+    while odd_part(m)[0] > max_odd:
+        m += 1
+    return m
+
+
+class OrthogonalKronecker(_ConstantTransform):
+    """``y = (F_0 (x) F_1 (x) ... (x) F_{s-1}) x`` along the last dim, each F_i a fixed orthonormal
+    d_i x d_i matrix, n = prod(d_i); shapes (..., n) -> (..., n).
+
+    With ``X = x.reshape(M, d_0, .., d_{s-1})`` each factor acts on its own axis, as a MatMul with
+    no Transpose of the data: the last factor multiplies from the right ((M n / d, d) @ F^T, one
+    GEMM), every other one from the left (F_i @ (M prod(d_<i), d_i, prod(d_>i)), broadcast over the
+    leading axis). Work: sum(d_i) multiply-adds per element (3 n^(1/3) for three balanced
+    factors), constants sum(d_i^2) floats.
+    """
+
+    def __init__(self, factors: list[torch.Tensor]) -> None:
+        super().__init__({**{f"factor{i}": f for i, f in enumerate(factors[:-1])}, "last_t": factors[-1].T.contiguous()})
+        self.orders = tuple(int(f.shape[0]) for f in factors)
+        self.n = math.prod(self.orders)
+
+    def forward(self, x: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """The transform of x; with ``keep``, only its first ``keep`` outputs (..., keep).
+
+        Output i = i_0 (n / d_0) + ... needs only rows i_0 < r = ceil(keep / (n / d_0)) of F_0,
+        which is applied first, so the other factors run on r / d_0 of the data (a head with
+        C << n classes pays about n (r + d_1 + ...) multiply-adds, not n sum(d_i)).
+        """
+        batch, orders, n = x.shape[:-1], self.orders, self.n
+        rows = orders[0] if keep is None else min(orders[0], -(-keep // (n // orders[0])))
+        y = x.reshape(-1, n)
+        if len(orders) == 1:
+            y = y @ self.last_t[:, :rows]
+        else:
+            y = self.factor0[:rows] @ y.reshape(-1, orders[0], n // orders[0])
+            for i in range(1, len(orders) - 1):
+                y = getattr(self, f"factor{i}") @ y.reshape(-1, orders[i], math.prod(orders[i + 1:]))
+            y = y.reshape(-1, orders[-1]) @ self.last_t
+        y = y.reshape(*batch, rows * (n // orders[0]))
+        return y if keep is None else y[..., :keep]
+
+
+class WalshHadamard(OrthogonalKronecker):
     """Orthonormal Walsh-Hadamard transform ``y = H_n x / sqrt(n)`` along the last dim, n a power of two.
 
-    Computed as ``H_a X H_b`` with ``X = x.reshape(..., a, b)``: two MatMuls with the
-    a x a and b x b Kronecker factors (a + b ~ 2 sqrt(n) per element instead of n).
-    The transform is symmetric and its own inverse. Shapes: (..., n) -> (..., n).
+    H_n = H_(d_0) (x) H_(d_1) (x) ... (Sylvester order), applied as an :class:`OrthogonalKronecker`
+    with the orders of :func:`kronecker_orders` (16 x 16 x 16 at 4096: 48 multiply-adds per element
+    instead of n). The transform is symmetric and its own inverse. Shapes: (..., n) -> (..., n).
     The factors are non-persistent buffers: nothing goes into the state_dict.
     """
 
     def __init__(self, n: int) -> None:
         if n < 1 or n != next_power_of_two(n):
             raise ValueError(f"Walsh-Hadamard size must be a power of two, got {n}")
-        a, b = split_factors(n)
-        super().__init__({"h_a": hadamard_matrix(a), "h_b": hadamard_matrix(b)})
-        self.n, self.a, self.b = n, a, b
-
-    def forward(self, x: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-        """``H_n x / sqrt(n)``; with ``keep``, only its first ``keep`` outputs (..., keep).
-
-        Output i = i_a b + i_b needs only rows i_a < r = ceil(keep / b) of H_a. Contracting with
-        those r rows first shrinks the data before the second MatMul, so a head with C << n
-        classes pays about n (r + b) multiply-adds instead of n (a + b).
-        """
-        batch = x.shape[:-1]
-        rows = self.a if keep is None else -(-keep // self.b)
-        x = x.reshape(-1, self.a, self.b).transpose(1, 2) @ self.h_a[:, :rows]  # (H_a[:r] X)^T, H_a symmetric
-        x = (x.transpose(1, 2) @ self.h_b).reshape(*batch, rows * self.b)  # H_a[:r] X H_b
-        return x if keep is None else x[..., :keep]
+        super().__init__([hadamard_matrix(d) for d in kronecker_orders(n)])
 
 
-def _four_step_constants(n: int) -> dict[str, torch.Tensor]:
-    """Float64 constants of the real four-step DCT-II of size n (see module docstring)."""
-    a, b = split_factors(n)
-    m1 = k1 = torch.arange(a, dtype=torch.float64)
-    m2 = k2 = torch.arange(b, dtype=torch.float64)
-    # Stage 1: length-a DFT over m1 of a real input -> [Re | Im], shape (a, 2a), acting on the right.
-    ang1 = -2 * math.pi * torch.outer(m1, k1) / a
-    first = torch.cat([torch.cos(ang1), torch.sin(ang1)], dim=1)
-    # Twiddle W_n^(m2 k1) times the k1 part of the half-sample shift, laid out (a, b) = [k1, m2].
-    ang_t = -2 * math.pi * torch.outer(k1, m2) / n - math.pi * k1[:, None] / (2 * n)
-    # Stage 2: length-b DFT over m2 times the k2 part of the shift; only the real part is kept:
-    # Re(z g) = Re z Re g - Im z Im g, so the two (b, b) matrices are Re g and -Im g.
-    ang2 = -2 * math.pi * torch.outer(m2, k2) / b - math.pi * a * k2[None, :] / (2 * n)
-    # Natural-order scale of the orthonormal DCT-II: sqrt(2/n), and sqrt(1/n) for k = 0.
-    scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
-    scale[0] = math.sqrt(1.0 / n)
+def kronecker_hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Dense reference of :class:`KroneckerHadamard`: ``C_q (x) H_(2^k) / sqrt(2^k)``, n = q 2^k."""
+    q, k = odd_part(n)
+    return torch.kron(dct_matrix(q), hadamard_matrix(1 << k)).to(dtype)
+
+
+class KroneckerHadamard(OrthogonalKronecker):
+    """The Walsh-Hadamard transform extended to n = q 2^k, q odd: ``y = (C_q (x) H_(2^k)/sqrt(2^k)) x``
+    with C_q the orthonormal DCT-II of order q (a dense q x q factor; equal to :class:`WalshHadamard`
+    when q = 1). Orthonormal like H, every entry of magnitude O(1/sqrt(n)) when q is small, and
+    applied with the same O(n^(1/3)) work: Adaptive Fastfood uses it so that 9216 = 9 x 1024 is
+    transformed at its own size instead of being padded to 16384 (1.8x the data).
+    Shapes (..., n) -> (..., n); its inverse is its transpose.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"transform size must be >= 1, got {n}")
+        q, k = odd_part(n)
+        orders = kronecker_orders(n)
+        first = torch.kron(dct_matrix(q), hadamard_matrix(orders[0] // q))
+        super().__init__([first, *(hadamard_matrix(d) for d in orders[1:])])
+
+
+def dct_factors(n: int) -> tuple[int, int, int]:
+    """``(a, b, c)`` with ``n = a b c`` for the three-stage DCT of size n.
+
+    Work per element is 2a + 4b + 4c multiply-adds (see the module docstring), but stage 2 runs as
+    M a small GEMMs, so a costs more than its flops say; the factors minimise a + b + c (balanced:
+    16 x 16 x 16 at 4096, 16 x 24 x 24 at 9216), ties going to the larger c. Measured in ONNX
+    Runtime at 4096 (batch 128, 2 threads; batch 1, 1 thread), the other orders of the same sizes
+    (8 x 16 x 32, 32 x 16 x 8, 4 x 32 x 32, ...) were no faster.
+    """
+    best = (n, 1, 1)
+    cost = lambda f: (4 * f[0] + 4 * f[1] + 4 * f[2], -f[2])  # noqa: E731
+    for a in range(1, n + 1):
+        if n % a:
+            continue
+        for b in range(1, n // a + 1):
+            if (n // a) % b == 0 and cost((a, b, n // a // b)) < cost(best):
+                best = (a, b, n // a // b)
+    return best
+
+
+def dct_size(n: int, max_ratio: int = 4) -> int:
+    """Smallest even size >= n whose :func:`dct_factors` are within ``max_ratio`` of each other.
+
+    ACDC pads its features to this size so that the DCT stays O(n^(4/3)) with small factors (a
+    prime n would otherwise give one factor n, a dense DFT).
+    """
+    m = max(2, int(n))
+    while True:
+        if m % 2 == 0:
+            factors = dct_factors(m)
+            if max(factors) <= max_ratio * min(factors) or m <= 8:
+                return m
+        m += 1
+
+
+def _dct_constants(a: int, b: int, c: int) -> dict[str, torch.Tensor]:
+    """Float64 constants of the three-stage real DCT-II of size n = a b c (see the module docstring)."""
+    n = a * b * c
+    m1, m2, m3 = (torch.arange(d, dtype=torch.float64) for d in (a, b, c))
+    k1, k2, k3 = m1, m2, m3
+    # Stage 1: length-a DFT over m1 of the real input, rows (k1, re|im), acting from the left.
+    ang1 = -2 * math.pi * torch.outer(k1, m1) / a
+    first = torch.stack([torch.cos(ang1), torch.sin(ang1)], 1).reshape(2 * a, a)
+    # Stage 2, one complex b x b matrix per k1: W_b^(m2 k2) W_ab^(m2 k1) and the k1, k2 parts of the
+    # half-sample shift; as a real (2b, 2b) matrix with rows (k2, re|im out), columns (re|im in, m2).
+    ang2 = (-2 * math.pi * m2[None, None, :] * (k2[None, :, None] / b + k1[:, None, None] / (a * b))
+            - math.pi * (k1[:, None, None] + a * k2[None, :, None]) / (2 * n))
+    g_re, g_im = torch.cos(ang2), torch.sin(ang2)  # [k1, k2, m2]
+    second = torch.stack([torch.stack([g_re, -g_im], 2), torch.stack([g_im, g_re], 2)], 2)  # [k1, k2, out, in, m2]
+    # Twiddle W_n^(m3 (k1 + a k2)) on (k1, k2, m3), as two real (re|im, m3) patterns (see DCT2.spectrum).
+    ang_t = -2 * math.pi * m3[None, None, :] * (k1[:, None, None] + a * k2[None, :, None]) / n
+    t_re, t_im = torch.cos(ang_t), torch.sin(ang_t)
+    # Stage 3: length-c DFT over m3 with the k3 part of the shift; only the real part is kept.
+    ang3 = -2 * math.pi * torch.outer(m3, k3) / c - math.pi * a * b * k3[None, :] / (2 * n)
+    h_re, h_im = torch.cos(ang3), torch.sin(ang3)
+    # Orthonormal scale in the spectral layout [k1, k2, k3]: sqrt(2/n), and sqrt(1/n) for k = 0.
+    scale = torch.full((a, b, c), math.sqrt(2.0 / n), dtype=torch.float64)
+    scale[0, 0, 0] = math.sqrt(1.0 / n)
     return {
         "first": first,
-        "twiddle_re": torch.cos(ang_t),
-        "twiddle_im": torch.sin(ang_t),
-        "second_re": torch.cos(ang2),
-        "second_im": -torch.sin(ang2),
+        "second": second.reshape(a, 2 * b, 2 * b),
+        "twiddle_a": torch.stack([t_re, t_im], 2).reshape(a, b, 2 * c),
+        "twiddle_b": torch.stack([t_im, t_re], 2).reshape(a, b, 2 * c),
+        "third_a": torch.cat([h_re, -h_re], 0),
+        "third_b": torch.cat([-h_im, -h_im], 0),
         "scale": scale,
     }
 
@@ -192,21 +304,19 @@ def permute_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, index.expand(x.shape[0], -1))
 
 
-def _makhoul_gather_index(n: int) -> torch.Tensor:
-    """Index g with ``x[..., g]`` = Makhoul's reordering v laid out as [m2, m1] (m = b m1 + m2)."""
-    a, b = split_factors(n)
+def _makhoul_index(n: int) -> torch.Tensor:
+    """Index g with ``x[..., g]`` = Makhoul's reordering v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]."""
     m = torch.arange(n)
-    makhoul = torch.where(m < n // 2, 2 * m, 2 * (n - 1 - m) + 1)
-    return makhoul.reshape(a, b).T.reshape(n)
+    return torch.where(m < n // 2, 2 * m, 2 * (n - 1 - m) + 1)
 
 
-class _FourStepDCT(_ConstantTransform):
+class _ThreeStageDCT(_ConstantTransform):
     """Constants of DCT-II / DCT-III of size n (even), as non-persistent buffers.
 
     Besides the natural order, both transforms expose the *spectral layout*: the unscaled
-    coefficients as a (..., a, b) tensor indexed [k1, k2] with k = k1 + a k2. ACDC multiplies
-    its diagonal in that layout, which saves the output transpose of the DCT-II, the input
-    transpose of the DCT-III and both scale multiplications (see :meth:`spectral_layout`).
+    coefficients as a (..., a, b, c) tensor indexed [k1, k2, k3] with k = k1 + a k2 + a b k3. ACDC
+    multiplies its diagonal in that layout, which saves moving every activation into natural order
+    and both scale multiplications (see :meth:`spectral_layout`).
     """
 
     transposed = False  # DCT3 keeps its matrices transposed: no Transpose of constants at run time
@@ -214,50 +324,59 @@ class _FourStepDCT(_ConstantTransform):
     def __init__(self, n: int) -> None:
         if n < 2 or n % 2:
             raise ValueError(f"DCT size must be even and >= 2, got {n} (pad with compressor.transforms.dct_size)")
-        constants = _four_step_constants(n)
+        self.a, self.b, self.c = dct_factors(n)
+        constants = _dct_constants(self.a, self.b, self.c)
         if self.transposed:
-            for name in ("first", "second_re", "second_im"):
-                constants[name] = constants[name].T.contiguous()
+            for name in ("first", "second", "third_a", "third_b"):
+                constants[name] = constants[name].transpose(-1, -2).contiguous()
         super().__init__(constants)
         self.n = n
-        self.a, self.b = split_factors(n)
-        gather = _makhoul_gather_index(n)
+        gather = _makhoul_index(n)
         self.register_buffer("gather_in", gather, persistent=False)
         self.register_buffer("gather_out", torch.argsort(gather), persistent=False)
 
     def spectral_layout(self, v: torch.Tensor) -> torch.Tensor:
-        """Natural order (..., n) -> spectral layout (..., a, b): ``v[k1 + a k2]`` at ``[k1, k2]``.
+        """Natural order (..., n) -> spectral layout (..., a, b, c): ``v[k1 + a k2 + a b k3]`` at [k1, k2, k3].
 
         ``DCT2(x) == scale * natural_order(spectrum(x))``; ACDC moves its diagonal and bias into
         this layout (cheap, on parameters) instead of moving every activation out of it.
         """
-        return v.reshape(*v.shape[:-1], self.b, self.a).transpose(-1, -2)
+        return v.reshape(*v.shape[:-1], self.c, self.b, self.a).transpose(-1, -3)
+
+    def natural_order(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """Spectral layout (M, a, b, c) -> natural order (M, n); the inverse of :meth:`spectral_layout`."""
+        return spectrum.transpose(-1, -3).reshape(-1, self.n)
 
 
-class DCT2(_FourStepDCT):
+class DCT2(_ThreeStageDCT):
     """Orthonormal DCT-II along the last dim: ``y = C x`` (== scipy.fft.dct(x, norm="ortho")).
 
-    Shapes: (..., n) -> (..., n), n even. Work per element: 2a + 2b multiply-adds in MatMuls plus
-    six elementwise ops, with n = a * b balanced; constants 2a^2 + 2b^2 + 3n floats and two
-    n-long index vectors, shared by all layers of the same size after export.
+    Shapes: (..., n) -> (..., n), n even, n = a b c (:func:`dct_factors`). Work per element:
+    2a + 4b + 4c multiply-adds in MatMuls and two elementwise Mul; constants about
+    2a^2 + 4 a b^2 + 4c^2 + 5n floats and two n-long index vectors, shared by all layers of the
+    same size after export.
     """
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled DCT-II coefficients of x (..., n) in the spectral layout (M, a, b), M = prod(batch)."""
-        a, b = self.a, self.b
-        v = permute_last(x.reshape(-1, self.n), self.gather_in).reshape(-1, b, a)  # [m2, m1]
-        y = (v @ self.first).transpose(1, 2).reshape(-1, 2, a, b)  # [re|im, k1, m2]
-        y_re, y_im = y[:, 0], y[:, 1]
-        z_re = y_re * self.twiddle_re - y_im * self.twiddle_im
-        z_im = y_re * self.twiddle_im + y_im * self.twiddle_re
-        return z_re @ self.second_re + z_im @ self.second_im  # [k1, k2]
+        """Unscaled DCT-II coefficients of x (..., n) in the spectral layout (M, a, b, c), M = prod(batch)."""
+        return self.spectrum_of_reordered(permute_last(x.reshape(-1, self.n), self.gather_in))
+
+    def spectrum_of_reordered(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`spectrum` of x given as ``v = x[..., gather_in]`` (M, n): Makhoul's order, m = b c m1 +
+        c m2 + m3 laid out [m1, m2, m3]. A stack that permutes between its layers folds this gather
+        into its own."""
+        a, b, c = self.a, self.b, self.c
+        y = self.first @ v.reshape(-1, a, b * c)  # [k1 re|im, (m2, m3)]
+        y = (self.second @ y.reshape(-1, a, 2 * b, c)).reshape(-1, a, b, 2 * c)  # [k1, k2, (re|im, m3)]
+        # Re(sum_m3 H[m3, k3] T[k1, k2, m3] Z[m3]) with Z = y_re + i y_im: the complex product's four
+        # real terms come out of two elementwise Mul and two MatMuls over (re|im, m3).
+        return (y * self.twiddle_a) @ self.third_a + (y * self.twiddle_b) @ self.third_b  # [k1, k2, k3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        natural = self.spectrum(x).transpose(1, 2).reshape(-1, self.n)
-        return (natural * self.scale).reshape(x.shape)
+        return self.natural_order(self.spectrum(x) * self.scale).reshape(x.shape)
 
 
-class DCT3(_FourStepDCT):
+class DCT3(_ThreeStageDCT):
     """Orthonormal DCT-III, the inverse (and transpose) of :class:`DCT2`: ``x = C^T y``.
 
     Runs the DCT-II chain backwards with every stage transposed; shapes (..., n) -> (..., n).
@@ -266,15 +385,16 @@ class DCT3(_FourStepDCT):
     transposed = True
 
     def from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
-        """Transpose of :meth:`DCT2.spectrum`: spectral layout (M, a, b) -> natural order (M, n)."""
-        a, b = self.a, self.b
-        z_re = spectrum @ self.second_re  # [k1, m2]
-        z_im = spectrum @ self.second_im
-        y_re = z_re * self.twiddle_re + z_im * self.twiddle_im  # conjugate twiddle
-        y_im = z_im * self.twiddle_re - z_re * self.twiddle_im
-        y = torch.stack([y_re, y_im], dim=1).reshape(-1, 2 * a, b).transpose(1, 2)  # [m2, re|im k1]
-        v = y @ self.first  # [m2, m1]
-        return permute_last(v.reshape(-1, self.n), self.gather_out)
+        """Transpose of :meth:`DCT2.spectrum`: spectral layout (M, a, b, c) -> natural order (M, n)."""
+        return permute_last(self.reordered_from_spectrum(spectrum), self.gather_out)
+
+    def reordered_from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """:meth:`from_spectrum` before its last gather: the result x as ``x[..., gather_in]`` (M, n)."""
+        a, b, c = self.a, self.b, self.c
+        y = (spectrum @ self.third_a) * self.twiddle_a + (spectrum @ self.third_b) * self.twiddle_b  # [k1, k2, (re|im, m3)]
+        y = self.second @ y.reshape(-1, a, 2 * b, c)  # [k1, (re|im, m2), m3]
+        return (self.first @ y.reshape(-1, 2 * a, b * c)).reshape(-1, self.n)  # [m1, m2, m3]
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.from_spectrum(self.spectral_layout(y.reshape(-1, self.n) * self.scale)).reshape(y.shape)
+        spectrum = self.spectral_layout(y.reshape(-1, self.n)) * self.scale
+        return self.from_spectrum(spectrum).reshape(y.shape)

@@ -109,7 +109,7 @@ def test_plan_times_each_layer_at_its_real_shape_and_objective_latency_keeps_the
     for layer in latency["layers"]:  # kept exactly when its replacement was measured slower at batch 1
         c = layer["cost"]
         if layer["kind"] is None:
-            assert "slower than dense at batch 1" in layer["reason"] and c["structured_batch1_ms"] > c["dense_batch1_ms"]
+            assert "slower than dense at batch 1" in layer["reason"] and c["structured_batch1_ms"] >= c["dense_batch1_ms"]
         else:
             assert c["structured_batch1_ms"] <= c["dense_batch1_ms"]
     if all(layer["kind"] is None for layer in latency["layers"]):  # then compress has nothing to do: exit 5

@@ -17,7 +17,7 @@ from compressor.surgery import apply_plan, initialise_from_dense, make_plan
 from compressor.export import export_onnx, stored_state_bytes
 from compressor.runtime import session as ort_session
 from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead
-from compressor.transforms import split_factors
+from compressor.transforms import dct_factors, kronecker_orders
 from conftest import SAMPLES
 
 MODULES = {
@@ -59,17 +59,17 @@ def caffenet_head(compressed: bool) -> nn.Module:
 def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
     """Independent estimate of the shared transform constants, one set per size.
 
-    DCT of n = a b: stage-1 matrix a x 2a and the two b x b stage-2 matrices, each also
-    transposed for the DCT-III, two a x b twiddles, the n scales (float32) and two n-long int64
-    gather indices. Walsh-Hadamard of n = a b: the factors H_a and H_b (one if a == b).
+    DCT of n = a b c: the stage-1 matrix 2a x a, the a per-k1 (2b x 2b) stage-2 matrices and the
+    two 2c x c stage-3 matrices, each also transposed for the DCT-III, the two twiddle patterns
+    (2n each), the n scales (float32) and two n-long int64 gather indices. Walsh-Hadamard of n:
+    its Kronecker factors (16 x 16 x 16 at 4096: one 16 x 16).
     """
     total = 0
     for n in dct_sizes:
-        a, b = split_factors(n)
-        total += 4 * (2 * (2 * a * a + 2 * b * b) + 2 * a * b + n) + 8 * 2 * n
+        a, b, c = dct_factors(n)
+        total += 4 * (2 * (2 * a * a + 4 * a * b * b + 4 * c * c) + 4 * n + n) + 8 * 2 * n
     for n in wht_sizes:
-        a, b = split_factors(n)
-        total += 4 * (a * a + (b * b if b != a else 0))
+        total += 4 * sum(d * d for d in set(kronecker_orders(n)))  # equal factors are one initializer
     return total
 
 
@@ -85,7 +85,10 @@ def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
     assert abs(small_bytes - expected) <= 0.10 * expected, (small_bytes, expected)
     # one initializer per transform size, however many layers use it
     shapes = [tuple(i.dims) for i in onnx.load(tmp_path / "small.onnx").graph.initializer]
-    assert shapes.count((96, 192)) == 1 and shapes.count((64, 128)) == 1
+    for n in (9216, 4096):
+        a, b, c = dct_factors(n)
+        assert shapes.count((a, 2 * b, 2 * b)) == 2  # the stage-2 matrices of the DCT-II and DCT-III, once per size
+
 
 
 def test_failed_validation_leaves_no_file(tmp_path):

@@ -40,15 +40,17 @@ def test_acdc_stack_equals_dense_equivalent(shape):
     assert torch.allclose(stack(x), dense(x), atol=1e-10)
 
 
-def test_acdc_stack_with_relu_composes_layers_permutations_and_relu():
-    stack = ACDCStack(24, 24, 3, seed=3).double()
-    x = torch.randn(4, 24, dtype=torch.float64)
-    expected = x
+@pytest.mark.parametrize("shape", [(24, 24, 3), (20, 30, 2), (30, 20, 4)])
+def test_acdc_stack_with_relu_composes_layers_permutations_and_relu(shape):
+    """The stack folds its gathers into the permutations; layer by layer it must be the same function."""
+    stack = ACDCStack(*shape, seed=3).double()
+    x = torch.randn(4, shape[0], dtype=torch.float64)
+    expected = torch.nn.functional.pad(x, (0, stack.size - shape[0]))
     for k, layer in enumerate(stack.layers):
         expected = layer.dense_equivalent()(expected)
-        if k < 2:
+        if k < shape[2] - 1:
             expected = torch.relu(expected)[:, stack.permutations[k]]
-    assert torch.allclose(stack(x), expected, atol=1e-10)
+    assert torch.allclose(stack(x), expected[:, : shape[1]], atol=1e-10)
     with pytest.raises(ValueError):
         stack.dense_equivalent()
 
@@ -66,20 +68,33 @@ def test_acdc_initialisation_and_reload():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
 
 
-def test_fastfood_is_its_formula():
-    layer = AdaptiveFastfood(12, 40, seed=4).double()  # in padded to 16, 3 blocks stacked
+def _kronecker_hadamard(n: int) -> torch.Tensor:
+    """Independent construction of fixclf's Fastfood transform for n = q 2^k: DCT-II_q (x) H_(2^k), from scipy."""
+    q = n // (n & -n)
+    dct = scipy.fft.dct(np.eye(q), axis=0, norm="ortho")
+    h = scipy.linalg.hadamard(n // q) / np.sqrt(n // q)
+    return torch.from_numpy(np.kron(dct, h))
+
+
+@pytest.mark.parametrize("features, size", [((12, 40), 12), ((16, 40), 16), ((300, 700), 320), ((17, 5), 18)])
+def test_fastfood_is_its_formula(features, size):
+    """12 and 16 work at their own size (3 x 4, 2^4), 300 pads to 320 = 5 x 64, 17 to 18 = 9 x 2;
+    more outputs than the size stack blocks."""
+    layer = AdaptiveFastfood(*features, seed=4).double()
     with torch.no_grad():
         layer.S.normal_()
         layer.bias.normal_()
-    h = _hadamard(16)
+    n, blocks_count = layer.size, layer.blocks
+    assert n == size and blocks_count == -(-features[1] // n)
+    h = _kronecker_hadamard(n)
     blocks = []
-    perm = layer.permutation.reshape(3, 16) - torch.arange(3)[:, None] * 16
-    for j in range(3):
-        pi = torch.eye(16, dtype=torch.float64)[perm[j]]
+    perm = layer.permutation.reshape(blocks_count, n) - torch.arange(blocks_count)[:, None] * n
+    for j in range(blocks_count):
+        pi = torch.eye(n, dtype=torch.float64)[perm[j]]
         b, g, s = (torch.diag(p[j].detach()) for p in (layer.B, layer.G, layer.S))
         blocks.append(s @ h @ g @ pi @ h @ b)
-    weight = torch.cat(blocks)[:40, :12]
-    x = torch.randn(6, 12, dtype=torch.float64)
+    weight = torch.cat(blocks)[: features[1], : features[0]]
+    x = torch.randn(6, features[0], dtype=torch.float64)
     assert torch.allclose(layer(x), x @ weight.T + layer.bias.detach(), atol=1e-12)
     assert torch.allclose(layer.dense_equivalent().weight, weight, atol=1e-12)
 

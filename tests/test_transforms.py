@@ -7,10 +7,12 @@ import scipy.fft
 import scipy.linalg
 import torch
 
-from compressor.transforms import DCT2, DCT3, WalshHadamard, dct_matrix, dct_size, hadamard_matrix, split_factors
+from compressor.transforms import (DCT2, DCT3, KroneckerHadamard, WalshHadamard, dct_matrix, dct_size, hadamard_matrix,
+                                  dct_factors, kronecker_orders, kronecker_size)
 
 DCT_SIZES = [2, 6, 8, 18, 64, 100, 512, 1024, 4096]
-WHT_SIZES = [1, 2, 4, 8, 32, 128, 1024, 4096]
+WHT_SIZES = [1, 2, 4, 8, 32, 128, 1024, 4096, 16384]
+KRONECKER_SIZES = [3, 12, 96, 320, 1536, 9216]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,6 +45,37 @@ def test_walsh_hadamard_matches_scipy(n):
     assert _rel(WalshHadamard(n).double()(WalshHadamard(n).double()(x)), x) <= 1e-10  # its own inverse
 
 
+@pytest.mark.parametrize("n", WHT_SIZES[:-1])
+def test_walsh_hadamard_first_outputs_alone(n):
+    """``keep`` (the head's truncation) gives exactly the first outputs, computed from fewer rows."""
+    x = torch.randn(3, n, dtype=torch.float64)
+    full = WalshHadamard(n).double()(x)
+    for keep in {1, max(1, n // 3), n - 1, n} - {0}:
+        assert _rel(WalshHadamard(n).double()(x, keep=keep), full[:, :keep]) <= 1e-12
+
+
+@pytest.mark.parametrize("n", KRONECKER_SIZES)
+def test_kronecker_hadamard_matches_its_scipy_construction(n):
+    q = n // (n & -n)
+    reference_matrix = np.kron(scipy.fft.dct(np.eye(q), axis=0, norm="ortho"), scipy.linalg.hadamard(n // q) / np.sqrt(n // q))
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    reference = x @ torch.from_numpy(reference_matrix).T
+    assert _rel(KroneckerHadamard(n).double()(x), reference) <= 1e-10
+    assert _rel(KroneckerHadamard(n)(x.float()), reference.float()) <= 1e-5
+    back = KroneckerHadamard(n).double()(x) @ torch.from_numpy(reference_matrix)  # orthonormal: its transpose inverts it
+    assert _rel(back, x) <= 1e-10
+
+
+def test_kronecker_orders_and_sizes():
+    assert kronecker_orders(4096) == (16, 16, 16) and kronecker_orders(9216) == (18, 16, 32)
+    assert kronecker_orders(512) == (32, 16) and kronecker_orders(64) == (64,)
+    for n in (*WHT_SIZES, *KRONECKER_SIZES):
+        orders = kronecker_orders(n)
+        assert np.prod(orders) == n and len(orders) <= 3 and sum(orders) <= 1.5 * len(orders) * n ** (1 / len(orders))
+    assert kronecker_size(9216) == 9216 and kronecker_size(300) == 320 and kronecker_size(17) == 18
+    assert all(kronecker_size(n) < 1.15 * n for n in range(16, 5000))  # never the 2x of the next power of two
+
+
 def test_dense_references_are_orthonormal():
     for n in (6, 64):
         c = dct_matrix(n)
@@ -51,22 +84,24 @@ def test_dense_references_are_orthonormal():
     assert torch.allclose(h @ h.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("module", [DCT2(12), DCT3(12), WalshHadamard(16)], ids=["dct2", "dct3", "wht"])
+@pytest.mark.parametrize("module", [DCT2(12), DCT3(12), WalshHadamard(16), WalshHadamard(4096), KroneckerHadamard(24)],
+                         ids=["dct2", "dct3", "wht", "wht-3-stage", "kronecker"])
 def test_transforms_gradcheck(module):
-    x = torch.randn(3, module.n, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(module.double(), (x,))
+    x = torch.randn(2 if module.n > 1000 else 3, module.n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module.double(), (x,), fast_mode=module.n > 1000)
 
 
 def test_transform_constants_are_not_in_state_dict():
-    for module in (DCT2(64), DCT3(64), WalshHadamard(64)):
+    for module in (DCT2(64), DCT3(64), WalshHadamard(64), KroneckerHadamard(4096 * 3)):
         assert module.state_dict() == {}
 
 
 def test_sizes_and_bad_sizes():
-    assert split_factors(4096) == (64, 64) and split_factors(9216) == (96, 96)
+    assert np.prod(dct_factors(4096)) == 4096 and max(dct_factors(4096)) <= 32
     assert dct_size(9216) == 9216 and dct_size(7) == 8 and dct_size(13) % 2 == 0
-    a, b = split_factors(dct_size(997))
-    assert b <= 4 * a
+    for n in (997, 300, 1000, 5000):
+        factors = dct_factors(dct_size(n))
+        assert n <= dct_size(n) < 1.1 * n and max(factors) <= 4 * min(factors)
     with pytest.raises(ValueError):
         WalshHadamard(12)
     with pytest.raises(ValueError):

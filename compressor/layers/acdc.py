@@ -2,7 +2,7 @@
 
 One layer, n features (the orthonormal DCT-II written C, its inverse C^T)::
 
-    y = C^T (d * C (a * x) + bias)          a, d, bias in R^n: 3n parameters, O(n sqrt n) work
+    y = C^T (d * C (a * x) + bias)          a, d, bias in R^n: 3n parameters, O(n^(4/3)) work
 
 with ``a`` and ``d`` learned diagonals initialised N(1, sigma^2) (thesis: sigma = 0.061 for
 CaffeNet; standard linear initialisations fail for deep stacks, fig. 3.4) and the bias added to D
@@ -17,7 +17,6 @@ the input is zero-padded to n and the output sliced to ``out_features``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..transforms import DCT2, DCT3, dct_size, permute_last
@@ -62,19 +61,22 @@ class ACDC(StructuredLinear):
         self.d = nn.Parameter(1 + sigma * torch.randn(self.size, generator=generator))
         self.bias = nn.Parameter(torch.zeros(self.size)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if self.size != self.in_features:
-            x = F.pad(x, (0, self.size - self.in_features))
+    def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        reordered = self.forward_reordered(permute_last(rows, self.transforms.dct.gather_in))
+        return permute_last(reordered, self.transforms.idct.gather_out[: self.out_features])
+
+    def forward_reordered(self, v: torch.Tensor) -> torch.Tensor:
+        """The layer on x given in the DCT's input order, ``v = x[..., g]`` (g = ``dct.gather_in``),
+        returning ``y[..., g]`` (M, size): the gathers in and out are left to the caller, so that a
+        stack folds them into its permutations."""
         dct, idct = self.transforms.dct, self.transforms.idct
         # C^T (d C u + bias) with C = scale * natural(spectrum): move d and bias into the spectral
         # layout (n numbers) rather than every activation out of it (M x n numbers).
-        spectrum = dct.spectrum(x * self.a) * dct.spectral_layout(self.d * dct.scale * dct.scale)
+        spectrum = dct.spectrum_of_reordered(v * self.a[dct.gather_in])
+        spectrum = spectrum * (dct.spectral_layout(self.d) * (dct.scale * dct.scale))
         if self.bias is not None:
-            spectrum = spectrum + dct.spectral_layout(self.bias * dct.scale)
-        y = idct.from_spectrum(spectrum)
-        return y[:, : self.out_features].reshape(*batch, self.out_features)
+            spectrum = spectrum + dct.spectral_layout(self.bias) * dct.scale
+        return idct.reordered_from_spectrum(spectrum)
 
 
 class ACDCStack(StructuredLinear):
@@ -111,16 +113,18 @@ class ACDCStack(StructuredLinear):
         perms = [torch.randperm(self.size, generator=generator) for _ in range(depth - 1)]
         self.register_buffer("permutations", torch.stack(perms) if perms else torch.zeros(0, self.size, dtype=torch.long))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if self.size != self.in_features:
-            x = F.pad(x, (0, self.size - self.in_features))
+    def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """x_{k+1} = P_k relu(ACDC_k(x_k)), computed with K + 1 gathers instead of 3K - 1: each layer
+        works in the DCT's input order g (:meth:`ACDC.forward_reordered`), so the gather out of layer
+        k, P_k and the gather into layer k + 1 are one index, g_out[P_k][g] (ReLU commutes with
+        them), and the final gather also slices the output. Exactly the same function."""
+        g_in, g_out = self.layers[0].transforms.dct.gather_in, self.layers[0].transforms.idct.gather_out
+        v = permute_last(rows, g_in)
         for k, layer in enumerate(self.layers):
-            x = layer(x)
+            v = layer.forward_reordered(v)
             if k < self.depth - 1:
-                x = permute_last(torch.relu(x) if self.relu else x, self.permutations[k])
-        return x[:, : self.out_features].reshape(*batch, self.out_features)
+                v = permute_last(torch.relu(v) if self.relu else v, g_out[self.permutations[k]][g_in])
+        return permute_last(v, g_out[: self.out_features])
 
     def dense_equivalent(self) -> nn.Linear:
         """Exact dense form; defined only for a linear stack (depth 1, or ``relu=False``)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,10 +26,27 @@ def probe_affine(module: nn.Module, in_features: int) -> tuple[torch.Tensor, tor
 
 
 class StructuredLinear(nn.Module):
-    """Base of the structured replacements of ``nn.Linear(in_features, out_features)``."""
+    """Base of the structured replacements of ``nn.Linear(in_features, out_features)``.
+
+    Each works on ``size >= in_features`` features: :meth:`forward` flattens the batch axes, zero-pads
+    the rows to ``size`` and hands them to the subclass's :meth:`forward_rows`, which returns
+    (M, out_features)."""
 
     in_features: int
     out_features: int
+    size: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        batch = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if self.size != self.in_features:
+            rows = F.pad(rows, (0, self.size - self.in_features))
+        return self.forward_rows(rows).reshape(*batch, self.out_features)
+
+    def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(M, size) zero-padded rows -> (M, out_features)."""
+        raise NotImplementedError
 
     def dense_equivalent(self) -> nn.Linear:
         """The ``nn.Linear`` computing exactly this layer (for inspection and tests)."""

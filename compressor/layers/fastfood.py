@@ -1,10 +1,17 @@
 """Adaptive Fastfood (Yang et al., ICCV 2015; thesis section 3.9).
 
-One block on n = 2^k features (H the orthonormal Walsh-Hadamard transform, scale 1/sqrt(n))::
+One block on n features (H the orthonormal Walsh-Hadamard transform, scale 1/sqrt(n))::
 
     y = S H G Pi H B x       S, G, B learned diagonals (3n parameters), Pi a fixed permutation
 
-``in_features`` is zero-padded to n = next_power_of_two(in_features). For ``out_features > n``,
+The paper needs n = 2^k and pads to it (9216 -> 16384: 1.8x the data and work). fixclf works at
+n = :func:`~compressor.transforms.kronecker_size` (in_features) = q 2^k with q odd and <= 15
+(9216 = 9 x 1024: no padding; 300 -> 320) and uses for H the orthonormal
+:class:`~compressor.transforms.KroneckerHadamard` C_q (x) H_(2^k) (C_q the DCT-II of order q),
+which is the Walsh-Hadamard transform itself when q = 1. What Fastfood needs from H holds for it
+too: it is orthonormal, costs O(n^(1/3)) multiply-adds per element, stores nothing, and spreads
+every input over all outputs (entries of magnitude O(1/sqrt(n))).
+``in_features`` is zero-padded to n. For ``out_features > n``,
 ceil(out / n) independent blocks are stacked (each with its own S, G, B, Pi) and their outputs
 concatenated; the result is sliced to ``out_features``. A learned output bias is added.
 Initialisation: B random signs, G ~ N(0, 1), S = 1, so that at init each output has variance
@@ -16,10 +23,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..transforms import WalshHadamard, next_power_of_two, permute_last
+from ..transforms import KroneckerHadamard, kronecker_size, permute_last
 from .base import StructuredLinear
 
 __all__ = ["AdaptiveFastfood"]
@@ -36,7 +42,7 @@ class AdaptiveFastfood(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, seed: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.size = next_power_of_two(in_features)
+        self.size = kronecker_size(in_features)
         self.blocks = math.ceil(out_features / self.size)
         generator = torch.Generator().manual_seed(seed)
         shape = (self.blocks, self.size)
@@ -48,20 +54,14 @@ class AdaptiveFastfood(StructuredLinear):
         offsets = torch.arange(self.blocks)[:, None] * self.size
         perms = torch.stack([torch.randperm(self.size, generator=generator) for _ in range(self.blocks)])
         self.register_buffer("permutation", (perms + offsets).reshape(-1))
-        self.hadamard = WalshHadamard(self.size)
+        self.hadamard = KroneckerHadamard(self.size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if self.size != self.in_features:
-            x = F.pad(x, (0, self.size - self.in_features))
-        h = self.hadamard(x[:, None, :] * self.B)  # (M, blocks, n)
+    def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        h = self.hadamard(rows[:, None, :] * self.B)  # (M, blocks, n)
         h = permute_last(h.reshape(-1, self.blocks * self.size), self.permutation)
         h = self.hadamard(h.reshape(-1, self.blocks, self.size) * self.G) * self.S
         y = h.reshape(-1, self.blocks * self.size)[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*batch, self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, size={self.size}, blocks={self.blocks}"

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..options import DEPTH_MAX
+from ..options import DEPTH_MAX, PlanOptions
 from .acdc import ACDCStack
 from .fastfood import AdaptiveFastfood
 from .heads import HadamardHead, OrthogonalHead, hadamard_head_limit
@@ -172,5 +172,5 @@ register(LayerSpec("hadamard", "head", HadamardHead, "fixed truncated Hadamard h
 register(LayerSpec("orthogonal", "head", OrthogonalHead, "fixed random orthogonal head (C x N stored buffer)",
                    init_from_dense=init_head_from_dense, unsupported=_orthogonal_fits))
 register(LayerSpec("acdc", "hidden", ACDCStack, "ACDC stack: K x (A, DCT, D, IDCT) with ReLU and permutations",
-                   options=(*COMMON_OPTIONS, Option("depth", 2, 1, DEPTH_MAX))))
+                   options=(*COMMON_OPTIONS, Option("depth", PlanOptions.depth, 1, DEPTH_MAX))))
 register(LayerSpec("fastfood", "hidden", AdaptiveFastfood, "Adaptive Fastfood: S H G Pi H B"))
