@@ -26,6 +26,9 @@ def ignore_late_signals() -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot show a character gets '?', not an error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     if hasattr(signal, "SIGXFSZ"):  # over a file-size limit, writes fail (exit 8) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:

@@ -107,6 +107,9 @@ def _arch_kwargs(text: Optional[str]) -> Optional[dict]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--arch-kwargs is not valid JSON ({exc.msg}); example: '{{\"hidden\": 256}}'") from exc
+    except (RecursionError, ValueError) as exc:  # nested too deep, or an integer of thousands of digits
+        raise UsageError("--arch-kwargs is too deeply nested or holds an oversized number; give plain keyword "
+                         "arguments, e.g. '{\"hidden\": 256}'") from exc
     if not isinstance(value, dict):
         raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 256}'")
     return value
@@ -340,7 +343,8 @@ def _exit_code(exc: BaseException) -> int:
     if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's (typer's) own usage errors
         ctx = getattr(exc, "ctx", None)
         hint = f"; see fixclf {ctx.command.name} --help" if ctx is not None and ctx.command is not None else ""
-        return _error(" ".join(exc.format_message().split()).rstrip(".") + hint, 2)
+        message = " ".join(exc.format_message().split()).rstrip(".") or "no command given (compress, plan, report or export)"
+        return _error(message + hint, 2)
     return _error(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; rerun with --debug and "
                   "report it", 1)
 

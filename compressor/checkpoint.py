@@ -187,6 +187,8 @@ def _check_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: state_dict must map parameter names to tensors; the file is damaged")
     for name, tensor in state.items():
+        if tensor.is_meta:
+            raise CheckpointError(f"{path}: tensor {name} is a meta tensor (a shape without data); save the real weights")
         if tensor.layout is not torch.strided or tensor.is_quantized or tensor.dtype not in STATE_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} is {tensor.layout} {tensor.dtype}; fixclf reads dense real "
                                   "tensors only: save model.state_dict() of a float model")
@@ -206,9 +208,16 @@ def _bundled_data(path: Path, obj: dict) -> Path | None:
         return None
     if not isinstance(ref, str) or not ref:
         raise CheckpointError(f"{path}: field 'data' must be a file name next to the checkpoint; the file is damaged")
+    if ":" in ref or "\x00" in ref or "\\" in ref or len(ref) > 255:
+        raise CheckpointError(f"{path} names data {ref[:80]!r}: only an .npz/.pt file name next to the checkpoint is "
+                              "accepted from a file (never code); pass your data with --data instead")
     relative = PurePosixPath(ref)
     target = path.parent / relative
-    inside = target.resolve().is_relative_to(path.parent.resolve())
+    try:
+        inside = target.resolve().is_relative_to(path.parent.resolve())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} names data {ref!r}, which cannot be resolved ({type(exc).__name__}); pass your "
+                              "data with --data instead") from exc
     if relative.is_absolute() or ".." in relative.parts or relative.suffix not in DATA_SUFFIXES or not inside:
         raise CheckpointError(f"{path} names data {ref!r}: only an .npz/.pt file next to the checkpoint is accepted "
                               "from a file; pass your data with --data instead")
@@ -257,6 +266,38 @@ def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replac
         wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise CheckpointError(f"{path}: state_dict does not match {name}(**kwargs) (first difference: {wrong[0]}); "
                               "the file is damaged or belongs to another architecture")
+
+
+def _compare_replacements(plan: list[LayerPlan], state: dict, path: Path) -> None:
+    """Each replaced layer's stored tensors must be exactly those its kind builds, checked on the meta
+    device before anything is allocated: a small file cannot make fixclf build huge layers whose
+    weights it does not even hold."""
+    for entry in plan:
+        if not entry.replaced:
+            continue
+        with torch.device("meta"):
+            built = entry.build().state_dict()
+        prefix = f"{entry.name}." if entry.name else ""
+        expected = {prefix + k: tuple(v.shape) for k, v in built.items()}
+        got = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        if expected != got:
+            wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+            raise CheckpointError(f"{path}: the stored weights of {entry.name or 'the model'} do not match its plan "
+                                  f"(first difference: {wrong[0]}); the file is damaged")
+        for key, tensor in built.items():
+            _check_index(prefix + key, state[prefix + key], tensor.dtype, path)
+
+
+def _check_index(name: str, stored: torch.Tensor, dtype: torch.dtype, path: Path) -> None:
+    """The structured layers' integer buffers are fixed permutations (each row of the last axis a
+    permutation of 0..n-1): anything else would index out of range or silently drop features."""
+    if stored.dtype != dtype:
+        raise CheckpointError(f"{path}: {name} is {stored.dtype}, its layer needs {dtype}; the file is damaged")
+    if dtype.is_floating_point or stored.numel() == 0:
+        return
+    rows = stored.reshape(-1, stored.shape[-1])
+    if not torch.equal(rows.sort(dim=-1).values, torch.arange(rows.shape[-1]).expand_as(rows)):
+        raise CheckpointError(f"{path}: {name} is not a permutation; the file is damaged")
 
 
 def _build(factory: Callable, kwargs: dict, name: str) -> nn.Module:
@@ -406,10 +447,12 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
         meta = _meta_model(factory, kwargs, path, name)
         plan = plan_from_records(obj.get("plan"), meta, path)
         _compare_shapes(meta, state, path, name, tuple(p.name for p in plan if p.replaced))
+        _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(meta, plan), state, path, assign=True)
     else:
         base = _build(factory, kwargs, name)
         plan = plan_from_records(obj.get("plan"), base, path)
+        _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(base, plan), state, path)
     return LoadedModel(model, path, name, kwargs, _bundled_data(path, obj), plan,
                        factory_file=None if allow_listed else _source_file(factory))

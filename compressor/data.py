@@ -34,7 +34,10 @@ batch is split into ``world`` contiguous chunks, one per process: the processes 
 """
 from __future__ import annotations
 
+import math
+
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +137,8 @@ class _ShardStore(_Store):
         self.source = source
         self.x_files = sorted(p for p in directory.iterdir() if p.suffix in (".npy", ".npz")
                               and not p.name.endswith(LABELS_SUFFIX))
+        for shard in self.x_files:
+            _regular_file(shard, source)
         if not self.x_files:
             raise DataError(f"--data {source}: the directory holds no .npy or .npz shards; put x rows in NAME.npy "
                             f"(labels in NAME{LABELS_SUFFIX}) or NAME.npz (x, y)")
@@ -167,7 +172,18 @@ class _ShardStore(_Store):
                             ".npy arrays or .npz files with x (and y)") from exc
         if len(shape) < 2 or shape[0] == 0:
             raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)")
+        if path.suffix == ".npz":
+            self._check_declared_size(path, shape)
         return tuple(shape)
+
+    def _check_declared_size(self, path: Path, shape: tuple[int, ...]) -> None:
+        """An .npz shard's header must not claim more rows than its x member holds (a lying header would
+        make fixclf allocate what the file never had)."""
+        with zipfile.ZipFile(path) as archive:
+            stored = archive.getinfo("x.npy").file_size
+        if math.prod(shape) > stored:
+            raise DataError(f"--data {self.source}: shard {path.name} claims shape {tuple(shape)} but holds "
+                            f"{stored:,} bytes; the shard is damaged")
 
     def _has_labels(self, path: Path) -> bool:
         if path.suffix == ".npy":
@@ -464,16 +480,25 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
     return data
 
 
+def _regular_file(path: Path, spec: str) -> None:
+    """Refuse anything but a regular file before it is opened (a FIFO or device would block or never end)."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"--data {spec}: {path.name} is not a regular file (a pipe, device or socket); give a file")
+
+
 def _read_file(path: Path, spec: str) -> dict:
-    check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+    _regular_file(path, spec)
     if not path.is_file():
         raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y), a directory of shards or "
                         "module:function")
+    check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns at length before refusing a plain pickle
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
 
@@ -491,11 +516,13 @@ def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> Da
 
 
 def _load(spec: str | Path, seed: int) -> DataSource:
+    """A ``Path`` is always read as data (a checkpoint's bundled file is one); only a string that names
+    no existing file and has the form ``package.module:function`` imports and calls code."""
     source = str(spec)
     path = Path(source)
     if path.is_dir():
         return _from_store(_ShardStore(path, source), source, (path,), seed)
-    if not (is_reference(source) and not path.exists()):
+    if isinstance(spec, Path) or not (is_reference(source) and not path.exists()):
         return _from_arrays(_read_file(path, source), source, (path,), seed)
     function = import_reference(source, "--data", DataError)
     result = call_user_code(function, {}, f"--data {source}", DataError)

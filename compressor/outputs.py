@@ -62,8 +62,9 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
                           f"({_name_max(parent)} bytes); choose a shorter --output")
     try:
         _check_target(output, inputs, force)
-    except OSError as exc:
-        raise OutputError(f"cannot use {output} as an output ({exc.strerror}); choose another --output") from exc
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Path.resolve on Python 3.11)
+        reason = exc.strerror if isinstance(exc, OSError) else "a symbolic link loop"
+        raise OutputError(f"cannot use {output} as an output ({reason}); choose another --output") from exc
 
 
 def _check_target(output: Path, inputs: Iterable[Path], force: bool) -> None:
@@ -72,7 +73,7 @@ def _check_target(output: Path, inputs: Iterable[Path], force: bool) -> None:
             raise OutputError(f"output {output} is the input file {source}; choose another --output (inputs are never modified)")
     if output.is_dir():
         raise OutputError(f"output {output} is a directory; give a file name")
-    if output.exists() and not force:
+    if (output.exists() or output.is_symlink()) and not force:  # a dangling link is something of the user's too
         raise OutputError(f"{output} exists; pass --force to overwrite it or choose another --output")
     parent = output.parent
     if not parent.is_dir():

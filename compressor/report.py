@@ -24,6 +24,9 @@ from .runtime import Latency
 __all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "OnnxFigures", "ReducedFigures",
            "DataSummary", "FinetuneSummary", "PlanReport", "Report", "ratio"]
 
+MAX_ITEMS = 4_096  # layers, warnings, notes: a ViT-L has 96 Linear layers; the limit bounds reading and printing
+MAX_TEXT = 4_096  # characters in one stored string (a path, a reason, a note)
+
 
 def ratio(before: float, after: float) -> float | None:
     return round(before / after, 2) if after else None
@@ -193,6 +196,8 @@ def _convert(hint, value, where: str):
     if origin is list:
         if not isinstance(value, list):
             raise TypeError(f"{where} must be a list")
+        if len(value) > MAX_ITEMS:
+            raise ValueError(f"{where} has {len(value)} entries, more than a report holds ({MAX_ITEMS})")
         (item,) = typing.get_args(hint)
         return [_convert(item, v, f"{where}[]") for v in value]
     if origin is dict:
@@ -207,11 +212,15 @@ def _convert(hint, value, where: str):
             raise TypeError(f"{where} must be empty")
         return None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > 2**63:
+            raise ValueError(f"{where} is not a finite number")
         if not math.isfinite(value) or abs(value) > 1e300:
             raise ValueError(f"{where} is not a finite number")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
         raise ValueError(f"{where} is out of range")
+    if hint is str and isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"{where} is longer than a report's text ({MAX_TEXT} characters)")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise TypeError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
     return value

@@ -225,6 +225,7 @@ class KroneckerHadamard(OrthogonalKronecker):
         super().__init__([first, *(hadamard_matrix(d) for d in orders[1:])])
 
 
+@lru_cache(maxsize=None)
 def dct_factors(n: int) -> tuple[int, int, int]:
     """``(a, b, c)`` with ``n = a b c`` for the three-stage DCT of size n.
 
@@ -234,15 +235,10 @@ def dct_factors(n: int) -> tuple[int, int, int]:
     Runtime at 4096 (batch 128, 2 threads; batch 1, 1 thread), the other orders of the same sizes
     (8 x 16 x 32, 32 x 16 x 8, 4 x 32 x 32, ...) were no faster.
     """
-    best = (n, 1, 1)
-    cost = lambda f: (4 * f[0] + 4 * f[1] + 4 * f[2], -f[2])  # noqa: E731
-    for a in range(1, n + 1):
-        if n % a:
-            continue
-        for b in range(1, n // a + 1):
-            if (n // a) % b == 0 and cost((a, b, n // a // b)) < cost(best):
-                best = (a, b, n // a // b)
-    return best
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    divisors = sorted({*small, *(n // d for d in small)})
+    candidates = [(a, b, n // (a * b)) for a in divisors for b in divisors if n % (a * b) == 0]
+    return min(candidates, key=lambda f: (f[0] + f[1] + f[2], -f[2], -f[1]))
 
 
 def dct_size(n: int, max_ratio: int = 4) -> int:

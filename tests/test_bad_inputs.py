@@ -8,6 +8,7 @@ a time, so the corpus stays fast; the interrupt tests start ``python -m cli.entr
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,14 @@ def _write_inputs(d: Path, compressed: dict) -> None:
     _write_hostile_checkpoints(d, compressed)
 
 
+def _lying_shard(path: Path) -> None:
+    """An .npz shard whose x header claims 10^12 rows of 64 floats over 1 KB of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 64)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(1024))
+
+
 def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
     sample = _sample_state()
     state, kwargs = sample["state_dict"], sample["kwargs"]
@@ -136,6 +146,10 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
     inf_state = {k: v.clone() for k, v in compressed["state_dict"].items()}
     next(v for v in inf_state.values() if v.is_floating_point())[0] = float("inf")
     plan = compressed["plan"]
+    perm_key = next(k for k in compressed["state_dict"] if k.endswith("permutations"))
+    perm = compressed["state_dict"][perm_key]
+    bad_perm = perm.clone()
+    bad_perm.view(-1)[0] = 10**6
     for name, value in {
         "c_report_empty": {**compressed, "report": {}},
         "c_report_list": {**compressed, "report": [1, 2]},
@@ -147,8 +161,28 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
         "c_gadget": {**compressed, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget},
         "c_inf": {**compressed, "state_dict": inf_state},
         "c_missing_fields": {"format": COMPRESSED_FORMAT, "arch": "compressor.zoo:mlp", "state_dict": {}},
+        "c_perm_out_of_range": {**compressed, "state_dict": {**compressed["state_dict"], perm_key: bad_perm}},
+        "c_meta_tensor": {**compressed, "state_dict": {**compressed["state_dict"], perm_key: perm.to("meta")}},
+        "c_report_huge_number": {**compressed, "report": {**compressed["report"], "seconds": 10**400}},
+        "c_report_many_layers": {**compressed, "report": {**compressed["report"],
+                                                          "layers": compressed["report"]["layers"] * 3000}},
     }.items():
         _fixclf(value, d / f"{name}.fixclf.pt")
+    n = 1 << 20  # a 4 KB file planning ACDC layers 2^20 wide, 64 deep, with none of their weights
+    bomb = [{"name": str(2 * i), "role": "hidden", "in_features": n, "out_features": n, "params_before": 1,
+             "kind": "acdc", "options": {"seed": i, "bias": True, "depth": 64}, "params_after": 0, "reason": ""}
+            for i in range(4)]
+    bomb.append({"name": "8", "role": "head", "in_features": n, "out_features": 10, "params_before": 1,
+                 "kind": "hadamard", "options": {"seed": 0, "bias": True}, "params_after": 0, "reason": ""})
+    _fixclf({**compressed, "kwargs": {"in_features": n, "hidden": [n] * 4, "num_classes": 10}, "state_dict": {},
+             "plan": bomb}, d / "c_bomb.fixclf.pt")
+    (d / "data_code_file.py").write_text(f"open({CANARY!r}, 'w').close()\nx = None\n")
+    _fixclf({**sample, "data": "data_code_file:x.npz"}, d / "data_module.pt")  # a module name dressed as a file
+    _fixclf({**sample, "data": "fifo.npz"}, d / "data_fifo.pt")  # the FIFOs are made in each case's copy
+    (d / "shards_lie").mkdir()
+    _lying_shard(d / "shards_lie" / "a.npz")
+    (d / "shards_fifo").mkdir()
+    np.save(d / "shards_fifo" / "a.npy", np.zeros((8, 64), np.float32))
     shutil.copy(SAMPLES / "mlp.pt", d / "exists.fixclf.pt")
     os.link(d / "mlp.pt", d / "hardlink.pt")
     (d / "data_link.pt").symlink_to(d / "d.pt")
@@ -164,6 +198,22 @@ CASES: dict[str, tuple[list[str], int]] = {
     "data field naming code": ([C, "data_code.pt"], 3),
     "data field escaping its directory": ([C, "data_escape.pt"], 3),
     "data field absolute": ([C, "data_absolute.pt"], 3),
+    "data field naming a module next to the checkpoint as if a file": (["plan", "data_module.pt"], 3),
+    "data field naming a module, checkpoint given as ./": ([C, "./data_module.pt"], 3),
+    "compressed plan of huge layers without their weights (memory bomb)": (["export", "c_bomb.fixclf.pt", "-o",
+                                                                             "o.onnx", "--data", "digits.npz"], 3),
+    "bundled data that is a FIFO": (["plan", "data_fifo.pt"], 4),
+    "a shard whose header claims 10^12 rows": ([C, "mlp.pt", "--data", "shards_lie"], 4),
+    "permutation buffer out of range": (["export", "c_perm_out_of_range.fixclf.pt", "-o", "o.onnx"], 3),
+    "meta tensor in a compressed checkpoint": (["export", "c_meta_tensor.fixclf.pt", "-o", "o.onnx"], 3),
+    "report number of 400 digits": (["report", "c_report_huge_number.fixclf.pt"], 3),
+    "report of 9000 layers": (["report", "c_report_many_layers.fixclf.pt"], 3),
+    "output a dangling symbolic link": ([C, "mlp.pt", "-o", "dangling.fixclf.pt"], 8),
+    "--arch-kwargs nested 3000 deep": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                                        '{"a": ' + "[" * 3000 + "]" * 3000 + "}"], 2),
+    "no command at all": ([], 2),
+    "--data that is a FIFO": ([C, "mlp.pt", "--data", "fifo.npz"], 4),
+    "a FIFO among the shards": ([C, "mlp.pt", "--data", "shards_fifo"], 4),
     "malicious pickle": ([C, "evil.pt"], 3),
     "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
     "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
@@ -296,6 +346,8 @@ def _case_dir(template: Path, root: Path, name: str) -> Path:
         (workdir / link).symlink_to(workdir / target)
     (workdir / "hardlink.pt").unlink()
     os.link(workdir / "mlp.pt", workdir / "hardlink.pt")
+    os.mkfifo(workdir / "fifo.npz")  # a pipe nobody writes to: opening it would block forever
+    os.mkfifo(workdir / "shards_fifo" / "b.npy")
     return workdir
 
 
