@@ -10,7 +10,10 @@ STATE = {"signalled": False}
 
 
 def _on_signal(signum, frame) -> None:
-    """SIGINT / SIGTERM: unwind like Ctrl-C, so that every cleanup (temporary files) runs."""
+    """SIGINT / SIGTERM: unwind like Ctrl-C, so that every cleanup (temporary files) runs. Only the
+    first signal unwinds: a second one (a double Ctrl-C) must not cut the cleanup the first started."""
+    if STATE["signalled"]:
+        return
     STATE["signalled"] = True
     raise KeyboardInterrupt
 
@@ -33,6 +36,9 @@ def main() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         from cli.main import run
+        from compressor.outputs import AFTER_FINAL_COMMIT
+
+        AFTER_FINAL_COMMIT.append(ignore_late_signals)
 
         code = run(sys.argv[1:])
     except KeyboardInterrupt:

@@ -358,7 +358,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
             artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))
-            artifacts.commit()
+            artifacts.commit(final=True)
             if resume is not None:
                 resume.path.unlink(missing_ok=True)
     return report
@@ -407,6 +407,6 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
         artifacts.check()
         result = write_exports(loaded.model, data.head("val", VALIDATION_ROWS)[0], artifacts, formats,
                                tolerance=command.export.tolerance)
-        artifacts.commit()
+        artifacts.commit(final=True)
     result.notes = notes + result.notes
     return result

@@ -27,6 +27,10 @@ TEMP_PREFIX = ".fixclf-"
 COMPRESSED_SUFFIX = ".fixclf.pt"
 """What ``compress`` names its checkpoint by default, and what ``report`` looks for."""
 T = TypeVar("T")
+AFTER_FINAL_COMMIT: list[Callable[[], None]] = []
+"""Run while Ctrl-C / SIGTERM are still held back, right after a command's outputs are in place
+(``commit(final=True)``): the CLI ignores late signals there, so a signal landing in that instant can
+neither remove committed outputs nor report them lost."""
 
 
 @contextlib.contextmanager
@@ -151,11 +155,11 @@ class Artifacts:
         """The temporary file holding ``role``'s content, if it was written."""
         return self._temps.get(role)
 
-    def commit(self) -> list[Path]:
+    def commit(self, final: bool = False) -> list[Path]:
         """Rename every written temporary file into place, all or none; returns the final paths.
 
-        Ctrl-C / SIGTERM are held back during the renames; one that arrived meanwhile removes the
-        renamed files again before it propagates, so an interrupted command keeps nothing."""
+        Ctrl-C / SIGTERM are held back during the renames. ``final``: these are the command's outputs,
+        its outcome is decided: :data:`AFTER_FINAL_COMMIT` runs before the signals are let through."""
         done: list[Path] = []
         try:
             with _signals_held():
@@ -163,6 +167,9 @@ class Artifacts:
                     os.replace(tmp, self.paths[role])
                     done.append(self.paths[role])
                     del self._temps[role]
+                self.discard()
+                for hook in AFTER_FINAL_COMMIT if final else ():
+                    hook()
         except BaseException as exc:
             for path in done:
                 path.unlink(missing_ok=True)

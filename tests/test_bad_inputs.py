@@ -423,8 +423,10 @@ def test_file_size_limit_and_read_only_directory_fail_cleanly(template, tmp_path
     _assert_clean_failure(denied["read-only"], 8)
 
 
-def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float) -> tuple[int, str, dict, dict]:
-    """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds)."""
+def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, again: float | None = None
+               ) -> tuple[int, str, dict, dict]:
+    """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds), and with
+    ``again`` a second time that many seconds later (a double Ctrl-C, landing in the clean-up)."""
     before = _tree(workdir)
     proc = subprocess.Popen([sys.executable, "-m", "cli.entry", *args], cwd=workdir, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -438,21 +440,26 @@ def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float) -> t
     else:
         time.sleep(when)
     proc.send_signal(sig)
+    if again is not None:
+        time.sleep(again)
+        proc.send_signal(sig)
     rest = proc.stderr.read()
     proc.wait(timeout=120)
     return proc.returncode, "".join(lines) + rest, before, _tree(workdir)
 
 
-@pytest.mark.parametrize("sig, when", [
-    (signal.SIGINT, "Fine-tuning"),  # Ctrl-C mid fine-tune
-    (signal.SIGTERM, "Exporting the compressed"),  # SIGTERM during export and validation
-    (signal.SIGINT, 0.4),  # during the imports
+@pytest.mark.parametrize("sig, when, again", [
+    (signal.SIGINT, "Fine-tuning", None),  # Ctrl-C mid fine-tune
+    (signal.SIGTERM, "Exporting the compressed", None),  # SIGTERM during export and validation
+    (signal.SIGINT, 0.4, None),  # during the imports
+    (signal.SIGINT, "Exporting the compressed", 0.001),  # a double Ctrl-C: the second lands in the clean-up
 ])
-def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when):
+def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when, again):
     work = tmp_path / "w"
     shutil.copytree(template, work, symlinks=True)
     epochs = "60" if when == "Fine-tuning" else "3"  # long enough to be interrupted there; short to reach the export
-    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", epochs, "--latency-batch", "8"], work, sig, when)
+    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", epochs, "--latency-batch", "8"], work, sig, when,
+                                             again)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 130, stderr
     assert len(errors) == 1 and "nothing was written" in errors[0], stderr
