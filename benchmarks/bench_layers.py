@@ -42,7 +42,7 @@ def measure(module: nn.Module, n: int, workdir: Path) -> dict:
     ort = latency(path, x, runs=30).median
     ort_batch1 = latency(path, x[:1], threads=1, runs=200).median
     path.unlink()
-    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "ort1": ort_batch1, "bytes": exported.bytes}
+    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "ort1": ort_batch1, "bytes": exported.files["onnx"].bytes}
 
 
 def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
