@@ -219,7 +219,7 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
     (measured by putting each one back alone) until the accuracy lost on the selection rows, set
     aside from training and distinct from the held-out rows, is within budget. Every process
     decides the same (same model, same rows)."""
-    budget = options.plan.max_drop
+    budget, kept = options.plan.max_drop, []
     reference = evaluate(original, data, split="select") if budget is not None else 0.0
     while True:
         compressed, formats, notes, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events,
@@ -230,7 +230,6 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
         lost = 100 * (reference - score)
         replaced = [entry.name for entry in plan if entry.replaced]
         if lost <= budget:
-            kept = [e.name or "the model" for e in plan if e.reason.startswith("kept dense for --max-drop")]
             notes.insert(0, f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside for the decision"
                          + (f" after keeping {', '.join(kept)} dense" if kept else ""))
             return compressed, formats, notes, tuned, accuracy
@@ -242,6 +241,7 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
         costliest = max(regained, key=regained.get)
         events.stage(f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside; keeping "
                      f"{costliest or 'the model'} dense and fine-tuning again")
+        kept.append(costliest or "the model")
         plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
                                             f"{100 * regained[costliest]:.2f} pp on the rows set aside)"})
 

@@ -35,7 +35,6 @@ batch is split into ``world`` contiguous chunks, one per process: the processes 
 from __future__ import annotations
 
 import math
-
 import sys
 import warnings
 import zipfile
@@ -166,24 +165,21 @@ class _ShardStore(_Store):
                     major, _ = np.lib.format.read_magic(member)
                     read_header = (np.lib.format.read_array_header_1_0 if major == 1
                                    else np.lib.format.read_array_header_2_0)
-                    shape = read_header(member)[0]
+                    shape, _, dtype = read_header(member)
+                    stored = archive.getinfo("x.npy").file_size
+                # the header must not claim more than the member holds: a lying header would make fixclf
+                # allocate what the file never had
+                if math.prod(shape) * dtype.itemsize > stored:
+                    raise DataError(f"--data {self.source}: shard {path.name} claims shape {tuple(shape)} but holds "
+                                    f"{stored:,} bytes; the shard is damaged")
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); shards are "
                             ".npy arrays or .npz files with x (and y)") from exc
         if len(shape) < 2 or shape[0] == 0:
             raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)")
-        if path.suffix == ".npz":
-            self._check_declared_size(path, shape)
         return tuple(shape)
-
-    def _check_declared_size(self, path: Path, shape: tuple[int, ...]) -> None:
-        """An .npz shard's header must not claim more rows than its x member holds (a lying header would
-        make fixclf allocate what the file never had)."""
-        with zipfile.ZipFile(path) as archive:
-            stored = archive.getinfo("x.npy").file_size
-        if math.prod(shape) > stored:
-            raise DataError(f"--data {self.source}: shard {path.name} claims shape {tuple(shape)} but holds "
-                            f"{stored:,} bytes; the shard is damaged")
 
     def _has_labels(self, path: Path) -> bool:
         if path.suffix == ".npy":

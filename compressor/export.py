@@ -358,7 +358,6 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
     float16 one (accepted on >= 99% top-1 agreement with float32). ``ort_format`` also writes
     ``path`` with suffix ``.ort``. Nothing is left behind on failure.
     """
-
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r}; use int8 or leave it out")
     requested = {main_format(quantize, precision): "onnx"} | ({"ort": "ort"} if ort_format else {})

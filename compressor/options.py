@@ -58,6 +58,11 @@ def _int_range(flag: str, value: int, low: int, high: int) -> None:
         raise UsageError(f"{flag} must be an integer in [{low}, {high}], got {value!r}")
 
 
+def _number_range(flag: str, value: float, low: float, high: float, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise UsageError(f"{flag} must be a number of {unit} in [{low:g}, {high:g}], got {value!r}")
+
+
 def _positive_finite(flag: str, value: float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -106,9 +111,8 @@ class PlanOptions:
     def validate(self) -> None:
         from .layers.registry import kinds  # the registry names the kinds; it needs torch
 
-        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
-                                          or not math.isfinite(self.max_drop) or not 0 <= self.max_drop <= 100):
-            raise UsageError(f"--max-drop must be a number of percentage points in [0, 100], got {self.max_drop!r}")
+        if self.max_drop is not None:
+            _number_range("--max-drop", self.max_drop, 0, 100, "percentage points")
 
         _choice("--head", self.head, (*kinds("head"), KEEP))
         _choice("--hidden", self.hidden, (*kinds("hidden"), KEEP))

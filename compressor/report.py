@@ -212,9 +212,7 @@ def _convert(hint, value, where: str):
             raise TypeError(f"{where} must be empty")
         return None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, int) and abs(value) > 2**63:
-            raise ValueError(f"{where} is not a finite number")
-        if not math.isfinite(value) or abs(value) > 1e300:
+        if (isinstance(value, int) and abs(value) > 2**63) or not math.isfinite(value) or abs(value) > 1e300:
             raise ValueError(f"{where} is not a finite number")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:

@@ -29,7 +29,6 @@ input in the original model (each spec's ``init_from_dense``):
 from __future__ import annotations
 
 import copy
-
 import fnmatch
 from dataclasses import dataclass, field
 
