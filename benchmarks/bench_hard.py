@@ -2,7 +2,7 @@
 per seed, accuracy against fine-tune epochs, and the baseline a user would pick instead, a narrower
 dense network with about as many stored numbers in its FC layers, distilled with the same recipe.
 
-Run: python benchmarks/bench_hard.py [--samples hard_mlp hard_cnn] [--seeds 0 1 2] [--parts compress curve narrow]
+Run: python benchmarks/bench_hard.py [--samples hard_mlp hard_cnn] [--seeds 0 1 2] [--parts compress maxdrop narrow curve]
 Every figure is held-out accuracy (`x_val`), which selects nothing here.
 """
 from __future__ import annotations
@@ -20,18 +20,17 @@ from compressor import CompressOptions, FinetuneOptions, PlanOptions, SourceOpti
 from compressor.checkpoint import load_model
 from compressor.data import load_data
 from compressor.finetune import distill, evaluate
-from compressor.layers import count_stored
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
-from compressor.zoo import mlp, small_cnn
+from compare import narrow_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def part_compress(samples: list[str], seeds: list[int], tmp: str) -> None:
+def part_compress(samples: list[str], seeds: list[int], hiddens: list[str], tmp: str) -> None:
     print("| sample | --hidden | replaced layers' numbers | " + " | ".join(f"seed {s}" for s in seeds) + " | wall s |")
     print("|---|---|---|" + "---|" * len(seeds) + "---|")
     for sample in samples:
-        for hidden in ("acdc", "fastfood"):
+        for hidden in hiddens:
             cells, start = [], time.perf_counter()
             for seed in seeds:
                 r = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"), PlanOptions(hidden=hidden),
@@ -60,45 +59,56 @@ def part_curve(samples: list[str]) -> None:
         print(f"| {sample} | " + " | ".join(cells) + " |", flush=True)
 
 
-def _narrow(sample: str, teacher: torch.nn.Module) -> tuple[torch.nn.Module, list]:
-    """A narrower dense student; the CNN keeps the original's convolutions (as fixclf does)."""
-    if sample == "hard_mlp":
-        student = mlp(24, [64, 64, 64], 10)
-        return student, list(student.parameters())
-    student = small_cnn(32, 10, 10)
-    student.features.load_state_dict(teacher.features.state_dict())
-    return student, list(student.classifier.parameters())
-
-
 def part_narrow(samples: list[str], seeds: list[int]) -> None:
-    print("| sample | student | stored numbers in the FC layers | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    """compare.py's narrow dense student (same stored numbers as fixclf-acdc's replaced layers), per seed."""
+    print("| sample | student | stored numbers in the replaced layers | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---|---|---|" + "---|" * len(seeds))
     for sample in samples:
         loaded = load_model(ROOT / "sample_models" / f"{sample}.pt")
         data = load_data(str(loaded.data))
-        cells = []
+        plan = make_plan(loaded.model)
+        cells, fc = [], 0
         for seed in seeds:
             torch.manual_seed(seed)
-            student, new = _narrow(sample, loaded.model)
+            student, new = narrow_model(loaded.model, plan, data.head("train", 2)[0])
             distill(student, loaded.model, data, FinetuneOptions(), new, seed=seed)
             cells.append(f"{100 * evaluate(student, data):.2f}")
-        fc = sum(count_stored(m) for m in student.modules() if isinstance(m, torch.nn.Linear))
+            fc = sum(p.numel() for p in new)
         print(f"| {sample} | narrow dense | {fc:,} | " + " | ".join(cells) + " |", flush=True)
+
+
+def part_maxdrop(samples: list[str], budget: float, tmp: str) -> None:
+    """``--max-drop``: the held-out drop, what it kept dense and the compression it reached (seed 0)."""
+    print(f"| sample | --max-drop | held-out: original → compressed (pp) | kept dense | replaced layers' numbers | wall s |")
+    print("|---|---|---|---|---|---|")
+    for sample in samples:
+        start = time.perf_counter()
+        r = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"), PlanOptions(max_drop=budget),
+                                     output=Path(tmp) / f"{sample}-maxdrop.fixclf.pt"))
+        a, p = r.accuracy, r.params.replaced
+        kept = [row.name for row in r.layers if row.kind is None and "max-drop" in (row.reason or "")]
+        print(f"| {sample} | {budget:g} | {100 * a.before:.2f} → {100 * a.after:.2f} ({100 * (a.after - a.before):+.2f}) | "
+              f"{', '.join(kept) or 'none'} | {p.before:,} → {p.after:,} ({p.ratio}x) | {time.perf_counter() - start:.0f} |",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", nargs="+", default=["hard_mlp", "hard_cnn"])
-    parser.add_argument("--parts", nargs="+", default=["compress", "narrow", "curve"])
+    parser.add_argument("--parts", nargs="+", default=["compress", "maxdrop", "narrow", "curve"])
+    parser.add_argument("--max-drop", type=float, default=0.5)
+    parser.add_argument("--hidden", nargs="+", default=["acdc", "fastfood"], help="kinds for the compress part")
     args = parser.parse_args()
     setup()
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             if part == "compress":
-                part_compress(args.samples, args.seeds, tmp)
+                part_compress(args.samples, args.seeds, args.hidden, tmp)
             elif part == "curve":
                 part_curve(args.samples)
+            elif part == "maxdrop":
+                part_maxdrop(args.samples, args.max_drop, tmp)
             elif part == "narrow":
                 part_narrow(args.samples, args.seeds)
             print(flush=True)

@@ -7,6 +7,9 @@ Methods, all exported to ONNX the same way and timed in ONNX Runtime in the same
 * svd: each Linear layer fixclf replaces becomes two Linears of rank r from its truncated SVD,
   one r for all, chosen so that these layers' parameters add up to fixclf-ACDC's for the same
   layers, then distilled with the same budget and learning rate as fixclf's new layers;
+* narrow dense: the replaced layers as a narrower dense chain (same input and output widths, every
+  inner width w, the largest w whose layers store no more numbers than fixclf-acdc's replacements),
+  freshly initialised and distilled with the same budget and learning rate as fixclf's new layers;
 * fixclf-acdc, fixclf-fastfood: `fixclf compress --hidden acdc|fastfood --head hadamard`;
 * int8: ONNX Runtime dynamic int8 quantisation of the original;
 * fixclf-acdc+int8: the same quantisation of fixclf-acdc's remaining dense layers (n/a when none).
@@ -72,6 +75,41 @@ def svd_model(original: nn.Module, plan) -> tuple[nn.Module, list[nn.Parameter]]
     return model, new
 
 
+def _narrow_params(shapes: list[tuple[int, int, bool]], width: int) -> int:
+    """Stored numbers of the chain ``shapes`` ((in, out, bias) per layer) with every inner width set to ``width``."""
+    total = 0
+    for i, (n_in, n_out, bias) in enumerate(shapes):
+        n_in, n_out = (n_in if i == 0 else width), (n_out if i == len(shapes) - 1 else width)
+        total += n_in * n_out + (n_out if bias else 0)
+    return total
+
+
+def narrow_model(original: nn.Module, plan, example: torch.Tensor) -> tuple[nn.Module, list[nn.Parameter]] | None:
+    """The replaced layers as a narrower *dense* chain: same first input and last output, every inner
+    width w, the largest w whose layers store no more numbers than fixclf's replacements of them;
+    freshly initialised (seeded by the caller), to be distilled like fixclf's new layers. None when
+    the replaced layers are not one chain (layer i + 1 reads layer i's output width) of two or more,
+    or the narrowed model does not run (something between them needs the old width)."""
+    replaced = [entry for entry in plan if entry.kind is not None]
+    shapes = [(e.in_features, e.out_features, original.get_submodule(e.name).bias is not None) for e in replaced]
+    if len(shapes) < 2 or any(shapes[i][0] != shapes[i - 1][1] for i in range(1, len(shapes))):
+        return None
+    budget = sum(entry.params_after for entry in replaced)
+    width = max([w for w in range(1, max(s[1] for s in shapes) + 1) if _narrow_params(shapes, w) <= budget], default=1)
+    model = copy.deepcopy(original)
+    new: list[nn.Parameter] = []
+    for i, (entry, (n_in, n_out, bias)) in enumerate(zip(replaced, shapes)):
+        layer = nn.Linear(n_in if i == 0 else width, n_out if i == len(shapes) - 1 else width, bias=bias)
+        model.set_submodule(entry.name, layer)
+        new += list(layer.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except RuntimeError:
+        return None
+    return model, new
+
+
 def onnx_figures(model: nn.Module, data, path: Path, quantize: str | None = None) -> dict:
     result = export_onnx(model, data.head("val", 256)[0], path, quantize=quantize)
     if quantize and "onnx-int8" not in result.files:
@@ -90,6 +128,15 @@ def run(checkpoint: Path, workdir: Path) -> list[dict]:
     svd, new = svd_model(original, plan)
     distill(svd, original, data, FinetuneOptions(), new)
     rows.append({"method": "svd (same params as fixclf-acdc)", "params": count_stored(svd), **onnx_figures(svd, data, workdir / "svd.onnx")})
+
+    torch.manual_seed(0)
+    narrow = narrow_model(original, plan, data.head("train", 2)[0])
+    if narrow is None:
+        rows.append({"method": "narrow dense", "params": 0, "note": "n/a: the replaced layers are not one chain"})
+    else:
+        distill(narrow[0], original, data, FinetuneOptions(), narrow[1])
+        rows.append({"method": "narrow dense (same params as fixclf-acdc)", "params": count_stored(narrow[0]),
+                     **onnx_figures(narrow[0], data, workdir / "narrow.onnx")})
 
     for hidden in ("acdc", "fastfood"):
         out = workdir / f"{hidden}.fixclf.pt"

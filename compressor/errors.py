@@ -28,33 +28,18 @@ class FixclfError(Exception):
     exit_code = 1
 
 
-class UsageError(FixclfError):
-    exit_code = 2
+def _error_class(name: str, exit_code: int, meaning: str) -> type[FixclfError]:
+    """The subclass of :class:`FixclfError` for one row of the table above (a plain class: it
+    pickles, and ``except`` / ``isinstance`` see it as usual)."""
+    return type(name, (FixclfError,), {"__doc__": f"{meaning} (exit code {exit_code}).", "exit_code": exit_code,
+                                       "__module__": __name__, "__qualname__": name})
 
 
-class CheckpointError(FixclfError):
-    exit_code = 3
-
-
-class DataError(FixclfError):
-    exit_code = 4
-
-
-class PlanError(FixclfError):
-    exit_code = 5
-
-
-class TrainingError(FixclfError):
-    exit_code = 6
-
-
-class ExportError(FixclfError):
-    exit_code = 7
-
-
-class OutputError(FixclfError):
-    exit_code = 8
-
-
-class Interrupted(FixclfError):
-    exit_code = 130
+UsageError = _error_class("UsageError", 2, "Bad option or argument combination")
+CheckpointError = _error_class("CheckpointError", 3, "Checkpoint missing, unreadable or unsafe")
+DataError = _error_class("DataError", 4, "Data missing, of the wrong shape or not finite")
+PlanError = _error_class("PlanError", 5, "Nothing to replace, or patterns that match nothing")
+TrainingError = _error_class("TrainingError", 6, "Fine-tuning diverged (the last finite state is restored)")
+ExportError = _error_class("ExportError", 7, "ONNX export or its validation failed")
+OutputError = _error_class("OutputError", 8, "Output path refused (exists, same as an input, ...)")
+Interrupted = _error_class("Interrupted", 130, "Ctrl-C or SIGTERM; nothing half-written was kept")

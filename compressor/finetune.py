@@ -50,7 +50,7 @@ from torch import nn
 
 from .data import DataSource, check_labels
 from .distributed import World
-from .errors import DataError, Interrupted, TrainingError, UsageError
+from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
 from .options import FinetuneOptions
 
 __all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "evaluate", "distill", "steps_per_epoch",
@@ -155,7 +155,7 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             module.eval()
 
 
-def _diverged(epoch: int) -> TrainingError:
+def _diverged(epoch: int) -> FixclfError:
     return TrainingError(f"fine-tuning diverged (the loss became NaN or infinite) in epoch {epoch}; restored the state "
                          f"after epoch {epoch - 1} and wrote nothing; lower --lr")
 

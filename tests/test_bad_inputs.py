@@ -25,7 +25,7 @@ import torch
 
 from compressor.zoo import mlp
 from cli_zygote import run_many
-from conftest import ROOT, SAMPLES, sha256
+from conftest import FIXCLF, ROOT, SAMPLES, sha256
 
 CANARY = "PWNED"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", FIXCLF_PROGRESS="1")
@@ -54,7 +54,7 @@ def _compressed_sample(directory: Path) -> dict:
     """A real compressed checkpoint of the MLP sample, made once in ``directory`` (not a case's input)."""
     path = directory / "sample.fixclf.pt"
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "cli.entry", "compress", str(SAMPLES / "mlp.pt"), "--epochs", "1",
+        subprocess.run([*FIXCLF, "compress", str(SAMPLES / "mlp.pt"), "--epochs", "1",
                         "-o", str(path), "--json"], env=ENV, cwd=directory, check=True, capture_output=True)
     return torch.load(path, weights_only=True)
 
@@ -428,7 +428,7 @@ def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, agai
     """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds), and with
     ``again`` a second time that many seconds later (a double Ctrl-C, landing in the clean-up)."""
     before = _tree(workdir)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.entry", *args], cwd=workdir, env=ENV,
+    proc = subprocess.Popen([*FIXCLF, *args], cwd=workdir, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     if isinstance(when, str):
@@ -474,7 +474,7 @@ def test_checkpoint_data_never_imported_even_when_it_looks_like_code(template, t
     obj = torch.load(work / "c_gadget.fixclf.pt", weights_only=True)
     obj["report"] = compressed_sample["report"]
     torch.save(obj, work / "hostile_but_valid_report.fixclf.pt")
-    proc = subprocess.run([sys.executable, "-m", "cli.entry", "report", "hostile_but_valid_report.fixclf.pt", "--json"],
+    proc = subprocess.run([*FIXCLF, "report", "hostile_but_valid_report.fixclf.pt", "--json"],
                           cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert not (work / CANARY).exists()
@@ -487,7 +487,7 @@ def test_no_fixed_temporary_names(template, tmp_path):
     for name in (".o.original.onnx", ".o.onnx.tmp", ".fixclf-probe-x"):
         (work / name).write_text("user data")
     before = _tree(work)
-    proc = subprocess.run([sys.executable, "-m", "cli.entry", C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"],
+    proc = subprocess.run([*FIXCLF, C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"],
                           cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     after = _tree(work)

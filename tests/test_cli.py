@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from compressor import load_compressed_model, load_report
 from compressor.data import load_data
-from conftest import ROOT, SAMPLES, sha256
+from conftest import FIXCLF, ROOT, SAMPLES, sha256
 
 runner = CliRunner()
 MLP = str(SAMPLES / "mlp.pt")
@@ -116,7 +116,7 @@ def test_subprocess_compress_cnn(workdir):
     """A real process, as a user runs it (console entry point's module), on the CNN sample."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.entry", "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
+        [*FIXCLF, "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
          "--quantize", "int8", "--precision", "fp16", "--ort", "--json"],
         capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
     )

@@ -18,7 +18,7 @@ def _hadamard(n: int) -> torch.Tensor:
     return torch.from_numpy(scipy.linalg.hadamard(n).astype(np.float64)) / np.sqrt(n)
 
 
-def test_acdc_layer_is_its_formula():
+def test_acdc_layer_is_its_formula(transform_path):
     n = 18
     layer = ACDC(n).double()
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_acdc_layer_is_its_formula():
 
 
 @pytest.mark.parametrize("shape", [(20, 30, 3), (30, 20, 1), (64, 512, 2), (100, 100, 4)])
-def test_acdc_stack_equals_dense_equivalent(shape):
+def test_acdc_stack_equals_dense_equivalent(shape, transform_path):
     stack = ACDCStack(*shape, relu=False).double()
     x = torch.randn(5, shape[0], dtype=torch.float64)
     dense = stack.dense_equivalent()
@@ -41,7 +41,7 @@ def test_acdc_stack_equals_dense_equivalent(shape):
 
 
 @pytest.mark.parametrize("shape", [(24, 24, 3), (20, 30, 2), (30, 20, 4)])
-def test_acdc_stack_with_relu_composes_layers_permutations_and_relu(shape):
+def test_acdc_stack_with_relu_composes_layers_permutations_and_relu(shape, transform_path):
     """The stack folds its gathers into the permutations; layer by layer it must be the same function."""
     stack = ACDCStack(*shape, seed=3).double()
     x = torch.randn(4, shape[0], dtype=torch.float64)
@@ -165,7 +165,7 @@ GRADCHECK_MODULES = {
 
 
 @pytest.mark.parametrize("name", GRADCHECK_MODULES)
-def test_gradcheck_float64(name):
+def test_gradcheck_float64(name, transform_path):
     module = GRADCHECK_MODULES[name]().double()
     x = torch.randn(3, module.in_features, dtype=torch.float64, requires_grad=True)
     params = tuple(p for p in module.parameters())

@@ -22,12 +22,11 @@ from compressor.errors import Interrupted, UsageError
 from compressor.finetune import ResumeFile, distill
 from compressor.options import FinetuneOptions, PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
-from conftest import ROOT, SAMPLES
+from conftest import FIXCLF, ROOT, SAMPLES
 
 TESTS = Path(__file__).resolve().parent
 MLP = str(SAMPLES / "mlp.pt")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "FIXCLF_PROGRESS": "0"}
-FIXCLF = [sys.executable, "-m", "cli.entry"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 

@@ -36,6 +36,30 @@ def test_dct3_matches_scipy_and_inverts_dct2(n):
     assert _rel(DCT3(n).double()(DCT2(n).double()(y)), y) <= 1e-10
 
 
+def _from_half_complex(layout: torch.Tensor, n: int) -> torch.Tensor:
+    """Natural-order coefficients (M, n) from the FFT path's half-complex layout (M, n/2 + 1, 2)."""
+    h = n // 2
+    return torch.cat([layout[:, :, 0], -layout[:, 1:h, 1].flip(-1)], -1)
+
+
+@pytest.mark.parametrize("n", [*DCT_SIZES, 9216])
+def test_fft_path_dct2_and_dct3_match_scipy(n):
+    """ACDC's eager path: RFFT in the half-complex layout and its IRFFT inverse, against scipy."""
+    dct2, dct3 = DCT2(n), DCT3(n)
+    x = torch.randn(4, n, dtype=torch.float64)
+    v = x[:, dct2.gather_in]
+    reference = torch.from_numpy(scipy.fft.dct(x.numpy(), type=2, norm="ortho", axis=-1))
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        layout = dct2.to(dtype).rfft_of_reordered(v.to(dtype))
+        assert _rel(_from_half_complex(layout, n), reference.to(dtype)) <= tolerance
+        # the DCT-III of a layout (scaled by a diagonal, as ACDC does) is the dense C^T of its coefficients
+        d = 1 + torch.rand(n, dtype=dtype)
+        scaled = layout * dct2.half_complex_layout(d, negate_im=False) + dct2.half_complex_layout(d)
+        inverse = dct3.to(dtype).irfft_reordered(scaled)[:, dct2.gather_out]
+        expected = (reference.to(dtype) * d + d) @ dct_matrix(n, dtype)
+        assert _rel(inverse, expected) <= tolerance
+
+
 @pytest.mark.parametrize("n", WHT_SIZES)
 def test_walsh_hadamard_matches_scipy(n):
     x = torch.randn(2, 3, n, dtype=torch.float64)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..transforms import DCT2, DCT3, dct_size, permute_last
+from ..transforms import DCT2, DCT3, dct_size, permute_last, use_fft
 from .base import StructuredLinear
 
 __all__ = ["ACDC", "ACDCStack", "DCTPair"]
@@ -70,6 +70,8 @@ class ACDC(StructuredLinear):
         returning ``y[..., g]`` (M, size): the gathers in and out are left to the caller, so that a
         stack folds them into its permutations."""
         dct, idct = self.transforms.dct, self.transforms.idct
+        if use_fft():
+            return self._forward_reordered_fft(v)
         # C^T (d C u + bias) with C = scale * natural(spectrum): move d and bias into the spectral
         # layout (n numbers) rather than every activation out of it (M x n numbers).
         spectrum = dct.spectrum_of_reordered(v * self.a[dct.gather_in])
@@ -77,6 +79,17 @@ class ACDC(StructuredLinear):
         if self.bias is not None:
             spectrum = spectrum + dct.spectral_layout(self.bias) * dct.scale
         return idct.reordered_from_spectrum(spectrum)
+
+    def _forward_reordered_fft(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_reordered` through ``torch.fft`` in the half-complex layout, into which d
+        and bias move (n numbers) as they move into the spectral layout in the MatMul chain. Works in
+        float32 at least (FFTs of reduced precision need power-of-two sizes)."""
+        dct, idct = self.transforms.dct, self.transforms.idct
+        work = torch.promote_types(v.dtype, torch.float32)
+        layout = dct.rfft_of_reordered(v.to(work) * self.a[dct.gather_in]) * dct.half_complex_layout(self.d, negate_im=False)
+        if self.bias is not None:
+            layout = layout + dct.half_complex_layout(self.bias)
+        return idct.irfft_reordered(layout).to(v.dtype)
 
 
 class ACDCStack(StructuredLinear):
