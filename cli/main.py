@@ -152,6 +152,9 @@ MAX_TIME = typer.Option(TUNE.max_time, "--max-time", help="Fine-tuning time budg
 LR = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam).")
 NORM_STATS = typer.Option(TUNE.update_norm_stats, "--update-norm-stats", help="Let kept BatchNorm layers update their "
                           "running statistics during fine-tuning (default: kept as trained).")
+MIXUP = typer.Option(TUNE.mixup, "--mixup", help="Distil on mixed rows w x + (1 - w) x' (w ~ U(0, 1), x' another row "
+                     "of the batch): recovers accuracy on noisy training data (harder samples: docs/hard_samples.md); "
+                     "not for streams (no random access).")
 BATCH = typer.Option(TUNE.batch_size, "--batch-size", help="Fine-tuning batch (global: under torchrun it is split "
                      "among the processes, so N processes take the same steps as one).")
 RESUME = typer.Option(TUNE.resume, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) and "
@@ -173,7 +176,7 @@ MAX_DROP = typer.Option(PLAN.max_drop, "--max-drop", help="Accuracy (percentage 
 def compress(
     checkpoint: Path = CHECKPOINT, head: str = HEAD, hidden: str = HIDDEN, depth: int = DEPTH, init: str = INIT,
     data: Optional[str] = TRAIN_DATA, epochs: int = EPOCHS, max_time: Optional[float] = MAX_TIME, lr: float = LR,
-    update_norm_stats: bool = NORM_STATS, batch_size: int = BATCH, resume: bool = RESUME,
+    update_norm_stats: bool = NORM_STATS, mixup: bool = MIXUP, batch_size: int = BATCH, resume: bool = RESUME,
     save_every: Optional[int] = SAVE_EVERY, nproc: int = NPROC, amp: bool = AMP,
     include: Optional[List[str]] = INCLUDE, exclude: Optional[List[str]] = EXCLUDE, output: Optional[Path] = OUTPUT,
     seed: int = SEED, device: str = DEVICE, quantize: Optional[str] = QUANTIZE, precision: str = PRECISION,
@@ -187,7 +190,7 @@ def compress(
         source=_source(checkpoint, arch, arch_kwargs, trust_pickle, data),
         plan=PlanOptions(head, hidden, depth, include or [], exclude or [], objective, max_drop),
         finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, batch_size=batch_size, init=init,
-                                 device=device, update_norm_stats=update_norm_stats, amp=amp, resume=resume,
+                                 device=device, update_norm_stats=update_norm_stats, mixup=mixup, amp=amp, resume=resume,
                                  save_every=save_every),
         export=ExportOptions(quantize, ort_format, tolerance, latency_batch, precision),
         output=output, seed=seed, force=force,

@@ -370,7 +370,8 @@ def _options_summary(options: CompressOptions) -> dict:
             "objective": options.plan.objective,
             "init": options.finetune.init, "seed": options.seed, "epochs": options.finetune.epochs,
             "max_time": options.finetune.max_time, "lr": options.finetune.lr, "device": options.finetune.device,
-            "update_norm_stats": options.finetune.update_norm_stats, "max_drop": options.plan.max_drop}
+            "update_norm_stats": options.finetune.update_norm_stats, "mixup": options.finetune.mixup,
+            "max_drop": options.plan.max_drop}
 
 
 def load_compressed_model(path: str | Path, *, arch: Architecture | None = None) -> nn.Module:

@@ -64,6 +64,21 @@ LABELS_SUFFIX = ".y.npy"
 Rows = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
+@dataclass
+class MixPartners:
+    """Mixup distillation (``FinetuneOptions.mixup``): each training row r of a batch trains as
+    ``w_r x_r + (1 - w_r) x_p(r)``, its partner p(r) another row of the same global batch and w_r ~
+    U(0, 1), both drawn from (seed, epoch, batch number) over the *global* batch, so that N processes
+    mix exactly as one does. ``x`` / ``y``: the partners' rows (M, ...) and labels; ``weight``: w (M,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    weight: torch.Tensor
+
+
+MixedRows = tuple[torch.Tensor, "torch.Tensor | None", "MixPartners | None"]
+
+
 def _as_tensor(value, name: str, source: str) -> torch.Tensor:
     """A dense real tensor backed by its own data (no broadcast views, sparse, quantised or meta tensors)."""
     try:
@@ -95,6 +110,11 @@ def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: st
             raise DataError(f"{source}: labels must be integer class indices, not fractions; pass y as integers")
         y = y.long()
     return x, y
+
+
+def _mix_seed(seed: int, epoch: int, batch: int) -> int:
+    """The seed of one global batch's mixup draws (:class:`MixPartners`)."""
+    return (((seed * 1_000_003) + epoch) * 1_000_003 + batch) % (1 << 63)
 
 
 def _split_for_rank(rows: int, rank: int, world: int) -> slice:
@@ -309,10 +329,12 @@ class DataSource:
         return self.train_rows
 
     def batches(self, split: str, batch_size: int, *, epoch: int | None = None, seed: int = 0, rank: int = 0,
-                world: int = 1, skip: int = 0) -> Iterator[Rows]:
+                world: int = 1, skip: int = 0, mix: bool = False) -> Iterator[Rows | MixedRows]:
         """Batches of ``split``. With ``epoch`` the training rows are shuffled for that epoch and each
         global batch of ``batch_size`` rows is split among ``world`` processes (this is ``rank``'s
-        chunk, possibly empty); ``skip`` global batches are passed over first (resume)."""
+        chunk, possibly empty); ``skip`` global batches are passed over first (resume). ``mix`` (with
+        ``epoch``): each batch comes with its :class:`MixPartners` as a third element (None for an
+        empty chunk and for streams, which have no random access to draw partners from)."""
         raise NotImplementedError
 
 
@@ -326,14 +348,29 @@ class _IndexedSource(DataSource):
         self.has_labels = train.labelled and val.labelled
         self.train_rows, self.val_rows = int(train_index.numel()), int(val_index.numel())
 
-    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0):
+    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0, mix=False):
         store, index = self.stores[split]
         if epoch is not None:
             index = self._epoch_order(store, index, seed, epoch)
-        for chunk in index.split(batch_size)[skip:]:
-            mine = chunk[_split_for_rank(chunk.numel(), rank, world)] if epoch is not None else chunk
-            x, y = store.fetch(mine) if mine.numel() else self._empty(store)
-            yield x, (y if self.has_labels else None)
+        for number, chunk in enumerate(index.split(batch_size)[skip:], start=skip):
+            part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
+            x, y = store.fetch(chunk[part]) if chunk[part].numel() else self._empty(store)
+            y = y if self.has_labels else None
+            if mix and epoch is not None:
+                yield x, y, self._partners(store, chunk, part, x, _mix_seed(seed, epoch, number))
+            else:
+                yield x, y
+
+    def _partners(self, store: _Store, chunk: torch.Tensor, part: slice, x: torch.Tensor, seed: int) -> MixPartners | None:
+        """The :class:`MixPartners` of this process's ``part`` of the global batch ``chunk`` (row indices)."""
+        if x.shape[0] == 0:
+            return None
+        generator = torch.Generator().manual_seed(seed)
+        partner = torch.randperm(chunk.numel(), generator=generator)[part]
+        weight = torch.rand(chunk.numel(), generator=generator)[part]
+        rows, inverse = chunk[partner].unique(return_inverse=True)  # a store reads sorted rows fastest
+        px, py = store.fetch(rows)
+        return MixPartners(px[inverse], py[inverse] if self.has_labels else None, weight)
 
     @staticmethod
     def _epoch_order(store: _Store, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
@@ -400,17 +437,17 @@ class _StreamSource(DataSource):
         else:
             self.val_rows = count
 
-    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0):
+    def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0, mix=False):
         pending, done = [], 0
         for item in self._split(split):
             pending.append(item)
             if len(pending) == batch_size:
                 done += 1
                 if done > skip:
-                    yield self._chunk(pending, rank, world, epoch is not None)
+                    yield self._chunk(pending, rank, world, epoch is not None, mix)
                 pending = []
         if pending and done + 1 > skip:
-            yield self._chunk(pending, rank, world, epoch is not None)
+            yield self._chunk(pending, rank, world, epoch is not None, mix)
 
     def training_rows(self) -> int:
         """From the stream's ``len()`` when it has one, else counted by one reading pass."""
@@ -423,10 +460,13 @@ class _StreamSource(DataSource):
                 pass
         return self.train_rows
 
-    def _chunk(self, items: list, rank: int, world: int, distributed: bool) -> Rows:
-        mine = items[_split_for_rank(len(items), rank, world)] if distributed else items
+    def _chunk(self, items: list, rank: int, world: int, training: bool, mix: bool) -> Rows | MixedRows:
+        """This process's rows of a global batch; in training with ``mix``, with no partners (a stream
+        has no random access to draw them from)."""
+        mine = items[_split_for_rank(len(items), rank, world)] if training else items
         x, y = _collate(mine or items[:1], self.labelled, self.source)
-        return (x, y) if mine else (x[:0], None if y is None else y[:0])
+        rows = (x, y) if mine else (x[:0], None if y is None else y[:0])
+        return (*rows, None) if training and mix else rows
 
 
 def _has_len(dataset) -> bool:

@@ -233,17 +233,30 @@ class _Run:
 
     def _forward(self, batch) -> tuple[torch.Tensor, float]:
         """This process's loss sum (not yet scaled) and its row count."""
-        x, y = batch
+        x, y, *mixing = batch
+        partners = mixing[0] if mixing else None
         x = x.to(self.device)
+        if partners is not None:  # w x + (1 - w) x', one weight per row
+            weight = partners.weight.to(self.device, x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+            x = torch.lerp(partners.x.to(self.device, x.dtype), x, weight)
         with _autocast(self.device, self.options.amp):
             with torch.no_grad():
                 target = self.teacher(x)
             logits = self.trainer(x)
         loss = _kd_sum(logits, target, self.options.temperature)
         if y is not None:
-            check_labels(y, logits.shape[-1], self.data.source)
-            loss = loss + F.cross_entropy(logits.float(), y.to(self.device), reduction="sum")
+            loss = loss + self._label_loss(logits, y, partners)
         return loss, x.shape[0]
+
+    def _label_loss(self, logits: torch.Tensor, y: torch.Tensor, partners) -> torch.Tensor:
+        """Cross-entropy summed over rows; a mixed row's is w CE(y) + (1 - w) CE(y')."""
+        check_labels(y, logits.shape[-1], self.data.source)
+        ce = F.cross_entropy(logits.float(), y.to(self.device), reduction="none")
+        if partners is None or partners.y is None:
+            return ce.sum()
+        check_labels(partners.y, logits.shape[-1], self.data.source)
+        weight = partners.weight.to(self.device, ce.dtype)
+        return (weight * ce + (1 - weight) * F.cross_entropy(logits.float(), partners.y.to(self.device), reduction="none")).sum()
 
     def step(self, batches: Iterator, deadline: float | None) -> tuple[bool, bool]:
         """One step on the next of ``batches`` (None: this process has run out); returns (epoch over, time up).
@@ -283,7 +296,8 @@ class _Run:
 
     def _batches(self) -> Iterator:
         yield from self.data.batches("train", self.options.batch_size, epoch=self.epoch, seed=self.seed,
-                                     rank=self.world.rank, world=self.world.size, skip=self.step_in_epoch)
+                                     rank=self.world.rank, world=self.world.size, skip=self.step_in_epoch,
+                                     mix=self.options.mixup)
         while True:
             yield None
 

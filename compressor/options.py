@@ -136,6 +136,7 @@ class FinetuneOptions:
     init: str = "thesis"
     device: str = "cpu"
     update_norm_stats: bool = False  # kept BatchNorm layers keep their running statistics unless True
+    mixup: bool = False  # distil on mixed rows w x + (1 - w) x', w ~ U(0, 1) (compressor.data.MixPartners)
     amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16 with gradient scaling)
     resume: bool = False  # keep a resume state beside the output and continue from it if one is there
     save_every: int | None = None  # steps between resume states (besides every epoch end)

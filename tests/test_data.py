@@ -76,6 +76,35 @@ def test_processes_together_see_exactly_the_single_process_batches(spec):
     assert torch.equal(resumed[0][0], alone[5][0])
 
 
+@pytest.mark.parametrize("spec", ["data_source:digits", "shards-npz"])
+def test_mixup_partners_are_rows_of_the_batch_and_the_same_for_any_number_of_processes(tmp_path, spec):
+    if spec == "shards-npz":
+        raw = np.load(SAMPLES / "digits.npz")
+        for i, part in enumerate(np.array_split(np.arange(len(raw["x"])), 4)):
+            np.savez(tmp_path / f"part{i}.npz", x=raw["x"][part], y=raw["y"][part])
+        spec = str(tmp_path)
+    data = load_data(spec)
+    alone = list(data.batches("train", 64, epoch=2, seed=5, mix=True))
+    split = [list(data.batches("train", 64, epoch=2, seed=5, rank=r, world=3, mix=True)) for r in range(3)]
+    for step, (x, y, partners) in enumerate(alone):
+        batch_rows = _rows_as_set(x)
+        assert _rows_as_set(partners.x) <= batch_rows and partners.x.shape == x.shape  # partners from the batch
+        assert partners.y.shape == y.shape and bool(((partners.weight >= 0) & (partners.weight < 1)).all())
+        assert not torch.equal(partners.x, x)  # a permutation, not the identity
+        for field in ("x", "y", "weight"):
+            joined = torch.cat([getattr(split[r][step][2], field) for r in range(3) if split[r][step][2] is not None])
+            assert torch.equal(joined, getattr(partners, field)), field
+    resumed = next(iter(data.batches("train", 64, epoch=2, seed=5, skip=3, mix=True)))
+    assert torch.equal(resumed[2].weight, alone[3][2].weight)
+    plain = next(iter(data.batches("train", 64, epoch=2, seed=5)))
+    assert len(plain) == 2 and torch.equal(plain[0], alone[0][0])
+
+
+def test_streams_are_not_mixed():
+    x, y, partners = next(iter(load_data("data_source:stream").batches("train", 32, epoch=1, mix=True)))
+    assert partners is None and x.shape[0] == 32
+
+
 def test_epochs_are_shuffled_differently_and_reproducibly():
     data = load_data("data_source:digits")
     first = lambda epoch: next(iter(data.batches("train", 64, epoch=epoch, seed=0)))[0]  # noqa: E731
