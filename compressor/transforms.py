@@ -82,7 +82,7 @@ def next_power_of_two(n: int) -> int:
 
 @lru_cache(maxsize=None)
 def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device="cpu")
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
@@ -97,8 +97,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Dense orthonormal DCT-II matrix C (C @ x == scipy.fft.dct(x, norm="ortho")); C.T is the DCT-III."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    m = torch.arange(n, dtype=torch.float64)[None, :]
+    k = torch.arange(n, dtype=torch.float64, device="cpu")[:, None]
+    m = torch.arange(n, dtype=torch.float64, device="cpu")[None, :]
     c = torch.cos(math.pi * k * (2 * m + 1) / (2 * n)) * math.sqrt(2.0 / n)
     c[0] /= math.sqrt(2.0)
     return c.to(dtype)
@@ -106,6 +106,9 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 class _ConstantTransform(nn.Module):
     """A transform holding fixed constants as non-persistent buffers (never in the state_dict).
+
+    Constants are made on the CPU whatever the default device (a layer built under
+    ``torch.device("meta")`` to check a checkpoint's shapes shares the cached Hadamard factors).
 
     The float64 values are kept aside, so that ``.double()`` / ``.to(dtype)`` re-derive the
     buffers at full precision instead of up-casting rounded float32 values.
@@ -272,7 +275,7 @@ def dct_size(n: int, max_ratio: int = 4) -> int:
 def _dct_constants(a: int, b: int, c: int) -> dict[str, torch.Tensor]:
     """Float64 constants of the three-stage real DCT-II of size n = a b c (see the module docstring)."""
     n = a * b * c
-    m1, m2, m3 = (torch.arange(d, dtype=torch.float64) for d in (a, b, c))
+    m1, m2, m3 = (torch.arange(d, dtype=torch.float64, device="cpu") for d in (a, b, c))
     k1, k2, k3 = m1, m2, m3
     # Stage 1: length-a DFT over m1 of the real input, rows (k1, re|im), acting from the left.
     ang1 = -2 * math.pi * torch.outer(k1, m1) / a
@@ -290,7 +293,7 @@ def _dct_constants(a: int, b: int, c: int) -> dict[str, torch.Tensor]:
     ang3 = -2 * math.pi * torch.outer(m3, k3) / c - math.pi * a * b * k3[None, :] / (2 * n)
     h_re, h_im = torch.cos(ang3), torch.sin(ang3)
     # Orthonormal scale in the spectral layout [k1, k2, k3]: sqrt(2/n), and sqrt(1/n) for k = 0.
-    scale = torch.full((a, b, c), math.sqrt(2.0 / n), dtype=torch.float64)
+    scale = torch.full((a, b, c), math.sqrt(2.0 / n), dtype=torch.float64, device="cpu")
     scale[0, 0, 0] = math.sqrt(1.0 / n)
     return {
         "first": first,
@@ -339,7 +342,7 @@ def permute_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _makhoul_index(n: int) -> torch.Tensor:
     """Index g with ``x[..., g]`` = Makhoul's reordering v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]."""
-    m = torch.arange(n)
+    m = torch.arange(n, device="cpu")
     return torch.where(m < n // 2, 2 * m, 2 * (n - 1 - m) + 1)
 
 
@@ -372,7 +375,7 @@ class _ThreeStageDCT(_ConstantTransform):
     def _register_fft_constants(self, n: int) -> None:
         """Twiddles of the eager FFT path (float64-exact real and imaginary parts): ``w_j s_j`` for the
         DCT-II, its inverse ``conj(w_j) / s_j`` for the DCT-III, j = 0 .. n/2 (see :func:`use_fft`)."""
-        j = torch.arange(n // 2 + 1, dtype=torch.float64)
+        j = torch.arange(n // 2 + 1, dtype=torch.float64, device="cpu")
         s = torch.full_like(j, math.sqrt(2.0 / n))
         s[0] = math.sqrt(1.0 / n)
         w = torch.polar(torch.ones_like(j), -math.pi * j / (2 * n))
@@ -381,11 +384,12 @@ class _ThreeStageDCT(_ConstantTransform):
             self._exact[name] = value.contiguous()
             self.register_buffer(name, value.to(torch.float32), persistent=False)
         # Half-complex layout (n/2 + 1, 2) of n coefficients X: [j, 0] = X_j, [j, 1] = -X_(n-j) (j >= 1).
-        im_source = torch.cat([torch.zeros(1, dtype=torch.long), n - torch.arange(1, n // 2 + 1)])
-        self.register_buffer("half_complex_index", torch.stack([torch.arange(n // 2 + 1), im_source], 1), persistent=False)
-        keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64)
+        half = torch.arange(n // 2 + 1, device="cpu")
+        im_source = torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), n - half[1:]])
+        self.register_buffer("half_complex_index", torch.stack([half, im_source], 1), persistent=False)
+        keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64, device="cpu")
         keep[0, 1] = 0.0
-        negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64)
+        negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64, device="cpu")
         for name, value in (("half_complex_keep", keep), ("half_complex_negate", negate)):
             self._exact[name] = value
             self.register_buffer(name, value.to(torch.float32), persistent=False)

@@ -184,6 +184,18 @@ def test_gradcheck_float64(name, transform_path):
     )
 
 
+@pytest.mark.parametrize("build", [lambda: AdaptiveFastfood(96, 96), lambda: ACDCStack(64, 48), lambda: HadamardHead(64, 10)])
+def test_layers_build_on_meta_before_and_after_cpu(build):
+    """Checkpoint loading builds each planned layer on the meta device first (shapes only); the cached
+    transform constants must stay CPU tensors either way round, and the real layer must still compute."""
+    with torch.device("meta"):
+        build()
+    layer = build()
+    with torch.device("meta"):
+        build()
+    assert torch.isfinite(layer(torch.randn(3, layer.in_features))).all()
+
+
 def test_parameter_counts():
     assert count_stored(ACDCStack(4096, 4096, 2)) == 2 * 3 * 4096 + 4096
     assert count_stored(AdaptiveFastfood(4096, 4096)) == 3 * 4096 + 4096 + 4096
