@@ -324,6 +324,9 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
                              "its architecture")
         data = _data_for(loaded, options.source.data, options.seed, selection=options.plan.max_drop is not None)
+        if options.finetune.mixup and not data.random_access:
+            raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
+                             "without random access; drop --mixup or give a Dataset or array file")
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)

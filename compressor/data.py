@@ -67,8 +67,8 @@ Rows = tuple[torch.Tensor, "torch.Tensor | None"]
 @dataclass
 class MixPartners:
     """Mixup distillation (``FinetuneOptions.mixup``): each training row r of a batch trains as
-    ``w_r x_r + (1 - w_r) x_p(r)``, its partner p(r) another row of the same global batch and w_r ~
-    U(0, 1), both drawn from (seed, epoch, batch number) over the *global* batch, so that N processes
+    ``w_r x_r + (1 - w_r) x_p(r)``, p a random permutation of the global batch (so about one row a
+    batch is its own partner) and w_r ~ U(0, 1), both drawn from (seed, epoch, batch number) over the *global* batch, so that N processes
     mix exactly as one does. ``x`` / ``y``: the partners' rows (M, ...) and labels; ``weight``: w (M,)."""
 
     x: torch.Tensor
@@ -310,6 +310,7 @@ class DataSource:
     source: str
     files: tuple[Path, ...]  # what was read (data file, directory or module): never overwritten
     has_labels: bool
+    random_access: bool = True  # rows can be fetched by index (False: a stream); --mixup needs it
     train_rows: int | None
     val_rows: int | None
 
@@ -404,6 +405,8 @@ class _IndexedSource(DataSource):
 
 class _StreamSource(DataSource):
     """An ``IterableDataset``: item ``i`` is held out when ``i % 5 == seed % 5`` (first HOLDOUT_MAX)."""
+
+    random_access = False
 
     def __init__(self, dataset, source: str, files: tuple[Path, ...], seed: int) -> None:
         self.dataset, self.source, self.files = dataset, source, files

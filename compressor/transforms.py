@@ -312,12 +312,13 @@ _MATMUL_CHAINS = contextvars.ContextVar("fixclf_matmul_chains", default=False)
 def use_fft() -> bool:
     """Whether ACDC's DCTs run through ``torch.fft`` (eager PyTorch: training, evaluation).
 
-    While a model is traced (``torch.onnx.export``, ``torch.export``, ``torch.compile``), or inside
+    While a model is traced (``torch.onnx.export`` with either exporter, ``torch.export``,
+    ``torch.jit.trace``, ``torch.compile``), or inside
     :func:`matmul_chains`, they run the real MatMul chains instead, which export to standard ONNX
     ops and run fast in ONNX Runtime. Both compute the same function (to float rounding; the tests
     pin each against the dense matrix).
     """
-    return not (_MATMUL_CHAINS.get() or torch.compiler.is_compiling())
+    return not (_MATMUL_CHAINS.get() or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 @contextlib.contextmanager
@@ -394,8 +395,13 @@ class _ThreeStageDCT(_ConstantTransform):
             self._exact[name] = value
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
-    def _fft_twiddle(self) -> torch.Tensor:
-        return torch.complex(self.fft_twiddle_re, self.fft_twiddle_im)
+    def _fft_twiddle(self, dtype: torch.dtype) -> torch.Tensor:
+        """The twiddle as a complex tensor at real precision ``dtype`` (float32 or float64): FFTs and
+        complex numbers have no bfloat16, so a reduced-precision module takes its float64 values."""
+        re, im = self.fft_twiddle_re, self.fft_twiddle_im
+        if re.dtype not in (torch.float32, torch.float64):
+            re, im = (self._exact[name].to(re.device) for name in ("fft_twiddle_re", "fft_twiddle_im"))
+        return torch.complex(re.to(dtype), im.to(dtype))
 
     def half_complex_layout(self, coefficients: torch.Tensor, *, negate_im: bool = True) -> torch.Tensor:
         """Natural-order coefficients (n,) in the half-complex layout (n/2 + 1, 2) of the FFT path:
@@ -445,7 +451,7 @@ class DCT2(_ThreeStageDCT):
         (M, n/2 + 1, 2), by ``torch.fft``: ``U = w s * RFFT(v)``, X_j = Re U_j and X_(n-j) = -Im U_j
         (Makhoul; v real, so V_(n-j) = conj V_j). The same function as the MatMul chain (eager PyTorch
         runs it about 3x faster: training), but with complex tensors, which do not export (:func:`use_fft`)."""
-        return torch.view_as_real(torch.fft.rfft(v) * self._fft_twiddle())
+        return torch.view_as_real(torch.fft.rfft(v) * self._fft_twiddle(v.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.natural_order(self.spectrum(x) * self.scale).reshape(x.shape)
@@ -475,7 +481,7 @@ class DCT3(_ThreeStageDCT):
         ``x[..., gather_in]`` (M, n): the inverse of :meth:`DCT2.rfft_of_reordered`,
         ``v = IRFFT(conj(w) / s * U)`` (the layout's [n/2, 1] must be -[n/2, 0], as a layout made by
         DCT2 times a diagonal in :meth:`half_complex_layout` is)."""
-        return torch.fft.irfft(torch.view_as_complex(layout.contiguous()) * self._fft_twiddle(), self.n)
+        return torch.fft.irfft(torch.view_as_complex(layout.contiguous()) * self._fft_twiddle(layout.dtype), self.n)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         spectrum = self.spectral_layout(y.reshape(-1, self.n)) * self.scale

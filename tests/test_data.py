@@ -8,7 +8,8 @@ import torch
 
 from compressor.checkpoint import load_model
 from compressor.data import HOLDOUT_FRACTION, check_against_model, load_data
-from compressor.errors import DataError
+from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
+from compressor.errors import DataError, UsageError
 from conftest import SAMPLES
 
 
@@ -100,9 +101,14 @@ def test_mixup_partners_are_rows_of_the_batch_and_the_same_for_any_number_of_pro
     assert len(plain) == 2 and torch.equal(plain[0], alone[0][0])
 
 
-def test_streams_are_not_mixed():
+def test_streams_are_not_mixed_and_compress_refuses_mixup_on_them(tmp_path):
     x, y, partners = next(iter(load_data("data_source:stream").batches("train", 32, epoch=1, mix=True)))
     assert partners is None and x.shape[0] == 32
+    options = CompressOptions(SourceOptions(SAMPLES / "mlp.pt", data="data_source:stream"),
+                              finetune=FinetuneOptions(epochs=1, mixup=True), output=tmp_path / "m.fixclf.pt")
+    with pytest.raises(UsageError, match="--mixup"):
+        compress(options)
+    assert not list(tmp_path.iterdir())
 
 
 def test_epochs_are_shuffled_differently_and_reproducibly():

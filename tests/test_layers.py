@@ -1,6 +1,8 @@
 """Each structured layer equals its dense equivalent, passes gradcheck, and keeps its promises."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -194,6 +196,18 @@ def test_layers_build_on_meta_before_and_after_cpu(build):
     with torch.device("meta"):
         build()
     assert torch.isfinite(layer(torch.randn(3, layer.in_features))).all()
+
+
+def test_traced_acdc_runs_the_matmul_chain_and_reduced_precision_runs_eager():
+    """torch.jit.trace (and the TorchScript ONNX exporter) must record the exportable chain, never torch.fft;
+    a bfloat16 / float16 module still runs eagerly (the FFT path works in float32 at least)."""
+    stack = ACDCStack(30, 10, seed=2).eval()
+    x = torch.randn(4, 30)
+    traced = torch.jit.trace(stack, x)
+    assert "fft" not in str(traced.graph) and torch.allclose(traced(x), stack(x), atol=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = copy.deepcopy(stack).to(dtype)
+        assert torch.allclose(low(x.to(dtype)).float(), stack(x), atol=0.1), dtype
 
 
 def test_parameter_counts():

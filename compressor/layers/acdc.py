@@ -86,9 +86,10 @@ class ACDC(StructuredLinear):
         float32 at least (FFTs of reduced precision need power-of-two sizes)."""
         dct, idct = self.transforms.dct, self.transforms.idct
         work = torch.promote_types(v.dtype, torch.float32)
-        layout = dct.rfft_of_reordered(v.to(work) * self.a[dct.gather_in]) * dct.half_complex_layout(self.d, negate_im=False)
+        layout = dct.rfft_of_reordered(v.to(work) * self.a[dct.gather_in].to(work))
+        layout = layout * dct.half_complex_layout(self.d.to(work), negate_im=False)
         if self.bias is not None:
-            layout = layout + dct.half_complex_layout(self.bias)
+            layout = layout + dct.half_complex_layout(self.bias.to(work))
         return idct.irfft_reordered(layout).to(v.dtype)
 
 
