@@ -51,8 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # ``python -m cli.entry`` runs this file as ``__main__``, and cli.main imports it again as
-    # ``cli.entry``: run that one's main, so there is one signal state (STATE) and one handler.
-    from cli.entry import main as entry_main
-
-    entry_main()
+    main()
