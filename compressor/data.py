@@ -68,8 +68,8 @@ Rows = tuple[torch.Tensor, "torch.Tensor | None"]
 class MixPartners:
     """Mixup distillation (``FinetuneOptions.mixup``): each training row r of a batch trains as
     ``w_r x_r + (1 - w_r) x_p(r)``, p a random permutation of the global batch (so about one row a
-    batch is its own partner) and w_r ~ U(0, 1), both drawn from (seed, epoch, batch number) over the *global* batch, so that N processes
-    mix exactly as one does. ``x`` / ``y``: the partners' rows (M, ...) and labels; ``weight``: w (M,)."""
+    batch is its own partner) and w_r ~ U(0, 1), both drawn from (seed, epoch, batch number) over
+    the *global* batch, so that N processes mix exactly as one does. ``x`` / ``y``: the partners' rows (M, ...) and labels; ``weight``: w (M,)."""
 
     x: torch.Tensor
     y: torch.Tensor | None
@@ -355,7 +355,8 @@ class _IndexedSource(DataSource):
             index = self._epoch_order(store, index, seed, epoch)
         for number, chunk in enumerate(index.split(batch_size)[skip:], start=skip):
             part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
-            x, y = store.fetch(chunk[part]) if chunk[part].numel() else self._empty(store)
+            mine = chunk[part]
+            x, y = store.fetch(mine) if mine.numel() else self._empty(store)
             y = y if self.has_labels else None
             if mix and epoch is not None:
                 yield x, y, self._partners(store, chunk, part, x, _mix_seed(seed, epoch, number))

@@ -116,8 +116,13 @@ class _ConstantTransform(nn.Module):
 
     def __init__(self, constants: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self._exact = constants
+        self._exact: dict[str, torch.Tensor] = {}
+        self._register_constants(constants)
+
+    def _register_constants(self, constants: dict[str, torch.Tensor]) -> None:
+        """Keep the float64 ``constants`` aside and register them as float32 non-persistent buffers."""
         for name, value in constants.items():
+            self._exact[name] = value
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -381,9 +386,6 @@ class _ThreeStageDCT(_ConstantTransform):
         s[0] = math.sqrt(1.0 / n)
         w = torch.polar(torch.ones_like(j), -math.pi * j / (2 * n))
         twiddle = w.conj() / s if self.transposed else w * s
-        for name, value in (("fft_twiddle_re", twiddle.real), ("fft_twiddle_im", twiddle.imag)):
-            self._exact[name] = value.contiguous()
-            self.register_buffer(name, value.to(torch.float32), persistent=False)
         # Half-complex layout (n/2 + 1, 2) of n coefficients X: [j, 0] = X_j, [j, 1] = -X_(n-j) (j >= 1).
         half = torch.arange(n // 2 + 1, device="cpu")
         im_source = torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), n - half[1:]])
@@ -391,9 +393,8 @@ class _ThreeStageDCT(_ConstantTransform):
         keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64, device="cpu")
         keep[0, 1] = 0.0
         negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64, device="cpu")
-        for name, value in (("half_complex_keep", keep), ("half_complex_negate", negate)):
-            self._exact[name] = value
-            self.register_buffer(name, value.to(torch.float32), persistent=False)
+        self._register_constants({"fft_twiddle_re": twiddle.real.contiguous(), "fft_twiddle_im": twiddle.imag.contiguous(),
+                                  "half_complex_keep": keep, "half_complex_negate": negate})
 
     def _fft_twiddle(self, dtype: torch.dtype) -> torch.Tensor:
         """The twiddle as a complex tensor at real precision ``dtype`` (float32 or float64): FFTs and

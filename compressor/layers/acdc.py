@@ -69,9 +69,9 @@ class ACDC(StructuredLinear):
         """The layer on x given in the DCT's input order, ``v = x[..., g]`` (g = ``dct.gather_in``),
         returning ``y[..., g]`` (M, size): the gathers in and out are left to the caller, so that a
         stack folds them into its permutations."""
-        dct, idct = self.transforms.dct, self.transforms.idct
         if use_fft():
             return self._forward_reordered_fft(v)
+        dct, idct = self.transforms.dct, self.transforms.idct
         # C^T (d C u + bias) with C = scale * natural(spectrum): move d and bias into the spectral
         # layout (n numbers) rather than every activation out of it (M x n numbers).
         spectrum = dct.spectrum_of_reordered(v * self.a[dct.gather_in])
