@@ -26,7 +26,11 @@ from compare import narrow_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def part_compress(samples: list[str], seeds: list[int], hiddens: list[str], mixup: bool, tmp: str) -> None:
+def _label(mixup: bool | None) -> str:
+    return " --no-mixup" if mixup is False else ""
+
+
+def part_compress(samples: list[str], seeds: list[int], hiddens: list[str], mixup: bool | None, tmp: str) -> None:
     print("| sample | --hidden | replaced layers' numbers | " + " | ".join(f"seed {s}" for s in seeds) + " | wall s |")
     print("|---|---|---|" + "---|" * len(seeds) + "---|")
     for sample in samples:
@@ -39,7 +43,7 @@ def part_compress(samples: list[str], seeds: list[int], hiddens: list[str], mixu
                 a, p = r.accuracy, r.params.replaced
                 cells.append(f"{100 * a.before:.2f} → {100 * a.after:.2f} ({100 * (a.after - a.before):+.2f})")
             wall = (time.perf_counter() - start) / len(seeds)
-            print(f"| {sample}{' --mixup' if mixup else ''} | {hidden} | {p.before:,} → {p.after:,} ({p.ratio}x) | " + " | ".join(cells)
+            print(f"| {sample}{_label(mixup)} | {hidden} | {p.before:,} → {p.after:,} ({p.ratio}x) | " + " | ".join(cells)
                   + f" | {wall:.0f} |", flush=True)
 
 
@@ -67,11 +71,11 @@ def plot_curve(curves: dict[str, list[float]], path: Path) -> None:
 
 
 def part_curve(samples: list[str], plot: Path | None = None) -> None:
-    """Held-out accuracy after 1, 2, 5, ... 40 epochs (each its own run), default recipe and --mixup."""
+    """Held-out accuracy after 1, 2, 5, ... 40 epochs (each its own run), default recipe and --no-mixup."""
     curves: dict[str, list[float]] = {}
     print("| sample | " + " | ".join(f"{e} epochs" for e in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
-    for sample, mixup in ((s, m) for s in samples for m in (False, True)):
+    for sample, mixup in ((s, m) for s in samples for m in (None, False)):
         loaded = load_model(ROOT / "sample_models" / f"{sample}.pt")
         data = load_data(str(loaded.data))
         cells = []
@@ -83,14 +87,14 @@ def part_curve(samples: list[str], plot: Path | None = None) -> None:
             distill(student, loaded.model, data, FinetuneOptions(epochs=epochs, mixup=mixup),
                     replaced_parameters(student, plan))
             cells.append(f"{100 * evaluate(student, data):.2f}")
-        label = f"{sample}{' --mixup' if mixup else ''}"
+        label = f"{sample}{_label(mixup)}"
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
         curves[label] = [float(c) for c in cells]
     if plot is not None:
         plot_curve(curves, plot)
 
 
-def part_narrow(samples: list[str], seeds: list[int], mixup: bool) -> None:
+def part_narrow(samples: list[str], seeds: list[int], mixup: bool | None) -> None:
     """compare.py's narrow dense student (same stored numbers as fixclf-acdc's replaced layers), per seed."""
     print("| sample | student | stored numbers in the replaced layers | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---|---|---|" + "---|" * len(seeds))
@@ -105,10 +109,10 @@ def part_narrow(samples: list[str], seeds: list[int], mixup: bool) -> None:
             distill(student, loaded.model, data, FinetuneOptions(mixup=mixup), new, seed=seed)
             cells.append(f"{100 * evaluate(student, data):.2f}")
             fc = sum(p.numel() for p in new)
-        print(f"| {sample}{' --mixup' if mixup else ''} | narrow dense | {fc:,} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {sample}{_label(mixup)} | narrow dense | {fc:,} | " + " | ".join(cells) + " |", flush=True)
 
 
-def part_maxdrop(samples: list[str], budget: float, mixup: bool, tmp: str) -> None:
+def part_maxdrop(samples: list[str], budget: float, mixup: bool | None, tmp: str) -> None:
     """``--max-drop``: the held-out drop, what it kept dense and the compression it reached (seed 0)."""
     print(f"| sample | --max-drop | held-out: original → compressed (pp) | kept dense | replaced layers' numbers | wall s |")
     print("|---|---|---|---|---|---|")
@@ -119,7 +123,7 @@ def part_maxdrop(samples: list[str], budget: float, mixup: bool, tmp: str) -> No
                                      force=True))
         a, p = r.accuracy, r.params.replaced
         kept = [row.name for row in r.layers if row.kind is None and "max-drop" in (row.reason or "")]
-        print(f"| {sample}{' --mixup' if mixup else ''} | {budget:g} | {100 * a.before:.2f} → {100 * a.after:.2f} ({100 * (a.after - a.before):+.2f}) | "
+        print(f"| {sample}{_label(mixup)} | {budget:g} | {100 * a.before:.2f} → {100 * a.after:.2f} ({100 * (a.after - a.before):+.2f}) | "
               f"{', '.join(kept) or 'none'} | {p.before:,} → {p.after:,} ({p.ratio}x) | {time.perf_counter() - start:.0f} |",
               flush=True)
 
@@ -132,7 +136,8 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=0.5)
     parser.add_argument("--plot", type=Path, help="with the curve part: write it as PNG (needs matplotlib)")
     parser.add_argument("--hidden", nargs="+", default=["acdc", "fastfood"], help="kinds for the compress part")
-    parser.add_argument("--mixup", action="store_true", help="fine-tune with --mixup (compress, maxdrop, narrow parts)")
+    parser.add_argument("--no-mixup", dest="mixup", action="store_const", const=False, default=None,
+                        help="fine-tune with --no-mixup (compress, maxdrop, narrow parts; default: the default recipe)")
     args = parser.parse_args()
     setup()
     with tempfile.TemporaryDirectory() as tmp:

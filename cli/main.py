@@ -22,7 +22,7 @@ from rich.console import Console
 
 from cli import entry
 from compressor.errors import FixclfError, Interrupted, UsageError
-from compressor.options import (CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
+from compressor.options import (BUDGET_STEPS, CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
 
 app = typer.Typer(
     add_completion=False,
@@ -146,15 +146,16 @@ INIT = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thes
 TRAIN_DATA = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val, x_select, y_select), a "
                           "directory of .npy/.npz shards (read lazily), or package.module:function returning arrays, a "
                           "Dataset or an IterableDataset. Not needed for checkpoints that bundle data (the samples).")
-EPOCHS = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most).")
+EPOCHS = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most). Default: the fewest epochs with at "
+                      f"least {BUDGET_STEPS:,} steps (the digits samples: 109, the harder samples: 20).")
 CHECKPOINT = typer.Argument(..., help="Trained checkpoint (.pt).")
 MAX_TIME = typer.Option(TUNE.max_time, "--max-time", help="Fine-tuning time budget in seconds (checked every step).")
 LR = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam).")
 NORM_STATS = typer.Option(TUNE.update_norm_stats, "--update-norm-stats", help="Let kept BatchNorm layers update their "
                           "running statistics during fine-tuning (default: kept as trained).")
-MIXUP = typer.Option(TUNE.mixup, "--mixup", help="Distil on mixed rows w x + (1 - w) x' (w ~ U(0, 1), x' another row "
-                     "of the batch): recovers accuracy on noisy training data (harder samples: docs/hard_samples.md); "
-                     "not for streams (no random access).")
+MIXUP = typer.Option(TUNE.mixup, "--mixup/--no-mixup", help="Distil on mixed rows w x + (1 - w) x' (w ~ U(0, 1), x' "
+                     "another row of the batch): keeps the student from re-learning the teacher's memorised noise "
+                     "(docs/hard_samples.md). Default: on, except for streams (no random access).")
 BATCH = typer.Option(TUNE.batch_size, "--batch-size", help="Fine-tuning batch (global: under torchrun it is split "
                      "among the processes, so N processes take the same steps as one).")
 RESUME = typer.Option(TUNE.resume, "--resume", help="Keep the fine-tune state in <output>.resume.pt (every epoch) and "
@@ -175,8 +176,8 @@ MAX_DROP = typer.Option(PLAN.max_drop, "--max-drop", help="Accuracy (percentage 
 @app.command()
 def compress(
     checkpoint: Path = CHECKPOINT, head: str = HEAD, hidden: str = HIDDEN, depth: int = DEPTH, init: str = INIT,
-    data: Optional[str] = TRAIN_DATA, epochs: int = EPOCHS, max_time: Optional[float] = MAX_TIME, lr: float = LR,
-    update_norm_stats: bool = NORM_STATS, mixup: bool = MIXUP, batch_size: int = BATCH, resume: bool = RESUME,
+    data: Optional[str] = TRAIN_DATA, epochs: Optional[int] = EPOCHS, max_time: Optional[float] = MAX_TIME, lr: float = LR,
+    update_norm_stats: bool = NORM_STATS, mixup: Optional[bool] = MIXUP, batch_size: int = BATCH, resume: bool = RESUME,
     save_every: Optional[int] = SAVE_EVERY, nproc: int = NPROC, amp: bool = AMP,
     include: Optional[List[str]] = INCLUDE, exclude: Optional[List[str]] = EXCLUDE, output: Optional[Path] = OUTPUT,
     seed: int = SEED, device: str = DEVICE, quantize: Optional[str] = QUANTIZE, precision: str = PRECISION,

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ from .data import DataSource, check_against_model, load_data
 from .distributed import World, world_from_environment
 from .errors import DataError, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
-from .finetune import EpochStats, FinetuneResult, ResumeFile, distill, evaluate, steps_per_epoch
+from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
+                       steps_per_epoch)
 from .layers import count_stored
 from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
@@ -213,34 +214,44 @@ def _surgery_and_finetune(original: nn.Module, plan: list[LayerPlan], data: Data
         return (compressed, formats, notes, *_finetune(original, compressed, plan, data, options, events, world, resume))
 
 
+def paired_drop(reference: torch.Tensor, hits: torch.Tensor) -> tuple[float, float]:
+    """Accuracy lost, in pp, from per-row correctness ``reference`` to ``hits`` on the same rows, and
+    its standard error: d_i = reference_i - hits_i in {-1, 0, 1}, drop = mean(d), se = std(d) / sqrt(n)."""
+    d = reference.double() - hits.double()
+    se = float(d.std(unbiased=True)) / d.numel() ** 0.5 if d.numel() > 1 else 0.0
+    return 100 * float(d.mean()), 100 * se
+
+
 def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
                             events: Events, world: World, resume: ResumeFile | None):
     """Surgery and fine-tune; with ``--max-drop``, again with the costliest replaced layer kept dense
     (measured by putting each one back alone) until the accuracy lost on the selection rows, set
-    aside from training and distinct from the held-out rows, is within budget. Every process
+    aside from training and distinct from the held-out rows, is within budget *with a margin of one
+    standard error* of that paired difference (:func:`paired_drop`): the run that passes first is
+    the luckiest of several draws on the same rows, so its own estimate flatters it. Every process
     decides the same (same model, same rows)."""
     budget, kept = options.plan.max_drop, []
-    reference = evaluate(original, data, split="select") if budget is not None else 0.0
+    reference = correct_rows(original, data, split="select") if budget is not None else None
     while True:
         compressed, formats, notes, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events,
                                                                             world, resume)
         if budget is None:
             return compressed, formats, notes, tuned, accuracy
-        score = evaluate(compressed, data, split="select")
-        lost = 100 * (reference - score)
+        hits = correct_rows(compressed, data, split="select")
+        lost, se = paired_drop(reference, hits)
+        said = f"{lost:.2f} ± {se:.2f} pp lost on the rows set aside"
         replaced = [entry.name for entry in plan if entry.replaced]
-        if lost <= budget:
-            notes.insert(0, f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside for the decision"
-                         + (f" after keeping {', '.join(kept)} dense" if kept else ""))
+        if lost + se <= budget:
+            notes.insert(0, f"--max-drop {budget:g}: {said}" + (f" after keeping {', '.join(kept)} dense" if kept else ""))
             return compressed, formats, notes, tuned, accuracy
         if len(replaced) == 1:
             raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} replaced, "
-                            f"{lost:.2f} pp are lost on the rows set aside; raise --max-drop or fine-tune longer (--epochs)")
+                            f"{said} (one standard error must fit too); raise --max-drop or fine-tune longer (--epochs)")
+        score = float(hits.float().mean())
         regained = {name: evaluate(with_dense_layer(compressed, original, name), data, split="select") - score
                     for name in replaced}
         costliest = max(regained, key=regained.get)
-        events.stage(f"--max-drop {budget:g}: {lost:.2f} pp lost on the rows set aside; keeping "
-                     f"{costliest or 'the model'} dense and fine-tuning again")
+        events.stage(f"--max-drop {budget:g}: {said}; keeping {costliest or 'the model'} dense and fine-tuning again")
         kept.append(costliest or "the model")
         plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
                                             f"{100 * regained[costliest]:.2f} pp on the rows set aside)"})
@@ -327,6 +338,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         if options.finetune.mixup and not data.random_access:
             raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
                              "without random access; drop --mixup or give a Dataset or array file")
+        options = replace(options, finetune=resolved_options(options.finetune, data.training_rows(), data.random_access))
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)

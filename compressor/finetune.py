@@ -4,11 +4,15 @@ Loss per global batch B of rows (Hinton et al. distillation; T the temperature):
 
     L = 1/|B| * sum_{i in B} [ T^2 * KL(softmax(teacher_i / T) || softmax(student_i / T))  (+ CE(student_i, y_i) with labels) ]
 
-With ``mixup`` every training row r is replaced by w_r x_r + (1 - w_r) x_p(r) (a partner row of the
+With ``mixup`` (the default wherever the data has random access) every training row r is replaced by w_r x_r + (1 - w_r) x_p(r) (a partner row of the
 same global batch, w_r ~ U(0, 1): :class:`compressor.data.MixPartners`); the teacher labels the
 mixed row and the cross-entropy becomes w_r CE(y_r) + (1 - w_r) CE(y_p(r)). The student then learns
 the teacher's function between training rows rather than at them, which on noisy data is where
 the teacher memorised the noise (docs/hard_samples.md: hard_cnn -2.5 pp without, +0.4 pp with).
+
+Budget: ``epochs``, by default the fewest epochs holding :data:`~compressor.options.BUDGET_STEPS`
+optimiser steps (:func:`resolved_options`), so a brief fine-tune stays brief on large data and long
+enough on small data.
 
 Optimiser: Adam, no weight decay (the thesis applies none to ACDC's A and D; the paper keeps
 alpha out of it), cosine learning-rate decay over the budget. The parameters of the layers the
@@ -46,7 +50,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,10 +61,10 @@ from torch import nn
 from .data import DataSource, check_labels
 from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
-from .options import FinetuneOptions
+from .options import BUDGET_STEPS, FinetuneOptions
 
-__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "evaluate", "distill", "steps_per_epoch",
-           "freeze_norm_statistics"]
+__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "correct_rows", "evaluate", "distill", "steps_per_epoch",
+           "resolved_options", "freeze_norm_statistics"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 EVAL_BATCH = 512
@@ -100,6 +104,16 @@ def steps_per_epoch(rows: int, options: FinetuneOptions) -> int:
     return math.ceil(rows / options.batch_size)
 
 
+def resolved_options(options: FinetuneOptions, rows: int, random_access: bool) -> FinetuneOptions:
+    """``options`` with the defaults that depend on the data made concrete: ``epochs`` None becomes the
+    fewest epochs that hold at least :data:`BUDGET_STEPS` optimiser steps over ``rows`` training rows
+    (a budget in steps, not epochs: the same brief fine-tune whether the data has 1,000 rows or
+    100,000), and ``mixup`` None becomes whether the data has random access (streams are not mixed)."""
+    epochs = options.epochs if options.epochs is not None else max(1, math.ceil(BUDGET_STEPS / steps_per_epoch(rows, options)))
+    mixup = options.mixup if options.mixup is not None else random_access
+    return replace(options, epochs=epochs, mixup=mixup)
+
+
 def _autocast(device: str, enabled: bool):
     if not (enabled and device.startswith("cuda")):
         return nullcontext()
@@ -107,22 +121,28 @@ def _autocast(device: str, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
-             device: str = "cpu", split: str = "val") -> float:
-    """Top-1 accuracy of ``model`` on the ``split`` rows (held-out by default) of a :class:`DataSource`,
-    or on rows ``data`` with labels ``y``."""
+def correct_rows(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
+                 device: str = "cpu", split: str = "val") -> torch.Tensor:
+    """Whether ``model``'s top-1 class is the label, per row (bool, (rows,)), on the ``split`` rows
+    (held-out by default) of a :class:`DataSource`, or on rows ``data`` with labels ``y``."""
     model.eval()
     source = data.source if isinstance(data, DataSource) else "labels"
     batches = data.batches(split, EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
-    correct = rows = 0
+    hits = []
     for x, labels in batches:
         for start in range(0, x.shape[0], EVAL_BATCH):
             logits = model(x[start:start + EVAL_BATCH].to(device))
             part = labels[start:start + EVAL_BATCH]
             check_labels(part, logits.shape[-1], source)
-            correct += int((logits.argmax(-1).cpu() == part).sum())
-            rows += part.shape[0]
-    return correct / max(1, rows)
+            hits.append(logits.argmax(-1).cpu() == part)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
+             device: str = "cpu", split: str = "val") -> float:
+    """Top-1 accuracy: the mean of :func:`correct_rows` (0 on no rows)."""
+    hits = correct_rows(model, data, y, device=device, split=split)
+    return float(hits.float().mean()) if hits.numel() else 0.0
 
 
 def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -349,7 +369,7 @@ def distill(
     student.to(device)
     teacher.to(device).eval()
     with world.stage():  # every process has counted its data before DDP's first collective
-        data.training_rows()
+        options = resolved_options(options, data.training_rows(), data.random_access)
     run = _Run(student, teacher, data, options, new_parameters, seed, world, resume, on_step, on_epoch)
     run.restore()
     last_good = copy.deepcopy(student.state_dict())

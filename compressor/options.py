@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = [
+    "BUDGET_STEPS",
     "SEED_MAX",
     "DEPTH_MAX",
     "DEVICE_PATTERN",
@@ -46,6 +47,9 @@ HIDDEN_INITS = ("thesis", "fit")
 QUANTIZATIONS = ("int8",)
 PRECISIONS = ("fp32", "fp16")
 OBJECTIVES = ("size", "latency")
+BUDGET_STEPS = 2500
+"""The default fine-tune length in optimiser steps (docs/hard_samples.md: the noisy harder samples
+over-fit in 5,000, and the digits, 23 steps an epoch, need more than 900 to recover with --mixup)."""
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -127,7 +131,7 @@ class PlanOptions:
 class FinetuneOptions:
     """The distillation fine-tune (see :mod:`compressor.finetune` for the loss and schedule)."""
 
-    epochs: int = 40
+    epochs: int | None = None  # None: the fewest epochs with at least BUDGET_STEPS steps (finetune.resolved_options)
     max_time: float | None = None  # seconds, checked after every step
     lr: float = 2e-2
     batch_size: int = 64
@@ -136,13 +140,15 @@ class FinetuneOptions:
     init: str = "thesis"
     device: str = "cpu"
     update_norm_stats: bool = False  # kept BatchNorm layers keep their running statistics unless True
-    mixup: bool = False  # distil on mixed rows w x + (1 - w) x', w ~ U(0, 1) (compressor.data.MixPartners)
+    mixup: bool | None = None  # distil on mixed rows w x + (1 - w) x', w ~ U(0, 1) (compressor.data.MixPartners);
+    # None: on wherever the data has random access (not a stream)
     amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16 with gradient scaling)
     resume: bool = False  # keep a resume state beside the output and continue from it if one is there
     save_every: int | None = None  # steps between resume states (besides every epoch end)
 
     def validate(self) -> None:
-        _int_range("--epochs", self.epochs, 1, 1_000_000)
+        if self.epochs is not None:
+            _int_range("--epochs", self.epochs, 1, 1_000_000)
         _positive_finite("--max-time", self.max_time, optional=True)
         _positive_finite("--lr", self.lr)
         _int_range("--batch-size", self.batch_size, 1, 1 << 20)

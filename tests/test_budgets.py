@@ -1,16 +1,18 @@
 """``--max-drop``: the plan keeps dense, one at a time, the replaced layer that costs the most
 accuracy, judged on rows set aside from training and distinct from the held-out rows the report
-quotes, until the loss there is within the budget."""
+quotes, until the loss there plus one standard error of it is within the budget."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
 import architectures
 from cli.main import app
+from compressor.api import paired_drop
 from compressor.data import SELECTION_FRACTION, load_data
 
 runner = CliRunner()
@@ -35,6 +37,15 @@ def _model_and_data(workdir) -> None:
 
 def _rows(data, split: str) -> set[bytes]:
     return {row.numpy().tobytes() for x, _ in data.batches(split, 4096) for row in x}
+
+
+def test_paired_drop_is_the_mean_row_difference_and_its_standard_error():
+    reference = torch.tensor([1, 1, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    hits = torch.tensor([1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)  # d = 0 1 0 1 0 -1 0 0: mean 1/8
+    lost, se = paired_drop(reference, hits)
+    d = np.array([0, 1, 0, 1, 0, -1, 0, 0], dtype=float)
+    assert lost == pytest.approx(100 / 8) and se == pytest.approx(100 * d.std(ddof=1) / np.sqrt(8))
+    assert paired_drop(reference, reference) == (0.0, 0.0)  # the same predictions: nothing lost, no doubt
 
 
 def test_selection_rows_are_set_aside_from_training_and_held_out(tmp_path):
