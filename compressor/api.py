@@ -224,37 +224,54 @@ def paired_drop(reference: torch.Tensor, hits: torch.Tensor) -> tuple[float, flo
 
 def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
                             events: Events, world: World, resume: ResumeFile | None):
-    """Surgery and fine-tune; with ``--max-drop``, again with the costliest replaced layer kept dense
-    (measured by putting each one back alone) until the accuracy lost on the selection rows, set
+    """The plan used, then surgery and fine-tune's results; with ``--max-drop``, again with the
+    costliest replaced layer kept dense (measured by putting each one back alone) until the accuracy lost on the selection rows, set
     aside from training and distinct from the held-out rows, is within budget *with a margin of one
     standard error* of that paired difference (:func:`paired_drop`): the run that passes first is
-    the luckiest of several draws on the same rows, so its own estimate flatters it. Every process
+    the luckiest of several draws on the same rows, so its own estimate flatters it. When no plan
+    passes with the margin, the plan with the most layers replaced whose estimate alone was within
+    budget is returned, and its note says the rows set aside could not confirm it. Every process
     decides the same (same model, same rows)."""
-    budget, kept = options.plan.max_drop, []
+    budget, kept, candidate = options.plan.max_drop, [], None
     reference = correct_rows(original, data, split="select") if budget is not None else None
     while True:
-        compressed, formats, notes, tuned, accuracy = _surgery_and_finetune(original, plan, data, options, events,
-                                                                            world, resume)
+        result = plan, *_surgery_and_finetune(original, plan, data, options, events, world, resume)
         if budget is None:
-            return compressed, formats, notes, tuned, accuracy
+            return result
+        compressed, notes = result[1], result[3]
         hits = correct_rows(compressed, data, split="select")
         lost, se = paired_drop(reference, hits)
-        said = f"{lost:.2f} ± {se:.2f} pp lost on the rows set aside"
-        replaced = [entry.name for entry in plan if entry.replaced]
+        said = f"--max-drop {budget:g}: {lost:.2f} ± {se:.2f} pp lost on the rows set aside" + (
+            f" after keeping {', '.join(kept)} dense" if kept else "")
         if lost + se <= budget:
-            notes.insert(0, f"--max-drop {budget:g}: {said}" + (f" after keeping {', '.join(kept)} dense" if kept else ""))
-            return compressed, formats, notes, tuned, accuracy
+            notes.insert(0, said)
+            return result
+        if candidate is None and lost <= budget:
+            candidate = result
+            notes.insert(0, f"{said}: within the budget, but not by one standard error, and no plan with more "
+                         "layers kept was; more rows set aside (x_select/y_select) would decide")
+        replaced = [entry.name for entry in plan if entry.replaced]
         if len(replaced) == 1:
-            raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} replaced, "
-                            f"{said} (one standard error must fit too); raise --max-drop or fine-tune longer (--epochs)")
-        score = float(hits.float().mean())
-        regained = {name: evaluate(with_dense_layer(compressed, original, name), data, split="select") - score
-                    for name in replaced}
-        costliest = max(regained, key=regained.get)
-        events.stage(f"--max-drop {budget:g}: {said}; keeping {costliest or 'the model'} dense and fine-tuning again")
+            if candidate is not None:
+                return candidate
+            raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} "
+                            f"replaced, {lost:.2f} ± {se:.2f} pp are lost on the rows set aside; raise --max-drop or "
+                            "fine-tune longer (--epochs)")
+        costliest, regained = _costliest_layer(compressed, original, data, replaced, float(hits.float().mean()))
+        events.stage(f"{said}; keeping {costliest or 'the model'} dense and fine-tuning again")
         kept.append(costliest or "the model")
         plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
-                                            f"{100 * regained[costliest]:.2f} pp on the rows set aside)"})
+                                            f"{100 * regained:.2f} pp on the rows set aside)"})
+
+
+def _costliest_layer(compressed: nn.Module, original: nn.Module, data: DataSource, replaced: list[str],
+                     score: float) -> tuple[str, float]:
+    """The replaced layer whose dense original, put back alone, regains the most accuracy on the
+    selection rows, and what it regains (a fraction)."""
+    regained = {name: evaluate(with_dense_layer(compressed, original, name), data, split="select") - score
+                for name in replaced}
+    costliest = max(regained, key=regained.get)
+    return costliest, regained[costliest]
 
 
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
@@ -354,8 +371,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
-            compressed, formats, notes, tuned, accuracy = _compress_within_budget(original, plan, data, options, events,
-                                                                                world, resume)
+            plan, compressed, formats, notes, tuned, accuracy = _compress_within_budget(original, plan, data, options,
+                                                                                      events, world, resume)
         with world.stage():
             if not world.is_main:
                 return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -135,11 +135,9 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
 
 
 def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:
-    """The plan with the layers in ``names`` (name -> reason) kept dense."""
-    for entry in plan:
-        if entry.name in names:
-            entry.kind, entry.options, entry.params_after, entry.reason = None, {}, entry.params_before, names[entry.name]
-    return plan
+    """A new plan: ``plan`` with the layers in ``names`` (name -> reason) kept dense (``plan`` is unchanged)."""
+    return [replace(entry, kind=None, options={}, params_after=entry.params_before, reason=names[entry.name])
+            if entry.name in names else entry for entry in plan]
 
 
 def replaced_parameters(model: nn.Module, plan: list[LayerPlan]) -> list[nn.Parameter]:

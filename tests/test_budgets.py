@@ -4,6 +4,8 @@ quotes, until the loss there plus one standard error of it is within the budget.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from typer.testing import CliRunner
 import architectures
 from cli.main import app
 from compressor.api import paired_drop
+from compressor.finetune import resolved_options
+from compressor.options import BUDGET_STEPS, FinetuneOptions
 from compressor.data import SELECTION_FRACTION, load_data
 
 runner = CliRunner()
@@ -37,6 +41,18 @@ def _model_and_data(workdir) -> None:
 
 def _rows(data, split: str) -> set[bytes]:
     return {row.numpy().tobytes() for x, _ in data.batches(split, 4096) for row in x}
+
+
+def test_the_default_fine_tune_is_a_budget_of_steps_and_mixes_wherever_rows_can_be_fetched():
+    default = FinetuneOptions()
+    assert default.epochs is None and default.mixup is None
+    digits = resolved_options(default, rows=1437, random_access=True)  # 23 steps an epoch at batch 64
+    assert digits.epochs == math.ceil(BUDGET_STEPS / 23) == 109 and digits.mixup is True
+    assert resolved_options(default, rows=8000, random_access=False) == replace(default, epochs=20, mixup=False)
+    assert resolved_options(default, rows=10**7, random_access=True).epochs == 1  # never less than one epoch
+    chosen = FinetuneOptions(epochs=3, mixup=False, batch_size=8)
+    assert resolved_options(chosen, rows=8000, random_access=True) == chosen  # the user's choice stands
+    assert resolved_options(FinetuneOptions(batch_size=10), rows=100, random_access=True).epochs == 250
 
 
 def test_paired_drop_is_the_mean_row_difference_and_its_standard_error():
@@ -70,6 +86,20 @@ def test_max_drop_keeps_the_costly_layer_dense_and_replaces_the_cheap_one(workdi
     assert layers["2"]["kind"] == "acdc"
     assert report["options"]["max_drop"] == 10
     assert any(note.startswith("--max-drop 10:") and "after keeping 0 dense" in note for note in report["notes"])
+
+
+def test_max_drop_falls_back_to_the_plan_whose_estimate_alone_fits_and_says_so(workdir, monkeypatch):
+    """Every plan loses 0.4 ± 0.3 pp: within 0.5 on the estimate, never with the margin. The first plan
+    (everything replaced) is kept, and its note says the rows set aside could not confirm it."""
+    _model_and_data(workdir)
+    monkeypatch.setattr("compressor.api.paired_drop", lambda reference, hits: (0.4, 0.3))
+    result = runner.invoke(app, ["compress", "net.pt", "--arch", ARCH, "--data", "data.npz", "--head", "keep",
+                                 "--max-drop", "0.5", *FROZEN])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {layer["name"]: layer["kind"] for layer in report["layers"]} == {"0": "acdc", "2": "acdc", "3": None}
+    assert any(note.startswith("--max-drop 0.5: 0.40 ± 0.30 pp lost") and "not by one standard error" in note
+               for note in report["notes"])
 
 
 def test_max_drop_that_no_plan_meets_is_refused_and_writes_nothing(workdir):

@@ -52,6 +52,7 @@ def test_compress_report_json_fields(compressed_mlp):
     assert mobile["after"]["batch"] == mobile["before"]["batch"] == 1 and mobile["after"]["threads"] == 1
     kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
     assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
+    assert report["options"]["epochs"] == 2 and report["options"]["mixup"] is True  # the defaults, resolved
     assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary leftovers
 

@@ -76,10 +76,11 @@ def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
 def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 9216)
-    dense = export_onnx(caffenet_head(False), x, tmp_path / "dense.onnx")
+    # the dense file holds its 58.6M float32 weights at least (exporting its 234 MB would prove no more)
+    dense_bytes = 4 * sum(p.numel() for p in caffenet_head(False).parameters())
     small_model = caffenet_head(True)
     small = export_onnx(small_model, x, tmp_path / "small.onnx")
-    dense_bytes, small_bytes = dense.files["onnx"].bytes, small.files["onnx"].bytes
+    small_bytes = small.files["onnx"].bytes
     assert dense_bytes >= 100 * small_bytes, (dense_bytes, small_bytes)
     expected = stored_state_bytes(small_model) + expected_constant_bytes([9216, 4096], [4096])
     assert abs(small_bytes - expected) <= 0.10 * expected, (small_bytes, expected)

@@ -101,12 +101,28 @@ def test_fastfood_is_its_formula(features, size):
     assert torch.allclose(layer.dense_equivalent().weight, weight, atol=1e-12)
 
 
+def _sylvester_rows(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Entries of Sylvester's Hadamard matrix by its closed form H[i, j] = (-1)^popcount(i & j)."""
+    both = rows[:, None] & columns[None, :]
+    parity = np.zeros_like(both)
+    for bit in range(int(max(rows.max(initial=0), columns.max(initial=0))).bit_length()):
+        parity ^= (both >> bit) & 1
+    return 1.0 - 2.0 * parity
+
+
+def test_the_closed_form_reference_is_scipys_hadamard_matrix():
+    every = np.arange(256)
+    assert np.array_equal(_sylvester_rows(every, every), scipy.linalg.hadamard(256))
+
+
 def _sylvester_codes(head: HadamardHead) -> torch.Tensor:
-    """Independent construction of the head's code matrix from scipy's Hadamard matrix."""
-    p, n, c = head.size, head.in_features, head.num_classes
-    h = torch.from_numpy(scipy.linalg.hadamard(p).astype(np.float64))
+    """Independent construction of the head's code matrix: rows 1..C of the order-p Sylvester
+    Hadamard matrix (scipy's, by the test above), only the C x N entries used (order 16384 in full
+    would be 2 GiB)."""
+    n, c = head.in_features, head.num_classes
     columns = torch.arange(n) if head.placement is None else torch.argsort(head.placement)[:n]
-    return h[1 : c + 1][:, columns] / np.sqrt(n)
+    assert head.size & (head.size - 1) == 0 and int(columns.max()) < head.size
+    return torch.from_numpy(_sylvester_rows(np.arange(1, c + 1), columns.numpy())) / np.sqrt(n)
 
 
 @pytest.mark.parametrize("n, c", [(64, 10), (4096, 1000), (84, 10), (100, 120), (10, 100), (9216, 1000)])
