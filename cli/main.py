@@ -147,7 +147,7 @@ TRAIN_DATA = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_
                           "directory of .npy/.npz shards (read lazily), or package.module:function returning arrays, a "
                           "Dataset or an IterableDataset. Not needed for checkpoints that bundle data (the samples).")
 EPOCHS = typer.Option(TUNE.epochs, "--epochs", help="Fine-tuning epochs (at most). Default: the fewest epochs with at "
-                      f"least {BUDGET_STEPS:,} steps (the digits samples: 109, the harder samples: 20).")
+                      f"least {BUDGET_STEPS:,} optimiser steps.")
 CHECKPOINT = typer.Argument(..., help="Trained checkpoint (.pt).")
 MAX_TIME = typer.Option(TUNE.max_time, "--max-time", help="Fine-tuning time budget in seconds (checked every step).")
 LR = typer.Option(TUNE.lr, "--lr", help="Fine-tuning learning rate of the new layers (Adam).")
@@ -169,9 +169,9 @@ OUTPUT = typer.Option(DEFAULTS.output, "--output", "-o", help="Compressed checkp
                       "beside it. Default: ./<name>.fixclf.pt")
 DEVICE = typer.Option(TUNE.device, "--device", help="Fine-tuning device: cpu, cuda or cuda:N.")
 MAX_DROP = typer.Option(PLAN.max_drop, "--max-drop", help="Accuracy (percentage points) the model may lose: the "
-                        "costliest replaced layers are kept dense, one at a time, until the loss plus one standard error fits, "
-                        "judged on rows set aside from training (x_select/y_select, else 10%), never on the held-out "
-                        "rows the report quotes.")
+                        "costliest replaced layers are kept dense, one at a time, until the loss plus one standard error fits "
+                        "(else the most-replaced plan whose loss alone fits, with a note), judged on rows set aside from "
+                        "training (x_select/y_select, else 10%), never on the held-out rows the report quotes.")
 
 
 @app.command()

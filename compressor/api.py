@@ -257,7 +257,7 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
             raise PlanError(f"no plan stays within --max-drop {budget:g}: with only {replaced[0] or 'the model'} "
                             f"replaced, {lost:.2f} ± {se:.2f} pp are lost on the rows set aside; raise --max-drop or "
                             "fine-tune longer (--epochs)")
-        costliest, regained = _costliest_layer(compressed, original, data, replaced, float(hits.float().mean()))
+        costliest, regained = _costliest_layer(compressed, original, data, replaced, float(hits.double().mean()))
         events.stage(f"{said}; keeping {costliest or 'the model'} dense and fine-tuning again")
         kept.append(costliest or "the model")
         plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
@@ -355,19 +355,19 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         if options.finetune.mixup and not data.random_access:
             raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
                              "without random access; drop --mixup or give a Dataset or array file")
-        options = replace(options, finetune=resolved_options(options.finetune, data.training_rows(), data.random_access))
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
-        resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
         inputs = _inputs(loaded, data)
-        if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
-            raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
         artifacts = Artifacts(paths, inputs, options.force) if world.is_main else None
         if artifacts is not None:
             artifacts.check()
+        options = replace(options, finetune=resolved_options(options.finetune, data))  # may count a stream's rows
+        resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
+        if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
+            raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model

@@ -104,13 +104,16 @@ def steps_per_epoch(rows: int, options: FinetuneOptions) -> int:
     return math.ceil(rows / options.batch_size)
 
 
-def resolved_options(options: FinetuneOptions, rows: int, random_access: bool) -> FinetuneOptions:
+def resolved_options(options: FinetuneOptions, data: DataSource) -> FinetuneOptions:
     """``options`` with the defaults that depend on the data made concrete: ``epochs`` None becomes the
-    fewest epochs that hold at least :data:`BUDGET_STEPS` optimiser steps over ``rows`` training rows
-    (a budget in steps, not epochs: the same brief fine-tune whether the data has 1,000 rows or
-    100,000), and ``mixup`` None becomes whether the data has random access (streams are not mixed)."""
-    epochs = options.epochs if options.epochs is not None else max(1, math.ceil(BUDGET_STEPS / steps_per_epoch(rows, options)))
-    mixup = options.mixup if options.mixup is not None else random_access
+    fewest epochs that hold at least :data:`BUDGET_STEPS` optimiser steps over ``data``'s training
+    rows (a budget in steps, not epochs: the same brief fine-tune whether the data has 1,000 rows or
+    100,000; only then are the rows counted), and ``mixup`` None becomes whether ``data`` has random
+    access (streams are not mixed)."""
+    epochs = options.epochs
+    if epochs is None:
+        epochs = max(1, math.ceil(BUDGET_STEPS / steps_per_epoch(data.training_rows(), options)))
+    mixup = options.mixup if options.mixup is not None else data.random_access
     return replace(options, epochs=epochs, mixup=mixup)
 
 
@@ -142,7 +145,7 @@ def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor 
              device: str = "cpu", split: str = "val") -> float:
     """Top-1 accuracy: the mean of :func:`correct_rows` (0 on no rows)."""
     hits = correct_rows(model, data, y, device=device, split=split)
-    return float(hits.float().mean()) if hits.numel() else 0.0
+    return float(hits.double().mean()) if hits.numel() else 0.0
 
 
 def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -369,7 +372,8 @@ def distill(
     student.to(device)
     teacher.to(device).eval()
     with world.stage():  # every process has counted its data before DDP's first collective
-        options = resolved_options(options, data.training_rows(), data.random_access)
+        data.training_rows()
+        options = resolved_options(options, data)
     run = _Run(student, teacher, data, options, new_parameters, seed, world, resume, on_step, on_epoch)
     run.restore()
     last_good = copy.deepcopy(student.state_dict())

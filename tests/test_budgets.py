@@ -43,16 +43,27 @@ def _rows(data, split: str) -> set[bytes]:
     return {row.numpy().tobytes() for x, _ in data.batches(split, 4096) for row in x}
 
 
+class _Rows:
+    """A data source of ``rows`` training rows (counted only when asked)."""
+
+    def __init__(self, rows: int, random_access: bool = True):
+        self.rows, self.random_access, self.counted = rows, random_access, 0
+
+    def training_rows(self) -> int:
+        self.counted += 1
+        return self.rows
+
+
 def test_the_default_fine_tune_is_a_budget_of_steps_and_mixes_wherever_rows_can_be_fetched():
     default = FinetuneOptions()
     assert default.epochs is None and default.mixup is None
-    digits = resolved_options(default, rows=1437, random_access=True)  # 23 steps an epoch at batch 64
+    digits = resolved_options(default, _Rows(1437))  # 23 steps an epoch at batch 64
     assert digits.epochs == math.ceil(BUDGET_STEPS / 23) == 109 and digits.mixup is True
-    assert resolved_options(default, rows=8000, random_access=False) == replace(default, epochs=20, mixup=False)
-    assert resolved_options(default, rows=10**7, random_access=True).epochs == 1  # never less than one epoch
-    chosen = FinetuneOptions(epochs=3, mixup=False, batch_size=8)
-    assert resolved_options(chosen, rows=8000, random_access=True) == chosen  # the user's choice stands
-    assert resolved_options(FinetuneOptions(batch_size=10), rows=100, random_access=True).epochs == 250
+    assert resolved_options(default, _Rows(8000, random_access=False)) == replace(default, epochs=20, mixup=False)
+    assert resolved_options(default, _Rows(10**7)).epochs == 1  # never less than one epoch
+    assert resolved_options(FinetuneOptions(batch_size=10), _Rows(100)).epochs == 250
+    chosen, stream = FinetuneOptions(epochs=3, mixup=False, batch_size=8), _Rows(8000)
+    assert resolved_options(chosen, stream) == chosen and stream.counted == 0  # the user's choice stands, uncounted
 
 
 def test_paired_drop_is_the_mean_row_difference_and_its_standard_error():

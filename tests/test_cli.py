@@ -32,7 +32,7 @@ def compressed_mlp(tmp_path_factory):
     """One short compress run shared by the tests below (the accuracy claim has its own test)."""
     out = tmp_path_factory.mktemp("mlp")
     before = sha256(MLP)
-    result = invoke("compress", MLP, "--head", "hadamard", "--hidden", "acdc", "--epochs", "2",
+    result = invoke("compress", MLP, "--head", "hadamard", "--hidden", "acdc", "--epochs", "2", "--no-mixup",
                     "-o", str(out / "mlp.fixclf.pt"), "--json")
     assert result.exit_code == 0, result.output
     assert sha256(MLP) == before
@@ -52,7 +52,7 @@ def test_compress_report_json_fields(compressed_mlp):
     assert mobile["after"]["batch"] == mobile["before"]["batch"] == 1 and mobile["after"]["threads"] == 1
     kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
     assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
-    assert report["options"]["epochs"] == 2 and report["options"]["mixup"] is True  # the defaults, resolved
+    assert report["options"]["epochs"] == 2 and report["options"]["mixup"] is False  # as asked (defaults: test_samples)
     assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary leftovers
 
@@ -95,6 +95,7 @@ def test_plan_touches_nothing(workdir):
     kinds = {layer["name"]: (layer["kind"], layer["reason"]) for layer in plan["layers"]}
     assert kinds == {"0": (None, "matched by --exclude"), "2": ("fastfood", ""), "4": ("hadamard", "")}
     assert plan["params"]["model"]["after"] < plan["params"]["model"]["before"]
+    assert all(layer["cost"]["dense_batch1_ms"] > 0 for layer in plan["layers"] if layer["kind"])  # timed (bundled data)
     assert sha256(MLP) == before and os.listdir(workdir) == []
     table = invoke("plan", CNN)
     assert table.exit_code == 0 and "classifier.0" in table.stdout

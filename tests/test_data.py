@@ -9,7 +9,7 @@ import torch
 from compressor.checkpoint import load_model
 from compressor.data import HOLDOUT_FRACTION, check_against_model, load_data
 from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
-from compressor.errors import DataError, UsageError
+from compressor.errors import DataError, OutputError, UsageError
 from conftest import SAMPLES
 
 
@@ -109,6 +109,18 @@ def test_streams_are_not_mixed_and_compress_refuses_mixup_on_them(tmp_path):
     with pytest.raises(UsageError, match="--mixup"):
         compress(options)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_stream_is_counted_only_after_the_outputs_are_checked(tmp_path, monkeypatch):
+    """The default budget counts the training rows (one pass over a stream): not before an existing
+    output has been refused."""
+    (tmp_path / "m.fixclf.pt").write_bytes(b"mine")
+    monkeypatch.setattr("compressor.data._StreamSource.training_rows",
+                        lambda self: pytest.fail("the stream was counted before the output check"))
+    options = CompressOptions(SourceOptions(SAMPLES / "mlp.pt", data="data_source:stream"), output=tmp_path / "m.fixclf.pt")
+    with pytest.raises(OutputError, match="--force"):
+        compress(options)
+    assert (tmp_path / "m.fixclf.pt").read_bytes() == b"mine"
 
 
 def test_epochs_are_shuffled_differently_and_reproducibly():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from compressor import CompressOptions, SourceOptions, compress
+from compressor.options import BUDGET_STEPS
 from conftest import SAMPLES
 
 
@@ -18,3 +19,5 @@ def test_default_compress_keeps_accuracy(sample, original, max_drop, workdir):
     assert report.params.replaced.ratio >= 10
     assert report.accuracy.after >= report.accuracy.before - max_drop, report.accuracy
     assert report.warnings == []
+    # the default budget: 2,500 steps of 23 (1,437 rows at batch 64) = 109 epochs, on mixed rows
+    assert report.options["epochs"] == 109 and report.finetune.steps >= BUDGET_STEPS and report.options["mixup"] is True
