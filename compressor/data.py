@@ -359,20 +359,30 @@ class _IndexedSource(DataSource):
             x, y = store.fetch(mine) if mine.numel() else self._empty(store)
             y = y if self.has_labels else None
             if mix and epoch is not None:
-                yield x, y, self._partners(store, chunk, part, x, _mix_seed(seed, epoch, number))
+                yield x, y, self._partners(store, chunk, part, (x, y), _mix_seed(seed, epoch, number))
             else:
                 yield x, y
 
-    def _partners(self, store: _Store, chunk: torch.Tensor, part: slice, x: torch.Tensor, seed: int) -> MixPartners | None:
-        """The :class:`MixPartners` of this process's ``part`` of the global batch ``chunk`` (row indices)."""
+    def _partners(self, store: _Store, chunk: torch.Tensor, part: slice, mine: Rows, seed: int) -> MixPartners | None:
+        """The :class:`MixPartners` of this process's ``part`` of the global batch ``chunk`` (row
+        indices), whose rows ``mine`` it has read: a partner among them is taken from there, only the
+        others (other processes' rows) are read from the store."""
+        x, y = mine
         if x.shape[0] == 0:
             return None
         generator = torch.Generator().manual_seed(seed)
         partner = torch.randperm(chunk.numel(), generator=generator)[part]
         weight = torch.rand(chunk.numel(), generator=generator)[part]
-        rows, inverse = chunk[partner].unique(return_inverse=True)  # a store reads sorted rows fastest
-        px, py = store.fetch(rows)
-        return MixPartners(px[inverse], py[inverse] if self.has_labels else None, weight)
+        local = (partner - part.start).clamp(0, x.shape[0] - 1)
+        own = partner - part.start == local
+        px, py = x[local], None if y is None else y[local]  # copies: the others are written over below
+        if not own.all():
+            rows, inverse = chunk[partner[~own]].unique(return_inverse=True)  # a store reads sorted rows fastest
+            fx, fy = store.fetch(rows)
+            px[~own] = fx[inverse]
+            if py is not None:
+                py[~own] = fy[inverse]
+        return MixPartners(px, py, weight)
 
     @staticmethod
     def _epoch_order(store: _Store, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
