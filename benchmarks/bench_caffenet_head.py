@@ -3,7 +3,8 @@ default replacement (ACDC depth 2 for FC6 and FC7, Hadamard head for FC8).
 
 Run: python benchmarks/bench_caffenet_head.py
 Prints parameters, ONNX bytes (stored state and transform constants apart), and ORT latency
-(median / p90) at batch 1 and 128, 2 threads, both models exported the same way in the same run.
+(median / p90) at batch 1 and 128, 2 threads, and batch 1 on 1 thread, both models exported the same
+way and timed together in alternating rounds (``compressor.runtime.paired_latency``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from common import setup
 from compressor.export import export_onnx
 from compressor.layers import ACDCStack, HadamardHead, count_stored
-from compressor.runtime import latency
+from compressor.runtime import paired_latency
 
 
 def models() -> dict[str, nn.Module]:
@@ -30,16 +31,16 @@ def models() -> dict[str, nn.Module]:
 def main() -> None:
     setup()
     x = torch.randn(128, 9216)
-    rows = {}
+    rows, paths = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models().items():
-            path = Path(tmp) / f"{name}.onnx"
-            result = export_onnx(model, x[:16], path)
-            rows[name] = {
-                "params": count_stored(model), "bytes": result.files["onnx"].bytes, "stored": result.stored_parameter_bytes,
-                "constants": result.constant_bytes, "b1": latency(path, x[:1]), "mobile": latency(path, x[:1], threads=1),
-                "b128": latency(path, x, runs=20),
-            }
+            paths.append(Path(tmp) / f"{name}.onnx")
+            result = export_onnx(model, x[:16], paths[-1])
+            rows[name] = {"params": count_stored(model), "bytes": result.files["onnx"].bytes,
+                          "stored": result.stored_parameter_bytes, "constants": result.constant_bytes}
+        for key, sample, threads, runs in (("b1", x[:1], 2, 100), ("mobile", x[:1], 1, 100), ("b128", x, 2, 20)):
+            for row, timing in zip(rows.values(), paired_latency(paths, sample, threads=threads, runs=runs)):
+                row[key] = timing
     d, f = rows["dense"], rows["fixclf"]
     print("| model | stored numbers | ONNX bytes (stored + constants) | ORT batch 1 median / p90 ms | ORT batch 1, "
           "1 thread (mobile) ms | ORT batch 128 median / p90 ms |")

@@ -4,8 +4,9 @@ Mobile runs), N in {512, 1024, 4096, 9216}.
 
 Run: python benchmarks/bench_layers.py [--sizes 1024 4096 9216]
 Prints a markdown table: PyTorch forward, PyTorch forward+backward, ONNX Runtime forward (median
-ms; batch 128 / 2 threads and batch 1 / 1 thread; one session at a time, thread spinning off), ONNX
-bytes, and each figure's ratio to the dense layer of the same row group, same run.
+ms; batch 128 / 2 threads and batch 1 / 1 thread; the layers of a row group timed together in
+alternating rounds, thread spinning off: ``compressor.runtime.paired_latency``), ONNX bytes, and
+each figure's ratio to the dense layer of the same row group, same run.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from torch import nn
 from common import setup, time_ms
 from compressor.export import export_onnx
 from compressor.layers import ACDCStack, AdaptiveFastfood, HadamardHead
-from compressor.runtime import latency
+from compressor.runtime import paired_latency
 
 BATCH = 128
 CLASSES = 1000
 
 
-def measure(module: nn.Module, n: int, workdir: Path) -> dict:
+def measure_torch(module: nn.Module, n: int) -> dict:
     x = torch.randn(BATCH, n)
     x_grad = x.clone().requires_grad_()
     module.eval()
@@ -36,13 +37,24 @@ def measure(module: nn.Module, n: int, workdir: Path) -> dict:
         module.zero_grad(set_to_none=True)
         module(x_grad).sum().backward()
 
-    backward = time_ms(step)
-    path = workdir / "layer.onnx"
-    exported = export_onnx(module, x, path)
-    ort = latency(path, x, runs=30).median
-    ort_batch1 = latency(path, x[:1], threads=1, runs=200).median
-    path.unlink()
-    return {"fwd": forward, "fwdbwd": backward, "ort": ort, "ort1": ort_batch1, "bytes": exported.files["onnx"].bytes}
+    return {"fwd": forward, "fwdbwd": time_ms(step)}
+
+
+def measure_group(group: dict[str, nn.Module], n: int, workdir: Path) -> dict[str, dict]:
+    """PyTorch timings of each module, then ONNX Runtime latency of all of them timed together."""
+    x = torch.randn(BATCH, n)
+    results, files = {}, []
+    for i, (name, module) in enumerate(group.items()):
+        results[name] = measure_torch(module, n)
+        path = workdir / f"layer{i}.onnx"
+        results[name]["bytes"] = export_onnx(module, x, path).files["onnx"].bytes
+        files.append(path)
+    for key, sample, threads, runs in (("ort", x, 2, 50), ("ort1", x[:1], 1, 500)):
+        for name, timing in zip(group, paired_latency(files, sample, threads=threads, runs=runs)):
+            results[name][key] = timing.median
+    for path in files:
+        path.unlink()
+    return results
 
 
 def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
@@ -54,7 +66,7 @@ def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
     heads = {f"dense head Linear({n}, {CLASSES})": nn.Linear(n, CLASSES), "HadamardHead": HadamardHead(n, CLASSES)}
     out = []
     for group in (hidden, heads):
-        results = {name: measure(module, n, workdir) for name, module in group.items()}
+        results = measure_group(group, n, workdir)
         base = next(iter(results.values()))
         out += [(name, r, base) for name, r in results.items()]
     return out

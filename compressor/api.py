@@ -298,10 +298,10 @@ def _export(original: nn.Module, compressed: nn.Module, data: DataSource, option
                        result.stored_parameter_bytes, result.constant_bytes, main.max_abs_diff, main.max_rel_diff,
                        options.export.tolerance, [f.path for name, f in result.files.items() if name != "onnx"],
                        result.mobile_notes)
-    events.stage("Measuring ONNX Runtime latency (one session at a time, thread spinning off)")
-    before, after = runtime.latency(original_bytes, timing), runtime.latency(artifacts.written("onnx"), timing)
-    mobile = [runtime.latency(model, timing[:1], threads=1, runs=MOBILE_RUNS)
-              for model in (original_bytes, artifacts.written("onnx"))]
+    events.stage("Measuring ONNX Runtime latency (before and after in alternating rounds, thread spinning off)")
+    pair = (original_bytes, artifacts.written("onnx"))
+    before, after = runtime.paired_latency(pair, timing)
+    mobile = runtime.paired_latency(pair, timing[:1], threads=1, runs=MOBILE_RUNS)
     reduced = {}
     for name, role in (("onnx-int8", "int8"), ("onnx-fp16", "fp16")):
         if name in result.files:

@@ -4,8 +4,8 @@ Each Linear layer sees inputs of shape (batch, *tokens, in_features) in the real
 qkv layer sees (batch, tokens, features); a Mixer's token-mixing layer sees (batch, features,
 tokens)). :func:`layer_shapes` finds those shapes by running the model once on two rows of real
 data; :func:`measure` exports the dense layer and its planned replacement alone, with that shape,
-and times both in ONNX Runtime (:mod:`compressor.runtime`: thread spinning off, one session at a
-time) at batch 1 with 1 thread (how ONNX Runtime Mobile runs) and at the latency batch with 2
+and times both together in ONNX Runtime (:func:`compressor.runtime.paired_latency`: thread
+spinning off, alternating rounds) at batch 1 with 1 thread (how ONNX Runtime Mobile runs) and at the latency batch with 2
 threads. Layers with the same kind, options (seed aside) and shape are timed once.
 """
 from __future__ import annotations
@@ -61,15 +61,15 @@ def layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> d
     return shapes
 
 
-def _time(module: nn.Module, shape: tuple[int, ...], batch: int) -> tuple[float, float]:
-    """(batch-1 ms with 1 thread, batch-N ms with 2 threads) of ``module`` alone on inputs (b, *shape)."""
-    module = module.eval()
+def _time(dense: nn.Module, structured: nn.Module, shape: tuple[int, ...], batch: int) -> LayerCost:
+    """Batch-1 (1 thread) and batch-N (2 threads) latency of ``dense`` and ``structured`` alone on
+    inputs (b, *shape), each pair timed together (:func:`compressor.runtime.paired_latency`)."""
     with torch.no_grad():
         example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-        onnx_bytes = to_onnx(module, example).proto.SerializeToString()
-    one = runtime.latency(onnx_bytes, torch.randn(1, *shape), threads=MOBILE_THREADS, runs=TIMING_RUNS).median
-    many = runtime.latency(onnx_bytes, torch.randn(batch, *shape), threads=BATCH_THREADS, runs=TIMING_RUNS).median
-    return one, many
+        files = [to_onnx(module.eval(), example).proto.SerializeToString() for module in (dense, structured)]
+    one = runtime.paired_latency(files, torch.randn(1, *shape), threads=MOBILE_THREADS, runs=TIMING_RUNS)
+    many = runtime.paired_latency(files, torch.randn(batch, *shape), threads=BATCH_THREADS, runs=TIMING_RUNS)
+    return LayerCost(list(shape[:-1]), batch, one[0].median, one[1].median, many[0].median, many[1].median)
 
 
 def measure(model: nn.Module, plan: list[LayerPlan], tokens: dict[str, tuple[int, ...]], batch: int) -> dict[str, LayerCost]:
@@ -83,8 +83,6 @@ def measure(model: nn.Module, plan: list[LayerPlan], tokens: dict[str, tuple[int
         key = (entry.kind, entry.in_features, entry.out_features, shape,
                tuple(sorted((k, v) for k, v in entry.options.items() if k != "seed")))
         if key not in seen:
-            dense = _time(model.get_submodule(entry.name), shape, batch)
-            structured = _time(entry.build(), shape, batch)
-            seen[key] = LayerCost(list(tokens[entry.name]), batch, dense[0], structured[0], dense[1], structured[1])
+            seen[key] = _time(model.get_submodule(entry.name), entry.build(), shape, batch)
         costs[entry.name] = seen[key]
     return costs

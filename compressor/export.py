@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnxscript.optimizer
 import torch
 from torch import nn
 
@@ -66,6 +67,10 @@ DEFAULT_TOLERANCE = ExportOptions.tolerance
 INT8_MIN_AGREEMENT = 0.98
 FP16_MIN_AGREEMENT = 0.99
 DENSE_OPS = ("MatMul", "Gemm", "Conv")
+FOLD_GROWTH_LIMIT = 1024
+"""The exporter's constant folding may store a computed constant larger than its inputs only up to
+this many elements: the ACDC stage matrices (O(n r) numbers) stay in the file as their O(n)
+patterns and twiddles, and ONNX Runtime computes them once when it loads the file."""
 
 
 @dataclass(frozen=True)
@@ -194,10 +199,10 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
         with _quiet():
             program = torch.onnx.export(model, (example.float()[:2],), dynamo=True, opset_version=spec.opset,
                                         dynamic_shapes=({0: batch},), input_names=[spec.input_name],
-                                        output_names=[spec.output_name], external_data=False)
+                                        output_names=[spec.output_name], external_data=False, optimize=False)
+            proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
         raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
-    proto = program.model_proto
     _strip_debug_info(proto)
     _dedupe_initializers(proto)
     try:

@@ -7,7 +7,7 @@ malformed stored report is refused, never half-rendered).
 Figures: ``params`` counts stored numbers (parameters and persistent buffers) of the whole model
 and of the replaced layers; ``onnx`` the exported file (bytes before / after, what it holds, the
 validation difference); ``latency`` ONNX Runtime CPU latency of the original and the compressed
-file, measured one session at a time with thread spinning off (:mod:`compressor.runtime`);
+file, measured in alternating rounds with thread spinning off (:mod:`compressor.runtime`);
 ``accuracy`` held-out top-1 before, right after initialisation and after fine-tuning.
 """
 from __future__ import annotations

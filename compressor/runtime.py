@@ -4,22 +4,26 @@ Every session fixclf opens has intra-op thread spinning off (``session.intra_op.
 = "0"): spinning threads of one session steal the cores of the next on a small machine, which
 skewed before/after latency ratios 2-3x. Latency: :data:`WARMUP` untimed runs, then ``runs``
 timed runs of one batch, median and 90th percentile; the batch size, thread count and spinning
-setting are part of the result, so a report says how it was measured.
+setting are part of the result, so a report says how it was measured. Models compared with each
+other (before / after, dense / structured) are timed together by :func:`paired_latency`, in
+alternating rounds, so that a slow spell of a shared machine slows all of them alike.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["WARMUP", "RUNS", "Latency", "session", "run", "latency", "accuracy"]
+__all__ = ["WARMUP", "RUNS", "ROUNDS", "Latency", "session", "run", "latency", "paired_latency", "accuracy"]
 
 WARMUP = 10
 RUNS = 50
+ROUNDS = 5
+"""Models timed together alternate in this many rounds of ``runs / ROUNDS`` runs each."""
 
 
 @dataclass
@@ -57,18 +61,35 @@ def run(sess, x: torch.Tensor) -> np.ndarray:
 
 
 def latency(model: str | Path | bytes, sample: torch.Tensor, *, threads: int = 2, runs: int = RUNS) -> Latency:
-    """Median / p90 latency of one batch ``sample`` (M, ...) in a fresh session (one session at a time)."""
-    sess = session(model, threads)
-    feed = {sess.get_inputs()[0].name: sample.float().numpy()}
-    for _ in range(WARMUP):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    del sess
-    return Latency(float(np.median(times)), float(np.percentile(times, 90)), int(sample.shape[0]), threads, runs)
+    """Median / p90 latency of one batch ``sample`` (M, ...) in a fresh session."""
+    return paired_latency([model], sample, threads=threads, runs=runs)[0]
+
+
+def paired_latency(models: Sequence[str | Path | bytes], sample: torch.Tensor, *, threads: int = 2,
+                   runs: int = RUNS) -> list[Latency]:
+    """Latency of each model on the same batch, timed in :data:`ROUNDS` alternating rounds.
+
+    Each round runs every model in turn: one untimed run (its caches warm again after the others),
+    then ``runs / ROUNDS`` timed runs. A slow spell of a shared machine (seconds long) thus lands on
+    every model alike and their ratio holds; within a round each model runs alone and warm, as it
+    would in an application. Spinning is off, so no session's idle threads take the others' cores.
+    """
+    sessions = [session(model, threads) for model in models]
+    feeds = [{s.get_inputs()[0].name: sample.float().numpy()} for s in sessions]
+    for sess, feed in zip(sessions, feeds):
+        for _ in range(WARMUP):
+            sess.run(None, feed)
+    rounds = max(1, min(ROUNDS, runs))
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        for sess, feed, timed in zip(sessions, feeds, times):
+            sess.run(None, feed)
+            for _ in range(runs // rounds + (r < runs % rounds)):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                timed.append((time.perf_counter() - start) * 1e3)
+    del sessions
+    return [Latency(float(np.median(t)), float(np.percentile(t, 90)), int(sample.shape[0]), threads, runs) for t in times]
 
 
 def accuracy(model: str | Path | bytes, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -16,23 +16,36 @@ axis of ``x.reshape(M, d_0, d_1, d_2)``, from the left or (the last) from the ri
 transposed (:class:`OrthogonalKronecker`; 3 n^(1/3) multiply-adds per element).
 
 DCT-II (orthonormal, as ``scipy.fft.dct(norm="ortho")``; thesis section 3.10 uses it for ACDC) by
-Makhoul's reordering and a real-arithmetic three-stage FFT, n = a b c::
+Makhoul's reordering and a real FFT in S Cooley-Tukey stages, n = r_1 r_2 ... r_S::
 
     v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]          (one gather)
     V[k] = sum_m v[m] W_n^(m k),  W_n = exp(-2 pi i / n)
-    X[k] = s_k Re(exp(-i pi k / (2n)) V[k]),  s_0 = sqrt(1/n), s_k = sqrt(2/n)
+    X[k] = s_k Re(w_k V[k]),  w_k = exp(-i pi k / (2n)),  s_0 = sqrt(1/n), s_k = sqrt(2/n)
+    X[n - k] = -s_k Im(w_k V[k])                                   (v real: V[n - k] = conj V[k])
 
-    with m = b c m1 + c m2 + m3 and k = k1 + a k2 + a b k3:
-    V[k] = sum_m3 W_c^(m3 k3) W_n^(m3 (k1 + a k2)) sum_m2 W_b^(m2 k2) W_ab^(m2 k1) sum_m1 W_a^(m1 k1) v[m1, m2, m3]
+Stage s combines r_s interleaved sub-sequences' spectra of length L = r_1 .. r_(s-1) into one of
+length L r_s: ``Z'[k + L j] = sum_m W_(L r_s)^(m k) W_(r_s)^(m j) Z_m[k]`` (decimation in time, m the
+most significant remaining digit of v's index). Every spectrum is of a real sequence, hence
+Hermitian, and is stored as L reals, in *units* of two: ``(Z[0], Z[L/2])`` (both real) and
+``(Re Z[k], Im Z[k])`` for one k of each pair {k, L - k}. The unit of frequency k, taken over the
+r_s sub-sequences (2 r_s reals), determines exactly the r_s units of frequencies k + L j: one
+real 2r x 2r block per unit, the twiddled DFT ``F_r diag(W^(m k))`` in real form (the real unit's
+block is its own). So stage 1 is one r_1 x r_1 MatMul and stage s > 1 a batched MatMul of
+L / 2 blocks of 2 r_s x 2 r_s, all on real numbers, with no multiply spent on the redundant
+half of a spectrum: r_1 + 2 (r_2 + ... + r_S) multiply-adds per element (80 at 4096 = 16^3, 100
+at 9216 = 32 x 16 x 18), half of a complex-arithmetic chain's. The last stage also folds in
+Makhoul's w_k, the scales s_k and the (Re, -Im) rows, so it returns the DCT coefficients
+themselves, in the chain's own order (``order``); ACDC moves its diagonal there instead of moving
+activations (:meth:`_RealDCT.chain_transposed`). The DCT-III is the same chain transposed, run
+backwards. Each stage is scaled by 1/sqrt(r_s), so intermediate values keep the input's magnitude
+(float16 stays accurate).
 
-Stage 1 is a real (2a x a) MatMul from the left (real input, complex output, rows (k1, re|im));
-stage 2 one complex b x b matrix *per k1* (a real (2b x 2b) matrix, batched over k1), into which
-the twiddle W_ab^(m2 k1) and the k1 and k2 parts of the half-sample shift are folded; the
-remaining twiddle W_n^(m3 (k1 + a k2)) and stage 3 (the k3 part of the shift folded in, real part
-only) are two elementwise Mul and two MatMuls over (re|im, m3). Work per element:
-2a + 4b + 4c multiply-adds (160 at 4096 against 4 sqrt(n) = 256 for the two-stage "four-step"
-form fixclf used before); constants O(n) (the per-k1 matrices hold 4 a b^2 ~ 4n numbers). The
-DCT-III (the inverse) is the exact transpose of that chain, run backwards.
+The chain works on the *feature-major* layout (n, M): every stage is then one MatMul whose
+inner dimension is the whole batch (or the batch times the digits still to come), the gathers
+move whole rows, and the data is transposed only where an ACDC stack begins and ends. The
+per-block matrices hold O(n r) numbers but are computed from O(n) constants (two 2r x 2r patterns
+and per-block cosines and sines: ``P cos + Q sin``), which is what the exported file stores
+(:data:`compressor.export.FOLD_GROWTH_LIMIT`); ONNX Runtime computes the blocks once at load.
 
 In eager PyTorch (training and evaluation: :func:`use_fft`) ACDC runs its DCTs through
 ``torch.fft`` instead: ``U = w s RFFT(v)`` gives the n coefficients in a half-complex layout
@@ -48,6 +61,7 @@ import contextlib
 import contextvars
 import itertools
 import math
+import functools
 from functools import lru_cache
 from typing import Iterator
 
@@ -97,8 +111,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Dense orthonormal DCT-II matrix C (C @ x == scipy.fft.dct(x, norm="ortho")); C.T is the DCT-III."""
-    k = torch.arange(n, dtype=torch.float64, device="cpu")[:, None]
-    m = torch.arange(n, dtype=torch.float64, device="cpu")[None, :]
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    m = torch.arange(n, dtype=torch.float64)[None, :]
     c = torch.cos(math.pi * k * (2 * m + 1) / (2 * n)) * math.sqrt(2.0 / n)
     c[0] /= math.sqrt(2.0)
     return c.to(dtype)
@@ -107,12 +121,24 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 class _ConstantTransform(nn.Module):
     """A transform holding fixed constants as non-persistent buffers (never in the state_dict).
 
-    Constants are made on the CPU whatever the default device (a layer built under
-    ``torch.device("meta")`` to check a checkpoint's shapes shares the cached Hadamard factors).
+    Every subclass is constructed on the CPU whatever the default device: a layer built under
+    ``torch.device("meta")`` (to check a checkpoint's shapes) gets real constants, and the cached
+    Hadamard factors are never meta tensors.
 
     The float64 values are kept aside, so that ``.double()`` / ``.to(dtype)`` re-derive the
     buffers at full precision instead of up-casting rounded float32 values.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        build = cls.__init__
+
+        @functools.wraps(build)
+        def build_on_cpu(self, *args, **kw) -> None:
+            with torch.device("cpu"):
+                build(self, *args, **kw)
+
+        cls.__init__ = build_on_cpu
 
     def __init__(self, constants: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -246,69 +272,148 @@ class KroneckerHadamard(OrthogonalKronecker):
         super().__init__([first, *(hadamard_matrix(d) for d in orders[1:])])
 
 
+MAX_RADIX = 64
+"""Largest radix of a DCT stage (its blocks are 2r x 2r matrices)."""
+
+
+def _dct_stage_count(n: int) -> int:
+    """Stages of the size-n DCT: 1 up to 64, 2 below 2048, 3 below 2^17, 4 above (measured in ONNX
+    Runtime at batch 1 and 128: fewer, larger stages win until the radices pass ~64)."""
+    return 1 if n <= 64 else 2 if n < 2048 else 3 if n < 1 << 17 else 4
+
+
+def _ordered_factorisations(n: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """Every ``(r_1, .., r_parts)`` with product n and each r in [2, MAX_RADIX]."""
+    if parts == 1:
+        if 2 <= n <= MAX_RADIX:
+            yield (n,)
+        return
+    for r in range(2, min(n, MAX_RADIX) + 1):
+        if n % r == 0:
+            for rest in _ordered_factorisations(n // r, parts - 1):
+                yield (r, *rest)
+
+
+def dct_work(radices: tuple[int, ...]) -> int:
+    """Multiply-adds per element of the real DCT chain with these radices: r_1 + 2 (r_2 + ... + r_S)."""
+    return radices[0] + 2 * sum(radices[1:])
+
+
 @lru_cache(maxsize=None)
-def dct_factors(n: int) -> tuple[int, int, int]:
-    """``(a, b, c)`` with ``n = a b c`` for the three-stage DCT of size n.
+def dct_radices(n: int) -> tuple[int, ...]:
+    """Radices ``(r_1, .., r_S)`` of the S-stage real DCT of size n: n = prod(r_s), r_1 even.
 
-    Work per element is 2a + 4b + 4c multiply-adds (see the module docstring), but stage 2 runs as
-    M a small GEMMs, so a costs more than its flops say; the factors minimise a + b + c (balanced:
-    16 x 16 x 16 at 4096, 16 x 24 x 24 at 9216), ties going to the larger c. Measured in ONNX
-    Runtime at 4096 (batch 128, 2 threads; batch 1, 1 thread), the other orders of the same sizes
-    (8 x 16 x 32, 32 x 16 x 8, 4 x 32 x 32, ...) were no faster.
+    S is :func:`_dct_stage_count` (n); the radices minimise the work per element
+    (:func:`dct_work`), each at most :data:`MAX_RADIX`, ties going to the larger last radix, then
+    the larger middle ones (the last stage is many small GEMMs, which run faster on bigger blocks):
+    16 x 16 x 16 at 4096, 32 x 18 x 16 at 9216, 32 x 16 at 512. ValueError when n has none (n odd,
+    or a prime factor above MAX_RADIX): :func:`dct_size` pads to a size that has.
     """
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    divisors = sorted({*small, *(n // d for d in small)})
-    candidates = [(a, b, n // (a * b)) for a in divisors for b in divisors if n % (a * b) == 0]
-    return min(candidates, key=lambda f: (f[0] + f[1] + f[2], -f[2], -f[1]))
+    candidates = [r for r in _ordered_factorisations(n, _dct_stage_count(n)) if r[0] % 2 == 0]
+    if not candidates:
+        raise ValueError(f"DCT size {n} has no even-first factorisation into {_dct_stage_count(n)} radices <= {MAX_RADIX} "
+                         "(pad with compressor.transforms.dct_size)")
+    return min(candidates, key=lambda r: (dct_work(r), tuple(-x for x in reversed(r))))
 
 
-def dct_size(n: int, max_ratio: int = 4) -> int:
-    """Smallest even size >= n whose :func:`dct_factors` are within ``max_ratio`` of each other.
-
-    ACDC pads its features to this size so that the DCT stays O(n^(4/3)) with small factors (a
-    prime n would otherwise give one factor n, a dense DFT).
-    """
+def dct_size(n: int, slack: float = 1.25) -> int:
+    """Smallest even size >= n whose DCT costs at most ``slack`` times the work of balanced radices
+    ((2S - 1) n^(1/S) per element): ACDC pads its features to it, so that the DCT stays
+    O(n^(1 + 1/S)) with small radices (a prime n would otherwise leave one radix n)."""
     m = max(2, int(n))
     while True:
         if m % 2 == 0:
-            factors = dct_factors(m)
-            if max(factors) <= max_ratio * min(factors) or m <= 8:
-                return m
+            with contextlib.suppress(ValueError):
+                stages = _dct_stage_count(m)
+                if dct_work(dct_radices(m)) <= slack * (2 * stages - 1) * m ** (1 / stages):
+                    return m
         m += 1
 
 
-def _dct_constants(a: int, b: int, c: int) -> dict[str, torch.Tensor]:
-    """Float64 constants of the three-stage real DCT-II of size n = a b c (see the module docstring)."""
-    n = a * b * c
-    m1, m2, m3 = (torch.arange(d, dtype=torch.float64, device="cpu") for d in (a, b, c))
-    k1, k2, k3 = m1, m2, m3
-    # Stage 1: length-a DFT over m1 of the real input, rows (k1, re|im), acting from the left.
-    ang1 = -2 * math.pi * torch.outer(k1, m1) / a
-    first = torch.stack([torch.cos(ang1), torch.sin(ang1)], 1).reshape(2 * a, a)
-    # Stage 2, one complex b x b matrix per k1: W_b^(m2 k2) W_ab^(m2 k1) and the k1, k2 parts of the
-    # half-sample shift; as a real (2b, 2b) matrix with rows (k2, re|im out), columns (re|im in, m2).
-    ang2 = (-2 * math.pi * m2[None, None, :] * (k2[None, :, None] / b + k1[:, None, None] / (a * b))
-            - math.pi * (k1[:, None, None] + a * k2[None, :, None]) / (2 * n))
-    g_re, g_im = torch.cos(ang2), torch.sin(ang2)  # [k1, k2, m2]
-    second = torch.stack([torch.stack([g_re, -g_im], 2), torch.stack([g_im, g_re], 2)], 2)  # [k1, k2, out, in, m2]
-    # Twiddle W_n^(m3 (k1 + a k2)) on (k1, k2, m3), as two real (re|im, m3) patterns (see DCT2.spectrum).
-    ang_t = -2 * math.pi * m3[None, None, :] * (k1[:, None, None] + a * k2[None, :, None]) / n
-    t_re, t_im = torch.cos(ang_t), torch.sin(ang_t)
-    # Stage 3: length-c DFT over m3 with the k3 part of the shift; only the real part is kept.
-    ang3 = -2 * math.pi * torch.outer(m3, k3) / c - math.pi * a * b * k3[None, :] / (2 * n)
-    h_re, h_im = torch.cos(ang3), torch.sin(ang3)
-    # Orthonormal scale in the spectral layout [k1, k2, k3]: sqrt(2/n), and sqrt(1/n) for k = 0.
-    scale = torch.full((a, b, c), math.sqrt(2.0 / n), dtype=torch.float64, device="cpu")
-    scale[0, 0, 0] = math.sqrt(1.0 / n)
-    return {
-        "first": first,
-        "second": second.reshape(a, 2 * b, 2 * b),
-        "twiddle_a": torch.stack([t_re, t_im], 2).reshape(a, b, 2 * c),
-        "twiddle_b": torch.stack([t_im, t_re], 2).reshape(a, b, 2 * c),
-        "third_a": torch.cat([h_re, -h_re], 0),
-        "third_b": torch.cat([-h_im, -h_im], 0),
-        "scale": scale,
-    }
+def _unit_rows(z0: torch.Tensor, z1: torch.Tensor, frequency: int, n: int, last: bool) -> list[torch.Tensor]:
+    """The two rows of one output unit. A *unit* holds two reals of a Hermitian spectrum Z of even
+    length: ``(Z_0, Z_(L/2))`` (both real; ``frequency`` None) or ``(Re Z_k, Im Z_k)``. In the last stage
+    a complex unit becomes the DCT coefficients ``(X_k, X_(n-k)) = sqrt(2) (Re, -Im)(w_k V_k)``,
+    w_k = exp(-i pi k / (2n)) (Makhoul), and the real unit ``(X_0, X_(n/2))`` is already scaled."""
+    if frequency is None or not last:
+        return [z0, z1]
+    phi = -math.pi * frequency / (2 * n)
+    c, s = math.cos(phi), math.sin(phi)
+    return [math.sqrt(2.0) * (c * z0 - s * z1), -math.sqrt(2.0) * (s * z0 + c * z1)]
+
+
+def _first_stage(r: int, n: int, last: bool) -> tuple[torch.Tensor, list[int | None]]:
+    """Stage 1: the real length-r DFT of r reals as r/2 units (the real one first), scaled 1/sqrt(r)."""
+    m = torch.arange(r, dtype=torch.float64)
+    rows = _unit_rows(torch.ones(r, dtype=torch.float64), torch.cos(math.pi * m), None, n, last)
+    units: list[int | None] = [None]
+    for p in range(1, r // 2):
+        angle = -2 * math.pi * p * m / r
+        rows += _unit_rows(torch.cos(angle), torch.sin(angle), p, n, last)
+        units.append(p)
+    return torch.stack(rows) / math.sqrt(r), units
+
+
+def _real_unit_block(r: int, length: int, n: int, last: bool) -> tuple[torch.Tensor, list[int | None]]:
+    """Block 0 of a stage of radix r after a spectrum of length L: from the real unit's
+    ``(Z_m[0], Z_m[L/2])``, m < r, the r units of the new spectrum (length L r) they determine:
+    ``Z'[L j] = sum_m W_r^(m j) Z_m[0]`` and ``Z'[L/2 + L j] = sum_m W_r^(m (j + 1/2)) Z_m[L/2]``
+    (each sequence Hermitian, so half of it is stored). Rows over columns (re|im input, m)."""
+    m = torch.arange(r, dtype=torch.float64)
+    zero = torch.zeros(r, dtype=torch.float64)
+    second_real = torch.cat([torch.cos(math.pi * m), zero]) if r % 2 == 0 else torch.cat([zero, torch.cos(math.pi * m)])
+    rows = _unit_rows(torch.cat([torch.ones(r, dtype=torch.float64), zero]), second_real, None, n, last)
+    units: list[int | None] = [None]
+    for j in range(1, (r - 1) // 2 + 1):  # Z'[L j] from Z_m[0]
+        angle = -2 * math.pi * m * j / r
+        rows += _unit_rows(torch.cat([torch.cos(angle), zero]), torch.cat([torch.sin(angle), zero]), length * j, n, last)
+        units.append(length * j)
+    for j in range(r // 2):  # Z'[L/2 + L j] from Z_m[L/2] (for odd r, j = (r - 1)/2 is the real Z'[L r / 2])
+        angle = -2 * math.pi * m * (j + 0.5) / r
+        rows += _unit_rows(torch.cat([zero, torch.cos(angle)]), torch.cat([zero, torch.sin(angle)]), length // 2 + length * j, n, last)
+        units.append(length // 2 + length * j)
+    return torch.stack(rows) / math.sqrt(r), units
+
+
+def _twiddled_dft(r: int, n: int, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patterns P, Q (2r x 2r) with ``P cos(theta_m) + Q sin(theta_m)`` the real form of the complex
+    matrix ``F[j, m] exp(i theta_m)``, F[j, m] = W_r^(m j) / sqrt(r) (times exp(-i pi j / (2r)), the
+    row part of Makhoul's twiddle, and (Re, -Im) sqrt(2) rows, in the last stage). Rows (j, re|im),
+    columns (re|im, m): (F e^(i theta)) z = (Fr c - Fi s + i (Fr s + Fi c)) (x + i y)."""
+    j = torch.arange(r, dtype=torch.float64)[:, None]
+    m = torch.arange(r, dtype=torch.float64)[None, :]
+    f = torch.polar(torch.ones(r, r, dtype=torch.float64) / math.sqrt(r), -2 * math.pi * m * j / r)
+    if last:
+        f = f * torch.polar(torch.full_like(j, math.sqrt(2.0)), -math.pi * j / (2 * r))
+    fr, fi = f.real, f.imag
+    p = torch.stack([torch.cat([fr, -fi], 1), torch.cat([fi, fr], 1)], 1).reshape(2 * r, 2 * r)
+    q = torch.stack([torch.cat([-fi, -fr], 1), torch.cat([fr, -fi], 1)], 1).reshape(2 * r, 2 * r)
+    if last:  # rows (X_k, X_(n-k)) = (Re, -Im)
+        sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(r)[:, None]
+        p, q = p * sign, q * sign
+    return p, q
+
+
+def _dct_chain_constants(radices: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Float64 constants of the real DCT-II chain (module docstring) and its output order
+    (``order[i]``: the index of the DCT coefficient at position i)."""
+    n, last_stage = math.prod(radices), len(radices) - 1
+    first, units = _first_stage(radices[0], n, last_stage == 0)
+    constants, length = {"stage0": first}, radices[0]
+    for s, r in enumerate(radices[1:], start=1):
+        last = s == last_stage
+        special, new_units = _real_unit_block(r, length, n, last)
+        frequencies = torch.tensor(units[1:], dtype=torch.float64)[:, None]  # complex units of the previous spectrum
+        m = torch.arange(r, dtype=torch.float64)[None, :]
+        theta = -2 * math.pi * m * frequencies / (length * r) - (math.pi * frequencies / (2 * n) if last else 0.0)
+        constants[f"pattern_p{s}"], constants[f"pattern_q{s}"] = _twiddled_dft(r, n, last)
+        constants[f"special{s}"] = special
+        constants[f"twiddle_cos{s}"] = torch.cos(theta).repeat(1, 2)  # columns (re|im, m)
+        constants[f"twiddle_sin{s}"] = torch.sin(theta).repeat(1, 2)
+        units = new_units + [k + length * j for k in units[1:] for j in range(r)]
+        length *= r
+    order = [index for k in units for index in ((0, n // 2) if k is None else (k, n - k))]
+    return constants, torch.tensor(order, dtype=torch.long)
 
 
 _MATMUL_CHAINS = contextvars.ContextVar("fixclf_matmul_chains", default=False)
@@ -343,56 +448,93 @@ def permute_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Expand + GatherElements, which ONNX Runtime runs >10x faster than Gather on the
     last axis (0.16 ms vs 1.96 ms at 128 x 4096, measured with ORT 1.32, 2 threads).
     """
-    return torch.gather(x, -1, index.expand(x.shape[0], -1))
+    return torch.gather(x, -1, index.long().expand(x.shape[0], -1))
 
 
 def _makhoul_index(n: int) -> torch.Tensor:
     """Index g with ``x[..., g]`` = Makhoul's reordering v = [x_0, x_2, ..., x_{n-2}, x_{n-1}, ..., x_3, x_1]."""
-    m = torch.arange(n, device="cpu")
+    m = torch.arange(n)
     return torch.where(m < n // 2, 2 * m, 2 * (n - 1 - m) + 1)
 
 
-class _ThreeStageDCT(_ConstantTransform):
-    """Constants of DCT-II / DCT-III of size n (even), as non-persistent buffers.
+def rows_first(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along the first axis (ONNX Gather on axis 0: whole rows of M contiguous floats)."""
+    return torch.index_select(x, 0, index)
 
-    Besides the natural order, both transforms expose the *spectral layout*: the unscaled
-    coefficients as a (..., a, b, c) tensor indexed [k1, k2, k3] with k = k1 + a k2 + a b k3. ACDC
-    multiplies its diagonal in that layout, which saves moving every activation into natural order
-    and both scale multiplications (see :meth:`spectral_layout`).
+
+class _RealDCT(_ConstantTransform):
+    """The constants of the orthonormal DCT-II / DCT-III of size n and the two MatMul chains.
+
+    The chains work on the *feature-major* layout (n, M) (M = rows of the batch), in Makhoul's input
+    order (``gather_in``) and the chain's output order (``order``: the DCT coefficient at each
+    position), so that ACDC gathers and multiplies by its diagonals once, on rows.
     """
 
-    transposed = False  # DCT3 keeps its matrices transposed: no Transpose of constants at run time
+    transposed = False  # the DCT-III's eager FFT path takes the inverse twiddle
 
     def __init__(self, n: int) -> None:
         if n < 2 or n % 2:
             raise ValueError(f"DCT size must be even and >= 2, got {n} (pad with compressor.transforms.dct_size)")
-        self.a, self.b, self.c = dct_factors(n)
-        constants = _dct_constants(self.a, self.b, self.c)
-        if self.transposed:
-            for name in ("first", "second", "third_a", "third_b"):
-                constants[name] = constants[name].transpose(-1, -2).contiguous()
+        self.radices = dct_radices(n)
+        constants, order = _dct_chain_constants(self.radices)
         super().__init__(constants)
         self.n = n
         gather = _makhoul_index(n)
-        self.register_buffer("gather_in", gather, persistent=False)
+        for name, index in (("gather_in", gather), ("gather_out", torch.argsort(gather)), ("order", order),
+                            ("natural", torch.argsort(order))):
+            self.register_buffer(name, index.to(torch.int32), persistent=False)  # int32: half the bytes in the file
         self._register_fft_constants(n)
-        self.register_buffer("gather_out", torch.argsort(gather), persistent=False)
+
+    def stage_matrix(self, s: int) -> torch.Tensor:
+        """Stage s >= 1 as (B, 2r, 2r) matrices: block 0 is the real unit's, the others are the
+        twiddled DFT ``P cos(theta_b) + Q sin(theta_b)`` (computed from O(n) constants; ONNX Runtime
+        folds it once when it loads the file)."""
+        twisted = (getattr(self, f"pattern_p{s}") * getattr(self, f"twiddle_cos{s}")[:, None, :]
+                   + getattr(self, f"pattern_q{s}") * getattr(self, f"twiddle_sin{s}")[:, None, :])
+        return torch.cat([getattr(self, f"special{s}")[None], twisted])
+
+    def chain(self, v: torch.Tensor) -> torch.Tensor:
+        """DCT-II of v (n, M) given in Makhoul's order, in the chain's order (n, M)."""
+        y = self.stage0 @ v.reshape(self.radices[0], -1)
+        for s in range(1, len(self.radices)):
+            w = self.stage_matrix(s)
+            y = w @ y.reshape(w.shape[0], w.shape[2], -1)
+        return y.reshape(self.n, -1)
+
+    def chain_transposed(self, z: torch.Tensor, diagonal: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+        """DCT-III of ``diagonal * z + bias`` (z (n, M) and both n-vectors in the chain's order),
+        in Makhoul's order (n, M): the transposed chain run backwards. The diagonal is folded into
+        the first matrix and the bias becomes that matrix times it (both on constants, not rows)."""
+        matrices = [self.stage_matrix(s) for s in range(len(self.radices) - 1, 0, -1)] + [self.stage0[None]]
+        y = z
+        for i, w in enumerate(matrices):
+            w = w.transpose(-1, -2)
+            y = y.reshape(w.shape[0], w.shape[2], -1)
+            if i == 0 and diagonal is not None:
+                folded = w * diagonal.reshape(w.shape[0], 1, w.shape[2])
+                y = folded @ y if bias is None else folded @ y + w @ bias.reshape(w.shape[0], w.shape[2], 1)
+            elif i == 0 and bias is not None:
+                y = w @ (y + bias.reshape(w.shape[0], w.shape[2], 1))
+            else:
+                y = w @ y
+        return y.reshape(self.n, -1)
 
     def _register_fft_constants(self, n: int) -> None:
         """Twiddles of the eager FFT path (float64-exact real and imaginary parts): ``w_j s_j`` for the
         DCT-II, its inverse ``conj(w_j) / s_j`` for the DCT-III, j = 0 .. n/2 (see :func:`use_fft`)."""
-        j = torch.arange(n // 2 + 1, dtype=torch.float64, device="cpu")
+        j = torch.arange(n // 2 + 1, dtype=torch.float64)
         s = torch.full_like(j, math.sqrt(2.0 / n))
         s[0] = math.sqrt(1.0 / n)
         w = torch.polar(torch.ones_like(j), -math.pi * j / (2 * n))
         twiddle = w.conj() / s if self.transposed else w * s
         # Half-complex layout (n/2 + 1, 2) of n coefficients X: [j, 0] = X_j, [j, 1] = -X_(n-j) (j >= 1).
-        half = torch.arange(n // 2 + 1, device="cpu")
-        im_source = torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), n - half[1:]])
+        half = torch.arange(n // 2 + 1)
+        im_source = torch.cat([torch.zeros(1, dtype=torch.long), n - half[1:]])
         self.register_buffer("half_complex_index", torch.stack([half, im_source], 1), persistent=False)
-        keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64, device="cpu")
+        keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64)
         keep[0, 1] = 0.0
-        negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64, device="cpu")
+        negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64)
         self._register_constants({"fft_twiddle_re": twiddle.real.contiguous(), "fft_twiddle_im": twiddle.imag.contiguous(),
                                   "half_complex_keep": keep, "half_complex_negate": negate})
 
@@ -410,42 +552,14 @@ class _ThreeStageDCT(_ConstantTransform):
         diagonal that multiplies the layout of X), ``[0, 1] = 0``."""
         return coefficients[self.half_complex_index] * (self.half_complex_negate if negate_im else self.half_complex_keep)
 
-    def spectral_layout(self, v: torch.Tensor) -> torch.Tensor:
-        """Natural order (..., n) -> spectral layout (..., a, b, c): ``v[k1 + a k2 + a b k3]`` at [k1, k2, k3].
 
-        ``DCT2(x) == scale * natural_order(spectrum(x))``; ACDC moves its diagonal and bias into
-        this layout (cheap, on parameters) instead of moving every activation out of it.
-        """
-        return v.reshape(*v.shape[:-1], self.c, self.b, self.a).transpose(-1, -3)
-
-    def natural_order(self, spectrum: torch.Tensor) -> torch.Tensor:
-        """Spectral layout (M, a, b, c) -> natural order (M, n); the inverse of :meth:`spectral_layout`."""
-        return spectrum.transpose(-1, -3).reshape(-1, self.n)
-
-
-class DCT2(_ThreeStageDCT):
+class DCT2(_RealDCT):
     """Orthonormal DCT-II along the last dim: ``y = C x`` (== scipy.fft.dct(x, norm="ortho")).
 
-    Shapes: (..., n) -> (..., n), n even, n = a b c (:func:`dct_factors`). Work per element:
-    2a + 4b + 4c multiply-adds in MatMuls and two elementwise Mul; constants about
-    2a^2 + 4 a b^2 + 4c^2 + 5n floats and two n-long index vectors, shared by all layers of the
-    same size after export.
+    Shapes: (..., n) -> (..., n), n even with :func:`dct_radices` (:func:`dct_size` pads to such an
+    n). Work per element: r_1 + 2 (r_2 + ... + r_S) multiply-adds (80 at 4096); constants O(n),
+    shared by all layers of the same size after export.
     """
-
-    def spectrum(self, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled DCT-II coefficients of x (..., n) in the spectral layout (M, a, b, c), M = prod(batch)."""
-        return self.spectrum_of_reordered(permute_last(x.reshape(-1, self.n), self.gather_in))
-
-    def spectrum_of_reordered(self, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`spectrum` of x given as ``v = x[..., gather_in]`` (M, n): Makhoul's order, m = b c m1 +
-        c m2 + m3 laid out [m1, m2, m3]. A stack that permutes between its layers folds this gather
-        into its own."""
-        a, b, c = self.a, self.b, self.c
-        y = self.first @ v.reshape(-1, a, b * c)  # [k1 re|im, (m2, m3)]
-        y = (self.second @ y.reshape(-1, a, 2 * b, c)).reshape(-1, a, b, 2 * c)  # [k1, k2, (re|im, m3)]
-        # Re(sum_m3 H[m3, k3] T[k1, k2, m3] Z[m3]) with Z = y_re + i y_im: the complex product's four
-        # real terms come out of two elementwise Mul and two MatMuls over (re|im, m3).
-        return (y * self.twiddle_a) @ self.third_a + (y * self.twiddle_b) @ self.third_b  # [k1, k2, k3]
 
     def rfft_of_reordered(self, v: torch.Tensor) -> torch.Tensor:
         """The DCT-II (scaled) of x given as ``v = x[..., gather_in]`` (M, n), in the half-complex layout
@@ -455,27 +569,17 @@ class DCT2(_ThreeStageDCT):
         return torch.view_as_real(torch.fft.rfft(v) * self._fft_twiddle(v.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.natural_order(self.spectrum(x) * self.scale).reshape(x.shape)
+        coefficients = self.chain(rows_first(x.reshape(-1, self.n).T, self.gather_in))
+        return rows_first(coefficients, self.natural).T.reshape(x.shape)
 
 
-class DCT3(_ThreeStageDCT):
+class DCT3(_RealDCT):
     """Orthonormal DCT-III, the inverse (and transpose) of :class:`DCT2`: ``x = C^T y``.
 
     Runs the DCT-II chain backwards with every stage transposed; shapes (..., n) -> (..., n).
     """
 
     transposed = True
-
-    def from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
-        """Transpose of :meth:`DCT2.spectrum`: spectral layout (M, a, b, c) -> natural order (M, n)."""
-        return permute_last(self.reordered_from_spectrum(spectrum), self.gather_out)
-
-    def reordered_from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
-        """:meth:`from_spectrum` before its last gather: the result x as ``x[..., gather_in]`` (M, n)."""
-        a, b, c = self.a, self.b, self.c
-        y = (spectrum @ self.third_a) * self.twiddle_a + (spectrum @ self.third_b) * self.twiddle_b  # [k1, k2, (re|im, m3)]
-        y = self.second @ y.reshape(-1, a, 2 * b, c)  # [k1, (re|im, m2), m3]
-        return (self.first @ y.reshape(-1, 2 * a, b * c)).reshape(-1, self.n)  # [m1, m2, m3]
 
     def irfft_reordered(self, layout: torch.Tensor) -> torch.Tensor:
         """The DCT-III of coefficients given in the half-complex layout (M, n/2 + 1, 2), as
@@ -485,5 +589,5 @@ class DCT3(_ThreeStageDCT):
         return torch.fft.irfft(torch.view_as_complex(layout.contiguous()) * self._fft_twiddle(layout.dtype), self.n)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        spectrum = self.spectral_layout(y.reshape(-1, self.n)) * self.scale
-        return self.from_spectrum(spectrum).reshape(y.shape)
+        reordered = self.chain_transposed(rows_first(y.reshape(-1, self.n).T, self.order))
+        return rows_first(reordered, self.gather_out).T.reshape(y.shape)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import onnx
@@ -17,7 +18,7 @@ from compressor.surgery import apply_plan, initialise_from_dense, make_plan
 from compressor.export import export_onnx, stored_state_bytes
 from compressor.runtime import session as ort_session
 from compressor.layers import ACDC, ACDCStack, AdaptiveFastfood, HadamardHead, OrthogonalHead
-from compressor.transforms import dct_factors, kronecker_orders
+from compressor.transforms import dct_radices, kronecker_orders
 from conftest import SAMPLES
 
 MODULES = {
@@ -59,15 +60,20 @@ def caffenet_head(compressed: bool) -> nn.Module:
 def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
     """Independent estimate of the shared transform constants, one set per size.
 
-    DCT of n = a b c: the stage-1 matrix 2a x a, the a per-k1 (2b x 2b) stage-2 matrices and the
-    two 2c x c stage-3 matrices, each also transposed for the DCT-III, the two twiddle patterns
-    (2n each), the n scales (float32) and two n-long int64 gather indices. Walsh-Hadamard of n:
-    its Kronecker factors (16 x 16 x 16 at 4096: one 16 x 16).
+    DCT of n with radices r_1 .. r_S (spectrum length L_s = r_1 .. r_s): the r_1 x r_1 first stage;
+    per later stage the two 2r x 2r patterns and the real unit's 2r x 2r block, and the cosines and
+    sines of the other L_(s-1)/2 - 1 blocks (2r each), float32; three n-long int32 index vectors
+    (Makhoul's order in and out, the chain's output order). The DCT-III is the same constants
+    transposed. Walsh-Hadamard of n: its Kronecker factors (16 x 16 x 16 at 4096: one 16 x 16).
     """
     total = 0
     for n in dct_sizes:
-        a, b, c = dct_factors(n)
-        total += 4 * (2 * (2 * a * a + 4 * a * b * b + 4 * c * c) + 4 * n + n) + 8 * 2 * n
+        radices = dct_radices(n)
+        floats, length = radices[0] ** 2, radices[0]
+        for r in radices[1:]:
+            floats += 3 * (2 * r) ** 2 + 2 * 2 * r * (length // 2 - 1)
+            length *= r
+        total += 4 * floats + 4 * 3 * n
     for n in wht_sizes:
         total += 4 * sum(d * d for d in set(kronecker_orders(n)))  # equal factors are one initializer
     return total
@@ -84,12 +90,13 @@ def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
     assert dense_bytes >= 100 * small_bytes, (dense_bytes, small_bytes)
     expected = stored_state_bytes(small_model) + expected_constant_bytes([9216, 4096], [4096])
     assert abs(small_bytes - expected) <= 0.10 * expected, (small_bytes, expected)
-    # one initializer per transform size, however many layers use it
+    # one initializer per transform size, however many layers (and the DCT-II and DCT-III) use it
     shapes = [tuple(i.dims) for i in onnx.load(tmp_path / "small.onnx").graph.initializer]
     for n in (9216, 4096):
-        a, b, c = dct_factors(n)
-        assert shapes.count((a, 2 * b, 2 * b)) == 2  # the stage-2 matrices of the DCT-II and DCT-III, once per size
-
+        radices = dct_radices(n)
+        blocks = math.prod(radices[:-1]) // 2 - 1
+        assert shapes.count((blocks, 2 * radices[-1])) == 2  # the last stage's cosines and sines, once per size
+        assert not any(math.prod(shape) >= n * radices[-1] for shape in shapes)  # no stage's full (B, 2r, 2r) matrices
 
 
 def test_failed_validation_leaves_no_file(tmp_path):

@@ -7,10 +7,10 @@ import scipy.fft
 import scipy.linalg
 import torch
 
-from compressor.transforms import (DCT2, DCT3, KroneckerHadamard, WalshHadamard, dct_matrix, dct_size, hadamard_matrix,
-                                  dct_factors, kronecker_orders, kronecker_size)
+from compressor.transforms import (DCT2, DCT3, MAX_RADIX, KroneckerHadamard, WalshHadamard, dct_matrix, dct_radices,
+                                  dct_size, dct_work, hadamard_matrix, kronecker_orders, kronecker_size)
 
-DCT_SIZES = [2, 6, 8, 18, 64, 100, 512, 1024, 4096]
+DCT_SIZES = [2, 6, 8, 18, 64, 66, 100, 300, 512, 1000, 1024, 2048, 4096]
 WHT_SIZES = [1, 2, 4, 8, 32, 128, 1024, 4096]
 KRONECKER_SIZES = [3, 12, 96, 320, 1536, 9216]
 
@@ -120,13 +120,40 @@ def test_transform_constants_are_not_in_state_dict():
         assert module.state_dict() == {}
 
 
+def test_dct_chain_in_the_feature_major_layout_with_diagonal_and_bias():
+    """ACDC's exported path: the chain on (n, M) in Makhoul's order gives the DCT-II in the chain's order,
+    and the transposed chain with a diagonal and a bias folded in gives C^T (d * C x + b)."""
+    for n in (6, 66, 300, 4096, 9216):
+        dct2, dct3 = DCT2(n).double(), DCT3(n).double()
+        x = torch.randn(n, 3, dtype=torch.float64)
+        c = dct_matrix(n)
+        coefficients = dct2.chain(x[dct2.gather_in])
+        assert _rel(coefficients, (c @ x)[dct2.order]) <= 1e-10
+        d, b = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+        back = dct3.chain_transposed(coefficients, d[dct2.order], b[dct2.order])[dct2.gather_out]
+        assert _rel(back, c.T @ (d[:, None] * (c @ x) + b[:, None])) <= 1e-10
+
+
+def test_dct_constants_are_linear_in_n():
+    """The per-block stage matrices are computed from O(n) patterns and twiddles (the file holds those)."""
+    for n in (512, 4096, 9216, 2**16):
+        floats = sum(t.numel() for name, t in DCT2(n).named_buffers() if t.is_floating_point() and not name.startswith(("fft", "half")))
+        assert floats <= 2.5 * n + 12 * MAX_RADIX**2, (n, floats)
+
+
 def test_sizes_and_bad_sizes():
-    assert np.prod(dct_factors(4096)) == 4096 and max(dct_factors(4096)) <= 32
+    assert dct_radices(4096) == (16, 16, 16) and dct_radices(512) == (32, 16) and dct_radices(64) == (64,)
+    for n in (*DCT_SIZES, 9216, 2**17, 2**20):
+        radices = dct_radices(n)
+        assert np.prod(radices) == n and radices[0] % 2 == 0 and max(radices) <= MAX_RADIX
+    assert dct_work(dct_radices(4096)) == 80 and dct_work(dct_radices(9216)) == 100  # multiply-adds per element
     assert dct_size(9216) == 9216 and dct_size(7) == 8 and dct_size(13) % 2 == 0
-    for n in (997, 300, 1000, 5000):
-        factors = dct_factors(dct_size(n))
-        assert n <= dct_size(n) < 1.1 * n and max(factors) <= 4 * min(factors)
+    for n in (997, 300, 1000, 5000, 2050, 134):
+        m = dct_size(n)
+        assert n <= m < 1.1 * n and dct_work(dct_radices(m)) <= 1.25 * (2 * len(dct_radices(m)) - 1) * m ** (1 / len(dct_radices(m)))
     with pytest.raises(ValueError):
         WalshHadamard(12)
     with pytest.raises(ValueError):
         DCT2(7)
+    with pytest.raises(ValueError):
+        dct_radices(2 * 67)  # a prime factor above MAX_RADIX: dct_size pads it

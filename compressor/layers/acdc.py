@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..transforms import DCT2, DCT3, dct_size, permute_last, use_fft
+from ..transforms import DCT2, DCT3, dct_size, permute_last, rows_first, use_fft
 from .base import StructuredLinear
 
 __all__ = ["ACDC", "ACDCStack", "DCTPair"]
@@ -62,35 +62,52 @@ class ACDC(StructuredLinear):
         self.bias = nn.Parameter(torch.zeros(self.size)) if bias else None
 
     def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        reordered = self.forward_reordered(permute_last(rows, self.transforms.dct.gather_in))
-        return permute_last(reordered, self.transforms.idct.gather_out[: self.out_features])
+        return _through_layers(rows, [self], [], self.out_features)
 
-    def forward_reordered(self, v: torch.Tensor) -> torch.Tensor:
-        """The layer on x given in the DCT's input order, ``v = x[..., g]`` (g = ``dct.gather_in``),
-        returning ``y[..., g]`` (M, size): the gathers in and out are left to the caller, so that a
-        stack folds them into its permutations."""
-        if use_fft():
-            return self._forward_reordered_fft(v)
-        dct, idct = self.transforms.dct, self.transforms.idct
-        # C^T (d C u + bias) with C = scale * natural(spectrum): move d and bias into the spectral
-        # layout (n numbers) rather than every activation out of it (M x n numbers).
-        spectrum = dct.spectrum_of_reordered(v * self.a[dct.gather_in])
-        spectrum = spectrum * (dct.spectral_layout(self.d) * (dct.scale * dct.scale))
-        if self.bias is not None:
-            spectrum = spectrum + dct.spectral_layout(self.bias) * dct.scale
-        return idct.reordered_from_spectrum(spectrum)
-
-    def _forward_reordered_fft(self, v: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward_reordered` through ``torch.fft`` in the half-complex layout, into which d
-        and bias move (n numbers) as they move into the spectral layout in the MatMul chain. Works in
-        float32 at least (FFTs of reduced precision need power-of-two sizes)."""
+    def rows_step(self, v: torch.Tensor) -> torch.Tensor:
+        """The layer on rows (M, n) given in the DCT's input order, ``v = x[..., g]`` (g =
+        ``dct.gather_in``), returning ``y[..., g]``, through ``torch.fft`` in the half-complex layout,
+        into which d and bias move (n numbers). Works in float32 at least (FFTs of reduced precision
+        need power-of-two sizes). The gathers in and out are left to the caller, so that a stack
+        folds them into its permutations."""
         dct, idct = self.transforms.dct, self.transforms.idct
         work = torch.promote_types(v.dtype, torch.float32)
-        layout = dct.rfft_of_reordered(v.to(work) * self.a[dct.gather_in].to(work))
+        layout = dct.rfft_of_reordered(v.to(work) * rows_first(self.a, dct.gather_in).to(work))
         layout = layout * dct.half_complex_layout(self.d.to(work), negate_im=False)
         if self.bias is not None:
             layout = layout + dct.half_complex_layout(self.bias.to(work))
         return idct.irfft_reordered(layout).to(v.dtype)
+
+    def features_step(self, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`rows_step` on the feature-major layout (n, M), through the MatMul chains (what
+        exports): a multiplies rows, d and bias are moved into the chain's order (n numbers each) and
+        folded into the DCT-III's first matrix."""
+        dct = self.transforms.dct
+        z = dct.chain(v * rows_first(self.a, dct.gather_in)[:, None])
+        bias = None if self.bias is None else rows_first(self.bias, dct.order)
+        return self.transforms.idct.chain_transposed(z, rows_first(self.d, dct.order), bias)
+
+
+def _through_layers(rows: torch.Tensor, layers: list[ACDC], links: list[torch.Tensor], out_features: int,
+                    relu: bool = True) -> torch.Tensor:
+    """Rows (M, n) through ACDC layers in the DCT's input order g: gather g once, run each layer,
+    between layers k and k + 1 apply ReLU and the one index ``links[k]`` (g_out, the stack's
+    permutation and g in one), and finally gather g_out (sliced to ``out_features``).
+
+    Eager PyTorch (training) runs each layer on rows through ``torch.fft``; a traced model (ONNX)
+    transposes once to the feature-major layout (n, M), where every gather moves whole rows and
+    every DCT stage is one batched MatMul over M, and transposes back at the end.
+    """
+    dct = layers[0].transforms.dct
+    fft = use_fft()
+    gather = permute_last if fft else rows_first
+    v = gather(rows if fft else rows.T, dct.gather_in)
+    for k, layer in enumerate(layers):
+        v = layer.rows_step(v) if fft else layer.features_step(v)
+        if k < len(links):
+            v = gather(torch.relu(v) if relu else v, links[k])
+    v = gather(v, dct.gather_out[:out_features])
+    return v if fft else v.T
 
 
 class ACDCStack(StructuredLinear):
@@ -129,16 +146,12 @@ class ACDCStack(StructuredLinear):
 
     def forward_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """x_{k+1} = P_k relu(ACDC_k(x_k)), computed with K + 1 gathers instead of 3K - 1: each layer
-        works in the DCT's input order g (:meth:`ACDC.forward_reordered`), so the gather out of layer
-        k, P_k and the gather into layer k + 1 are one index, g_out[P_k][g] (ReLU commutes with
-        them), and the final gather also slices the output. Exactly the same function."""
-        g_in, g_out = self.layers[0].transforms.dct.gather_in, self.layers[0].transforms.idct.gather_out
-        v = permute_last(rows, g_in)
-        for k, layer in enumerate(self.layers):
-            v = layer.forward_reordered(v)
-            if k < self.depth - 1:
-                v = permute_last(torch.relu(v) if self.relu else v, g_out[self.permutations[k]][g_in])
-        return permute_last(v, g_out[: self.out_features])
+        works in the DCT's input order g, so the gather out of layer k, P_k and the gather into layer
+        k + 1 are one index, g_out[P_k][g] (ReLU commutes with them), and the final gather also slices
+        the output. Exactly the same function."""
+        g_in, g_out = self.layers[0].transforms.dct.gather_in, self.layers[0].transforms.dct.gather_out
+        links = [rows_first(rows_first(g_out, self.permutations[k]), g_in) for k in range(self.depth - 1)]
+        return _through_layers(rows, list(self.layers), links, self.out_features, self.relu)
 
     def dense_equivalent(self) -> nn.Linear:
         """Exact dense form; defined only for a linear stack (depth 1, or ``relu=False``)."""
