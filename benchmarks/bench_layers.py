@@ -2,11 +2,12 @@
 N -> 1000 head vs HadamardHead, batch 128 on 2 threads and batch 1 on 1 thread (how ONNX Runtime
 Mobile runs), N in {512, 1024, 4096, 9216}.
 
-Run: python benchmarks/bench_layers.py [--sizes 1024 4096 9216]
+Run: python benchmarks/bench_layers.py [--sizes 1024 4096 9216] [--sweep 4096]
 Prints a markdown table: PyTorch forward, PyTorch forward+backward, ONNX Runtime forward (median
 ms; batch 128 / 2 threads and batch 1 / 1 thread; the layers of a row group timed together in
 alternating rounds, thread spinning off: ``compressor.runtime.paired_latency``), ONNX bytes, and
-each figure's ratio to the dense layer of the same row group, same run.
+each figure's ratio to the dense layer of the same row group, same run; then, for N = --sweep,
+ORT latency against the batch size (1 to 128).
 """
 from __future__ import annotations
 
@@ -72,9 +73,28 @@ def rows_for(n: int, workdir: Path) -> list[tuple[str, dict, dict]]:
     return out
 
 
+def batch_sweep(n: int, batches: list[int], workdir: Path) -> None:
+    """ORT latency of the dense layer, ACDC and Fastfood at N = n against the batch size (1 thread up
+    to batch 8, the way a phone batches a few requests; 2 threads above), each batch timed together."""
+    group = {"dense": nn.Linear(n, n), "ACDC (depth 1)": ACDCStack(n, n, 1), "Adaptive Fastfood": AdaptiveFastfood(n, n)}
+    files = []
+    for i, module in enumerate(group.values()):
+        files.append(workdir / f"sweep{i}.onnx")
+        export_onnx(module, torch.randn(8, n), files[-1])
+    print(f"\nN = {n}: ORT ms (dense / this) against the batch size\n")
+    print(f"| batch | threads | {' | '.join(group)} |")
+    print(f"|---|---|{'---|' * len(group)}")
+    for batch in batches:
+        threads = 1 if batch <= 8 else 2
+        times = [t.median for t in paired_latency(files, torch.randn(batch, n), threads=threads, runs=100)]
+        cells = [f"{t:.3f} ({times[0] / t:.1f}x)" for t in times]
+        print(f"| {batch} | {threads} | {' | '.join(cells)} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 4096, 9216])
+    parser.add_argument("--sweep", type=int, default=4096, help="N of the batch-size table (0: none)")
     args = parser.parse_args()
     setup()
     print(f"batch {BATCH}; times are medians in ms; (x) = dense time / this time, or dense bytes / these bytes\n")
@@ -85,6 +105,8 @@ def main() -> None:
             for name, r, base in rows_for(n, Path(tmp)):
                 cells = [f"{r[k]:.3f} ({base[k] / r[k]:.1f}x)" for k in ("fwd", "fwdbwd", "ort", "ort1")]
                 print(f"| {n} | {name} | {' | '.join(cells)} | {r['bytes']:,} ({base['bytes'] / r['bytes']:.0f}x) |", flush=True)
+        if args.sweep:
+            batch_sweep(args.sweep, [1, 2, 4, 8, 16, 32, 64, 128], Path(tmp))
 
 
 if __name__ == "__main__":

@@ -408,8 +408,7 @@ def _dct_chain_constants(radices: tuple[int, ...]) -> tuple[dict[str, torch.Tens
         theta = -2 * math.pi * m * frequencies / (length * r) - (math.pi * frequencies / (2 * n) if last else 0.0)
         constants[f"pattern_p{s}"], constants[f"pattern_q{s}"] = _twiddled_dft(r, n, last)
         constants[f"special{s}"] = special
-        constants[f"twiddle_cos{s}"] = torch.cos(theta).repeat(1, 2)  # columns (re|im, m)
-        constants[f"twiddle_sin{s}"] = torch.sin(theta).repeat(1, 2)
+        constants[f"twiddle_cos{s}"], constants[f"twiddle_sin{s}"] = torch.cos(theta), torch.sin(theta)
         units = new_units + [k + length * j for k in units[1:] for j in range(r)]
         length *= r
     order = [index for k in units for index in ((0, n // 2) if k is None else (k, n - k))]
@@ -489,8 +488,8 @@ class _RealDCT(_ConstantTransform):
         """Stage s >= 1 as (B, 2r, 2r) matrices: block 0 is the real unit's, the others are the
         twiddled DFT ``P cos(theta_b) + Q sin(theta_b)`` (computed from O(n) constants; ONNX Runtime
         folds it once when it loads the file)."""
-        twisted = (getattr(self, f"pattern_p{s}") * getattr(self, f"twiddle_cos{s}")[:, None, :]
-                   + getattr(self, f"pattern_q{s}") * getattr(self, f"twiddle_sin{s}")[:, None, :])
+        cos, sin = (getattr(self, f"twiddle_{f}{s}").repeat(1, 2)[:, None, :] for f in ("cos", "sin"))  # columns (re|im, m)
+        twisted = getattr(self, f"pattern_p{s}") * cos + getattr(self, f"pattern_q{s}") * sin
         return torch.cat([getattr(self, f"special{s}")[None], twisted])
 
     def chain(self, v: torch.Tensor) -> torch.Tensor:

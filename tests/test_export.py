@@ -62,7 +62,7 @@ def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
 
     DCT of n with radices r_1 .. r_S (spectrum length L_s = r_1 .. r_s): the r_1 x r_1 first stage;
     per later stage the two 2r x 2r patterns and the real unit's 2r x 2r block, and the cosines and
-    sines of the other L_(s-1)/2 - 1 blocks (2r each), float32; three n-long int32 index vectors
+    sines of the other L_(s-1)/2 - 1 blocks (r each), float32; three n-long int32 index vectors
     (Makhoul's order in and out, the chain's output order). The DCT-III is the same constants
     transposed. Walsh-Hadamard of n: its Kronecker factors (16 x 16 x 16 at 4096: one 16 x 16).
     """
@@ -71,7 +71,7 @@ def expected_constant_bytes(dct_sizes: list[int], wht_sizes: list[int]) -> int:
         radices = dct_radices(n)
         floats, length = radices[0] ** 2, radices[0]
         for r in radices[1:]:
-            floats += 3 * (2 * r) ** 2 + 2 * 2 * r * (length // 2 - 1)
+            floats += 3 * (2 * r) ** 2 + 2 * r * (length // 2 - 1)
             length *= r
         total += 4 * floats + 4 * 3 * n
     for n in wht_sizes:
@@ -95,7 +95,7 @@ def test_caffenet_scale_head_is_100x_smaller_and_as_expected(tmp_path):
     for n in (9216, 4096):
         radices = dct_radices(n)
         blocks = math.prod(radices[:-1]) // 2 - 1
-        assert shapes.count((blocks, 2 * radices[-1])) == 2  # the last stage's cosines and sines, once per size
+        assert shapes.count((blocks, radices[-1])) == 2  # the last stage's cosines and sines, once per size
         assert not any(math.prod(shape) >= n * radices[-1] for shape in shapes)  # no stage's full (B, 2r, 2r) matrices
 
 
