@@ -35,8 +35,8 @@ L / 2 blocks of 2 r_s x 2 r_s, all on real numbers, with no multiply spent on th
 half of a spectrum: r_1 + 2 (r_2 + ... + r_S) multiply-adds per element (80 at 4096 = 16^3, 100
 at 9216 = 32 x 16 x 18), half of a complex-arithmetic chain's. The last stage also folds in
 Makhoul's w_k, the scales s_k and the (Re, -Im) rows, so it returns the DCT coefficients
-themselves, in the chain's own order (``order``); ACDC moves its diagonal there instead of moving
-activations (:meth:`_RealDCT.chain_transposed`). The DCT-III is the same chain transposed, run
+themselves, in the chain's own order (``order``); ACDC moves its diagonal and bias there (n
+numbers each) instead of moving activations. The DCT-III is the same chain transposed, run
 backwards. Each stage is scaled by 1/sqrt(r_s), so intermediate values keep the input's magnitude
 (float16 stays accurate).
 
@@ -500,23 +500,14 @@ class _RealDCT(_ConstantTransform):
             y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 
-    def chain_transposed(self, z: torch.Tensor, diagonal: torch.Tensor | None = None,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-        """DCT-III of ``diagonal * z + bias`` (z (n, M) and both n-vectors in the chain's order),
-        in Makhoul's order (n, M): the transposed chain run backwards. The diagonal is folded into
-        the first matrix and the bias becomes that matrix times it (both on constants, not rows)."""
-        matrices = [self.stage_matrix(s) for s in range(len(self.radices) - 1, 0, -1)] + [self.stage0[None]]
+    def chain_transposed(self, z: torch.Tensor) -> torch.Tensor:
+        """DCT-III of z (n, M) given in the chain's order, in Makhoul's order (n, M): the transposed
+        chain run backwards. (A diagonal folded into its first blocks would make per-layer copies of
+        the largest constants, which ONNX Runtime's mobile format stores expanded.)"""
         y = z
-        for i, w in enumerate(matrices):
-            w = w.transpose(-1, -2)
-            y = y.reshape(w.shape[0], w.shape[2], -1)
-            if i == 0 and diagonal is not None:
-                folded = w * diagonal.reshape(w.shape[0], 1, w.shape[2])
-                y = folded @ y if bias is None else folded @ y + w @ bias.reshape(w.shape[0], w.shape[2], 1)
-            elif i == 0 and bias is not None:
-                y = w @ (y + bias.reshape(w.shape[0], w.shape[2], 1))
-            else:
-                y = w @ y
+        for s in range(len(self.radices) - 1, -1, -1):
+            w = (self.stage_matrix(s) if s else self.stage0[None]).transpose(-1, -2)
+            y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 
     def _register_fft_constants(self, n: int) -> None:

@@ -120,9 +120,9 @@ def test_transform_constants_are_not_in_state_dict():
         assert module.state_dict() == {}
 
 
-def test_dct_chain_in_the_feature_major_layout_with_diagonal_and_bias():
+def test_dct_chain_in_the_feature_major_layout():
     """ACDC's exported path: the chain on (n, M) in Makhoul's order gives the DCT-II in the chain's order,
-    and the transposed chain with a diagonal and a bias folded in gives C^T (d * C x + b)."""
+    and the transposed chain of d * (C x) + b, both in that order, gives C^T (d * C x + b)."""
     for n in (6, 66, 300, 4096, 9216):
         dct2, dct3 = DCT2(n).double(), DCT3(n).double()
         x = torch.randn(n, 3, dtype=torch.float64)
@@ -130,7 +130,7 @@ def test_dct_chain_in_the_feature_major_layout_with_diagonal_and_bias():
         coefficients = dct2.chain(x[dct2.gather_in])
         assert _rel(coefficients, (c @ x)[dct2.order]) <= 1e-10
         d, b = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-        back = dct3.chain_transposed(coefficients, d[dct2.order], b[dct2.order])[dct2.gather_out]
+        back = dct3.chain_transposed(coefficients * d[dct2.order, None] + b[dct2.order, None])[dct2.gather_out]
         assert _rel(back, c.T @ (d[:, None] * (c @ x) + b[:, None])) <= 1e-10
 
 

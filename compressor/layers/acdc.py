@@ -80,12 +80,13 @@ class ACDC(StructuredLinear):
 
     def features_step(self, v: torch.Tensor) -> torch.Tensor:
         """:meth:`rows_step` on the feature-major layout (n, M), through the MatMul chains (what
-        exports): a multiplies rows, d and bias are moved into the chain's order (n numbers each) and
-        folded into the DCT-III's first matrix."""
+        exports): a, d and bias multiply or add to rows, d and bias moved into the chain's order (n
+        numbers each) rather than the activations out of it."""
         dct = self.transforms.dct
-        z = dct.chain(v * rows_first(self.a, dct.gather_in)[:, None])
-        bias = None if self.bias is None else rows_first(self.bias, dct.order)
-        return self.transforms.idct.chain_transposed(z, rows_first(self.d, dct.order), bias)
+        z = dct.chain(v * rows_first(self.a, dct.gather_in)[:, None]) * rows_first(self.d, dct.order)[:, None]
+        if self.bias is not None:
+            z = z + rows_first(self.bias, dct.order)[:, None]
+        return self.transforms.idct.chain_transposed(z)
 
 
 def _through_layers(rows: torch.Tensor, layers: list[ACDC], links: list[torch.Tensor], out_features: int,
