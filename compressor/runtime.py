@@ -22,7 +22,7 @@ __all__ = ["WARMUP", "RUNS", "ROUNDS", "Latency", "session", "run", "latency", "
 
 WARMUP = 10
 RUNS = 50
-ROUNDS = 5
+ROUNDS = 10
 """Models timed together alternate in this many rounds of ``runs / ROUNDS`` runs each."""
 
 
