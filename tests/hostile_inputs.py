@@ -1,0 +1,373 @@
+"""The inputs of the bad-input tests and how a case runs: hostile checkpoints, broken data, odd
+outputs (written once per test module into a template directory), the corpus of CLI invocations
+with their documented exit codes, and the runner that gives every case its own copy of the inputs
+and its own process, forked from one that imported fixclf once (tests/cli_zygote.py). The
+``compressed_sample`` and ``template`` fixtures (tests/conftest.py) make the inputs.
+
+A clean failure: the documented exit code, exactly one stderr line starting ``error:`` and no
+traceback, every input byte-identical afterwards, no new file anywhere in the working directory
+(hidden files and subdirectories included), and no canary file from code a checkpoint tried to run.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.zoo import mlp
+from cli_zygote import run_many
+from conftest import FIXCLF, ROOT, SAMPLES, sha256
+
+CANARY = "PWNED"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", FIXCLF_PROGRESS="1")
+MODEL_FORMAT, COMPRESSED_FORMAT = "fixclf.model/1", "fixclf.compressed/1"
+
+
+class RunsCode:
+    """A malicious pickle: unpickling it would create the canary file."""
+
+    def __init__(self, protocol_zero: bool = False) -> None:
+        self.protocol_zero = protocol_zero
+
+    def __reduce__(self):
+        return (os.system, (f"touch {CANARY}",))
+
+
+def _fixclf(obj: dict, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def _sample_state() -> dict:
+    return torch.load(SAMPLES / "mlp.pt", weights_only=True)
+
+
+def compressed_sample_in(directory: Path) -> dict:
+    """A real compressed checkpoint of the MLP sample, made once in ``directory`` (not a case's input)."""
+    path = directory / "sample.fixclf.pt"
+    if not path.exists():
+        subprocess.run([*FIXCLF, "compress", str(SAMPLES / "mlp.pt"), "--epochs", "1",
+                        "-o", str(path), "--json"], env=ENV, cwd=directory, check=True, capture_output=True)
+    return torch.load(path, weights_only=True)
+
+
+def write_inputs(d: Path, compressed: dict) -> None:
+    """Every input any case uses, created once; each case runs on its own copy."""
+    shutil.copy(SAMPLES / "mlp.pt", d / "mlp.pt")
+    shutil.copy(SAMPLES / "digits.npz", d / "digits.npz")
+    (d / "empty.pt").write_bytes(b"")
+    full = (SAMPLES / "mlp.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(full[: len(full) // 2])
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (d / "folder").mkdir()
+    (d / "dangling.fixclf.pt").symlink_to(d / "gone.pt")
+    with open(d / "evil.pt", "wb") as f:
+        pickle.dump(RunsCode(), f, protocol=2)
+    (d / "evil0.pt").write_bytes(b"cos\nsystem\n(S'touch " + CANARY.encode() + b"'\ntR.")  # protocol 0, no class needed
+    torch.save({"model": RunsCode()}, d / "evil_zip.pt")
+    torch.save(mlp(64, [512, 512], 10).state_dict(), d / "weights.pt")
+    torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), d / "conv.pt")
+    torch.save(mlp(64, [512, 512], 10), d / "pickled.pt")
+    digits = np.load(SAMPLES / "digits.npz")
+    x, y = digits["x"], digits["y"]
+    np.savez(d / "narrow.npz", x=x[:, :32], y=y)
+    np.savez(d / "badlabels.npz", x=x, y=y + 5)
+    np.savez(d / "onehot.npz", x=x, y=np.eye(10)[y])
+    nan = x.copy()
+    nan[3, 7] = np.nan
+    np.savez(d / "nan.npz", x=nan, y=y)
+    torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, d / "d.pt")
+    (d / "hostile_code.py").write_text(
+        "import sys\nimport torch\n\ndef net(**kw):\n    sys.exit(0)\n\ndef data():\n    raise SystemExit(3)\n\n"
+        "class Pair(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n        return self.fc(x), x\n\n"
+        "class PerToken(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(8, 10)\n    def forward(self, x):\n        return self.fc(x.reshape(-1, 8, 8))\n\n"
+        "class Ragged(torch.utils.data.Dataset):\n    def __len__(self):\n        return 100\n"
+        "    def __getitem__(self, i):\n        return torch.zeros(64 if i % 2 else 32)\n\n"
+        "def ragged():\n    return Ragged()\n\n"
+        "class Empty(torch.utils.data.IterableDataset):\n    def __iter__(self):\n        return iter(())\n\n"
+        "def empty_stream():\n    return Empty()\n")
+    np.savez_compressed(d / "bomb.npz", x=np.zeros((200_000, 64), np.float32))  # 51 MB of zeros in ~50 KB
+    np.savez(d / "val_without_labels.npz", x=x, y=y, x_val=x[:50])
+    (d / "shards_mixed").mkdir()
+    np.save(d / "shards_mixed" / "a.npy", x)
+    np.save(d / "shards_mixed" / "b.npy", x[:, :32])
+    (d / "shards_empty").mkdir()
+    (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
+    for name, width in (("pair", 64), ("per_token", 8)):
+        torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
+    _write_hostile_checkpoints(d, compressed)
+
+
+def _lying_shard(path: Path) -> None:
+    """An .npz shard whose x header claims 10^12 rows of 64 floats over 1 KB of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 64)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(1024))
+
+
+def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
+    sample = _sample_state()
+    state, kwargs = sample["state_dict"], sample["kwargs"]
+    gadget = {"arch": "subprocess:run", "kwargs": {"args": ["touch", CANARY]}}
+    _fixclf({"format": MODEL_FORMAT, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget, "state_dict": {}},
+            d / "gadget.pt")
+    _fixclf({"format": MODEL_FORMAT, "arch": "subprocess:run", "kwargs": {"args": ["touch", CANARY]}, "state_dict": {}},
+            d / "foreign_call.pt")
+    _fixclf({**sample, "data": "tempfile:mkdtemp"}, d / "data_code.pt")
+    _fixclf({**sample, "data": "../../etc/passwd.npz"}, d / "data_escape.pt")
+    _fixclf({**sample, "data": "/etc/hosts.npz"}, d / "data_absolute.pt")
+    _fixclf({**sample, "data": 5}, d / "data_int.pt")
+    _fixclf({**sample, "arch": 123}, d / "arch_int.pt")
+    _fixclf({**sample, "state_dict": [1, 2, 3]}, d / "state_list.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "hidden": torch.tensor([512, 512])}}, d / "kwargs_tensor.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "hidden": [10**6] * 3}}, d / "kwargs_huge.pt")
+    _fixclf({**sample, "kwargs": {**kwargs, "unknown": 1}}, d / "kwargs_unknown.pt")
+    _fixclf({**sample, "format": "fixclf.model/99"}, d / "format_future.pt")
+    nan_state = {k: v.clone() for k, v in state.items()}
+    nan_state["2.weight"][0, 0] = float("nan")
+    _fixclf({**sample, "state_dict": nan_state}, d / "nan_weights.pt")
+    broadcast = dict(state, **{"2.weight": torch.zeros(1).expand(512, 512)})
+    _fixclf({**sample, "state_dict": broadcast}, d / "broadcast.pt")
+    linear = torch.nn.Linear(3, 10)
+    _fixclf({"format": MODEL_FORMAT, "arch": "compressor.zoo:mlp", "kwargs": {"in_features": 64, "hidden": [3],
+             "num_classes": 10}, "state_dict": mlp(64, [3], 10).state_dict()}, d / "narrow_hidden.pt")
+    torch.save(linear.state_dict(), d / "linear3.pt")
+    inf_state = {k: v.clone() for k, v in compressed["state_dict"].items()}
+    next(v for v in inf_state.values() if v.is_floating_point())[0] = float("inf")
+    plan = compressed["plan"]
+    perm_key = next(k for k in compressed["state_dict"] if k.endswith("permutations"))
+    perm = compressed["state_dict"][perm_key]
+    bad_perm = perm.clone()
+    bad_perm.view(-1)[0] = 10**6
+    for name, value in {
+        "c_report_empty": {**compressed, "report": {}},
+        "c_report_list": {**compressed, "report": [1, 2]},
+        "c_plan_str": {**compressed, "plan": "x", "report": {}},
+        "c_plan_missing_layer": {**compressed, "plan": [{**plan[0], "name": "nope"}, *plan[1:]]},
+        "c_plan_depth": {**compressed, "plan": [{**plan[0], "options": {**plan[0]["options"], "depth": 10**6}}, *plan[1:]]},
+        "c_plan_kind": {**compressed, "plan": [{**plan[0], "kind": "compressor.checkpoint:build_arch"}, *plan[1:]]},
+        "c_plan_options_str": {**compressed, "plan": [{**plan[0], "options": "x"}, *plan[1:]]},
+        "c_gadget": {**compressed, "arch": "compressor.checkpoint:build_arch", "kwargs": gadget},
+        "c_inf": {**compressed, "state_dict": inf_state},
+        "c_missing_fields": {"format": COMPRESSED_FORMAT, "arch": "compressor.zoo:mlp", "state_dict": {}},
+        "c_perm_out_of_range": {**compressed, "state_dict": {**compressed["state_dict"], perm_key: bad_perm}},
+        "c_meta_tensor": {**compressed, "state_dict": {**compressed["state_dict"], perm_key: perm.to("meta")}},
+        "c_report_huge_number": {**compressed, "report": {**compressed["report"], "seconds": 10**400}},
+        "c_report_many_layers": {**compressed, "report": {**compressed["report"],
+                                                          "layers": compressed["report"]["layers"] * 3000}},
+    }.items():
+        _fixclf(value, d / f"{name}.fixclf.pt")
+    n = 1 << 20  # a 4 KB file planning ACDC layers 2^20 wide, 64 deep, with none of their weights
+    bomb = [{"name": str(2 * i), "role": "hidden", "in_features": n, "out_features": n, "params_before": 1,
+             "kind": "acdc", "options": {"seed": i, "bias": True, "depth": 64}, "params_after": 0, "reason": ""}
+            for i in range(4)]
+    bomb.append({"name": "8", "role": "head", "in_features": n, "out_features": 10, "params_before": 1,
+                 "kind": "hadamard", "options": {"seed": 0, "bias": True}, "params_after": 0, "reason": ""})
+    _fixclf({**compressed, "kwargs": {"in_features": n, "hidden": [n] * 4, "num_classes": 10}, "state_dict": {},
+             "plan": bomb}, d / "c_bomb.fixclf.pt")
+    (d / "data_code_file.py").write_text(f"open({CANARY!r}, 'w').close()\nx = None\n")
+    _fixclf({**sample, "data": "data_code_file:x.npz"}, d / "data_module.pt")  # a module name dressed as a file
+    _fixclf({**sample, "data": "fifo.npz"}, d / "data_fifo.pt")  # the FIFOs are made in each case's copy
+    (d / "shards_lie").mkdir()
+    _lying_shard(d / "shards_lie" / "a.npz")
+    (d / "shards_fifo").mkdir()
+    np.save(d / "shards_fifo" / "a.npy", np.zeros((8, 64), np.float32))
+    shutil.copy(SAMPLES / "mlp.pt", d / "exists.fixclf.pt")
+    os.link(d / "mlp.pt", d / "hardlink.pt")
+    (d / "data_link.pt").symlink_to(d / "d.pt")
+
+
+C = "compress"
+CASES: dict[str, tuple[list[str], int]] = {
+    # code from a checkpoint: must never run (canary), refused as a checkpoint error
+    "arch gadget in a fixclf checkpoint": (["plan", "gadget.pt"], 3),
+    "arch outside the allow-list": (["plan", "foreign_call.pt"], 3),
+    "arch gadget through compress": ([C, "gadget.pt", "--data", "digits.npz"], 3),
+    "arch gadget in a compressed checkpoint (export)": (["export", "c_gadget.fixclf.pt", "-o", "o.onnx"], 3),
+    "data field naming code": ([C, "data_code.pt"], 3),
+    "data field escaping its directory": ([C, "data_escape.pt"], 3),
+    "data field absolute": ([C, "data_absolute.pt"], 3),
+    "data field naming a module next to the checkpoint as if a file": (["plan", "data_module.pt"], 3),
+    "data field naming a module, checkpoint given as ./": ([C, "./data_module.pt"], 3),
+    "compressed plan of huge layers without their weights (memory bomb)": (["export", "c_bomb.fixclf.pt", "-o",
+                                                                             "o.onnx", "--data", "digits.npz"], 3),
+    "bundled data that is a FIFO": (["plan", "data_fifo.pt"], 4),
+    "a shard whose header claims 10^12 rows": ([C, "mlp.pt", "--data", "shards_lie"], 4),
+    "permutation buffer out of range": (["export", "c_perm_out_of_range.fixclf.pt", "-o", "o.onnx"], 3),
+    "meta tensor in a compressed checkpoint": (["export", "c_meta_tensor.fixclf.pt", "-o", "o.onnx"], 3),
+    "report number of 400 digits": (["report", "c_report_huge_number.fixclf.pt"], 3),
+    "report of 9000 layers": (["report", "c_report_many_layers.fixclf.pt"], 3),
+    "output a dangling symbolic link": ([C, "mlp.pt", "-o", "dangling.fixclf.pt"], 8),
+    "--arch-kwargs nested 3000 deep": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                                        '{"a": ' + "[" * 3000 + "]" * 3000 + "}"], 2),
+    "no command at all": ([], 2),
+    "--data that is a FIFO": ([C, "mlp.pt", "--data", "fifo.npz"], 4),
+    "a FIFO among the shards": ([C, "mlp.pt", "--data", "shards_fifo"], 4),
+    "malicious pickle": ([C, "evil.pt"], 3),
+    "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
+    "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
+    # malformed fields
+    "arch=123": (["plan", "arch_int.pt"], 3),
+    "state_dict=[1,2,3]": (["plan", "state_list.pt"], 3),
+    "data=5": ([C, "data_int.pt"], 3),
+    "tensor in kwargs": (["plan", "kwargs_tensor.pt"], 3),
+    "kwargs asking for a huge model": (["plan", "kwargs_huge.pt"], 3),
+    "unknown kwargs": (["plan", "kwargs_unknown.pt"], 3),
+    "unknown format version": (["plan", "format_future.pt"], 3),
+    "NaN weights": (["plan", "nan_weights.pt"], 3),
+    "broadcast tensor larger than its data": (["plan", "broadcast.pt"], 3),
+    "report={}": (["report", "c_report_empty.fixclf.pt"], 3),
+    "report=[1,2]": (["report", "c_report_list.fixclf.pt"], 3),
+    "plan='x'": (["export", "c_plan_str.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan naming a missing layer": (["export", "c_plan_missing_layer.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan with depth 10**6": (["export", "c_plan_depth.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan naming an unknown kind": (["export", "c_plan_kind.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "plan options not a mapping": (["export", "c_plan_options_str.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "infinite weights in a compressed checkpoint": (["export", "c_inf.fixclf.pt", "-o", "o.onnx", "--data", "digits.npz"], 3),
+    "compressed checkpoint missing fields": (["report", "c_missing_fields.fixclf.pt"], 3),
+    "dangling symlink as report input": (["report", "dangling.fixclf.pt"], 3),
+    # unreadable or wrong checkpoints
+    "missing file": ([C, "nope.pt"], 3),
+    "directory": ([C, "folder"], 3),
+    "empty file": ([C, "empty.pt"], 3),
+    "truncated checkpoint": ([C, "truncated.pt"], 3),
+    "random bytes": ([C, "random.pt"], 3),
+    "state_dict without --arch": ([C, "weights.pt", "--data", "digits.npz"], 3),
+    "--arch that does not match": ([C, "weights.pt", "--arch", "compressor.zoo:small_cnn", "--data", "digits.npz"], 3),
+    "--arch that does not import": ([C, "weights.pt", "--arch", "no_such_pkg.models:net"], 3),
+    "--arch factory calling sys.exit(0)": (["plan", "weights.pt", "--arch", "hostile_code:net"], 3),
+    "whole pickled model without --trust-pickle": ([C, "pickled.pt", "--data", "digits.npz"], 3),
+    "truncated compressed checkpoint": (["report", "truncated.pt"], 3),
+    "report of a dense checkpoint": (["report", "mlp.pt"], 3),
+    # data
+    "user checkpoint without --data": ([C, "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                                        '{"hidden": [512, 512]}'], 4),
+    "wrong data feature size": ([C, "mlp.pt", "--data", "narrow.npz"], 4),
+    "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
+    "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
+    "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
+    "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
+    "--data function raising SystemExit": ([C, "mlp.pt", "--data", "hostile_code:data"], 4),
+    "compressed data unpacking to 1000x its size": ([C, "mlp.pt", "--data", "bomb.npz"], 4),
+    "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
+    "shard directory with rows of two shapes": ([C, "mlp.pt", "--data", "shards_mixed"], 4),
+    "empty shard directory": ([C, "mlp.pt", "--data", "shards_empty"], 4),
+    "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
+    "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),
+    # plans that cannot be built (these used to hang)
+    "model without Linear layers": (["plan", "conv.pt", "--arch", "torch.nn:Conv2d", "--arch-kwargs",
+                                     '{"in_channels": 1, "out_channels": 4, "kernel_size": 3}'], 5),
+    "Hadamard head with more classes than codes (3 -> 10 Linear)": (
+        ["plan", "linear3.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 10}'], 5),
+    "Hadamard head after a 3-wide hidden layer": ([C, "narrow_hidden.pt", "--data", "digits.npz"], 5),
+    "empty include match": ([C, "mlp.pt", "--include", "features.*"], 5),
+    "model returning a tuple": ([C, "pair.pt", "--arch", "hostile_code:Pair", "--data", "digits.npz"], 5),
+    "labels for a model returning per-token logits": ([C, "per_token.pt", "--arch", "hostile_code:PerToken", "--data",
+                                                       "digits.npz"], 4),
+    # fine-tuning
+    "NaN during fine-tune": ([C, "mlp.pt", "--lr", "1e30", "--epochs", "2"], 6),
+    # outputs: inputs are never overwritten, --force or not
+    "output equals input": ([C, "mlp.pt", "-o", "mlp.pt"], 8),
+    "output is the data file, --force": ([C, "mlp.pt", "--data", "d.pt", "-o", "d.pt", "--force"], 8),
+    "output is a link to the data file, --force": ([C, "mlp.pt", "--data", "d.pt", "-o", "data_link.pt", "--force"], 8),
+    "output is a hard link to the checkpoint, --force": ([C, "mlp.pt", "-o", "hardlink.pt", "--force"], 8),
+    "existing output without --force": ([C, "mlp.pt", "-o", "exists.fixclf.pt"], 8),
+    "output name too long": ([C, "mlp.pt", "-o", "x" * 260 + ".pt"], 8),
+    "ONNX name beside the output too long": ([C, "mlp.pt", "-o", "x" * 252 + ".pt"], 8),  # .pt fits, .onnx does not
+    "output directory missing": ([C, "mlp.pt", "-o", "no/such/dir/out.pt"], 8),
+    # usage errors: exit 2 before any work
+    "unknown head": ([C, "mlp.pt", "--head", "triangular"], 2),
+    "unknown hidden": (["plan", "mlp.pt", "--hidden", "lowrank"], 2),
+    "unknown init": ([C, "mlp.pt", "--init", "random"], 2),
+    "depth 0": (["plan", "mlp.pt", "--depth", "0"], 2),
+    "depth 10**6": (["plan", "mlp.pt", "--depth", "1000000"], 2),
+    "seed overflow": ([C, "mlp.pt", "--seed", "18446744073709551616"], 2),
+    "negative seed": (["plan", "mlp.pt", "--seed", "-1"], 2),
+    "epochs -1": ([C, "mlp.pt", "--epochs", "-1"], 2),
+    "epochs abc (click's own error)": ([C, "mlp.pt", "--epochs", "abc"], 2),
+    "lr -1": ([C, "mlp.pt", "--lr", "-1"], 2),
+    "lr nan": ([C, "mlp.pt", "--lr", "nan"], 2),
+    "lr inf": ([C, "mlp.pt", "--lr", "inf"], 2),
+    "max-time 0": ([C, "mlp.pt", "--max-time", "0"], 2),
+    "tolerance -1": ([C, "mlp.pt", "--tolerance", "-1"], 2),
+    "latency-batch 0": ([C, "mlp.pt", "--latency-batch", "0"], 2),
+    "quantize int4": ([C, "mlp.pt", "--quantize", "int4"], 2),
+    "export quantize int4": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int4"], 2),
+    "device tpu": ([C, "mlp.pt", "--device", "tpu"], 2),
+    "batch size 0": ([C, "mlp.pt", "--batch-size", "0"], 2),
+    "precision fp8": ([C, "mlp.pt", "--precision", "fp8"], 2),
+    "export with both int8 and fp16": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int8", "--precision", "fp16"], 2),
+    "--save-every without --resume": ([C, "mlp.pt", "--save-every", "10"], 2),
+    "--resume over a file that is not a resume state": ([C, "mlp.pt", "--resume", "-o", "o.fixclf.pt"], 2),
+    "--arch-kwargs without --arch": ([C, "mlp.pt", "--arch-kwargs", '{"hidden": [512, 512]}'], 2),
+    "bad --arch-kwargs JSON": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"], 2),
+    "--arch-kwargs not an object": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "[1]"], 2),
+    "output not .pt": ([C, "mlp.pt", "-o", "out.onnx"], 2),
+    "export to a non-onnx name": (["export", "mlp.pt", "-o", "model.txt"], 2),
+    "missing argument": ([C], 2),
+    "unknown option": (["plan", "mlp.pt", "--bogus"], 2),
+    "unknown command": (["squash", "mlp.pt"], 2),
+    "whole pickled model without --arch": ([C, "pickled.pt", "--trust-pickle", "--data", "digits.npz"], 2),
+}
+
+
+def tree(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden ones too) with its hash; links by their target."""
+    result = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        if path.is_symlink():
+            result[rel] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            result[rel] = sha256(path)
+        elif path.is_dir():
+            result[rel] = "dir"
+    return result
+
+
+def _case_dir(template: Path, root: Path, name: str) -> Path:
+    """A private copy of the inputs for one case (links re-pointed into the copy, the hard link kept one)."""
+    workdir = root / f"case{len(list(root.iterdir()))}"
+    shutil.copytree(template, workdir, symlinks=True)
+    for link in ("dangling.fixclf.pt", "data_link.pt"):
+        target = Path(os.readlink(workdir / link)).name
+        (workdir / link).unlink()
+        (workdir / link).symlink_to(workdir / target)
+    (workdir / "hardlink.pt").unlink()
+    os.link(workdir / "mlp.pt", workdir / "hardlink.pt")
+    os.mkfifo(workdir / "fifo.npz")  # a pipe nobody writes to: opening it would block forever
+    os.mkfifo(workdir / "shards_fifo" / "b.npy")
+    return workdir
+
+
+def run_cases(template: Path, root: Path, cases: dict[str, list[str]], fsize: int | None = None) -> dict[str, dict]:
+    """Every case in its own process (forked from one that imported fixclf), its own copy of the inputs."""
+    root.mkdir(exist_ok=True)
+    dirs = {name: _case_dir(template, root, name) for name in cases}
+    logs = root.parent / f"{root.name}-logs"
+    logs.mkdir()
+    befores = {name: tree(d) for name, d in dirs.items()}
+    requests = {name: {"args": args, "cwd": str(dirs[name]), "out": str(logs / f"{i}.out"),
+                       "err": str(logs / f"{i}.err"), "fsize": fsize} for i, (name, args) in enumerate(cases.items())}
+    codes = run_many(requests)
+    return {name: {"code": codes[name], "stderr": Path(requests[name]["err"]).read_text(),
+                   "stdout": Path(requests[name]["out"]).read_text(), "before": befores[name],
+                   "after": tree(dirs[name]), "canary": (dirs[name] / CANARY).exists()} for name in cases}
+
+
+def assert_clean_failure(result: dict, expected_code: int) -> None:
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["code"] == expected_code, result["stderr"]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
+    assert "Traceback" not in result["stderr"]
+    assert result["after"] == result["before"]  # inputs byte-identical, nothing new, nothing left behind
+    assert not result["canary"]

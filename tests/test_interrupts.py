@@ -1,0 +1,103 @@
+"""Work that cannot finish: a full disk, an unwritable directory, Ctrl-C or SIGTERM at any moment (the
+imports, the fine-tune, the export, a second signal in the clean-up) keep nothing and end with one
+line; user files that look like temporary names are left alone; a report is read without code.
+The CLI runs as users run it: a new process started from scratch."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FIXCLF
+from hostile_inputs import C, CANARY, ENV, assert_clean_failure, run_cases, tree
+
+
+def test_file_size_limit_and_read_only_directory_fail_cleanly(template, tmp_path):
+    """Disk full (simulated with a file-size limit) and an unwritable directory: exit 8, one line, nothing left."""
+    readonly = "/sys/out.pt"  # root writes through permission bits; /sys never
+    if os.geteuid() != 0:
+        (template / "ro").mkdir(exist_ok=True)
+        (template / "ro").chmod(0o555)
+        readonly = "ro/out.pt"
+    full = run_cases(template, tmp_path / "full", {"fsize": [C, "mlp.pt", "--epochs", "1", "-o", "o.pt"]}, fsize=20_000)
+    denied = run_cases(template, tmp_path / "denied", {"read-only": [C, "mlp.pt", "-o", readonly]})
+    assert_clean_failure(full["fsize"], 8)
+    assert_clean_failure(denied["read-only"], 8)
+
+
+def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, again: float | None = None
+               ) -> tuple[int, str, dict, dict]:
+    """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds), and with
+    ``again`` a second time that many seconds later (a double Ctrl-C, landing in the clean-up)."""
+    before = tree(workdir)
+    proc = subprocess.Popen([*FIXCLF, *args], cwd=workdir, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    if isinstance(when, str):
+        for line in proc.stderr:
+            lines.append(line)
+            if when in line:
+                break
+        time.sleep(0.5)
+    else:
+        time.sleep(when)
+    proc.send_signal(sig)
+    if again is not None:
+        time.sleep(again)
+        proc.send_signal(sig)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    return proc.returncode, "".join(lines) + rest, before, tree(workdir)
+
+
+@pytest.mark.parametrize("sig, when, again", [
+    (signal.SIGINT, "Fine-tuning", None),  # Ctrl-C mid fine-tune
+    (signal.SIGTERM, "Exporting the compressed", None),  # SIGTERM during export and validation
+    (signal.SIGINT, 0.4, None),  # during the imports
+    (signal.SIGINT, "Exporting the compressed", 0.001),  # a double Ctrl-C: the second lands in the clean-up
+])
+def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when, again):
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    epochs = "60" if when == "Fine-tuning" else "3"  # long enough to be interrupted there; short to reach the export
+    code, stderr, before, after = _interrupt([C, "mlp.pt", "--epochs", epochs, "--latency-batch", "8"], work, sig, when,
+                                             again)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 130, stderr
+    assert len(errors) == 1 and "nothing was written" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert after == before
+
+
+def test_checkpoint_data_never_imported_even_when_it_looks_like_code(template, tmp_path, compressed_sample):
+    """A compressed checkpoint whose architecture is not built in: its report reads without any code."""
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    obj = torch.load(work / "c_gadget.fixclf.pt", weights_only=True)
+    obj["report"] = compressed_sample["report"]
+    torch.save(obj, work / "hostile_but_valid_report.fixclf.pt")
+    proc = subprocess.run([*FIXCLF, "report", "hostile_but_valid_report.fixclf.pt", "--json"],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (work / CANARY).exists()
+
+
+def test_no_fixed_temporary_names(template, tmp_path):
+    """User files that look like fixclf's old temporary names are neither overwritten nor deleted."""
+    work = tmp_path / "w"
+    shutil.copytree(template, work, symlinks=True)
+    for name in (".o.original.onnx", ".o.onnx.tmp", ".fixclf-probe-x"):
+        (work / name).write_text("user data")
+    before = tree(work)
+    proc = subprocess.run([*FIXCLF, C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    after = tree(work)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["o.onnx", "o.pt"]
