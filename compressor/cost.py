@@ -5,8 +5,9 @@ qkv layer sees (batch, tokens, features); a Mixer's token-mixing layer sees (bat
 tokens)). :func:`layer_shapes` finds those shapes by running the model once on two rows of real
 data; :func:`measure` exports the dense layer and its planned replacement alone, with that shape,
 and times both together in ONNX Runtime (:func:`compressor.runtime.paired_latency`: thread
-spinning off, alternating rounds) at batch 1 with 1 thread (how ONNX Runtime Mobile runs) and at the latency batch with 2
-threads. Layers with the same kind, options (seed aside) and shape are timed once.
+spinning off, alternating rounds) at batch 1 with 1 thread (how ONNX Runtime Mobile runs) and at
+the latency batch with 2 threads. Layers with the same kind, options (seed aside) and shape are
+timed once.
 """
 from __future__ import annotations
 

@@ -61,8 +61,7 @@ import contextlib
 import contextvars
 import itertools
 import math
-import functools
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Iterator
 
 import torch
@@ -133,7 +132,7 @@ class _ConstantTransform(nn.Module):
         super().__init_subclass__(**kwargs)
         build = cls.__init__
 
-        @functools.wraps(build)
+        @wraps(build)
         def build_on_cpu(self, *args, **kw) -> None:
             with torch.device("cpu"):
                 build(self, *args, **kw)
@@ -306,7 +305,7 @@ def dct_radices(n: int) -> tuple[int, ...]:
     S is :func:`_dct_stage_count` (n); the radices minimise the work per element
     (:func:`dct_work`), each at most :data:`MAX_RADIX`, ties going to the larger last radix, then
     the larger middle ones (the last stage is many small GEMMs, which run faster on bigger blocks):
-    16 x 16 x 16 at 4096, 32 x 18 x 16 at 9216, 32 x 16 at 512. ValueError when n has none (n odd,
+    16 x 16 x 16 at 4096, 32 x 16 x 18 at 9216, 32 x 16 at 512. ValueError when n has none (n odd,
     or a prime factor above MAX_RADIX): :func:`dct_size` pads to a size that has.
     """
     candidates = [r for r in _ordered_factorisations(n, _dct_stage_count(n)) if r[0] % 2 == 0]
@@ -330,7 +329,7 @@ def dct_size(n: int, slack: float = 1.25) -> int:
         m += 1
 
 
-def _unit_rows(z0: torch.Tensor, z1: torch.Tensor, frequency: int, n: int, last: bool) -> list[torch.Tensor]:
+def _unit_rows(z0: torch.Tensor, z1: torch.Tensor, frequency: int | None, n: int, last: bool) -> list[torch.Tensor]:
     """The two rows of one output unit. A *unit* holds two reals of a Hermitian spectrum Z of even
     length: ``(Z_0, Z_(L/2))`` (both real; ``frequency`` None) or ``(Re Z_k, Im Z_k)``. In the last stage
     a complex unit becomes the DCT coefficients ``(X_k, X_(n-k)) = sqrt(2) (Re, -Im)(w_k V_k)``,
@@ -492,11 +491,15 @@ class _RealDCT(_ConstantTransform):
         twisted = getattr(self, f"pattern_p{s}") * cos + getattr(self, f"pattern_q{s}") * sin
         return torch.cat([getattr(self, f"special{s}")[None], twisted])
 
+    def _blocks(self, s: int) -> torch.Tensor:
+        """Stage s as (B, rows, columns) block matrices (the first stage is one block)."""
+        return self.stage_matrix(s) if s else self.stage0[None]
+
     def chain(self, v: torch.Tensor) -> torch.Tensor:
         """DCT-II of v (n, M) given in Makhoul's order, in the chain's order (n, M)."""
-        y = self.stage0 @ v.reshape(self.radices[0], -1)
-        for s in range(1, len(self.radices)):
-            w = self.stage_matrix(s)
+        y = v
+        for s in range(len(self.radices)):
+            w = self._blocks(s)
             y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 
@@ -506,7 +509,7 @@ class _RealDCT(_ConstantTransform):
         the largest constants, which ONNX Runtime's mobile format stores expanded.)"""
         y = z
         for s in range(len(self.radices) - 1, -1, -1):
-            w = (self.stage_matrix(s) if s else self.stage0[None]).transpose(-1, -2)
+            w = self._blocks(s).transpose(-1, -2)
             y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 
