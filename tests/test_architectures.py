@@ -118,3 +118,43 @@ def test_plan_times_each_layer_at_its_real_shape_and_objective_latency_keeps_the
             assert any(layer["kind"] is not None for layer in json.loads(result.stdout)["layers"])
         else:
             assert result.exit_code == 5 and "--objective size" in result.stderr
+
+
+class _FlattensWithView(torch.nn.Module):
+    """A convolution whose activations are flattened with .view, which a channels-last layout breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.conv(x.reshape(-1, 1, 8, 8))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_convolutional_models_fine_tune_channels_last_and_come_back_in_their_layout():
+    from compressor.finetune import channels_last
+    from compressor.zoo import mlp, small_cnn
+
+    torch.manual_seed(0)
+    cnn, viewing, plain, x = small_cnn(), _FlattensWithView(), mlp(64, [32], 10), torch.randn(4, 64)
+    cnn.train()
+    expected = cnn.eval()(x)
+    cnn.train()
+    assert channels_last([cnn, viewing, plain], x[:2]) == [cnn]  # no convolution: untouched; .view fails: put back
+    second = cnn.features[2].weight
+    assert second.is_contiguous(memory_format=torch.channels_last) and not second.is_contiguous()
+    assert viewing.conv.weight.is_contiguous() and cnn.training  # the trial forward ran in eval mode only
+    assert torch.allclose(cnn.eval()(x), expected, atol=1e-5)  # the same function in the other layout
+    cnn.to(memory_format=torch.contiguous_format)
+    assert second.is_contiguous()
+
+
+def test_fine_tune_leaves_convolution_weights_in_the_default_layout(workdir):
+    _checkpoint_and_data("resnet_style", workdir)
+    result = runner.invoke(app, ["compress", "resnet_style.pt", "--arch", ARCH["resnet_style"], "--data", "data.npz",
+                                 "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    state = torch.load("resnet_style.fixclf.pt", weights_only=True)["state_dict"]  # saved as they were left
+    weights = [t for t in state.values() if t.dim() == 4]
+    assert weights and all(w.is_contiguous() for w in weights)
