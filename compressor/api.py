@@ -108,10 +108,11 @@ def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions
           measure_cost: bool) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
     """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
     find them (always for ``--objective latency``, where slower replacements are then kept dense)."""
-    plan = make_plan(loaded.model, options.plan, seed=options.seed)
-    if data is None or not (measure_cost or options.plan.objective == "latency"):
+    example = data.head("val", 2)[0] if data is not None else None
+    plan = make_plan(loaded.model, options.plan, seed=options.seed, example=example)
+    if example is None or not (measure_cost or options.plan.objective == "latency"):
         return plan, {}
-    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], data.head("val", 2)[0])
+    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], example)
     costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
     if options.plan.objective == "latency":
         slower = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"

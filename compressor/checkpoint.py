@@ -91,8 +91,12 @@ class LoadedModel:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The exception's first line; a bare key or number (the legacy unpickler's KeyError on junk bytes)
+    says nothing to a user, so it becomes "invalid pickle data"."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:160] if lines else type(exc).__name__
+    if not lines or not any(c.isalpha() for c in lines[0]):
+        return "invalid pickle data" if isinstance(exc, (KeyError, pickle.UnpicklingError)) else type(exc).__name__
+    return lines[0][:160]
 
 
 def _unsafe_globals(path: Path) -> list[str]:

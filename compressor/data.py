@@ -8,7 +8,7 @@
   each with optional labels in ``NAME.y.npy``; ``NAME.npz`` files hold ``x`` (and ``y``) and are
   read one shard at a time. Shards are taken in name order;
 * ``package.module:function`` returning such a dict (or a tuple ``(x, y)``), or a
-  ``torch.utils.data.Dataset`` (read item by item; items ``x`` or ``(x, y)``), or an
+  ``torch.utils.data.Dataset`` (read item by item; items ``x``, ``(x,)``, ``(x, y)`` or ``{"x", "y"}``), or an
   ``IterableDataset`` (streamed: one pass per epoch; it must be finite and yield the same items in
   the same order every pass, as a file reader does).
 
@@ -248,7 +248,7 @@ class _ShardStore(_Store):
 
 
 class _ItemStore(_Store):
-    """A map-style ``torch.utils.data.Dataset``: items ``x`` or ``(x, y)``."""
+    """A map-style ``torch.utils.data.Dataset``: items ``x``, ``(x,)``, ``(x, y)`` or ``{"x", "y"}``."""
 
     def __init__(self, dataset, source: str) -> None:
         self.dataset, self.source = dataset, source
@@ -273,10 +273,11 @@ class _ItemStore(_Store):
 
 
 def _item_parts(item, source: str) -> tuple[object, object | None]:
+    """An item's (x, y): ``x``, ``(x,)`` (a ``TensorDataset`` of inputs only), ``(x, y)`` or ``{"x", "y"}``."""
     if isinstance(item, (tuple, list)):
-        if len(item) != 2:
-            raise DataError(f"--data {source}: items must be x or (x, y), got a {type(item).__name__} of {len(item)}")
-        return item[0], item[1]
+        if len(item) not in (1, 2):
+            raise DataError(f"--data {source}: items must be x, (x,) or (x, y), got a {type(item).__name__} of {len(item)}")
+        return item[0], item[1] if len(item) == 2 else None
     if isinstance(item, dict):
         return item.get("x"), item.get("y")
     return item, None
@@ -505,29 +506,38 @@ def _from_store(store: _Store, source: str, files: tuple[Path, ...], seed: int) 
 
 
 def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _IndexedSource:
-    if not isinstance(arrays, dict) or "x" not in arrays:
-        raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val')")
-    x = _as_tensor(arrays["x"], "x", source)
-    y = _as_tensor(arrays["y"], "y", source) if arrays.get("y") is not None else None
-    train = _ArrayStore(*_checked_rows(x, y, "x", source))
-    if arrays.get("x_val") is None:
-        return _from_store(train, source, files, seed)
-    x_val = _as_tensor(arrays["x_val"], "x_val", source)
-    y_val = _as_tensor(arrays["y_val"], "y_val", source) if arrays.get("y_val") is not None else None
-    val = _ArrayStore(*_checked_rows(x_val, y_val, "x_val", source))
-    if val.x.shape[1:] != train.x.shape[1:]:
-        raise DataError(f"{source}: x_val rows have shape {tuple(val.x.shape[1:])}, x rows {tuple(train.x.shape[1:])}")
-    if train.labelled != val.labelled:
-        raise DataError(f"{source}: labels are given for only one of x and x_val; give both y and y_val, or neither")
-    data = _IndexedSource(source, files, train, torch.arange(train.rows), val, torch.arange(val.rows))
-    if arrays.get("x_select") is not None and arrays.get("y_select") is not None:
-        select = _ArrayStore(*_checked_rows(_as_tensor(arrays["x_select"], "x_select", source),
-                                            _as_tensor(arrays["y_select"], "y_select", source), "x_select", source))
-        if select.x.shape[1:] != train.x.shape[1:]:
-            raise DataError(f"{source}: x_select rows have shape {tuple(select.x.shape[1:])}, x rows "
-                            f"{tuple(train.x.shape[1:])}")
+    train = _named_rows(arrays, "x", "y", source) if isinstance(arrays, dict) and "x" in arrays else None
+    if train is None:
+        raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val', "
+                        "'x_select', 'y_select')")
+    val = _named_rows(arrays, "x_val", "y_val", source, like=train)
+    if val is None:
+        data = _from_store(train, source, files, seed)
+    else:
+        data = _IndexedSource(source, files, train, torch.arange(train.rows), val, torch.arange(val.rows))
+    select = _named_rows(arrays, "x_select", "y_select", source, like=train)
+    if select is not None:
         data.stores["select"] = (select, torch.arange(select.rows))
     return data
+
+
+def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayStore | None = None) -> _ArrayStore | None:
+    """The rows ``arrays[x_key]`` with labels ``arrays[y_key]`` (None when neither is given), checked
+    against the training rows ``like``: same row shape, labels for both or for neither."""
+    if arrays.get(x_key) is None:
+        if arrays.get(y_key) is not None:
+            raise DataError(f"{source}: {y_key} is given without {x_key}; give both, or neither")
+        return None
+    x = _as_tensor(arrays[x_key], x_key, source)
+    y = _as_tensor(arrays[y_key], y_key, source) if arrays.get(y_key) is not None else None
+    store = _ArrayStore(*_checked_rows(x, y, x_key, source))
+    if like is None:
+        return store
+    if store.x.shape[1:] != like.x.shape[1:]:
+        raise DataError(f"{source}: {x_key} rows have shape {tuple(store.x.shape[1:])}, x rows {tuple(like.x.shape[1:])}")
+    if store.labelled != like.labelled:
+        raise DataError(f"{source}: labels are given for only one of x and {x_key}; give both y and {y_key}, or neither")
+    return store
 
 
 def _regular_file(path: Path, spec: str) -> None:

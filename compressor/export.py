@@ -8,7 +8,7 @@ checks the graph with ``onnx.checker.check_model(full_check=True)``.
 
 :data:`FORMATS` holds one :class:`Format` per output kind: ``onnx`` (float32), ``onnx-int8``
 (ONNX Runtime's dynamic quantisation of the dense layers, never of the transform constants) and
-``ort`` (the ONNX Runtime Mobile format, by onnxruntime's own converter). Each writes one file
+``ort`` (the ONNX Runtime Mobile format of the float32 graph, by onnxruntime's own converter). Each writes one file
 and names its acceptance rule, which :func:`validate` applies by running the file in ONNX Runtime
 on real inputs against PyTorch: float formats need ``max|onnx - torch| <= tolerance *
 max(1, max|torch|)`` (default 1e-4); int8 needs top-1 agreement >= :data:`INT8_MIN_AGREEMENT`.
@@ -35,6 +35,7 @@ from torch import nn
 
 from . import runtime
 from .errors import ExportError
+from .layers.base import stored_tensors
 from .options import ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
 
@@ -135,8 +136,8 @@ def onnx_initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def stored_state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict (float32 parameters, integer permutations, ...)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's stored tensors (float32 parameters, integer permutations, ...), each once."""
+    return sum(t.numel() * t.element_size() for t in stored_tensors(model))
 
 
 def has_dense_layers(model: nn.Module) -> bool:
@@ -391,5 +392,11 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
         result.files[name] = FileResult(name, str(artifacts.paths[role]), out.stat().st_size, check.max_abs_diff,
                                         check.max_rel_diff, check.top1_agreement)
     if "ort" in formats:
-        result.mobile_notes = mobile_usability(float_file)
+        shown = Path(artifacts.paths["ort"]).with_suffix(".onnx").name
+        result.mobile_notes = [line.replace(str(float_file), shown).replace(float_file.name, shown)
+                               for line in mobile_usability(float_file)]
+        reduced = [name for name in formats if FORMATS[name].min_agreement is not None]
+        if reduced:
+            result.notes.append(f"the .ort file holds the float32 model ({', '.join(reduced)} is the ONNX file only): "
+                                "ONNX Runtime's converter is given the float32 graph")
     return result

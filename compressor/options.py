@@ -96,7 +96,7 @@ class SourceOptions:
 
 @dataclass
 class PlanOptions:
-    """What replaces what: ``head`` for the last Linear, ``hidden`` for the others; ``depth`` is
+    """What replaces what: ``head`` for the Linear that makes the logits (:mod:`compressor.surgery`), ``hidden`` for the others; ``depth`` is
     ACDC's K; ``include`` / ``exclude`` are glob patterns on module names. ``objective``: ``size``
     replaces every planned layer; ``latency`` keeps dense each layer whose replacement is slower
     alone in ONNX Runtime at batch 1 at the model's real shapes (:mod:`compressor.cost`).

@@ -1,13 +1,19 @@
 """Find a classifier's dense layers, plan their replacement, replace them, initialise from the dense ones.
 
-The **head** is the model's last ``nn.Linear`` (in module registration order); every other
-``nn.Linear`` is a **hidden** FC layer. Only modules of type exactly ``nn.Linear`` are candidates
+The **head** is the ``nn.Linear`` that makes the logits: with an example input (``compress``
+always has one, ``plan`` when there is data), the last Linear one forward pass calls whose width is the
+output's (so a head registered before the body, or an auxiliary Linear registered after it, does
+not fool it; a model whose logits come from no Linear has no head); without one, the last Linear
+in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
+pass never calls stays dense. Only modules of type exactly ``nn.Linear`` are candidates
 (subclasses such as ``nn.MultiheadAttention``'s ``out_proj`` are read directly by their owner and
-must stay). A model that is itself one ``nn.Linear`` is a head. ``include`` / ``exclude`` are
-fnmatch patterns on module names (``classifier.*``); a pattern that matches no Linear layer is an
-error, not a silent no-op. Which kind replaces a layer, with which options and limits, comes from
-the registry (:mod:`compressor.layers.registry`); each replacement keeps the dense layer's choice
-of bias.
+must stay). A model that is itself one ``nn.Linear`` is a head. A Linear registered under several
+names (``self.b = self.a``) is planned once and replaced under every name, so the tie holds.
+``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
+matches no Linear layer is an error, not a silent no-op. Which kind replaces a layer, with which
+options and limits, comes from the registry (:mod:`compressor.layers.registry`); each replacement
+keeps the dense layer's choice of bias, and a hidden layer whose replacement would store more
+numbers than it does stays dense (a tiny layer; the reason says so).
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
@@ -99,11 +105,12 @@ def _kept_reason(name: str, role: str, kind: str, options: PlanOptions) -> str:
     return ""
 
 
-def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: PlanOptions, seed: int) -> LayerPlan:
+def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: PlanOptions, seed: int,
+                called: bool = True) -> LayerPlan:
     kind = options.head if role == "head" else options.hidden
     before = count_stored(linear)
     entry = LayerPlan(name, role, linear.in_features, linear.out_features, before, None, {}, before)
-    entry.reason = _kept_reason(name, role, kind, options)
+    entry.reason = _kept_reason(name, role, kind, options) or ("" if called else "not called by the forward pass")
     if entry.reason:
         return entry
     spec = spec_for(role, kind)
@@ -114,20 +121,64 @@ def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: Pl
     if "depth" in spec.defaults():
         chosen["depth"] = options.depth
     entry.kind, entry.options = kind, spec.check_options(chosen)
-    entry.params_after = count_stored(entry.build())
+    after = count_stored(entry.build())
+    if role == "hidden" and after >= before:  # a head's kind is the user's explicit choice (orthogonal stores Q)
+        return replace(entry, kind=None, options={}, reason=f"its {kind} form would store {after:,} numbers, the "
+                                                              f"dense layer {before:,}")
+    entry.params_after = after
     return entry
 
 
-def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0) -> list[LayerPlan]:
-    """Decide, without touching the model, what replaces each Linear layer."""
+@torch.no_grad()
+def _calls(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> tuple[list[str], int | None]:
+    """The Linear layers one forward pass on ``example`` calls, in the order of their first call, and
+    the width of the output (None when it is not a tensor); a second pass checks that the forward is
+    deterministic."""
+    order: list[str] = []
+    hooks = [linear.register_forward_hook(lambda m, args, out, name=name: order.append(name) if name not in order else None)
+             for name, linear in linears]
+    try:
+        output = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not isinstance(output, torch.Tensor) or not output.dim():
+        return order, None
+    if not torch.allclose(model(example), output, rtol=1e-5, atol=1e-6, equal_nan=True):
+        raise PlanError("the model's output differs between two runs on the same rows (dropout or sampling active "
+                        "in eval mode?); fixclf distils and validates a deterministic forward: make it depend on "
+                        "self.training (e.g. F.dropout(x, training=self.training))")
+    return order, output.shape[-1]
+
+
+def _head_and_called(model: nn.Module, linears: list[tuple[str, nn.Linear]],
+                     example: torch.Tensor | None) -> tuple[str | None, set[str]]:
+    """The head's name (None: no Linear makes the logits) and the Linears the forward pass calls."""
+    names = [name for name, _ in linears]
+    if example is None:
+        return names[-1], set(names)
+    order, width = _calls(model, linears, example)
+    if width is not None and width < 2:
+        raise PlanError(f"the model has {width} output: fixclf distils classifiers through the softmax of their "
+                        "logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
+    shapes = dict(linears)
+    heads = [name for name in order if width is None or shapes[name].out_features == width]
+    return (heads[-1] if heads else None), set(order)
+
+
+def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
+              example: torch.Tensor | None = None) -> list[LayerPlan]:
+    """Decide, without touching the model, what replaces each Linear layer. ``example``: a few input
+    rows (M, ...), with which the head and the Linears the forward pass calls are found (module
+    docstring); without them the head is the last Linear registered."""
     options = options or PlanOptions()
     options.validate()
     linears = linear_layers(model)
     if not linears:
         raise PlanError("the model has no nn.Linear layer, so there is nothing to replace; fixclf compresses FC layers")
     _check_patterns([n for n, _ in linears], options)
-    last = len(linears) - 1
-    plan = [_plan_layer(i, name, linear, "head" if i == last else "hidden", options, seed)
+    head, called = _head_and_called(model, linears, example)
+    plan = [_plan_layer(i, name, linear, "head" if name == head else "hidden", options, seed, name in called)
             for i, (name, linear) in enumerate(linears)]
     if not any(p.replaced for p in plan):
         raise PlanError("no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden")
@@ -145,15 +196,22 @@ def replaced_parameters(model: nn.Module, plan: list[LayerPlan]) -> list[nn.Para
     return [p for entry in plan if entry.replaced for p in model.get_submodule(entry.name).parameters()]
 
 
+def _set_everywhere(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` and at every other name of the module registered there (aliases)."""
+    current = model.get_submodule(name)
+    for alias in [alias for alias, m in model.named_modules(remove_duplicate=False) if m is current and alias]:
+        model.set_submodule(alias, module)
+
+
 def apply_plan(model: nn.Module, plan: list[LayerPlan]) -> nn.Module:
-    """Replace each planned Linear by its freshly built module; returns the model (a new module when
-    the model itself was the replaced Linear)."""
+    """Replace each planned Linear by its freshly built module (under every name it has); returns the
+    model (a new module when the model itself was the replaced Linear)."""
     for entry in plan:
         if not entry.replaced:
             continue
         if entry.name == "":
             return entry.build()
-        model.set_submodule(entry.name, entry.build())
+        _set_everywhere(model, entry.name, entry.build())
     return model
 
 
@@ -163,7 +221,7 @@ def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> n
     if name == "":
         return copy.deepcopy(original)
     model = copy.deepcopy(compressed)
-    model.set_submodule(name, copy.deepcopy(original.get_submodule(name)))
+    _set_everywhere(model, name, copy.deepcopy(original.get_submodule(name)))
     return model
 
 

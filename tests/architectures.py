@@ -92,3 +92,26 @@ def one_sensitive_layer(classes: int = 3) -> nn.Sequential:
     set to the identity, it is the one layer that a near-identity structured layer replaces almost
     for free, while replacing the random projection costs most of the accuracy (``--max-drop`` test)."""
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, classes))
+
+
+class Tangled(nn.Module):
+    """What registration order gets wrong: the head registered first, a hidden Linear registered under
+    two names (``block`` and ``again``, applied twice), and an auxiliary Linear registered last that
+    the forward pass never calls; 20 classes on 16 features (more code rows than a Hadamard matrix
+    of the features' order has)."""
+
+    def __init__(self, classes: int = 20) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, classes)
+        self.embed = nn.Linear(8, 16)
+        self.block = nn.Linear(16, 16)
+        self.again = self.block
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.block(F.relu(self.embed(x))))
+        return self.head(F.relu(self.again(x)))
+
+
+def tangled(classes: int = 20) -> Tangled:
+    return Tangled(classes)

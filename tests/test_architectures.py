@@ -43,7 +43,9 @@ def test_real_architecture_shapes_end_to_end(name, workdir):
     plan = runner.invoke(app, ["plan", f"{name}.pt", "--arch", ARCH[name], "--json"])
     assert plan.exit_code == 0, plan.output
     layers = json.loads(plan.stdout)["layers"]
-    assert layers[-1]["role"] == "head" and all(layer["kind"] for layer in layers)
+    assert layers[-1]["role"] == "head"  # the 4 -> 32 embeddings stay dense: ACDC would store more numbers
+    assert all(bool(layer["kind"]) == (layer["name"] != "embed") for layer in layers)
+    assert all("would store 224 numbers, the dense layer 160" in layer["reason"] for layer in layers if not layer["kind"])
     assert all(layer["cost"] is None for layer in layers)  # no data given: nothing to time the layers on
 
     result = runner.invoke(app, ["compress", f"{name}.pt", "--arch", ARCH[name], "--data", "data.npz", "--epochs", "1",
@@ -102,10 +104,12 @@ def test_plan_times_each_layer_at_its_real_shape_and_objective_latency_keeps_the
     _checkpoint_and_data("mixer_style", workdir)
     args = ["plan", "mixer_style.pt", "--arch", ARCH["mixer_style"], "--data", "data.npz", "--latency-batch", "4", "--json"]
     latency = json.loads(runner.invoke(app, [*args, "--objective", "latency"]).stdout)  # timed whatever the objective
-    costs = {layer["name"]: layer["cost"] for layer in latency["layers"]}
+    timed = [layer for layer in latency["layers"] if "would store" not in layer["reason"]]  # the embeddings: not timed
+    costs = {layer["name"]: layer["cost"] for layer in timed}
+    assert set(costs) == {"token_mix", "channel_mix", "head"}
     assert costs["token_mix"]["tokens"] == [32] and costs["channel_mix"]["tokens"] == [16]  # (batch, features, tokens)
     assert all(c["batch"] == 4 and c["dense_batch1_ms"] > 0 and c["structured_batch_ms"] > 0 for c in costs.values())
-    for layer in latency["layers"]:  # kept exactly when its replacement was measured slower at batch 1
+    for layer in timed:  # kept exactly when its replacement was measured slower at batch 1
         c = layer["cost"]
         if layer["kind"] is None:
             assert "slower than dense at batch 1" in layer["reason"] and c["structured_batch1_ms"] >= c["dense_batch1_ms"]
@@ -158,3 +162,32 @@ def test_fine_tune_leaves_convolution_weights_in_the_default_layout(workdir):
     state = torch.load("resnet_style.fixclf.pt", weights_only=True)["state_dict"]  # saved as they were left
     weights = [t for t in state.values() if t.dim() == 4]
     assert weights and all(w.is_contiguous() for w in weights)
+
+
+def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
+    """Head registered first, a Linear under two names, an auxiliary Linear never called: the plan
+    follows the forward pass, the tie survives compress and reload (20 classes on 16 features: the
+    head's code placement is rebuilt on reload), and the parameters are counted once."""
+    torch.manual_seed(0)
+    model = architectures.tangled().eval()
+    torch.save(model.state_dict(), "tangled.pt")
+    x = torch.randn(320, 8)
+    with torch.no_grad():
+        np.savez("data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    result = runner.invoke(app, ["compress", "tangled.pt", "--arch", "architectures:tangled", "--data", "data.npz",
+                                 "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    layers = {layer["name"]: (layer["role"], layer["kind"], layer["reason"]) for layer in report["layers"]}
+    assert layers == {"head": ("head", "hadamard", ""), "embed": ("hidden", "acdc", ""),
+                      "block": ("hidden", "acdc", ""), "aux": ("hidden", None, "not called by the forward pass")}
+    assert report["params"]["model"]["before"] == sum(p.numel() for p in model.parameters())  # block once
+    compressed = load_compressed_model("tangled.fixclf.pt", arch="architectures:tangled")
+    assert compressed.block is compressed.again and type(compressed.block).__name__ == "ACDCStack"
+    with torch.no_grad():
+        expected = compressed(x[:64])
+    got = torch.from_numpy(run(session("tangled.fixclf.onnx"), x[:64]))
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+    again = runner.invoke(app, ["export", "tangled.fixclf.pt", "-o", "again.onnx", "--data", "data.npz",
+                                "--arch", "architectures:tangled"])
+    assert again.exit_code == 0, again.output

@@ -136,6 +136,16 @@ def test_labels_are_optional(tmp_path):
     assert check_against_model(data, load_model(SAMPLES / "mlp.pt").model) == 10
 
 
+def test_selection_rows_are_used_whenever_given(tmp_path):
+    """x_select/y_select set the --max-drop decision rows, with or without x_val; none of them train."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 16)).astype(np.float32), rng.integers(0, 5, 200)
+    np.savez(tmp_path / "select.npz", x=x, y=y, x_select=x[:20] + 1, y_select=y[:20])
+    data = load_data(tmp_path / "select.npz", selection=True)
+    assert torch.equal(_all(data, "select")[0], torch.from_numpy(x[:20] + 1))
+    assert data.train_rows + data.val_rows == 200
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_data(tmp_path / "missing.npz")
@@ -148,6 +158,9 @@ def test_bad_sources(tmp_path):
     np.savez(tmp_path / "half.npz", x=np.zeros((4, 64), np.float32), y=np.arange(4), x_val=np.zeros((2, 64), np.float32))
     with pytest.raises(DataError, match="only one of"):
         load_data(tmp_path / "half.npz")
+    np.savez(tmp_path / "half_select.npz", x=np.zeros((4, 64), np.float32), y=np.arange(4), y_select=np.arange(2))
+    with pytest.raises(DataError, match="y_select is given without x_select"):
+        load_data(tmp_path / "half_select.npz")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .npy or .npz shards"):
         load_data(tmp_path / "empty")

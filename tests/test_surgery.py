@@ -107,3 +107,36 @@ def test_token_inputs_initialise_per_token_row():
     with torch.no_grad():
         prior = model(x).reshape(-1, 5).mean(0)
     assert torch.allclose(compressed[2].bias, prior, atol=1e-5)
+
+
+def test_a_replacement_that_would_store_more_stays_dense():
+    plan = make_plan(nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 2)),
+                     example=torch.randn(4, 3))
+    kept = {p.name: p.reason for p in plan if not p.replaced}
+    assert set(kept) == {"0", "2"} and all("acdc form would store" in reason for reason in kept.values())
+    assert plan[-1].kind == "hadamard" and plan[-1].params_after < plan[-1].params_before
+
+
+def test_models_that_cannot_be_distilled_are_refused_before_work():
+    with pytest.raises(PlanError, match="1 output"):
+        make_plan(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), example=torch.randn(4, 8))
+
+    class AlwaysDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 64), nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.dropout(self.fc(x), 0.5, training=True))
+
+    with pytest.raises(PlanError, match="differs between two runs"):
+        make_plan(AlwaysDropout().eval(), example=torch.randn(4, 8))
+
+
+def test_a_hadamard_head_built_on_meta_draws_its_placement_on_the_cpu():
+    """A checkpoint's shape check builds the layers on the meta device; the head's code placement
+    (20 classes on 16 features) must still be real and the same as on the CPU."""
+    with torch.device("meta"):
+        on_meta = HadamardHead(16, 20, seed=3)
+    assert on_meta.placement.device.type == "cpu"
+    assert torch.equal(on_meta.placement, HadamardHead(16, 20, seed=3).placement)

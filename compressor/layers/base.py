@@ -6,9 +6,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a checkpoint stores for ``module``: parameters and persistent buffers (e.g.
+    permutations), each once however many names it has (a module or weight shared by two layers)."""
+    seen: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        persistent = [b for name, b in m._buffers.items() if name not in m._non_persistent_buffers_set]
+        for t in [*m._parameters.values(), *persistent]:
+            if t is not None:
+                seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
 def count_stored(module: nn.Module) -> int:
-    """Numbers a checkpoint stores for ``module``: parameters plus persistent buffers (e.g. permutations)."""
-    return sum(t.numel() for t in module.state_dict().values())
+    """Numbers a checkpoint stores for ``module`` (:func:`stored_tensors`)."""
+    return sum(t.numel() for t in stored_tensors(module))
 
 
 @torch.no_grad()

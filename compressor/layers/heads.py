@@ -142,7 +142,12 @@ class HadamardHead(FixedHead):
         r != r' coincide iff (r xor r') . c_j = 0 for every j; when the columns include the
         p = log2(P) unit vectors 1, 2, 4, ..., P/2 that never happens. The other N - p columns are
         drawn at random (never column 0, which is all ones) and the features shuffled over them.
+        Drawn on the CPU whatever the default device (a checkpoint's shape check builds on meta).
         """
+        with torch.device("cpu"):
+            return self._placement_on_cpu(generator)
+
+    def _placement_on_cpu(self, generator: torch.Generator) -> torch.Tensor:
         p = self.size.bit_length() - 1
         basis = [1 << k for k in range(p)]
         others = [c for c in range(1, self.size) if c & (c - 1)]  # nonzero, not a power of two
