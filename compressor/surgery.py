@@ -5,9 +5,11 @@ always has one, ``plan`` when there is data), the last Linear one forward pass c
 output's (so a head registered before the body, or an auxiliary Linear registered after it, does
 not fool it; a model whose logits come from no Linear has no head); without one, the last Linear
 in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
-pass never calls stays dense. Only modules of type exactly ``nn.Linear`` are candidates
-(subclasses such as ``nn.MultiheadAttention``'s ``out_proj`` are read directly by their owner and
-must stay). A model that is itself one ``nn.Linear`` is a head. A Linear registered under several
+pass never calls stays dense (``nn.MultiheadAttention``'s ``out_proj``, whose weights its owner
+reads directly, an unused auxiliary head). A subclass of ``nn.Linear`` (timm's ``Linear``, a
+weight-normalised layer) is replaced only when the example shows that it computes
+``x W^T + b`` from its ``weight`` and ``bias``; without an example it stays dense. A model that is
+itself one ``nn.Linear`` is a head. A Linear registered under several
 names (``self.b = self.a``) is planned once and replaced under every name, so the tie holds.
 ``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
 matches no Linear layer is an error, not a silent no-op. Which kind replaces a layer, with which
@@ -39,6 +41,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import PlanError
@@ -81,8 +84,8 @@ class LayerPlan:
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every module of type exactly ``nn.Linear``, in registration order."""
-    return [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    """Every ``nn.Linear`` module (subclasses included), each once, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -106,11 +109,12 @@ def _kept_reason(name: str, role: str, kind: str, options: PlanOptions) -> str:
 
 
 def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: PlanOptions, seed: int,
-                called: bool = True) -> LayerPlan:
+                blocked: str = "") -> LayerPlan:
+    """The plan of one Linear; ``blocked``: why the forward pass rules it out ("" when it does not)."""
     kind = options.head if role == "head" else options.hidden
     before = count_stored(linear)
     entry = LayerPlan(name, role, linear.in_features, linear.out_features, before, None, {}, before)
-    entry.reason = _kept_reason(name, role, kind, options) or ("" if called else "not called by the forward pass")
+    entry.reason = _kept_reason(name, role, kind, options) or blocked
     if entry.reason:
         return entry
     spec = spec_for(role, kind)
@@ -129,13 +133,32 @@ def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: Pl
     return entry
 
 
+NOT_CALLED = "not called by the forward pass"
+
+
+def _subclass_reason(linear: nn.Linear) -> str:
+    return (f"an nn.Linear subclass ({type(linear).__name__}) whose output is not x W^T + b from its weight and bias; "
+            "fixclf replaces it only when the forward pass on the data shows that it is")
+
+
 @torch.no_grad()
-def _calls(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> tuple[list[str], int | None]:
-    """The Linear layers one forward pass on ``example`` calls, in the order of their first call, and
-    the width of the output (None when it is not a tensor); a second pass checks that the forward is
+def _calls(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor
+           ) -> tuple[list[str], set[str], int | None]:
+    """The Linear layers one forward pass on ``example`` calls, in the order of their first call; those
+    of them whose output there is ``F.linear(x, weight, bias)`` (always, for ``nn.Linear`` itself); the
+    width of the output (None when it is not a tensor). A second pass checks that the forward is
     deterministic."""
     order: list[str] = []
-    hooks = [linear.register_forward_hook(lambda m, args, out, name=name: order.append(name) if name not in order else None)
+    affine: set[str] = set()
+
+    def seen(name: str, linear: nn.Linear, x: torch.Tensor, out) -> None:
+        if name not in order:
+            order.append(name)
+            if type(linear) is nn.Linear or (isinstance(out, torch.Tensor) and torch.allclose(
+                    out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
+                affine.add(name)
+
+    hooks = [linear.register_forward_hook(lambda m, args, out, name=name: seen(name, m, args[0], out))
              for name, linear in linears]
     try:
         output = model(example)
@@ -143,27 +166,30 @@ def _calls(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torc
         for hook in hooks:
             hook.remove()
     if not isinstance(output, torch.Tensor) or not output.dim():
-        return order, None
+        return order, affine, None
     if not torch.allclose(model(example), output, rtol=1e-5, atol=1e-6, equal_nan=True):
         raise PlanError("the model's output differs between two runs on the same rows (dropout or sampling active "
                         "in eval mode?); fixclf distils and validates a deterministic forward: make it depend on "
                         "self.training (e.g. F.dropout(x, training=self.training))")
-    return order, output.shape[-1]
+    return order, affine, output.shape[-1]
 
 
-def _head_and_called(model: nn.Module, linears: list[tuple[str, nn.Linear]],
-                     example: torch.Tensor | None) -> tuple[str | None, set[str]]:
-    """The head's name (None: no Linear makes the logits) and the Linears the forward pass calls."""
-    names = [name for name, _ in linears]
+def _survey(model: nn.Module, linears: list[tuple[str, nn.Linear]],
+            example: torch.Tensor | None) -> tuple[str | None, dict[str, str]]:
+    """The head's name (None: no Linear makes the logits) and, per Linear the forward pass rules out,
+    the reason (module docstring)."""
     if example is None:
-        return names[-1], set(names)
-    order, width = _calls(model, linears, example)
+        blocked = {name: _subclass_reason(linear) for name, linear in linears if type(linear) is not nn.Linear}
+        return linears[-1][0], blocked
+    order, affine, width = _calls(model, linears, example)
     if width is not None and width < 2:
         raise PlanError(f"the model has {width} output: fixclf distils classifiers through the softmax of their "
                         "logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
+    blocked = {name: NOT_CALLED if name not in order else _subclass_reason(linear)
+               for name, linear in linears if name not in affine}
     shapes = dict(linears)
-    heads = [name for name in order if width is None or shapes[name].out_features == width]
-    return (heads[-1] if heads else None), set(order)
+    heads = [name for name in order if name in affine and (width is None or shapes[name].out_features == width)]
+    return (heads[-1] if heads else None), blocked
 
 
 def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
@@ -177,10 +203,13 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     if not linears:
         raise PlanError("the model has no nn.Linear layer, so there is nothing to replace; fixclf compresses FC layers")
     _check_patterns([n for n, _ in linears], options)
-    head, called = _head_and_called(model, linears, example)
-    plan = [_plan_layer(i, name, linear, "head" if name == head else "hidden", options, seed, name in called)
+    head, blocked = _survey(model, linears, example)
+    plan = [_plan_layer(i, name, linear, "head" if name == head else "hidden", options, seed, blocked.get(name, ""))
             for i, (name, linear) in enumerate(linears)]
     if not any(p.replaced for p in plan):
+        if example is None and blocked:
+            raise PlanError("no layer would be replaced without data: nn.Linear subclasses are replaced only after the "
+                            "forward pass on data shows they compute x W^T + b; pass --data")
         raise PlanError("no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden")
     return plan
 

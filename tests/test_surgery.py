@@ -140,3 +140,39 @@ def test_a_hadamard_head_built_on_meta_draws_its_placement_on_the_cpu():
         on_meta = HadamardHead(16, 20, seed=3)
     assert on_meta.placement.device.type == "cpu"
     assert torch.equal(on_meta.placement, HadamardHead(16, 20, seed=3).placement)
+
+
+class _PlainSubclass(nn.Linear):
+    """Like timm's ``Linear``: its own forward, the same function."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Doubling(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _WithSubclassesAndAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.odd = _PlainSubclass(16, 64), _Doubling(64, 64)
+        self.attention = nn.MultiheadAttention(64, 4, batch_first=True)  # reads out_proj's weights itself
+        self.head = _PlainSubclass(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.odd(torch.relu(self.fc(x))))[:, None]
+        return self.head(h[:, 0] + self.attention(h, h, h)[0][:, 0])
+
+
+def test_linear_subclasses_are_replaced_only_when_the_forward_pass_shows_they_are_affine():
+    model = _WithSubclassesAndAttention().eval()
+    plan = {p.name: p for p in make_plan(model, example=torch.randn(4, 16))}
+    assert (plan["fc"].kind, plan["head"].role, plan["head"].kind) == ("acdc", "head", "hadamard")
+    assert plan["odd"].kind is None and "_Doubling" in plan["odd"].reason
+    assert plan["attention.out_proj"].kind is None and plan["attention.out_proj"].reason == "not called by the forward pass"
+    with pytest.raises(PlanError, match="pass --data"):  # without data nothing shows that they are affine
+        make_plan(model)
+    compressed = apply_plan(copy.deepcopy(model), list(plan.values()))
+    assert compressed(torch.randn(3, 16)).shape == (3, 10)
