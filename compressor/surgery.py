@@ -1,10 +1,11 @@
 """Find a classifier's dense layers, plan their replacement, replace them, initialise from the dense ones.
 
 The **head** is the ``nn.Linear`` that makes the logits: with an example input (``compress``
-always has one, ``plan`` when there is data), the last Linear one forward pass calls whose width is the
-output's (so a head registered before the body, or an auxiliary Linear registered after it, does
-not fool it; a model whose logits come from no Linear has no head); without one, the last Linear
-in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
+always has one, ``plan`` when there is data), a Linear of the output's width whose output reaches
+the model's output, in the autograd graph of one forward pass, through no other Linear (so a head
+registered before the body, or an auxiliary Linear registered after it, does not fool it; a model
+that averages two heads, like DeiT's distilled ones, has two; a model whose logits come from no
+Linear has none); without an example, the last Linear in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
 pass never calls stays dense (``nn.MultiheadAttention``'s ``out_proj``, whose weights its owner
 reads directly, an unused auxiliary head). A subclass of ``nn.Linear`` (timm's ``Linear``, a
 weight-normalised layer) is replaced only when the example shows that it computes
@@ -141,61 +142,94 @@ def _subclass_reason(linear: nn.Linear) -> str:
             "fixclf replaces it only when the forward pass on the data shows that it is")
 
 
-@torch.no_grad()
-def _calls(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor
-           ) -> tuple[list[str], set[str], int | None]:
-    """The Linear layers one forward pass on ``example`` calls, in the order of their first call; those
-    of them whose output there is ``F.linear(x, weight, bias)`` (always, for ``nn.Linear`` itself); the
-    width of the output (None when it is not a tensor). A second pass checks that the forward is
-    deterministic."""
-    order: list[str] = []
-    affine: set[str] = set()
+@dataclass
+class _Trace:
+    """What one forward pass on an example shows about the Linear layers (:func:`_trace`)."""
+
+    called: list[str]  # in the order of their first call
+    affine: set[str]  # called, and their output there is F.linear(x, weight, bias)
+    final: set[str] | None  # whose outputs reach the model's output through no other Linear (None: no graph)
+    width: int | None  # the output's last dimension (None: not a tensor)
+
+
+def _final_linears(output: torch.Tensor, produced_by: dict) -> set[str] | None:
+    """The Linears whose outputs the autograd graph of ``output`` reaches without passing through
+    another Linear's output (``produced_by``: grad_fn of each Linear output -> its name)."""
+    if output.grad_fn is None:
+        return None
+    final, seen, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in produced_by:
+            final.add(produced_by[node])
+        else:
+            stack.extend(parent for parent, _ in node.next_functions)
+    return final
+
+
+def _trace(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> _Trace:
+    """Run ``model`` on ``example`` with hooks on every Linear (gradients recorded, nothing trained),
+    then once more without them: the forward pass must be deterministic."""
+    trace, produced_by = _Trace([], set(), None, None), {}
 
     def seen(name: str, linear: nn.Linear, x: torch.Tensor, out) -> None:
-        if name not in order:
-            order.append(name)
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            produced_by[out.grad_fn] = name
+        if name in trace.called:
+            return
+        trace.called.append(name)
+        with torch.no_grad():
             if type(linear) is nn.Linear or (isinstance(out, torch.Tensor) and torch.allclose(
                     out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
-                affine.add(name)
+                trace.affine.add(name)
 
     hooks = [linear.register_forward_hook(lambda m, args, out, name=name: seen(name, m, args[0], out))
              for name, linear in linears]
+    x = example.detach().requires_grad_(True) if example.is_floating_point() else example
     try:
-        output = model(example)
+        with torch.enable_grad():
+            output = model(x)
     finally:
         for hook in hooks:
             hook.remove()
     if not isinstance(output, torch.Tensor) or not output.dim():
-        return order, affine, None
-    if not torch.allclose(model(example), output, rtol=1e-5, atol=1e-6, equal_nan=True):
-        raise PlanError("the model's output differs between two runs on the same rows (dropout or sampling active "
-                        "in eval mode?); fixclf distils and validates a deterministic forward: make it depend on "
-                        "self.training (e.g. F.dropout(x, training=self.training))")
-    return order, affine, output.shape[-1]
+        return trace
+    with torch.no_grad():
+        if not torch.allclose(model(example), output.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
+            raise PlanError("the model's output differs between two runs on the same rows (dropout or sampling active "
+                            "in eval mode?); fixclf distils and validates a deterministic forward: make it depend on "
+                            "self.training (e.g. F.dropout(x, training=self.training))")
+    trace.final, trace.width = _final_linears(output, produced_by), output.shape[-1]
+    return trace
 
 
 def _survey(model: nn.Module, linears: list[tuple[str, nn.Linear]],
-            example: torch.Tensor | None) -> tuple[str | None, dict[str, str]]:
-    """The head's name (None: no Linear makes the logits) and, per Linear the forward pass rules out,
-    the reason (module docstring)."""
+            example: torch.Tensor | None) -> tuple[set[str], dict[str, str]]:
+    """The heads' names and, per Linear the forward pass rules out, the reason (module docstring)."""
     if example is None:
         blocked = {name: _subclass_reason(linear) for name, linear in linears if type(linear) is not nn.Linear}
-        return linears[-1][0], blocked
-    order, affine, width = _calls(model, linears, example)
-    if width is not None and width < 2:
-        raise PlanError(f"the model has {width} output: fixclf distils classifiers through the softmax of their "
+        return {linears[-1][0]}, blocked
+    trace = _trace(model, linears, example)
+    if trace.width is not None and trace.width < 2:
+        raise PlanError(f"the model has {trace.width} output: fixclf distils classifiers through the softmax of their "
                         "logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
-    blocked = {name: NOT_CALLED if name not in order else _subclass_reason(linear)
-               for name, linear in linears if name not in affine}
+    blocked = {name: NOT_CALLED if name not in trace.called else _subclass_reason(linear)
+               for name, linear in linears if name not in trace.affine}
     shapes = dict(linears)
-    heads = [name for name in order if name in affine and (width is None or shapes[name].out_features == width)]
-    return (heads[-1] if heads else None), blocked
+    heads = [name for name in trace.called if name in trace.affine
+             and (trace.width is None or shapes[name].out_features == trace.width)]
+    if trace.final is not None:
+        return {name for name in heads if name in trace.final}, blocked
+    return set(heads[-1:]), blocked
 
 
 def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
               example: torch.Tensor | None = None) -> list[LayerPlan]:
     """Decide, without touching the model, what replaces each Linear layer. ``example``: a few input
-    rows (M, ...), with which the head and the Linears the forward pass calls are found (module
+    rows (M, ...), with which the heads and the Linears the forward pass calls are found (module
     docstring); without them the head is the last Linear registered."""
     options = options or PlanOptions()
     options.validate()
@@ -203,8 +237,8 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     if not linears:
         raise PlanError("the model has no nn.Linear layer, so there is nothing to replace; fixclf compresses FC layers")
     _check_patterns([n for n, _ in linears], options)
-    head, blocked = _survey(model, linears, example)
-    plan = [_plan_layer(i, name, linear, "head" if name == head else "hidden", options, seed, blocked.get(name, ""))
+    heads, blocked = _survey(model, linears, example)
+    plan = [_plan_layer(i, name, linear, "head" if name in heads else "hidden", options, seed, blocked.get(name, ""))
             for i, (name, linear) in enumerate(linears)]
     if not any(p.replaced for p in plan):
         if example is None and blocked:

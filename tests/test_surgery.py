@@ -176,3 +176,22 @@ def test_linear_subclasses_are_replaced_only_when_the_forward_pass_shows_they_ar
         make_plan(model)
     compressed = apply_plan(copy.deepcopy(model), list(plan.values()))
     assert compressed(torch.randn(3, 16)).shape == (3, 10)
+
+
+class _TwoHeadsAveraged(nn.Module):
+    """DeiT's distilled models in eval mode: two heads on two tokens, averaged; a calibration-free
+    bottleneck of the logits' width inside the body, which is not a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.bottleneck, self.widen = nn.Linear(8, 32), nn.Linear(32, 5), nn.Linear(5, 32)
+        self.head, self.head_dist = nn.Linear(32, 5), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.widen(torch.relu(self.bottleneck(torch.relu(self.body(x))))))
+        return (self.head(h) + self.head_dist(h.flip(-1))) / 2
+
+
+def test_every_linear_whose_output_reaches_the_logits_directly_is_a_head():
+    plan = {p.name: p.role for p in make_plan(_TwoHeadsAveraged().eval(), example=torch.randn(4, 8))}
+    assert plan == {"body": "hidden", "bottleneck": "hidden", "widen": "hidden", "head": "head", "head_dist": "head"}
