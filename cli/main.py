@@ -357,7 +357,10 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def run(args: List[str]) -> int:
-    """Parse ``args`` and run the command; every failure is one line. Returns the exit code."""
+    """Parse ``args`` and run the command; every failure is one line. Returns the exit code.
+    ``--debug`` is the app's option, but is accepted anywhere (``fixclf plan m.pt --debug``)."""
+    if "--debug" in args:
+        args = ["--debug", *[a for a in args if a != "--debug"]]
     STATE["args"] = list(args)
     try:
         code = app(args=args, prog_name="fixclf", standalone_mode=False)

@@ -26,7 +26,7 @@ from .checkpoint import Architecture, LoadedModel, compressed_payload, load_comp
 from .cost import LayerCost, layer_shapes, measure
 from .data import DataSource, check_against_model, load_data
 from .distributed import World, world_from_environment
-from .errors import DataError, OutputError, PlanError, UsageError
+from .errors import DataError, ExportError, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
                        steps_per_epoch)
@@ -285,13 +285,24 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
     return []
 
 
-def _export(original: nn.Module, compressed: nn.Module, data: DataSource, options: CompressOptions, artifacts: Artifacts,
-            formats: dict[str, str], events: Events) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair,
-                                                             dict[str, ReducedFigures]]:
-    samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
+def _original_onnx(original: nn.Module, data: DataSource, options: CompressOptions, events: Events) -> bytes:
+    """The original model as validated ONNX bytes (in memory, for size and latency), made before any
+    fine-tuning so that a model ONNX cannot express fails before the work, not after it."""
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
-    original_bytes = to_onnx(original, samples).proto.SerializeToString()
-    validate(original_bytes, original, samples, tolerance=options.export.tolerance)
+    samples = data.head("val", VALIDATION_ROWS)[0]
+    try:
+        original_bytes = to_onnx(original, samples).proto.SerializeToString()
+        validate(original_bytes, original, samples, tolerance=options.export.tolerance)
+    except ExportError as exc:
+        raise ExportError(f"the original model cannot be exported to ONNX, so fixclf cannot measure or deliver it; "
+                          f"nothing was fine-tuned: {exc}") from exc
+    return original_bytes
+
+
+def _export(original: nn.Module, original_bytes: bytes, compressed: nn.Module, data: DataSource, options: CompressOptions,
+            artifacts: Artifacts, formats: dict[str, str], events: Events
+            ) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair, dict[str, ReducedFigures]]:
+    samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the compressed model to ONNX and validating it in ONNX Runtime")
     result = write_exports(compressed, samples, artifacts, formats, tolerance=options.export.tolerance)
     main = result.files["onnx"]
@@ -369,6 +380,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
         if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
             raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
+        original_bytes = _original_onnx(loaded.model, data, options, events) if world.is_main else b""
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
@@ -377,7 +389,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         with world.stage():
             if not world.is_main:
                 return None
-            exported, onnx, latency, mobile, reduced = _export(original, compressed, data, options, artifacts, formats, events)
+            exported, onnx, latency, mobile, reduced = _export(original, original_bytes, compressed, data, options,
+                                                               artifacts, formats, events)
             report = Report(
                 model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
                 data=DataSummary(data.source, int(data.training_rows()), int(data.val_rows or 0), data.has_labels),

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,20 @@ def _quiet():
                     logger.setLevel(level)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception of ``exc``'s chain as one plain line: the exporter wraps the real cause
+    (a view it cannot trace, an op it has no translation for) in its own multi-line, coloured message."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
     """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
     model = model.eval().float()
@@ -203,7 +218,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
-        raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
     _strip_debug_info(proto)
     _dedupe_initializers(proto)
     try:

@@ -2,10 +2,12 @@
 
 The **head** is the ``nn.Linear`` that makes the logits: with an example input (``compress``
 always has one, ``plan`` when there is data), a Linear of the output's width whose output reaches
-the model's output, in the autograd graph of one forward pass, through no other Linear (so a head
+the model's output, in the autograd graph of one forward pass, through sums, scales, averages,
+reshapes, selections and softmax only (:data:`LOGIT_PRESERVING`; so a head
 registered before the body, or an auxiliary Linear registered after it, does not fool it; a model
 that averages two heads, like DeiT's distilled ones, has two; a model whose logits come from no
-Linear has none); without an example, the last Linear in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
+Linear, such as a feature extractor ending in a normalisation, has none); without an example, the
+last Linear in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
 pass never calls stays dense (``nn.MultiheadAttention``'s ``out_proj``, whose weights its owner
 reads directly, an unused auxiliary head). A subclass of ``nn.Linear`` (timm's ``Linear``, a
 weight-normalised layer) is replaced only when the example shows that it computes
@@ -152,9 +154,23 @@ class _Trace:
     width: int | None  # the output's last dimension (None: not a tensor)
 
 
+LOGIT_PRESERVING = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Mean", "Sum", "Amax", "Max", "View", "UnsafeView", "Reshape", "ReshapeAlias",
+    "Select", "Slice", "Index", "IndexSelect", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Cat", "Stack", "Split",
+    "SplitWithSizes", "Unbind", "Clone", "ToCopy", "Expand", "Flip", "AsStrided", "Alias", "Softmax", "LogSoftmax",
+    "AvgPool2D", "AdaptiveAvgPool2D", "AvgPool1D", "AdaptiveAvgPool1D"})
+"""Autograd nodes (``<Name>Backward<n>``) through which a head's output still is the logits: sums,
+scales, averages, reshapes, selections, (log-)softmax. A path through anything else (a
+normalisation, an activation, a matmul) makes what it carries features, not logits."""
+
+
+def _node_kind(node) -> str:
+    return type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+
+
 def _final_linears(output: torch.Tensor, produced_by: dict) -> set[str] | None:
-    """The Linears whose outputs the autograd graph of ``output`` reaches without passing through
-    another Linear's output (``produced_by``: grad_fn of each Linear output -> its name)."""
+    """The Linears whose outputs the autograd graph of ``output`` reaches through
+    :data:`LOGIT_PRESERVING` nodes only (``produced_by``: grad_fn of each Linear output -> its name)."""
     if output.grad_fn is None:
         return None
     final, seen, stack = set(), set(), [output.grad_fn]
@@ -165,7 +181,7 @@ def _final_linears(output: torch.Tensor, produced_by: dict) -> set[str] | None:
         seen.add(node)
         if node in produced_by:
             final.add(produced_by[node])
-        else:
+        elif _node_kind(node) in LOGIT_PRESERVING:
             stack.extend(parent for parent, _ in node.next_functions)
     return final
 

@@ -115,3 +115,22 @@ class Tangled(nn.Module):
 
 def tangled(classes: int = 20) -> Tangled:
     return Tangled(classes)
+
+
+class BranchesOnData(nn.Module):
+    """Runs in PyTorch, but its forward branches on the values of its input, which torch.export
+    cannot trace: a model fixclf must refuse before it fine-tunes anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.hidden(x))
+        if bool(h.sum() > 0):
+            h = h * 2
+        return self.head(h)
+
+
+def branches_on_data() -> BranchesOnData:
+    return BranchesOnData()

@@ -6,6 +6,7 @@ byte-identical, and ``--json`` output that stays JSON although the architecture 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -191,3 +192,30 @@ def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
     again = runner.invoke(app, ["export", "tangled.fixclf.pt", "-o", "again.onnx", "--data", "data.npz",
                                 "--arch", "architectures:tangled"])
     assert again.exit_code == 0, again.output
+
+
+def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
+    """The original is exported first: the one-line error names the cause, and no step was trained."""
+    from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
+    from compressor.api import Events
+    from compressor.errors import ExportError
+
+    torch.manual_seed(0)
+    model = architectures.branches_on_data().eval()
+    torch.save(model.state_dict(), "branches.pt")
+    x = torch.randn(200, 8)
+    with torch.no_grad():
+        np.savez("data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    stages = []
+
+    class Recorder(Events):
+        def stage(self, text: str) -> None:
+            stages.append(text)
+
+    options = CompressOptions(SourceOptions("branches.pt", arch="architectures:branches_on_data", data="data.npz"),
+                              finetune=FinetuneOptions(epochs=50))
+    with pytest.raises(ExportError, match="original model cannot be exported.*nothing was fine-tuned") as raised:
+        compress(options, Recorder())
+    assert "\x1b" not in str(raised.value) and "\n" not in str(raised.value)
+    assert not any(stage.startswith("Fine-tuning") for stage in stages)
+    assert sorted(os.listdir(".")) == ["branches.pt", "data.npz"]

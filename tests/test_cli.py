@@ -167,7 +167,16 @@ def test_int8_of_a_model_with_no_dense_layer_left_is_decided_before_work(workdir
     result = invoke("compress", MLP, "--quantize", "int8", "--epochs", "1", "--latency-batch", "8")
     assert result.exit_code == 0, result.output
     progress = " ".join(result.stderr.split())
-    assert -1 < progress.index("note: int8 skipped") < progress.index("Fine-tuning") < progress.index("Exporting")
+    assert -1 < progress.index("note: int8 skipped") < progress.index("Fine-tuning") < progress.index("Exporting the compressed")
     report = load_report("mlp.fixclf.pt")
     assert report.int8 is None and any("int8 skipped" in note for note in report.notes)
     assert sorted(os.listdir(workdir)) == ["mlp.fixclf.onnx", "mlp.fixclf.pt"]
+
+
+def test_debug_is_accepted_after_the_command():
+    """--debug belongs to the app, but users put it anywhere: it still shows the real exception."""
+    from cli.main import run
+    from compressor.errors import PlanError
+
+    with pytest.raises(PlanError, match="matches no Linear layer"):
+        run(["plan", MLP, "--debug", "--exclude", "zzz"])

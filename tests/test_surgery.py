@@ -195,3 +195,7 @@ class _TwoHeadsAveraged(nn.Module):
 def test_every_linear_whose_output_reaches_the_logits_directly_is_a_head():
     plan = {p.name: p.role for p in make_plan(_TwoHeadsAveraged().eval(), example=torch.randn(4, 8))}
     assert plan == {"body": "hidden", "bottleneck": "hidden", "widen": "hidden", "head": "head", "head_dist": "head"}
+    features = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 16), nn.LayerNorm(16))  # no logits: no head
+    assert {p.role for p in make_plan(features.eval(), example=torch.randn(4, 8))} == {"hidden"}
+    tokens = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 10), nn.Softmax(-1))  # (batch, tokens, classes)
+    assert [p.role for p in make_plan(tokens.eval(), example=torch.randn(4, 7, 8))] == ["hidden", "head"]
