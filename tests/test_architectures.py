@@ -165,16 +165,22 @@ def test_fine_tune_leaves_convolution_weights_in_the_default_layout(workdir):
     assert weights and all(w.is_contiguous() for w in weights)
 
 
+def _labelled(name: str, rows: int, features: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``architectures.<name>()`` saved as NAME.pt, and data.npz: random rows labelled by the model."""
+    torch.manual_seed(0)
+    model = getattr(architectures, name)().eval()
+    torch.save(model.state_dict(), f"{name}.pt")
+    x = torch.randn(rows, features)
+    with torch.no_grad():
+        np.savez("data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    return model, x
+
+
 def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
     """Head registered first, a Linear under two names, an auxiliary Linear never called: the plan
     follows the forward pass, the tie survives compress and reload (20 classes on 16 features: the
     head's code placement is rebuilt on reload), and the parameters are counted once."""
-    torch.manual_seed(0)
-    model = architectures.tangled().eval()
-    torch.save(model.state_dict(), "tangled.pt")
-    x = torch.randn(320, 8)
-    with torch.no_grad():
-        np.savez("data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    model, x = _labelled("tangled", rows=320, features=8)
     result = runner.invoke(app, ["compress", "tangled.pt", "--arch", "architectures:tangled", "--data", "data.npz",
                                  "--epochs", "1", "--latency-batch", "8", "--json"])
     assert result.exit_code == 0, result.output
@@ -200,22 +206,17 @@ def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     from compressor.api import Events
     from compressor.errors import ExportError
 
-    torch.manual_seed(0)
-    model = architectures.branches_on_data().eval()
-    torch.save(model.state_dict(), "branches.pt")
-    x = torch.randn(200, 8)
-    with torch.no_grad():
-        np.savez("data.npz", x=x.numpy(), y=model(x).argmax(1).numpy())
+    _labelled("branches_on_data", rows=200, features=8)
     stages = []
 
     class Recorder(Events):
         def stage(self, text: str) -> None:
             stages.append(text)
 
-    options = CompressOptions(SourceOptions("branches.pt", arch="architectures:branches_on_data", data="data.npz"),
+    options = CompressOptions(SourceOptions("branches_on_data.pt", arch="architectures:branches_on_data", data="data.npz"),
                               finetune=FinetuneOptions(epochs=50))
     with pytest.raises(ExportError, match="original model cannot be exported.*nothing was fine-tuned") as raised:
         compress(options, Recorder())
     assert "\x1b" not in str(raised.value) and "\n" not in str(raised.value)
     assert not any(stage.startswith("Fine-tuning") for stage in stages)
-    assert sorted(os.listdir(".")) == ["branches.pt", "data.npz"]
+    assert sorted(os.listdir(".")) == ["branches_on_data.pt", "data.npz"]
