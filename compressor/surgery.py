@@ -186,6 +186,18 @@ def _final_linears(output: torch.Tensor, produced_by: dict) -> set[str] | None:
     return final
 
 
+def _forward_with_graph(model: nn.Module, example: torch.Tensor):
+    """``model(example)`` recording the autograd graph (through the parameters; nothing is trained);
+    a forward pass that cannot run with gradients on (an in-place op it does on a parameter) runs
+    without, and then only the order of the calls tells the head."""
+    try:
+        with torch.enable_grad():
+            return model(example)
+    except RuntimeError:
+        with torch.no_grad():
+            return model(example)
+
+
 def _trace(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> _Trace:
     """Run ``model`` on ``example`` with hooks on every Linear (gradients recorded, nothing trained),
     then once more without them: the forward pass must be deterministic."""
@@ -204,10 +216,8 @@ def _trace(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torc
 
     hooks = [linear.register_forward_hook(lambda m, args, out, name=name: seen(name, m, args[0], out))
              for name, linear in linears]
-    x = example.detach().requires_grad_(True) if example.is_floating_point() else example
     try:
-        with torch.enable_grad():
-            output = model(x)
+        output = _forward_with_graph(model, example)
     finally:
         for hook in hooks:
             hook.remove()
