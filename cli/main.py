@@ -345,8 +345,8 @@ def _exit_code(exc: BaseException) -> int:
         return _error(str(exc), exc.exit_code)
     if isinstance(exc, typer.Exit):
         return exc.exit_code
-    if isinstance(exc, SystemExit):  # click's answer to a closed pipe (`fixclf ... | head`): already quiet
-        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, SystemExit) and (exc.code is None or isinstance(exc.code, int)):
+        return exc.code or 0  # click's quiet answer to a closed pipe (`fixclf ... | head`), or a plain sys.exit
     if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's (typer's) own usage errors
         ctx = getattr(exc, "ctx", None)
         hint = f"; see fixclf {ctx.command.name} --help" if ctx is not None and ctx.command is not None else ""

@@ -1,20 +1,13 @@
 """Find a classifier's dense layers, plan their replacement, replace them, initialise from the dense ones.
 
-The **head** is the ``nn.Linear`` that makes the logits: with an example input (``compress``
-always has one, ``plan`` when there is data), a Linear of the output's width whose output reaches
-the model's output, in the autograd graph of one forward pass, through sums, scales, averages,
-reshapes, selections and softmax only (:data:`LOGIT_PRESERVING`; so a head
-registered before the body, or an auxiliary Linear registered after it, does not fool it; a model
-that averages two heads, like DeiT's distilled ones, has two; a model whose logits come from no
-Linear, such as a feature extractor ending in a normalisation, has none); without an example, the
-last Linear in registration order. Every other ``nn.Linear`` is a **hidden** FC layer; a Linear the forward
-pass never calls stays dense (``nn.MultiheadAttention``'s ``out_proj``, whose weights its owner
-reads directly, an unused auxiliary head). A subclass of ``nn.Linear`` (timm's ``Linear``, a
-weight-normalised layer) is replaced only when the example shows that it computes
-``x W^T + b`` from its ``weight`` and ``bias``; without an example it stays dense. A model that is
-itself one ``nn.Linear`` is a head. A Linear registered under several
-names (``self.b = self.a``) is planned once and replaced under every name, so the tie holds.
-``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
+The **heads** (the Linears that make the logits) and the Linears the forward pass rules out (never
+called; a subclass of ``nn.Linear`` that does not compute ``x W^T + b``) are found by running the
+model on a few rows (:mod:`compressor.trace`; ``compress`` always has them, ``plan`` when there is
+data; without them the last ``nn.Linear`` registered is the head and subclasses stay dense).
+Every other ``nn.Linear`` is a **hidden** FC layer. A model that is itself one ``nn.Linear`` is a
+head. A Linear registered under several names (``self.b = self.a``) is planned once, under its
+first name, matched by a pattern through any of them, and replaced under every name, so the tie
+holds. ``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
 matches no Linear layer is an error, not a silent no-op. Which kind replaces a layer, with which
 options and limits, comes from the registry (:mod:`compressor.layers.registry`); each replacement
 keeps the dense layer's choice of bias, and a hidden layer whose replacement would store more
@@ -44,13 +37,13 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import PlanError
 from .layers import count_stored, spec_for
 from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
+from .trace import survey
 
 __all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
            "replaced_parameters", "with_dense_layer"]
@@ -101,23 +94,25 @@ def _check_patterns(names: list[str], options: PlanOptions) -> None:
             raise PlanError(f"pattern {pattern!r} matches no Linear layer; layers are: {', '.join(names) or '(the model)'}")
 
 
-def _kept_reason(name: str, role: str, kind: str, options: PlanOptions) -> str:
+def _kept_reason(names: list[str], role: str, kind: str, options: PlanOptions) -> str:
+    """Why the user's options keep the Linear of these names (any of them matching a pattern counts)."""
     if kind == KEEP:
         return f"--{role} keep"
-    if options.include and not _matches(name, options.include):
+    if options.include and not any(_matches(name, options.include) for name in names):
         return "not matched by --include"
-    if options.exclude and _matches(name, options.exclude):
+    if options.exclude and any(_matches(name, options.exclude) for name in names):
         return "matched by --exclude"
     return ""
 
 
-def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: PlanOptions, seed: int,
-                blocked: str = "") -> LayerPlan:
-    """The plan of one Linear; ``blocked``: why the forward pass rules it out ("" when it does not)."""
+def _plan_layer(index: int, names: list[str], linear: nn.Linear, role: str, options: PlanOptions, seed: int,
+                traced_reason: str = "") -> LayerPlan:
+    """The plan of one Linear (``names``: all its names, the first one planned); ``traced_reason``:
+    why the forward pass rules it out ("" when it does not)."""
     kind = options.head if role == "head" else options.hidden
-    before = count_stored(linear)
+    before, name = count_stored(linear), names[0]
     entry = LayerPlan(name, role, linear.in_features, linear.out_features, before, None, {}, before)
-    entry.reason = _kept_reason(name, role, kind, options) or blocked
+    entry.reason = _kept_reason(names, role, kind, options) or traced_reason
     if entry.reason:
         return entry
     spec = spec_for(role, kind)
@@ -136,122 +131,6 @@ def _plan_layer(index: int, name: str, linear: nn.Linear, role: str, options: Pl
     return entry
 
 
-NOT_CALLED = "not called by the forward pass"
-
-
-def _subclass_reason(linear: nn.Linear) -> str:
-    return (f"an nn.Linear subclass ({type(linear).__name__}) whose output is not x W^T + b from its weight and bias; "
-            "fixclf replaces it only when the forward pass on the data shows that it is")
-
-
-@dataclass
-class _Trace:
-    """What one forward pass on an example shows about the Linear layers (:func:`_trace`)."""
-
-    called: list[str]  # in the order of their first call
-    affine: set[str]  # called, and their output there is F.linear(x, weight, bias)
-    final: set[str] | None  # whose outputs reach the model's output through no other Linear (None: no graph)
-    width: int | None  # the output's last dimension (None: not a tensor)
-
-
-LOGIT_PRESERVING = frozenset({
-    "Add", "Sub", "Mul", "Div", "Neg", "Mean", "Sum", "Amax", "Max", "View", "UnsafeView", "Reshape", "ReshapeAlias",
-    "Select", "Slice", "Index", "IndexSelect", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Cat", "Stack", "Split",
-    "SplitWithSizes", "Unbind", "Clone", "ToCopy", "Expand", "Flip", "AsStrided", "Alias", "Softmax", "LogSoftmax",
-    "AvgPool2D", "AdaptiveAvgPool2D", "AvgPool1D", "AdaptiveAvgPool1D"})
-"""Autograd nodes (``<Name>Backward<n>``) through which a head's output still is the logits: sums,
-scales, averages, reshapes, selections, (log-)softmax. A path through anything else (a
-normalisation, an activation, a matmul) makes what it carries features, not logits."""
-
-
-def _node_kind(node) -> str:
-    return type(node).__name__.rstrip("0123456789").removesuffix("Backward")
-
-
-def _final_linears(output: torch.Tensor, produced_by: dict) -> set[str] | None:
-    """The Linears whose outputs the autograd graph of ``output`` reaches through
-    :data:`LOGIT_PRESERVING` nodes only (``produced_by``: grad_fn of each Linear output -> its name)."""
-    if output.grad_fn is None:
-        return None
-    final, seen, stack = set(), set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in produced_by:
-            final.add(produced_by[node])
-        elif _node_kind(node) in LOGIT_PRESERVING:
-            stack.extend(parent for parent, _ in node.next_functions)
-    return final
-
-
-def _forward_with_graph(model: nn.Module, example: torch.Tensor):
-    """``model(example)`` recording the autograd graph (through the parameters; nothing is trained);
-    a forward pass that cannot run with gradients on (an in-place op it does on a parameter) runs
-    without, and then only the order of the calls tells the head."""
-    try:
-        with torch.enable_grad():
-            return model(example)
-    except RuntimeError:
-        with torch.no_grad():
-            return model(example)
-
-
-def _trace(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> _Trace:
-    """Run ``model`` on ``example`` with hooks on every Linear (gradients recorded, nothing trained),
-    then once more without them: the forward pass must be deterministic."""
-    trace, produced_by = _Trace([], set(), None, None), {}
-
-    def seen(name: str, linear: nn.Linear, x: torch.Tensor, out) -> None:
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            produced_by[out.grad_fn] = name
-        if name in trace.called:
-            return
-        trace.called.append(name)
-        with torch.no_grad():
-            if type(linear) is nn.Linear or (isinstance(out, torch.Tensor) and torch.allclose(
-                    out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
-                trace.affine.add(name)
-
-    hooks = [linear.register_forward_hook(lambda m, args, out, name=name: seen(name, m, args[0], out))
-             for name, linear in linears]
-    try:
-        output = _forward_with_graph(model, example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not isinstance(output, torch.Tensor) or not output.dim():
-        return trace
-    with torch.no_grad():
-        if not torch.allclose(model(example), output.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
-            raise PlanError("the model's output differs between two runs on the same rows (dropout or sampling active "
-                            "in eval mode?); fixclf distils and validates a deterministic forward: make it depend on "
-                            "self.training (e.g. F.dropout(x, training=self.training))")
-    trace.final, trace.width = _final_linears(output, produced_by), output.shape[-1]
-    return trace
-
-
-def _survey(model: nn.Module, linears: list[tuple[str, nn.Linear]],
-            example: torch.Tensor | None) -> tuple[set[str], dict[str, str]]:
-    """The heads' names and, per Linear the forward pass rules out, the reason (module docstring)."""
-    if example is None:
-        blocked = {name: _subclass_reason(linear) for name, linear in linears if type(linear) is not nn.Linear}
-        return {linears[-1][0]}, blocked
-    trace = _trace(model, linears, example)
-    if trace.width is not None and trace.width < 2:
-        raise PlanError(f"the model has {trace.width} output: fixclf distils classifiers through the softmax of their "
-                        "logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
-    blocked = {name: NOT_CALLED if name not in trace.called else _subclass_reason(linear)
-               for name, linear in linears if name not in trace.affine}
-    shapes = dict(linears)
-    heads = [name for name in trace.called if name in trace.affine
-             and (trace.width is None or shapes[name].out_features == trace.width)]
-    if trace.final is not None:
-        return {name for name in heads if name in trace.final}, blocked
-    return set(heads[-1:]), blocked
-
-
 def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
               example: torch.Tensor | None = None) -> list[LayerPlan]:
     """Decide, without touching the model, what replaces each Linear layer. ``example``: a few input
@@ -262,16 +141,36 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     linears = linear_layers(model)
     if not linears:
         raise PlanError("the model has no nn.Linear layer, so there is nothing to replace; fixclf compresses FC layers")
-    _check_patterns([n for n, _ in linears], options)
-    heads, blocked = _survey(model, linears, example)
-    plan = [_plan_layer(i, name, linear, "head" if name in heads else "hidden", options, seed, blocked.get(name, ""))
+    aliases = _aliases(model)
+    _check_patterns([alias for name, _ in linears for alias in aliases[name]], options)
+    found = survey(model, linears, example)
+    plan = [_plan_layer(i, aliases[name], linear, "head" if name in found.heads else "hidden", options, seed,
+                        found.kept.get(name, ""))
             for i, (name, linear) in enumerate(linears)]
     if not any(p.replaced for p in plan):
-        if example is None and blocked:
-            raise PlanError("no layer would be replaced without data: nn.Linear subclasses are replaced only after the "
-                            "forward pass on data shows they compute x W^T + b; pass --data")
-        raise PlanError("no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden")
+        raise PlanError(_nothing_replaced(plan))
     return plan
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each Linear, keyed by its first name (a Linear registered twice has two)."""
+    first: dict[int, str] = {}
+    names: dict[str, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            names.setdefault(first.setdefault(id(module), name), []).append(name)
+    return names
+
+
+def _nothing_replaced(plan: list[LayerPlan]) -> str:
+    reasons = {entry.reason for entry in plan}
+    if all("would store" in reason or reason.startswith("--head") for reason in reasons):
+        return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
+                "small gain nothing from a structured form)")
+    if any("without data" in reason for reason in reasons):
+        return ("no layer would be replaced without data: nn.Linear subclasses are replaced only after the forward pass "
+                "on data shows they compute x W^T + b; pass --data")
+    return "no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden"
 
 
 def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:

@@ -199,3 +199,82 @@ def test_every_linear_whose_output_reaches_the_logits_directly_is_a_head():
     assert {p.role for p in make_plan(features.eval(), example=torch.randn(4, 8))} == {"hidden"}
     tokens = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 10), nn.Softmax(-1))  # (batch, tokens, classes)
     assert [p.role for p in make_plan(tokens.eval(), example=torch.randn(4, 7, 8))] == ["hidden", "head"]
+
+
+class _Probe(nn.Module):
+    """Small models of the forward passes the head search must read right (tests below)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.a, self.head, self.aux = nn.Linear(16, 16), nn.Linear(16, 10), nn.Linear(16, 10)
+        self.norm = nn.LayerNorm(10)
+
+    def forward(self, x):
+        v = self.variant
+        if v == "scales_input_in_place":
+            x.mul_(0.5)
+        h = torch.relu(self.a(x))
+        if v == "aux_called_after_head":
+            logits = self.head(input=h)  # a keyword call too
+            self.aux(h)
+            return logits
+        if v == "attention_pooling":  # per-class scores weighted by a softmax over tokens of another Linear
+            tokens = h[:, None].expand(-1, 3, -1)
+            return (self.head(tokens) * torch.softmax(self.aux(tokens), dim=1)).sum(1)
+        if v == "feature_extractor":
+            return self.norm(self.head(h))
+        if v == "residual_projection":  # a's output is both a summand of the output and the body's input
+            return self.a(x) + self.head(h).sum(-1, keepdim=True)[:, :1].expand(-1, 16)
+        if v == "reused_in_body":  # head applied inside the body and again at the end
+            return self.head(torch.relu(self.a(torch.relu(self.a(x)))))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("variant, frozen, heads", [
+    ("scales_input_in_place", False, {"head"}),
+    ("aux_called_after_head", True, {"head"}),  # frozen: the graph is still recorded
+    ("attention_pooling", False, {"head"}),
+    ("feature_extractor", True, set()),
+    ("residual_projection", False, set()),
+    ("reused_in_body", False, {"head"}),
+])
+def test_the_head_search_reads_the_forward_pass(variant, frozen, heads):
+    model = _Probe(variant).train()
+    if frozen:
+        model.requires_grad_(False)
+    example = torch.randn(4, 16)
+    copy_of_example = example.clone()
+    plan = make_plan(model, example=example)
+    assert {p.name for p in plan if p.role == "head"} == heads
+    assert torch.equal(example, copy_of_example) and model.training  # neither the rows nor the mode changed
+    assert all(p.requires_grad != frozen for p in model.parameters())
+
+
+def test_a_linear_under_two_names_is_matched_by_either():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(32, 32), nn.Linear(32, 10)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    plan = {p.name: p for p in make_plan(Shared().eval(), PlanOptions(exclude=["b"]), example=torch.randn(2, 32))}
+    assert set(plan) == {"a", "head"} and plan["a"].reason == "matched by --exclude"
+
+
+def test_outputs_that_are_not_logits_are_refused():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.proj = nn.Linear(8, 10), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(x), self.proj(x)
+
+    with pytest.raises(PlanError, match="output is tuple"):
+        make_plan(Pair().eval(), example=torch.randn(2, 8))
+    with pytest.raises(PlanError, match="output is a tensor of shape"):
+        make_plan(nn.Sequential(nn.Linear(8, 10), nn.Flatten(0)).eval(), example=torch.randn(2, 8))

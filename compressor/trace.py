@@ -1,0 +1,197 @@
+"""What one forward pass on a few rows shows about a model's ``nn.Linear`` layers: which are called,
+which compute ``x W^T + b``, and which are the **heads** (the Linears that make the logits).
+
+The model runs once in eval mode with the autograd graph recorded through its parameters (the
+input is cloned, never changed; nothing is trained; modes and ``requires_grad`` flags are restored),
+with a forward hook on every Linear. Then:
+
+* a Linear the pass never calls stays dense (``nn.MultiheadAttention``'s ``out_proj``, whose
+  weights its owner reads directly; an unused auxiliary head);
+* a subclass of ``nn.Linear`` (timm's ``Linear``, a weight-normalised layer) is *affine* when its
+  output there equals ``F.linear(x, weight, bias)``; only affine Linears are replaced;
+* a **head** is an affine Linear of the output's width (the last dimension) whose output reaches
+  the model's output through :data:`LOGIT_PRESERVING` nodes only (sums, scales, averages and
+  maxima, reshapes, selections, masking, clamping; softmax and log-softmax unless a product has
+  been passed, as in attention pooling where a softmax weighs *other* values) and feeds no
+  Linear (so a residual input projection or a Linear applied again inside the body is not one).
+  A model that averages two heads (DeiT's distilled models) has two; a feature extractor that ends
+  in a normalisation has none. A forward pass that cannot record the graph (an in-place change of
+  a parameter) falls back to the last affine Linear called at the output's width.
+
+A second pass on the same rows must give the same output: a forward pass with dropout or sampling
+left on cannot be distilled or validated. Outputs that are not logits (not a tensor, no class
+axis, one class) are refused. All refusals are :class:`~compressor.errors.PlanError` (exit 5).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PlanError
+
+__all__ = ["Survey", "survey", "LOGIT_PRESERVING", "NOT_CALLED"]
+
+NOT_CALLED = "not called by the forward pass"
+LOGIT_PRESERVING = frozenset({
+    "Add", "Sub", "Mul", "Div", "Neg", "Mean", "Sum", "Amax", "Max", "View", "UnsafeView", "Reshape", "ReshapeAlias",
+    "Select", "Slice", "Index", "IndexSelect", "Transpose", "Permute", "Squeeze", "Unsqueeze", "Cat", "Stack", "Split",
+    "SplitWithSizes", "Unbind", "Clone", "ToCopy", "Expand", "Flip", "AsStrided", "Alias", "Tanh", "Clamp", "ClampMin",
+    "ClampMax", "MaskedFill", "Where", "AvgPool2D", "AdaptiveAvgPool2D", "AvgPool1D", "AdaptiveAvgPool1D",
+    "MaxPool2DWithIndices", "AdaptiveMaxPool2D", "AdaptiveMaxPool1D", "Softmax", "LogSoftmax"})
+"""Autograd nodes (``<Name>Backward<n>``) through which a head's output is still the logits."""
+PRODUCTS = frozenset({"Mul", "Div"})
+SOFTMAXES = frozenset({"Softmax", "LogSoftmax"})
+
+
+@dataclass
+class Survey:
+    """The heads' names, and per Linear the forward pass rules out, the reason."""
+
+    heads: set[str]
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Calls:
+    order: list[str] = field(default_factory=list)  # first calls, in order
+    affine: set[str] = field(default_factory=set)
+    produced_by: dict = field(default_factory=dict)  # grad_fn of every Linear output -> the Linear's name
+
+
+def _unchecked(linear: nn.Linear) -> str:
+    return (f"an nn.Linear subclass ({type(linear).__name__}): without data fixclf cannot check that it computes "
+            "x W^T + b; pass --data")
+
+
+def _not_affine(linear: nn.Linear) -> str:
+    return f"an nn.Linear subclass ({type(linear).__name__}) whose output is not x W^T + b from its weight and bias"
+
+
+def survey(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor | None) -> Survey:
+    """The heads and the Linears to keep (module docstring); without ``example``, the last Linear of
+    type exactly ``nn.Linear`` is the head and subclasses are kept."""
+    if example is None:
+        exact = [name for name, linear in linears if type(linear) is nn.Linear]
+        return Survey(set(exact[-1:]), {name: _unchecked(linear) for name, linear in linears if type(linear) is not nn.Linear})
+    with _evaluating_with_graph(model):
+        calls, output = _record(model, linears, example)
+        _check_output(model, example, output)
+    kept = {name: NOT_CALLED if name not in calls.order else _not_affine(linear)
+            for name, linear in linears if name not in calls.affine}
+    width, shapes = output.shape[-1], dict(linears)
+    candidates = [name for name in calls.order if name in calls.affine and shapes[name].out_features == width]
+    if output.grad_fn is None:
+        return Survey(set(candidates[-1:]), kept)
+    sources, feeders = _logit_sources(output, calls.produced_by), _feeders(calls.produced_by)
+    return Survey({name for name in candidates if name in sources and name not in feeders}, kept)
+
+
+@contextlib.contextmanager
+def _evaluating_with_graph(model: nn.Module) -> Iterator[None]:
+    """Eval mode, and every floating-point parameter recording gradients (so that the graph exists
+    for a frozen model too); both restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters() if p.is_floating_point()]
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torch.Tensor) -> tuple[_Calls, object]:
+    """Run the model once with a hook on every Linear; the calls seen and the output."""
+    calls = _Calls()
+
+    def seen(name: str, linear: nn.Linear, args: tuple, kwargs: dict, out) -> None:
+        if not isinstance(out, torch.Tensor):
+            return
+        if out.grad_fn is not None:
+            calls.produced_by[out.grad_fn] = name
+        if name in calls.order:
+            return
+        calls.order.append(name)
+        x = args[0] if args else kwargs.get("input")
+        with torch.no_grad():
+            if type(linear) is nn.Linear or (isinstance(x, torch.Tensor) and torch.allclose(
+                    out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
+                calls.affine.add(name)
+
+    hooks = [linear.register_forward_hook(lambda m, a, k, out, name=name: seen(name, m, a, k, out), with_kwargs=True)
+             for name, linear in linears]
+    try:
+        try:
+            with torch.enable_grad():
+                output = model(example.clone())
+        except RuntimeError:  # e.g. an in-place change of a parameter: without the graph
+            calls.produced_by.clear()
+            with torch.no_grad():
+                output = model(example.clone())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, output
+
+
+def _check_output(model: nn.Module, example: torch.Tensor, output) -> None:
+    """Logits of at least two classes, the same on a second run."""
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        raise PlanError(f"the model's output is {what}; fixclf compresses classifiers whose forward returns logits "
+                        "(batch, ..., classes)")
+    if output.shape[-1] < 2:
+        raise PlanError(f"the model has {output.shape[-1]} output: fixclf distils classifiers through the softmax of "
+                        "their logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
+    with torch.no_grad():
+        if not torch.allclose(model(example.clone()), output.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
+            raise PlanError("the model's output differs between two runs on the same rows in eval mode (dropout or "
+                            "sampling left on?); fixclf distils and validates a deterministic forward: make it depend "
+                            "on self.training (e.g. F.dropout(x, training=self.training))")
+
+
+def _kind(node) -> str:
+    return type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+
+
+def _logit_sources(output: torch.Tensor, produced_by: dict) -> set[str]:
+    """The Linears whose outputs the graph of ``output`` reaches through :data:`LOGIT_PRESERVING`
+    nodes (a softmax only while no product has been passed)."""
+    sources, seen, stack = set(), set(), [(output.grad_fn, False)]
+    while stack:
+        node, through_product = stack.pop()
+        if node is None or (node, through_product) in seen:
+            continue
+        seen.add((node, through_product))
+        kind = _kind(node)
+        if node in produced_by:
+            sources.add(produced_by[node])
+        elif kind in LOGIT_PRESERVING and not (kind in SOFTMAXES and through_product):
+            stack.extend((parent, through_product or kind in PRODUCTS) for parent, _ in node.next_functions)
+    return sources
+
+
+def _feeders(produced_by: dict) -> set[str]:
+    """The Linears whose output (of some call) reaches another Linear call's input, through any ops."""
+    feeders = set()
+    for start in produced_by:
+        seen, stack = set(), [parent for parent, _ in start.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in produced_by:
+                feeders.add(produced_by[node])
+            else:
+                stack.extend(parent for parent, _ in node.next_functions)
+    return feeders
