@@ -19,6 +19,7 @@ from torch import nn
 from . import runtime
 from .export import to_onnx
 from .surgery import LayerPlan
+from .trace import layer_inputs
 
 __all__ = ["LayerCost", "layer_shapes", "measure", "MOBILE_THREADS", "BATCH_THREADS"]
 
@@ -43,23 +44,9 @@ class LayerCost:
         return self.structured_batch1_ms > self.dense_batch1_ms
 
 
-@torch.no_grad()
 def layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """The middle axes (tokens) of each named layer's input when ``model`` runs on ``example``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module, args, output) -> None:  # returns None: the output is left as it is
-            shapes.setdefault(name, tuple(args[0].shape[1:-1]))
-        return hook
-
-    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    try:
-        model.eval()(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return shapes
+    return layer_inputs(model.eval(), names, example, lambda inputs: tuple(inputs.shape[1:-1]))
 
 
 def _time(dense: nn.Module, structured: nn.Module, shape: tuple[int, ...], batch: int) -> LayerCost:

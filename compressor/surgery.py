@@ -43,7 +43,7 @@ from .errors import PlanError
 from .layers import count_stored, spec_for
 from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
-from .trace import survey
+from .trace import layer_inputs, survey
 
 __all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
            "replaced_parameters", "with_dense_layer"]
@@ -213,21 +213,9 @@ def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> n
     return model
 
 
-@torch.no_grad()
 def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each named module's input when ``model`` runs on ``x``, flattened to (rows, features)."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        return lambda m, args, out: captured.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]))
-
-    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+    return layer_inputs(model, names, x, lambda inputs: inputs.detach().reshape(-1, inputs.shape[-1]))
 
 
 def initialise_from_dense(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], x: torch.Tensor,

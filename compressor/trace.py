@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import nn
 
 from .errors import PlanError
 
-__all__ = ["Survey", "survey", "LOGIT_PRESERVING", "NOT_CALLED"]
+__all__ = ["Survey", "survey", "layer_inputs", "LOGIT_PRESERVING", "NOT_CALLED"]
 
 NOT_CALLED = "not called by the forward pass"
 LOGIT_PRESERVING = frozenset({
@@ -45,6 +45,7 @@ LOGIT_PRESERVING = frozenset({
     "MaxPool2DWithIndices", "AdaptiveMaxPool2D", "AdaptiveMaxPool1D", "Softmax", "LogSoftmax"})
 """Autograd nodes (``<Name>Backward<n>``) through which a head's output is still the logits."""
 PRODUCTS = frozenset({"Mul", "Div"})
+T = TypeVar("T")
 SOFTMAXES = frozenset({"Softmax", "LogSoftmax"})
 
 
@@ -121,7 +122,7 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
         if name in calls.order:
             return
         calls.order.append(name)
-        x = args[0] if args else kwargs.get("input")
+        x = _input(args, kwargs)
         with torch.no_grad():
             if type(linear) is nn.Linear or (isinstance(x, torch.Tensor) and torch.allclose(
                     out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
@@ -195,3 +196,26 @@ def _feeders(produced_by: dict) -> set[str]:
             else:
                 stack.extend(parent for parent, _ in node.next_functions)
     return feeders
+
+
+def _input(args: tuple, kwargs: dict):
+    """A layer's input, however it was passed (``layer(x)`` or ``layer(input=x)``)."""
+    return args[0] if args else kwargs.get("input")
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor, keep: Callable[[torch.Tensor], T]
+                 ) -> dict[str, T]:
+    """``keep(x)`` of the input x of each named layer's first call when ``model`` runs on ``example``."""
+    kept: dict[str, T] = {}
+
+    def hook(name: str):
+        return lambda m, args, kwargs, out: None if name in kept else kept.__setitem__(name, keep(_input(args, kwargs)))
+
+    hooks = [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return kept

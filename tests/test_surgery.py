@@ -278,3 +278,13 @@ def test_outputs_that_are_not_logits_are_refused():
         make_plan(Pair().eval(), example=torch.randn(2, 8))
     with pytest.raises(PlanError, match="output is a tensor of shape"):
         make_plan(nn.Sequential(nn.Linear(8, 10), nn.Flatten(0)).eval(), example=torch.randn(2, 8))
+
+
+def test_layers_called_with_a_keyword_are_initialised_from_their_real_inputs():
+    original = _Probe("aux_called_after_head").eval()  # calls self.head(input=h)
+    example = torch.randn(8, 16)
+    plan = make_plan(original, example=example)
+    compressed = apply_plan(copy.deepcopy(original), plan)
+    initialise_from_dense(original, compressed, plan, example)
+    inputs = _capture_inputs(original, ["head", "a"], example)
+    assert inputs["head"].shape == (8, 16) and torch.equal(inputs["a"], example)
