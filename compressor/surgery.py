@@ -152,14 +152,19 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     return plan
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Every name of each Linear, keyed by its first name (a Linear registered twice has two)."""
-    first: dict[int, str] = {}
-    names: dict[str, list[str]] = {}
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each submodule (a module registered twice has two), keyed by ``id(module)``,
+    first name first."""
+    names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear):
-            names.setdefault(first.setdefault(id(module), name), []).append(name)
+        names.setdefault(id(module), []).append(name)
     return names
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each Linear, keyed by its first name."""
+    return {names[0]: names for names in _names_by_module(model).values()
+            if isinstance(model.get_submodule(names[0]), nn.Linear)}
 
 
 def _nothing_replaced(plan: list[LayerPlan]) -> str:
@@ -186,9 +191,9 @@ def replaced_parameters(model: nn.Module, plan: list[LayerPlan]) -> list[nn.Para
 
 def _set_everywhere(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at ``name`` and at every other name of the module registered there (aliases)."""
-    current = model.get_submodule(name)
-    for alias in [alias for alias, m in model.named_modules(remove_duplicate=False) if m is current and alias]:
-        model.set_submodule(alias, module)
+    for alias in _names_by_module(model)[id(model.get_submodule(name))]:
+        if alias:
+            model.set_submodule(alias, module)
 
 
 def apply_plan(model: nn.Module, plan: list[LayerPlan]) -> nn.Module:

@@ -45,8 +45,8 @@ LOGIT_PRESERVING = frozenset({
     "MaxPool2DWithIndices", "AdaptiveMaxPool2D", "AdaptiveMaxPool1D", "Softmax", "LogSoftmax"})
 """Autograd nodes (``<Name>Backward<n>``) through which a head's output is still the logits."""
 PRODUCTS = frozenset({"Mul", "Div"})
-T = TypeVar("T")
 SOFTMAXES = frozenset({"Softmax", "LogSoftmax"})
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
     """Run the model once with a hook on every Linear; the calls seen and the output."""
     calls = _Calls()
 
-    def seen(name: str, linear: nn.Linear, args: tuple, kwargs: dict, out) -> None:
+    def seen(name: str, linear: nn.Module, args: tuple, kwargs: dict, out) -> None:
         if not isinstance(out, torch.Tensor):
             return
         if out.grad_fn is not None:
@@ -128,9 +128,7 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
                     out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)):
                 calls.affine.add(name)
 
-    hooks = [linear.register_forward_hook(lambda m, a, k, out, name=name: seen(name, m, a, k, out), with_kwargs=True)
-             for name, linear in linears]
-    try:
+    with _hooked(linears, seen):
         try:
             with torch.enable_grad():
                 output = model(example.clone())
@@ -138,9 +136,6 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
             calls.produced_by.clear()
             with torch.no_grad():
                 output = model(example.clone())
-    finally:
-        for hook in hooks:
-            hook.remove()
     return calls, output
 
 
@@ -209,13 +204,23 @@ def layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor, keep
     """``keep(x)`` of the input x of each named layer's first call when ``model`` runs on ``example``."""
     kept: dict[str, T] = {}
 
-    def hook(name: str):
-        return lambda m, args, kwargs, out: None if name in kept else kept.__setitem__(name, keep(_input(args, kwargs)))
+    def seen(name: str, module: nn.Module, args: tuple, kwargs: dict, out) -> None:
+        if name not in kept:
+            kept[name] = keep(_input(args, kwargs))
 
-    hooks = [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
-    try:
+    with _hooked([(n, model.get_submodule(n)) for n in names], seen):
         model(example)
-    finally:
-        for h in hooks:
-            h.remove()
     return kept
+
+
+@contextlib.contextmanager
+def _hooked(modules: list[tuple[str, nn.Module]], seen: Callable[[str, nn.Module, tuple, dict, object], None]
+            ) -> Iterator[None]:
+    """``seen(name, module, args, kwargs, output)`` after every call of each named module, while inside."""
+    hooks = [module.register_forward_hook(lambda m, args, kwargs, out, name=name: seen(name, m, args, kwargs, out),
+                                          with_kwargs=True) for name, module in modules]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
