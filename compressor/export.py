@@ -26,7 +26,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -207,12 +207,43 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+_OPERATOR_REGISTRIES: dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def _operator_registry_built_once() -> Iterator[None]:
+    """``torch.onnx.export(dynamo=True)`` rebuilds its ATen -> ONNX operator registry on every call
+    (onnxscript re-reads the source of ~500 torchlib functions: 0.7 s, half the cost of exporting an
+    nn.Linear). fixclf exports several times a run (the original, the compressed model, each layer
+    ``plan`` times) and never changes the registry (no custom translation table), so within this
+    context each opset's registry is built once per process and reused. Where torch's private
+    layout differs (another torch release) the exporter runs unchanged."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+        build = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def reused(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _OPERATOR_REGISTRIES:
+            _OPERATOR_REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _OPERATOR_REGISTRIES[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(reused)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = classmethod(build)
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
     """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
     model = model.eval().float()
     batch = torch.export.Dim("batch", min=1)
     try:
-        with _quiet():
+        with _quiet(), _operator_registry_built_once():
             program = torch.onnx.export(model, (example.float()[:2],), dynamo=True, opset_version=spec.opset,
                                         dynamic_shapes=({0: batch},), input_names=[spec.input_name],
                                         output_names=[spec.output_name], external_data=False, optimize=False)
