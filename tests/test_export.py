@@ -139,6 +139,21 @@ def test_int8_and_ort_format(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f.onnx", "f.ort", "none.onnx", "q.onnx"]
 
 
+def test_the_exporters_operator_registry_is_built_once_and_put_back():
+    """to_onnx reuses torch's ATen -> ONNX registry across exports (same bytes as a fresh one) and
+    leaves torch's own builder in place afterwards."""
+    from torch.onnx._internal.exporter import _registration
+
+    import compressor.export as export
+
+    builder = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), HadamardHead(16, 4)), torch.randn(4, 8)
+    first, second = export.to_onnx(model, x).proto, export.to_onnx(model, x).proto
+    assert first.SerializeToString() == second.SerializeToString()
+    assert len(export._OPERATOR_REGISTRIES) == 1
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is builder
+
+
 def test_int8_weights_are_unsigned_and_accurate_on_every_cpu(tmp_path):
     """A plain nn.Linear with PyTorch's uniform init fills the 8-bit range: with signed weights ONNX
     Runtime's U8S8 kernel saturates its int16 pair sums on x86 CPUs without VNNI (39% relative error
