@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,17 +55,36 @@ def _session_directory(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="module")
-def compressed_sample(tmp_path_factory) -> dict:
-    """The compressed MLP sample, made once per test session: the first process to get here makes it,
-    the others wait on the lock and read it."""
-    directory = _session_directory(tmp_path_factory) / "compressed-sample"
-    directory.mkdir(exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
+@pytest.fixture(scope="session")
+def default_mlp(tmp_path_factory) -> tuple[Path, dict]:
+    """``fixclf compress sample_models/mlp.pt -o DIR/mlp.fixclf.pt --json`` with every other option at
+    its default: (DIR, the printed report). Made once per test session: the first process to get here
+    runs it, the others wait on the lock and read it. The headline claim (test_samples.py) and every
+    test that needs a real compressed checkpoint share this one run."""
+    base = _session_directory(tmp_path_factory)
+    directory = base / "default-mlp"
+    with open(base / "default-mlp.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        from hostile_inputs import compressed_sample_in
+        printed = base / "default-mlp.json"
+        if not printed.exists():
+            from typer.testing import CliRunner
 
-        return compressed_sample_in(directory)
+            from cli.main import app
+
+            directory.mkdir()
+            before = sha256(SAMPLES / "mlp.pt")
+            result = CliRunner().invoke(app, ["compress", str(SAMPLES / "mlp.pt"), "-o", str(directory / "mlp.fixclf.pt"),
+                                              "--json"])
+            assert result.exit_code == 0, result.output
+            assert sha256(SAMPLES / "mlp.pt") == before  # the input is never modified
+            printed.write_text(result.stdout)
+        return directory, json.loads(printed.read_text())
+
+
+@pytest.fixture(scope="module")
+def compressed_sample(default_mlp) -> dict:
+    """The compressed MLP sample's checkpoint as stored (a plain dict, read without code)."""
+    return torch.load(default_mlp[0] / "mlp.fixclf.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import io
 import os
 import pickle
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from compressor.zoo import mlp
 from cli_zygote import run_many
-from conftest import FIXCLF, ROOT, SAMPLES, sha256
+from conftest import ROOT, SAMPLES, sha256
 
 CANARY = "PWNED"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", FIXCLF_PROGRESS="1")
@@ -46,15 +45,6 @@ def _fixclf(obj: dict, path: Path) -> None:
 
 def _sample_state() -> dict:
     return torch.load(SAMPLES / "mlp.pt", weights_only=True)
-
-
-def compressed_sample_in(directory: Path) -> dict:
-    """A real compressed checkpoint of the MLP sample, made once in ``directory`` (not a case's input)."""
-    path = directory / "sample.fixclf.pt"
-    if not path.exists():
-        subprocess.run([*FIXCLF, "compress", str(SAMPLES / "mlp.pt"), "--epochs", "1",
-                        "-o", str(path), "--json"], env=ENV, cwd=directory, check=True, capture_output=True)
-    return torch.load(path, weights_only=True)
 
 
 def write_inputs(d: Path, compressed: dict) -> None:

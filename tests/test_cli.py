@@ -26,20 +26,8 @@ def invoke(*args: str):
     return result
 
 
-@pytest.fixture(scope="module")
-def compressed_mlp(tmp_path_factory):
-    """One short compress run shared by the tests below (the accuracy claim has its own test)."""
-    out = tmp_path_factory.mktemp("mlp")
-    before = sha256(MLP)
-    result = invoke("compress", MLP, "--head", "hadamard", "--hidden", "acdc", "--epochs", "2", "--no-mixup",
-                    "-o", str(out / "mlp.fixclf.pt"), "--json")
-    assert result.exit_code == 0, result.output
-    assert sha256(MLP) == before
-    return out, json.loads(result.stdout)
-
-
-def test_compress_report_json_fields(compressed_mlp):
-    out, report = compressed_mlp
+def test_compress_report_json_fields(default_mlp):
+    out, report = default_mlp
     for key in ("params", "onnx", "accuracy", "latency", "layers", "warnings", "notes"):
         assert key in report
     assert report["params"]["model"]["after"] < report["params"]["model"]["before"]
@@ -51,13 +39,12 @@ def test_compress_report_json_fields(compressed_mlp):
     assert mobile["after"]["batch"] == mobile["before"]["batch"] == 1 and mobile["after"]["threads"] == 1
     kinds = {layer["name"]: layer["kind"] for layer in report["layers"]}
     assert kinds == {"0": "acdc", "2": "acdc", "4": "hadamard"}
-    assert report["options"]["epochs"] == 2 and report["options"]["mixup"] is False  # as asked (defaults: test_samples)
     assert (out / "mlp.fixclf.onnx").is_file() and (out / "mlp.fixclf.pt").is_file()
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary leftovers
 
 
-def test_compressed_checkpoint_reloads_weights_only_with_same_logits(compressed_mlp):
-    out, _ = compressed_mlp
+def test_compressed_checkpoint_reloads_weights_only_with_same_logits(default_mlp):
+    out, _ = default_mlp
     raw = torch.load(out / "mlp.fixclf.pt", weights_only=True)
     assert raw["format"] == "fixclf.compressed/1"
     model = load_compressed_model(out / "mlp.fixclf.pt")
@@ -69,8 +56,8 @@ def test_compressed_checkpoint_reloads_weights_only_with_same_logits(compressed_
     assert torch.allclose(torch.from_numpy(onnx_logits), model(x).detach(), atol=1e-4)
 
 
-def test_report_table_json_and_latest(compressed_mlp, monkeypatch):
-    out, report = compressed_mlp
+def test_report_table_json_and_latest(default_mlp, monkeypatch):
+    out, report = default_mlp
     table = invoke("report", str(out / "mlp.fixclf.pt"))
     assert table.exit_code == 0 and "held-out accuracy" in table.stdout and "ONNX file" in table.stdout
     assert "batch 1, 1 thread" in table.stdout
@@ -100,8 +87,8 @@ def test_plan_touches_nothing(workdir):
     assert table.exit_code == 0 and "classifier.0" in table.stdout
 
 
-def test_export_command(compressed_mlp, workdir):
-    out, _ = compressed_mlp
+def test_export_command(default_mlp, workdir):
+    out, _ = default_mlp
     # the data lives outside the output's directory, so the checkpoint does not name it: --data again
     refused = invoke("export", str(out / "mlp.fixclf.pt"), "-o", "m.onnx")
     assert refused.exit_code == 4 and "--data" in refused.stderr
@@ -117,7 +104,7 @@ def test_subprocess_compress_cnn(workdir):
     """A real process, as a user runs it (console entry point's module), on the CNN sample."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [*FIXCLF, "compress", CNN, "--hidden", "fastfood", "--epochs", "1",
+        [*FIXCLF, "compress", CNN, "--hidden", "fastfood", "--epochs", "1", "--no-mixup",
          "--quantize", "int8", "--precision", "fp16", "--ort", "--json"],
         capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
     )
@@ -125,6 +112,7 @@ def test_subprocess_compress_cnn(workdir):
     report = json.loads(proc.stdout)
     assert report["output"] == "cnn.fixclf.pt" and (workdir / "cnn.fixclf.onnx").is_file()
     assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}
+    assert report["options"]["epochs"] == 1 and report["options"]["mixup"] is False  # as asked (defaults: test_samples)
     # int8 of the remaining dense layers (the convolutions) and the ORT mobile format
     assert (workdir / "cnn.fixclf.int8.onnx").is_file() and (workdir / "cnn.fixclf.ort").is_file()
     assert report["int8"]["bytes"] < report["onnx"]["bytes_after"]
