@@ -26,6 +26,7 @@ if __name__ == "__main__":  # the imports the children inherit (only in the zygo
     import cli.render  # noqa: F401
     import compressor.api  # noqa: F401
     import onnxruntime  # noqa: F401
+    import onnxscript.optimizer  # noqa: F401  (compressor.export imports it on the first export)
 
     for lazy in ("typer._adapters", "rich._emoji_codes"):  # what typer and rich import on first use (~0.1 s a case)
         with contextlib.suppress(ImportError):
