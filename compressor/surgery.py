@@ -106,15 +106,18 @@ def _kept_reason(names: list[str], role: str, kind: str, options: PlanOptions) -
 
 
 def _plan_layer(index: int, names: list[str], linear: nn.Linear, role: str, options: PlanOptions, seed: int,
-                traced_reason: str = "") -> LayerPlan:
-    """The plan of one Linear (``names``: all its names, the first one planned); ``traced_reason``:
-    why the forward pass rules it out ("" when it does not)."""
+                traced_reason: str = "") -> tuple[LayerPlan, str]:
+    """The plan of one Linear (``names``: all its names, the first one planned) and the rule that
+    decided it: "replaced", "options" (the user's flags; "head keep" for ``--head keep``), "forward
+    pass" (``traced_reason``: why the forward pass rules it out, "" when it does not) or "size"."""
     kind = options.head if role == "head" else options.hidden
     before, name = count_stored(linear), names[0]
     entry = LayerPlan(name, role, linear.in_features, linear.out_features, before, None, {}, before)
-    entry.reason = _kept_reason(names, role, kind, options) or traced_reason
+    entry.reason = _kept_reason(names, role, kind, options)
     if entry.reason:
-        return entry
+        return entry, "head keep" if role == "head" and kind == KEEP else "options"
+    if traced_reason:
+        return replace(entry, reason=traced_reason), "forward pass"
     spec = spec_for(role, kind)
     entry.reason = spec.unsupported(linear.in_features, linear.out_features)
     if entry.reason:
@@ -126,9 +129,9 @@ def _plan_layer(index: int, names: list[str], linear: nn.Linear, role: str, opti
     after = count_stored(entry.build())
     if role == "hidden" and after >= before:  # a head's kind is the user's explicit choice (orthogonal stores Q)
         return replace(entry, kind=None, options={}, reason=f"its {kind} form would store {after:,} numbers, the "
-                                                              f"dense layer {before:,}")
+                                                              f"dense layer {before:,}"), "size"
     entry.params_after = after
-    return entry
+    return entry, "replaced"
 
 
 def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
@@ -144,12 +147,12 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     aliases = _aliases(model)
     _check_patterns([alias for name, _ in linears for alias in aliases[name]], options)
     found = survey(model, linears, example)
-    plan = [_plan_layer(i, aliases[name], linear, "head" if name in found.heads else "hidden", options, seed,
-                        found.kept.get(name, ""))
-            for i, (name, linear) in enumerate(linears)]
-    if not any(p.replaced for p in plan):
-        raise PlanError(_nothing_replaced(plan))
-    return plan
+    planned = [_plan_layer(i, aliases[name], linear, "head" if name in found.heads else "hidden", options, seed,
+                           found.kept.get(name, ""))
+               for i, (name, linear) in enumerate(linears)]
+    if not any(entry.replaced for entry, _ in planned):
+        raise PlanError(_nothing_replaced({rule for _, rule in planned}, without_data=example is None))
+    return [entry for entry, _ in planned]
 
 
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
@@ -167,12 +170,12 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
             if isinstance(model.get_submodule(names[0]), nn.Linear)}
 
 
-def _nothing_replaced(plan: list[LayerPlan]) -> str:
-    reasons = {entry.reason for entry in plan}
-    if all("would store" in reason or reason.startswith("--head") for reason in reasons):
+def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
+    """Why no layer is replaced, from the rules that kept them (:func:`_plan_layer`)."""
+    if "size" in rules and rules <= {"size", "head keep"}:
         return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
                 "small gain nothing from a structured form)")
-    if any("without data" in reason for reason in reasons):
+    if without_data and "forward pass" in rules:  # without data the forward pass rules out only unchecked subclasses
         return ("no layer would be replaced without data: nn.Linear subclasses are replaced only after the forward pass "
                 "on data shows they compute x W^T + b; pass --data")
     return "no layer would be replaced (all kept or filtered out); relax --include/--exclude or --head/--hidden"

@@ -288,3 +288,13 @@ def test_layers_called_with_a_keyword_are_initialised_from_their_real_inputs():
     initialise_from_dense(original, compressed, plan, example)
     inputs = _capture_inputs(original, ["head", "a"], example)
     assert inputs["head"].shape == (8, 16) and torch.equal(inputs["a"], example)
+
+
+def test_nothing_to_replace_names_the_rule_that_kept_the_layers():
+    tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3))  # ACDC would store more than 6 numbers
+    with pytest.raises(PlanError, match="would store more numbers than its dense layer"):
+        make_plan(tiny, PlanOptions(head="keep"))
+    with pytest.raises(PlanError, match="relax --include/--exclude or --head/--hidden"):  # the user kept the only Linear
+        make_plan(nn.Linear(64, 10), PlanOptions(head="keep"))
+    with pytest.raises(PlanError, match="relax --include/--exclude"):
+        make_plan(tiny, PlanOptions(exclude=["0"], head="keep"))
