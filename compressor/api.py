@@ -285,11 +285,11 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
     return []
 
 
-def _original_onnx(original: nn.Module, data: DataSource, options: CompressOptions, events: Events) -> bytes:
+def _original_onnx(original: nn.Module, samples: torch.Tensor, options: CompressOptions, events: Events) -> bytes:
     """The original model as validated ONNX bytes (in memory, for size and latency), made before any
-    fine-tuning so that a model ONNX cannot express fails before the work, not after it."""
+    fine-tuning so that a model ONNX cannot express fails before the work, not after it.
+    ``samples``: the validation rows (VALIDATION_ROWS of the held-out split), shared with :func:`_export`."""
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
-    samples = data.head("val", VALIDATION_ROWS)[0]
     try:
         original_bytes = to_onnx(original, samples).proto.SerializeToString()
         validate(original_bytes, original, samples, tolerance=options.export.tolerance)
@@ -299,10 +299,10 @@ def _original_onnx(original: nn.Module, data: DataSource, options: CompressOptio
     return original_bytes
 
 
-def _export(original: nn.Module, original_bytes: bytes, compressed: nn.Module, data: DataSource, options: CompressOptions,
-            artifacts: Artifacts, formats: dict[str, str], events: Events
+def _export(original: nn.Module, original_bytes: bytes, compressed: nn.Module, samples: torch.Tensor, data: DataSource,
+            options: CompressOptions, artifacts: Artifacts, formats: dict[str, str], events: Events
             ) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair, dict[str, ReducedFigures]]:
-    samples, timing = data.head("val", VALIDATION_ROWS)[0], data.head("val", options.export.latency_batch)[0]
+    timing = data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the compressed model to ONNX and validating it in ONNX Runtime")
     result = write_exports(compressed, samples, artifacts, formats, tolerance=options.export.tolerance)
     main = result.files["onnx"]
@@ -380,7 +380,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
         if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
             raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
-        original_bytes = _original_onnx(loaded.model, data, options, events) if world.is_main else b""
+        samples = data.head("val", VALIDATION_ROWS)[0] if world.is_main else None  # validation rows, read once
+        original_bytes = _original_onnx(loaded.model, samples, options, events) if world.is_main else b""
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
@@ -389,8 +390,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         with world.stage():
             if not world.is_main:
                 return None
-            exported, onnx, latency, mobile, reduced = _export(original, original_bytes, compressed, data, options,
-                                                               artifacts, formats, events)
+            exported, onnx, latency, mobile, reduced = _export(original, original_bytes, compressed, samples, data,
+                                                               options, artifacts, formats, events)
             report = Report(
                 model=str(options.source.checkpoint), output=str(paths["checkpoint"]), options=_options_summary(options),
                 data=DataSummary(data.source, int(data.training_rows()), int(data.val_rows or 0), data.has_labels),

@@ -219,7 +219,8 @@ def _operator_registry_built_once() -> Iterator[None]:
     layout differs (another torch release) the exporter runs unchanged."""
     try:
         from torch.onnx._internal.exporter import _registration
-        build = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+        torchs_own = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        build = torchs_own.__func__
     except (ImportError, AttributeError, KeyError):
         yield
         return
@@ -234,7 +235,7 @@ def _operator_registry_built_once() -> Iterator[None]:
     try:
         yield
     finally:
-        _registration.ONNXRegistry.from_torchlib = classmethod(build)
+        _registration.ONNXRegistry.from_torchlib = torchs_own
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
