@@ -35,8 +35,8 @@ from .options import CompressOptions, ExportOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
-from .surgery import (LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_parameters,
-                      with_dense_layer)
+from .surgery import (LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_numbers,
+                      replaced_parameters, with_dense_layer)
 
 __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
            "load_compressed_model"]
@@ -140,10 +140,9 @@ def _cost_warnings(rows: list[LayerRow]) -> list[str]:
 
 
 def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
-    before = count_stored(original)
-    replaced = [p for p in plan if p.replaced]
-    old, new = sum(p.params_before for p in replaced), sum(p.params_after for p in replaced)
-    return ParamSummary(Counts.of(before, before - old + new), Counts.of(old, new))
+    before, (old, freed) = count_stored(original), replaced_numbers(original, plan)
+    new = sum(p.params_after for p in plan if p.replaced)
+    return ParamSummary(Counts.of(before, before - freed + new), Counts.of(old, new))
 
 
 def plan_checkpoint(options: CompressOptions) -> PlanReport:
@@ -367,6 +366,9 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         if options.finetune.mixup and not data.random_access:
             raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
                              "without random access; drop --mixup or give a Dataset or array file")
+        if options.finetune.mixup and not data.input_dtype.is_floating_point:
+            raise UsageError(f"--mixup interpolates input rows, and this model takes integer inputs (token ids) from "
+                             f"{data.source}; drop --mixup")
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)

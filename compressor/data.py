@@ -312,8 +312,18 @@ class DataSource:
     files: tuple[Path, ...]  # what was read (data file, directory or module): never overwritten
     has_labels: bool
     random_access: bool = True  # rows can be fetched by index (False: a stream); --mixup needs it
+    input_dtype: torch.dtype = torch.float32  # what the model takes: int64 for token ids (check_against_model)
     train_rows: int | None
     val_rows: int | None
+
+    @property
+    def mixable(self) -> bool:
+        """Whether rows can be mixed (w x + (1 - w) x'): random access and real-valued inputs, not token ids."""
+        return self.random_access and self.input_dtype.is_floating_point
+
+    def as_model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (float32 as read) in the dtype the model takes."""
+        return x if x.dtype == self.input_dtype else x.to(self.input_dtype)
 
     def head(self, split: str, n: int) -> Rows:
         """The first ``n`` rows (fewer if the split is smaller) of ``split`` ("train" or "val"), in memory."""
@@ -358,7 +368,7 @@ class _IndexedSource(DataSource):
             part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
             mine = chunk[part]
             x, y = store.fetch(mine) if mine.numel() else self._empty(store)
-            y = y if self.has_labels else None
+            x, y = self.as_model_input(x), y if self.has_labels else None
             if mix and epoch is not None:
                 yield x, y, self._partners(store, chunk, part, (x, y), _mix_seed(seed, epoch, number))
             else:
@@ -480,6 +490,7 @@ class _StreamSource(DataSource):
         has no random access to draw them from)."""
         mine = items[_split_for_rank(len(items), rank, world)] if training else items
         x, y = _collate(mine or items[:1], self.labelled, self.source)
+        x = self.as_model_input(x)
         rows = (x, y) if mine else (x[:0], None if y is None else y[:0])
         return (*rows, None) if training and mix else rows
 
@@ -608,10 +619,34 @@ def check_labels(y: torch.Tensor | None, classes: int, source: str) -> None:
                         f"(labels must be in [0, {classes})); check the labels")
 
 
+EXACT_INTEGERS = 2**24
+"""Whole numbers below this magnitude are exact in float32, as rows are read (a larger one may have been rounded)."""
+
+
+def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, failure: BaseException) -> torch.Tensor:
+    """A model the float rows do not fit may take integer inputs (token ids into an ``nn.Embedding``):
+    when the rows are whole numbers, try them as int64; if that works the data is fed as int64 from now
+    on (``data.input_dtype``) and the logits are returned, else the float rows' failure is the error."""
+    whole = bool(torch.equal(x, x.round()) and x.abs().max() < EXACT_INTEGERS)
+    if whole:
+        try:
+            logits = model(x.long())
+        except (Exception, SystemExit):
+            pass
+        else:
+            data.input_dtype = torch.long
+            return logits
+    raise DataError(
+        f"{data.source}: samples of shape {tuple(x.shape[1:])} do not fit the model "
+        f"({type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}); check --data"
+    ) from failure
+
+
 @torch.no_grad()
 def check_against_model(data: DataSource, model: nn.Module) -> int:
     """Check the data fits the model before any work; returns the number of classes C. Labels held
-    in memory are all checked here; streamed labels are checked batch by batch as they come."""
+    in memory are all checked here; streamed labels are checked batch by batch as they come. Rows of
+    whole numbers that the model takes only as integers (token ids) are fed as int64 from here on."""
     x, _ = data.head("train", 2)
     val_x, _ = data.head("val", 1)
     if val_x.shape[1:] != x.shape[1:]:
@@ -619,10 +654,7 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     try:
         logits = model(x)
     except (Exception, SystemExit) as exc:
-        raise DataError(
-            f"{data.source}: samples of shape {tuple(x.shape[1:])} do not fit the model "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}); check --data"
-        ) from exc
+        logits = _as_integer_inputs(data, model, x, exc)
     if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
         raise PlanError(f"the model returns {_describe(logits)}; fixclf compresses classifiers whose forward returns "
                         "one float logits tensor (batch, classes): wrap the model so that it does")

@@ -246,7 +246,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet(), _operator_registry_built_once():
-            program = torch.onnx.export(model, (example.float()[:2],), dynamo=True, opset_version=spec.opset,
+            program = torch.onnx.export(model, (runtime.as_model_input(example)[:2],), dynamo=True, opset_version=spec.opset,
                                         dynamic_shapes=({0: batch},), input_names=[spec.input_name],
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
@@ -268,7 +268,7 @@ def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tens
              min_agreement: float | None = None, what: str = "reduced-precision") -> Validation:
     """Run the file in ONNX Runtime on ``inputs`` and compare with ``model``; ExportError past the rule."""
     with torch.no_grad():
-        reference = model(inputs.float()).float().numpy()
+        reference = model(runtime.as_model_input(inputs)).float().numpy()
     got = runtime.run(runtime.session(onnx_file), inputs)
     diff = float(np.abs(got - reference).max())
     result = Validation(diff, diff / max(1.0, float(np.abs(reference).max())),
@@ -305,7 +305,7 @@ def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
 
 
 def _write_fp16(exported: Exported, float_file: Path, out: Path) -> None:
-    """Float16 weights and arithmetic (onnxconverter-common's converter), float32 inputs and outputs."""
+    """Float16 weights and arithmetic (onnxconverter-common's converter), inputs and outputs as in the float32 file."""
     from onnxconverter_common import float16
 
     with _quiet():

@@ -112,12 +112,12 @@ def resolved_options(options: FinetuneOptions, data: DataSource) -> FinetuneOpti
     """``options`` with the defaults that depend on the data made concrete: ``epochs`` None becomes the
     fewest epochs that hold at least :data:`BUDGET_STEPS` optimiser steps over ``data``'s training
     rows (a budget in steps, not epochs: the same brief fine-tune whether the data has 1,000 rows or
-    100,000; only then are the rows counted), and ``mixup`` None becomes whether ``data`` has random
-    access (streams are not mixed)."""
+    100,000; only then are the rows counted), and ``mixup`` None becomes whether ``data`` can be mixed
+    (random access and real-valued inputs: streams and token ids are not mixed)."""
     epochs = options.epochs
     if epochs is None:
         epochs = max(1, math.ceil(BUDGET_STEPS / steps_per_epoch(data.training_rows(), options)))
-    mixup = options.mixup if options.mixup is not None else data.random_access
+    mixup = options.mixup if options.mixup is not None else data.mixable
     return replace(options, epochs=epochs, mixup=mixup)
 
 

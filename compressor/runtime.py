@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["WARMUP", "RUNS", "ROUNDS", "Latency", "session", "run", "latency", "paired_latency", "accuracy"]
+__all__ = ["WARMUP", "RUNS", "ROUNDS", "Latency", "as_model_input", "as_feed", "session", "run", "latency", "paired_latency",
+           "accuracy"]
 
 WARMUP = 10
 RUNS = 50
@@ -41,6 +42,16 @@ class Latency:
         return asdict(self)
 
 
+def as_model_input(x: torch.Tensor) -> torch.Tensor:
+    """Rows as every exported model takes them: float32, or int64 when they are integers (token ids)."""
+    return x.float() if x.is_floating_point() else x.long()
+
+
+def as_feed(x: torch.Tensor) -> np.ndarray:
+    """Rows as an ONNX Runtime feed (:func:`as_model_input`)."""
+    return as_model_input(x).numpy()
+
+
 def session(model: str | Path | bytes, threads: int = 2):
     """A CPU InferenceSession on a file or serialised model, ``threads`` intra-op threads, no spinning."""
     import onnxruntime as ort
@@ -57,7 +68,7 @@ def session(model: str | Path | bytes, threads: int = 2):
 
 def run(sess, x: torch.Tensor) -> np.ndarray:
     """The first output of ``sess`` on ``x`` (float32)."""
-    return sess.run(None, {sess.get_inputs()[0].name: x.float().numpy()})[0]
+    return sess.run(None, {sess.get_inputs()[0].name: as_feed(x)})[0]
 
 
 def latency(model: str | Path | bytes, sample: torch.Tensor, *, threads: int = 2, runs: int = RUNS) -> Latency:
@@ -75,7 +86,7 @@ def paired_latency(models: Sequence[str | Path | bytes], sample: torch.Tensor, *
     would in an application. Spinning is off, so no session's idle threads take the others' cores.
     """
     sessions = [session(model, threads) for model in models]
-    feeds = [{s.get_inputs()[0].name: sample.float().numpy()} for s in sessions]
+    feeds = [{s.get_inputs()[0].name: as_feed(sample)} for s in sessions]
     for sess, feed in zip(sessions, feeds):
         for _ in range(WARMUP):
             sess.run(None, feed)

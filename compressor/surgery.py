@@ -7,7 +7,8 @@ data; without them the last ``nn.Linear`` registered is the head and subclasses 
 Every other ``nn.Linear`` is a **hidden** FC layer. A model that is itself one ``nn.Linear`` is a
 head. A Linear registered under several names (``self.b = self.a``) is planned once, under its
 first name, matched by a pattern through any of them, and replaced under every name, so the tie
-holds. ``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
+holds; two distinct Linears sharing a weight tensor are each replaced on their own, and stored numbers
+count a shared tensor once (:func:`replaced_numbers`). ``include`` / ``exclude`` are fnmatch patterns on module names (``classifier.*``); a pattern that
 matches no Linear layer is an error, not a silent no-op. Which kind replaces a layer, with which
 options and limits, comes from the registry (:mod:`compressor.layers.registry`); each replacement
 keeps the dense layer's choice of bias, and a hidden layer whose replacement would store more
@@ -41,12 +42,13 @@ from torch import nn
 
 from .errors import PlanError
 from .layers import count_stored, spec_for
+from .layers.base import own_stored_tensors
 from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
 from .trace import layer_inputs, survey
 
 __all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
-           "replaced_parameters", "with_dense_layer"]
+           "replaced_numbers", "replaced_parameters", "with_dense_layer"]
 
 
 @dataclass
@@ -185,6 +187,16 @@ def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:
     """A new plan: ``plan`` with the layers in ``names`` (name -> reason) kept dense (``plan`` is unchanged)."""
     return [replace(entry, kind=None, options={}, params_after=entry.params_before, reason=names[entry.name])
             if entry.name in names else entry for entry in plan]
+
+
+def replaced_numbers(model: nn.Module, plan: list[LayerPlan]) -> tuple[int, int]:
+    """Stored numbers of the Linears ``plan`` replaces in ``model`` (before :func:`apply_plan`): all they
+    hold, each tensor once however many of them share it, and how many replacing them frees: those no
+    module the plan keeps also holds (a head's weight tied to a kept embedding stays in the model)."""
+    replaced = {id(model.get_submodule(entry.name)) for entry in plan if entry.replaced}
+    held = {id(t): t.numel() for m in model.modules() if id(m) in replaced for t in own_stored_tensors(m)}
+    still_held = {id(t) for m in model.modules() if id(m) not in replaced for t in own_stored_tensors(m)}
+    return sum(held.values()), sum(n for key, n in held.items() if key not in still_held)
 
 
 def replaced_parameters(model: nn.Module, plan: list[LayerPlan]) -> list[nn.Parameter]:

@@ -117,6 +117,41 @@ def tangled(classes: int = 20) -> Tangled:
     return Tangled(classes)
 
 
+class TokenClassifier(nn.Module):
+    """Integer token ids (batch, tokens) -> nn.Embedding -> mean over tokens -> two hidden Linears -> head."""
+
+    def __init__(self, vocabulary: int = 100, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, dim)
+        self.fc1, self.fc2, self.head = nn.Linear(dim, 64), nn.Linear(64, 64), nn.Linear(64, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).mean(1)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def token_classifier(classes: int = 4) -> TokenClassifier:
+    return TokenClassifier(classes=classes)
+
+
+class SharedWeight(nn.Module):
+    """Two distinct Linears sharing one weight tensor (not one module under two names): ``c.weight is
+    b.weight``, their biases their own."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.c.weight = self.b.weight
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+def shared_weight(classes: int = 5) -> SharedWeight:
+    return SharedWeight(classes)
+
+
 class BranchesOnData(nn.Module):
     """Runs in PyTorch, but its forward branches on the values of its input, which torch.export
     cannot trace: a model fixclf must refuse before it fine-tunes anything."""

@@ -200,6 +200,64 @@ def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
     assert again.exit_code == 0, again.output
 
 
+def test_a_weight_shared_by_two_linears_is_counted_once_and_the_checkpoint_reads_back(workdir):
+    """b and c share one weight tensor: the model holds it once, replacing both frees it once, and a
+    kept layer that still holds it keeps it in the model (the counts stay those of the real files)."""
+    from compressor import CompressOptions, PlanOptions, SourceOptions, plan_checkpoint
+
+    model, _ = _labelled("shared_weight", rows=320, features=16)
+    shared, bias = 64 * 64, 64
+    before = sum(p.numel() for p in model.parameters())
+    assert before == 16 * 64 + 64 + shared + 2 * bias + 64 * 5 + 5
+    result = runner.invoke(app, ["compress", "shared_weight.pt", "--arch", "architectures:shared_weight", "--data",
+                                 "data.npz", "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    params = json.loads(result.stdout)["params"]
+    compressed = load_compressed_model("shared_weight.fixclf.pt", arch="architectures:shared_weight")
+    assert params["model"] == {"before": before, "after": sum(p.numel() for p in compressed.state_dict().values()),
+                               "ratio": params["model"]["ratio"]}
+    assert params["replaced"]["before"] == before  # every layer replaced, the shared weight once
+    shown = runner.invoke(app, ["report", "shared_weight.fixclf.pt", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["params"] == params, shown.output
+
+    source = SourceOptions("shared_weight.pt", arch="architectures:shared_weight", data="data.npz")
+    kept_c = plan_checkpoint(CompressOptions(source, plan=PlanOptions(exclude=["c"])))
+    after_b = next(row.params_after for row in kept_c.layers if row.name == "b")
+    assert kept_c.params.replaced.before == before - bias  # a, b (the shared weight included), head: all but c's bias
+    assert kept_c.params.model.after == kept_c.params.replaced.after + shared + bias  # c keeps the weight
+    assert after_b < shared
+
+
+def test_token_ids_into_an_embedding_train_export_and_run_as_integers(workdir):
+    """x of whole numbers that the model takes only as integers (token ids): fed as int64 everywhere, the
+    ONNX input is int64 and matches PyTorch, rows are not mixed (--mixup is refused), export reruns."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = architectures.token_classifier().eval()
+    torch.save(model.state_dict(), "tokens.pt")
+    tokens = torch.randint(0, 100, (320, 12))
+    with torch.no_grad():
+        np.savez("data.npz", x=tokens.numpy(), y=model(tokens).argmax(1).numpy())
+    arch = ["--arch", "architectures:token_classifier", "--data", "data.npz"]
+    refused = runner.invoke(app, ["compress", "tokens.pt", *arch, "--epochs", "1", "--mixup"])
+    assert refused.exit_code == 2 and "integer inputs (token ids)" in refused.output, refused.output
+    result = runner.invoke(app, ["compress", "tokens.pt", *arch, "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["mixup"] is False
+    assert {layer["name"]: layer["kind"] for layer in report["layers"]} == {"fc1": "acdc", "fc2": "acdc", "head": "hadamard"}
+    graph = onnx.load("tokens.fixclf.onnx").graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    compressed = load_compressed_model("tokens.fixclf.pt", arch="architectures:token_classifier")
+    with torch.no_grad():
+        expected = compressed(tokens[:64])
+    got = torch.from_numpy(run(session("tokens.fixclf.onnx"), tokens[:64]))
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+    again = runner.invoke(app, ["export", "tokens.fixclf.pt", "-o", "again.onnx", *arch])
+    assert again.exit_code == 0, again.output
+
+
 def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     """The original is exported first: the one-line error names the cause, and no step was trained."""
     from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress

@@ -46,20 +46,22 @@ def _rows(data, split: str) -> set[bytes]:
 class _Rows:
     """A data source of ``rows`` training rows (counted only when asked)."""
 
-    def __init__(self, rows: int, random_access: bool = True):
+    def __init__(self, rows: int, random_access: bool = True, token_ids: bool = False):
         self.rows, self.random_access, self.counted = rows, random_access, 0
+        self.mixable = random_access and not token_ids
 
     def training_rows(self) -> int:
         self.counted += 1
         return self.rows
 
 
-def test_the_default_fine_tune_is_a_budget_of_steps_and_mixes_wherever_rows_can_be_fetched():
+def test_the_default_fine_tune_is_a_budget_of_steps_and_mixes_wherever_rows_can_be_mixed():
     default = FinetuneOptions()
     assert default.epochs is None and default.mixup is None
     digits = resolved_options(default, _Rows(1437))  # 23 steps an epoch at batch 64
     assert digits.epochs == math.ceil(BUDGET_STEPS / 23) == 109 and digits.mixup is True
     assert resolved_options(default, _Rows(8000, random_access=False)) == replace(default, epochs=20, mixup=False)
+    assert resolved_options(default, _Rows(8000, token_ids=True)) == replace(default, epochs=20, mixup=False)
     assert resolved_options(default, _Rows(10**7)).epochs == 1  # never less than one epoch
     assert resolved_options(FinetuneOptions(batch_size=10), _Rows(100)).epochs == 250
     chosen, stream = FinetuneOptions(epochs=3, mixup=False, batch_size=8), _Rows(8000)

@@ -11,11 +11,15 @@ def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
     permutations), each once however many names it has (a module or weight shared by two layers)."""
     seen: dict[int, torch.Tensor] = {}
     for m in module.modules():
-        persistent = [b for name, b in m._buffers.items() if name not in m._non_persistent_buffers_set]
-        for t in [*m._parameters.values(), *persistent]:
-            if t is not None:
-                seen.setdefault(id(t), t)
+        for t in own_stored_tensors(m):
+            seen.setdefault(id(t), t)
     return list(seen.values())
+
+
+def own_stored_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters and persistent buffers registered on ``module`` itself (not its children)."""
+    persistent = [b for name, b in module._buffers.items() if name not in module._non_persistent_buffers_set]
+    return [t for t in [*module._parameters.values(), *persistent] if t is not None]
 
 
 def count_stored(module: nn.Module) -> int:
