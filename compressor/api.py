@@ -89,6 +89,9 @@ def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection
             f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); fixclf "
             "needs real inputs to fine-tune the new layers by distillation and to validate the ONNX export"
         )
+    if spec is None and not Path(source).exists():
+        raise DataError(f"{loaded.path} names the data file {Path(source).name} beside it, which is not there; pass "
+                        "--data FILE.npz")
     data = load_data(source, seed=seed, selection=selection)
     check_against_model(data, loaded.model)
     return data

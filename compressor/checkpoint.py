@@ -134,6 +134,14 @@ def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) 
                     "save it again without compression")
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load failed, in a few words: torch's weights-only refusal opens with a long preamble
+    about its defaults; the reason is on its ``WeightsUnpickler error:`` line."""
+    _, marker, reason = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return f"not a weights-only checkpoint: {lines[0][:200]}" if marker and lines else _first_line(exc)
+
+
 def safe_load(path: Path, trust_pickle: bool = False) -> Any:
     """``torch.load`` with weights_only (unless ``trust_pickle``); one-line CheckpointError on failure."""
     if path.is_symlink() and not path.exists():
@@ -142,6 +150,8 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a pipe, device or socket); pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
     check_unpacked_size(path, CHECKPOINT_UNPACK_RATIO, CheckpointError)
@@ -156,8 +166,8 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
                 f"{path} needs {unsafe[0]} to load, which can run arbitrary code; if you trust this file, pass --trust-pickle"
             ) from exc
         if isinstance(exc, pickle.UnpicklingError) or not trust_pickle:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)}); it may be "
-                                  "truncated or of another format") from exc
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(exc)}); it may be "
+                                  "truncated or of another format: pass the .pt file torch.save or fixclf compress wrote") from exc
         raise CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})") from exc
 
 
@@ -249,14 +259,15 @@ def _factory(stored: str | None, given: Architecture | None, path: Path) -> tupl
     return name, import_reference(name, "the architecture", CheckpointError), False
 
 
-def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str) -> nn.Module:
-    """An allow-listed model built on the meta device: its shapes, without allocating its memory."""
+def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: bool) -> nn.Module:
+    """An allow-listed model built on the meta device: its shapes, without allocating its memory.
+    ``stored``: the kwargs were read from ``path`` (not given by the user)."""
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         raise CheckpointError(f"{path}: kwargs do not fit {name} ({exc}); the file is damaged") from exc
     with torch.device("meta"):
-        return _build(factory, kwargs, name)
+        return _build(factory, kwargs, name, path if stored else None)
 
 
 def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replaced: tuple[str, ...] = ()) -> None:
@@ -304,8 +315,15 @@ def _check_index(name: str, stored: torch.Tensor, dtype: torch.dtype, path: Path
         raise CheckpointError(f"{path}: {name} is not a permutation; the file is damaged")
 
 
-def _build(factory: Callable, kwargs: dict, name: str) -> nn.Module:
-    model = call_user_code(factory, kwargs, f"building the architecture {name}", CheckpointError)
+def _build(factory: Callable, kwargs: dict, name: str, stored_in: Path | None = None) -> nn.Module:
+    """``factory(**kwargs)``; ``stored_in``: the checkpoint the kwargs were read from, which a failure then
+    says is damaged (the user's own --arch-kwargs are theirs to fix)."""
+    try:
+        model = call_user_code(factory, kwargs, f"building the architecture {name}", CheckpointError)
+    except CheckpointError as exc:
+        if stored_in is None:
+            raise CheckpointError(f"{exc}; check --arch and --arch-kwargs") from exc
+        raise CheckpointError(f"{stored_in}: {exc} with the kwargs stored in the file; the file is damaged") from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; name a factory that returns the model")
     return model
@@ -332,12 +350,14 @@ def _source_file(factory: Callable) -> Path | None:
     return Path(source).resolve() if source else None
 
 
-def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict | None, path: Path) -> LoadedModel:
+def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict | None, path: Path,
+                stored: bool = False) -> LoadedModel:
+    """The model ``obj`` / ``state`` describe, built with ``kwargs`` (``stored``: read from ``path``)."""
     name, factory, allow_listed = _factory(obj.get("arch"), given, path)
     _check_plain(kwargs, path, "kwargs")
     if allow_listed:
-        _compare_shapes(_meta_model(factory, kwargs, path, name), state, path, name)
-    model = _build(factory, kwargs, name)
+        _compare_shapes(_meta_model(factory, kwargs, path, name, stored), state, path, name)
+    model = _build(factory, kwargs, name, path if stored else None)
     return LoadedModel(model, path, name, kwargs, factory_file=None if allow_listed else _source_file(factory))
 
 
@@ -365,7 +385,7 @@ def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arc
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         _require(obj, "arch", str, path, "an architecture name")
         state = _check_state(obj.get("state_dict"), path)
-        loaded = _model_from(obj, state, arch, _stored_kwargs(obj, path), path)
+        loaded = _model_from(obj, state, arch, _stored_kwargs(obj, path), path, stored=True)
         loaded.data = _bundled_data(path, obj)
         _load_state(loaded.model, state, path)
         return loaded
@@ -448,13 +468,13 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
     kwargs = _stored_kwargs(obj, path)
     _check_plain(kwargs, path, "kwargs")
     if allow_listed:  # everything is checked on the meta device; the dense layers a plan replaces are never allocated
-        meta = _meta_model(factory, kwargs, path, name)
+        meta = _meta_model(factory, kwargs, path, name, stored=True)
         plan = plan_from_records(obj.get("plan"), meta, path)
         _compare_shapes(meta, state, path, name, tuple(p.name for p in plan if p.replaced))
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(meta, plan), state, path, assign=True)
     else:
-        base = _build(factory, kwargs, name)
+        base = _build(factory, kwargs, name, path)
         plan = plan_from_records(obj.get("plan"), base, path)
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(base, plan), state, path)

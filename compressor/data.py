@@ -545,7 +545,8 @@ def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayS
     if like is None:
         return store
     if store.x.shape[1:] != like.x.shape[1:]:
-        raise DataError(f"{source}: {x_key} rows have shape {tuple(store.x.shape[1:])}, x rows {tuple(like.x.shape[1:])}")
+        raise DataError(f"{source}: {x_key} rows have shape {tuple(store.x.shape[1:])}, x rows {tuple(like.x.shape[1:])}; "
+                        f"give {x_key} rows shaped like x's")
     if store.labelled != like.labelled:
         raise DataError(f"{source}: labels are given for only one of x and {x_key}; give both y and {y_key}, or neither")
     return store
@@ -571,6 +572,9 @@ def _read_file(path: Path, spec: str) -> dict:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"--data {spec}: it holds arrays of Python objects, which fixclf never unpickles; save numeric "
+                            "arrays (x.astype(np.float32), y.astype(np.int64))") from exc
         raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
 
 

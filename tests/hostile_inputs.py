@@ -131,6 +131,12 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
     _fixclf({"format": MODEL_FORMAT, "arch": "compressor.zoo:mlp", "kwargs": {"in_features": 64, "hidden": [3],
              "num_classes": 10}, "state_dict": mlp(64, [3], 10).state_dict()}, d / "narrow_hidden.pt")
     torch.save(linear.state_dict(), d / "linear3.pt")
+    _fixclf({"format": MODEL_FORMAT, "arch": "compressor.zoo:mlp", "kwargs": {"in_features": 64, "hidden": [-5],
+             "num_classes": 10}, "state_dict": mlp(64, [3], 10).state_dict()}, d / "negative_width.pt")
+    (d / "nodata").mkdir()
+    shutil.copy(SAMPLES / "mlp.pt", d / "nodata" / "mlp.pt")  # names digits.npz beside it, which is not there
+    np.savez(d / "objects.npz", x=np.array([{"pixels": 1}] * 8, dtype=object), y=np.zeros(8, dtype=np.int64))
+    (d / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(64))  # an ONNX protobuf's first bytes
     inf_state = {k: v.clone() for k, v in compressed["state_dict"].items()}
     next(v for v in inf_state.values() if v.is_floating_point())[0] = float("inf")
     plan = compressed["plan"]
@@ -231,6 +237,9 @@ CASES: dict[str, tuple[list[str], int]] = {
     "empty file": ([C, "empty.pt"], 3),
     "truncated checkpoint": ([C, "truncated.pt"], 3),
     "random bytes": ([C, "random.pt"], 3),
+    "an ONNX file as the checkpoint": (["report", "model.onnx"], 3),
+    "a FIFO as the checkpoint": (["report", "fifo.pt"], 3),
+    "stored kwargs that do not build the architecture": ([C, "negative_width.pt", "--data", "digits.npz"], 3),
     "state_dict without --arch": ([C, "weights.pt", "--data", "digits.npz"], 3),
     "--arch that does not match": ([C, "weights.pt", "--arch", "compressor.zoo:small_cnn", "--data", "digits.npz"], 3),
     "--arch that does not import": ([C, "weights.pt", "--arch", "no_such_pkg.models:net"], 3),
@@ -246,6 +255,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
     "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
+    "data file the checkpoint names is missing": ([C, "nodata/mlp.pt"], 4),
+    "object arrays in the data": ([C, "mlp.pt", "--data", "objects.npz"], 4),
     "--data function raising SystemExit": ([C, "mlp.pt", "--data", "hostile_code:data"], 4),
     "compressed data unpacking to 1000x its size": ([C, "mlp.pt", "--data", "bomb.npz"], 4),
     "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
@@ -335,6 +346,7 @@ def _case_dir(template: Path, root: Path, name: str) -> Path:
     (workdir / "hardlink.pt").unlink()
     os.link(workdir / "mlp.pt", workdir / "hardlink.pt")
     os.mkfifo(workdir / "fifo.npz")  # a pipe nobody writes to: opening it would block forever
+    os.mkfifo(workdir / "fifo.pt")
     os.mkfifo(workdir / "shards_fifo" / "b.npy")
     return workdir
 

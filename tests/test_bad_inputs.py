@@ -28,3 +28,8 @@ def test_messages_say_what_to_do(results):
     assert "--epochs" in said["epochs abc (click's own error)"]
     assert "--arch" in said["--arch-kwargs without --arch"]
     assert "NaN" in said["NaN weights"]
+    assert "not a weights-only checkpoint" in said["an ONNX file as the checkpoint"]
+    assert "stored in the file; the file is damaged" in said["stored kwargs that do not build the architecture"]
+    assert "digits.npz" in said["data file the checkpoint names is missing"] and "--data" in said["data file the checkpoint names is missing"]
+    assert "Python objects" in said["object arrays in the data"]
+    assert "not a regular file" in said["a FIFO as the checkpoint"]
