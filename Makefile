@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/fixclf compress sample_models/mlp.pt --head hadamard --hidden acdc --output $(DEMO)/mlp.fixclf.pt --force
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python benchmarks/bench_layers.py

@@ -79,7 +79,7 @@ __all__ = [
     "DCT3",
     "hadamard_matrix",
     "dct_matrix",
-    "dct_factors",
+    "dct_radices",
     "next_power_of_two",
     "permute_last",
     "use_fft",

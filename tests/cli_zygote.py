@@ -1,15 +1,20 @@
 """Runs many fixclf CLI invocations fast: a process that imports fixclf once, then forks one child per case.
 
 Each child is a real, separate process running the real entry point (``cli.entry.main``) with its
-own working directory, argv, stdout and stderr files and exit code; only the imports (about 2 s of
-torch and onnx per process) were done once, before the fork. Nothing in this process starts a
-thread before forking, so the children start clean.
+own working directory, argv, stdout and stderr files and exit code; only the start-up work (about
+3 s: the imports of torch, onnx and the exporter, and the exporter's operator registry) was done
+once, before the fork. Apart from the one thread onnxruntime's import starts (the children's own
+ONNX Runtime sessions work without it: every compress case validates its export in one), nothing
+here starts a thread before forking (``_warm_up`` checks it), so the children start clean. One
+zygote serves every test of a test process (:func:`run_many`).
 
 Protocol (one JSON object per line): requests on stdin ``{"id", "args", "cwd", "out", "err",
-"fsize"}``; replies on stdout ``{"id", "code"}`` as the children finish, at most ``argv[1]`` at a time.
+"fsize", "env"}`` (the last two optional; ``env`` is added to the child's environment), then ``{"drain": true}``; replies on stdout ``{"id", "code"}`` as the children finish, at
+most ``argv[1]`` at a time; after a drain, every child started before it has replied.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -33,7 +38,24 @@ if __name__ == "__main__":  # the imports the children inherit (only in the zygo
             importlib.import_module(lazy)
 
 
+def _warm_up() -> None:
+    """Export one nn.Linear: the exporter's lazy imports and its operator registry (built once per
+    process, compressor.export) are then inherited by every child. At one thread, so no thread pool
+    exists to be lost in the fork; the check below fails loudly if that ever changes."""
+    import torch
+
+    from compressor.export import to_onnx
+
+    before = len(os.listdir("/proc/self/task"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    to_onnx(torch.nn.Linear(4, 2), torch.zeros(2, 4))
+    torch.set_num_threads(threads)
+    assert len(os.listdir("/proc/self/task")) == before, "the warm-up started a thread: the children would not start clean"
+
+
 def _child(request: dict) -> None:
+    os.environ.update(request.get("env", {}))
     os.chdir(request["cwd"])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -59,6 +81,8 @@ def _child(request: dict) -> None:
 
 def main() -> None:
     parallel = int(sys.argv[1])
+    _warm_up()
+    print(json.dumps({"ready": True}), flush=True)
     running: dict[int, str] = {}
 
     def reap() -> None:
@@ -67,6 +91,10 @@ def main() -> None:
 
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("drain"):
+            while running:
+                reap()
+            continue
         while len(running) >= parallel:
             reap()
         pid = os.fork()
@@ -77,16 +105,35 @@ def main() -> None:
         reap()
 
 
+_ZYGOTE: dict[str, subprocess.Popen] = {}
+
+
+def _zygote(parallel: int) -> subprocess.Popen:
+    """This test process's zygote, started on first use and closed when the process exits."""
+    if "proc" not in _ZYGOTE:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        proc = subprocess.Popen([sys.executable, __file__, str(parallel)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=env)
+        assert json.loads(proc.stdout.readline()) == {"ready": True}
+        atexit.register(proc.communicate, timeout=900)  # end of input: it reaps what runs and exits
+        _ZYGOTE["proc"] = proc
+    return _ZYGOTE["proc"]
+
+
 def run_many(requests: dict[str, dict], parallel: int = 3) -> dict[str, int]:
-    """Run each request (``args``, ``cwd``, ``out``, ``err``, optional ``fsize``) in its own forked process;
-    returns each one's exit code."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, __file__, str(parallel)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env)
-    payload = "".join(json.dumps({"id": key, **request}) + "\n" for key, request in requests.items())
-    replies, _ = proc.communicate(payload, timeout=900)
-    codes = {reply["id"]: reply["code"] for reply in map(json.loads, replies.splitlines())}
-    assert proc.returncode == 0 and set(codes) == set(requests), replies
+    """Run each request (``args``, ``cwd``, ``out``, ``err``, optional ``fsize`` and ``env``) in its own
+    forked process, at most ``parallel`` at a time (the first call's figure); returns each one's exit code."""
+    proc = _zygote(parallel)
+    proc.stdin.write("".join(json.dumps({"id": key, **request}) + "\n" for key, request in requests.items()))
+    proc.stdin.write(json.dumps({"drain": True}) + "\n")
+    proc.stdin.flush()
+    codes = {}
+    while len(codes) < len(requests):
+        line = proc.stdout.readline()
+        assert line, f"the zygote ended (exit {proc.poll()}) with {sorted(set(requests) - set(codes))} unanswered"
+        reply = json.loads(line)
+        codes[reply["id"]] = reply["code"]
+    assert set(codes) == set(requests), codes
     return codes
 
 

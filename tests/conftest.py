@@ -99,9 +99,10 @@ def template(tmp_path_factory, compressed_sample) -> Path:
 
 LONGEST_FIRST = ("test_scale.py", "test_samples.py", "test_interrupts.py", "test_architectures.py", "test_cli.py",
                  "test_export.py", "test_bad_inputs.py")
-"""Modules in the order `make test`'s two workers should start them: longest first (as measured:
+"""Modules in the order `make test`'s two workers start them: longest first (as measured:
 test_samples.py includes the session's shared default compress), so that neither waits alone at the
-end for a long module (each module runs on one worker: --dist loadfile)."""
+end for a long module (each module runs on one worker: --dist loadfile; --no-loadscope-reorder keeps
+this order, which pytest-xdist would otherwise replace by the modules' test counts)."""
 
 
 def pytest_collection_modifyitems(items) -> None:

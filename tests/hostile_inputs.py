@@ -16,6 +16,7 @@ import pickle
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -351,10 +352,15 @@ def _case_dir(template: Path, root: Path, name: str) -> Path:
     return workdir
 
 
-def run_cases(template: Path, root: Path, cases: dict[str, list[str]], fsize: int | None = None) -> dict[str, dict]:
-    """Every case in its own process (forked from one that imported fixclf), its own copy of the inputs."""
+def run_cases(template: Path, root: Path, cases: dict[str, list[str]], fsize: int | None = None,
+              prepare: Callable[[Path], None] | None = None) -> dict[str, dict]:
+    """Every case in its own process (forked from one that imported fixclf), its own copy of the inputs
+    (with ``prepare``'s additions, made before the snapshot a case's result is compared with)."""
     root.mkdir(exist_ok=True)
     dirs = {name: _case_dir(template, root, name) for name in cases}
+    for directory in dirs.values():
+        if prepare is not None:
+            prepare(directory)
     logs = root.parent / f"{root.name}-logs"
     logs.mkdir()
     befores = {name: tree(d) for name, d in dirs.items()}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +13,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from compressor import load_compressed_model, load_report
 from compressor.data import load_data
-from conftest import FIXCLF, ROOT, SAMPLES, sha256
+from cli_zygote import run_many
+from conftest import SAMPLES, sha256
 
 runner = CliRunner()
 MLP = str(SAMPLES / "mlp.pt")
@@ -101,15 +101,15 @@ def test_export_command(default_mlp, workdir):
 
 
 def test_subprocess_compress_cnn(workdir):
-    """A real process, as a user runs it (console entry point's module), on the CNN sample."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [*FIXCLF, "compress", CNN, "--hidden", "fastfood", "--epochs", "1", "--no-mixup",
-         "--quantize", "int8", "--precision", "fp16", "--ort", "--json"],
-        capture_output=True, text=True, env=env, cwd=workdir, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    """A real process running the console entry point (forked from one that imported fixclf:
+    tests/cli_zygote.py), on the CNN sample."""
+    args = ["compress", CNN, "--hidden", "fastfood", "--epochs", "1", "--no-mixup", "--quantize", "int8", "--precision",
+            "fp16", "--ort", "--json"]
+    code = run_many({"cnn": {"args": args, "cwd": str(workdir), "out": "out.json", "err": "err.txt"}})["cnn"]
+    assert code == 0, (workdir / "err.txt").read_text()
+    (workdir / "err.txt").unlink()
+    report = json.loads((workdir / "out.json").read_text())
+    (workdir / "out.json").unlink()
     assert report["output"] == "cnn.fixclf.pt" and (workdir / "cnn.fixclf.onnx").is_file()
     assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}
     assert report["options"]["epochs"] == 1 and report["options"]["mixup"] is False  # as asked (defaults: test_samples)

@@ -54,7 +54,7 @@ def test_every_source_kind_gives_disjoint_complete_splits(tmp_path, spec):
                 np.savez(tmp_path / f"part{i}.npz", x=raw["x"][part], y=raw["y"][part])
         spec = str(tmp_path)
     data = load_data(spec, seed=1)
-    (x_train, y_train), (x_val, y_val) = _all(data, "train"), _all(data, "val")
+    (x_train, _), (x_val, _) = _all(data, "train"), _all(data, "val")
     assert data.has_labels and x_train.shape[1:] == (64,)
     assert not _rows_as_set(x_train) & _rows_as_set(x_val)
     assert x_train.shape[0] + x_val.shape[0] == len(raw["x"])

@@ -1,9 +1,11 @@
 """Work that cannot finish: a full disk, an unwritable directory, Ctrl-C or SIGTERM at any moment (the
 imports, the fine-tune, the export, a second signal in the clean-up) keep nothing and end with one
 line; user files that look like temporary names are left alone; a report is read without code.
-The CLI runs as users run it: a new process started from scratch."""
+Signals go to the CLI started as users start it (a new process from scratch); the other cases run it
+in real processes forked from one that imported fixclf (tests/cli_zygote.py)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from conftest import FIXCLF
-from hostile_inputs import C, CANARY, ENV, assert_clean_failure, run_cases, tree
+from hostile_inputs import C, ENV, assert_clean_failure, run_cases, tree
 
 
 def test_file_size_limit_and_read_only_directory_fail_cleanly(template, tmp_path):
@@ -77,27 +79,25 @@ def test_interrupted_at_any_moment_keeps_nothing(template, tmp_path, sig, when, 
 
 def test_checkpoint_data_never_imported_even_when_it_looks_like_code(template, tmp_path, compressed_sample):
     """A compressed checkpoint whose architecture is not built in: its report reads without any code."""
-    work = tmp_path / "w"
-    shutil.copytree(template, work, symlinks=True)
-    obj = torch.load(work / "c_gadget.fixclf.pt", weights_only=True)
-    obj["report"] = compressed_sample["report"]
-    torch.save(obj, work / "hostile_but_valid_report.fixclf.pt")
-    proc = subprocess.run([*FIXCLF, "report", "hostile_but_valid_report.fixclf.pt", "--json"],
-                          cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert not (work / CANARY).exists()
+    def add_checkpoint(work: Path) -> None:
+        obj = torch.load(work / "c_gadget.fixclf.pt", weights_only=True)
+        obj["report"] = compressed_sample["report"]
+        torch.save(obj, work / "hostile_but_valid_report.fixclf.pt")
+    result = run_cases(template, tmp_path / "w", {"report": ["report", "hostile_but_valid_report.fixclf.pt", "--json"]},
+                       prepare=add_checkpoint)["report"]
+    assert result["code"] == 0, result["stderr"]
+    assert json.loads(result["stdout"])["accuracy"] == compressed_sample["report"]["accuracy"]
+    assert not result["canary"] and result["after"] == result["before"]
 
 
 def test_no_fixed_temporary_names(template, tmp_path):
     """User files that look like fixclf's old temporary names are neither overwritten nor deleted."""
-    work = tmp_path / "w"
-    shutil.copytree(template, work, symlinks=True)
-    for name in (".o.original.onnx", ".o.onnx.tmp", ".fixclf-probe-x"):
-        (work / name).write_text("user data")
-    before = tree(work)
-    proc = subprocess.run([*FIXCLF, C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"],
-                          cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    after = tree(work)
+    def add_user_files(work: Path) -> None:
+        for name in (".o.original.onnx", ".o.onnx.tmp", ".fixclf-probe-x"):
+            (work / name).write_text("user data")
+    result = run_cases(template, tmp_path / "w", {"epoch": [C, "mlp.pt", "-o", "o.pt", "--epochs", "1", "--json"]},
+                       prepare=add_user_files)["epoch"]
+    assert result["code"] == 0, result["stderr"]
+    before, after = result["before"], result["after"]
     assert {k: after[k] for k in before} == before
     assert sorted(set(after) - set(before)) == ["o.onnx", "o.pt"]

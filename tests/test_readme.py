@@ -1,7 +1,9 @@
-"""The README's claims that are not benchmarks: its library example runs as stated, and the op list
-it gives for mobile runtimes covers every op fixclf's layers export to."""
+"""The README's claims that are not benchmarks: its library example runs as stated, the op list it
+gives for mobile runtimes covers every op fixclf's layers export to, and every public name the
+library declares exists."""
 from __future__ import annotations
 
+import importlib
 import re
 
 import onnx
@@ -43,3 +45,14 @@ def test_mobile_op_list_covers_the_exported_layers(tmp_path):
         export_onnx(module, torch.randn(4, model[0].in_features if i == 0 else module.in_features), tmp_path / f"{i}.onnx")
         used |= {node.op_type for node in onnx.load(tmp_path / f"{i}.onnx").graph.node}
     assert used <= stated, used - stated
+
+
+def test_every_name_in_a_modules_all_exists():
+    """``from compressor.<module> import *`` works for every module (a renamed function left behind in
+    ``__all__`` breaks it)."""
+    modules = ["compressor", *(f"compressor.{p.stem}" for p in (ROOT / "compressor").glob("*.py") if p.stem != "__init__"),
+               "compressor.layers", *(f"compressor.layers.{p.stem}" for p in (ROOT / "compressor" / "layers").glob("*.py")
+                                      if p.stem != "__init__")]
+    missing = [(name, symbol) for name in modules for symbol in getattr(importlib.import_module(name), "__all__", [])
+               if not hasattr(importlib.import_module(name), symbol)]
+    assert missing == []

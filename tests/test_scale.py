@@ -22,7 +22,8 @@ from compressor.errors import Interrupted, UsageError
 from compressor.finetune import ResumeFile, distill
 from compressor.options import FinetuneOptions, PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
-from conftest import FIXCLF, ROOT, SAMPLES
+from cli_zygote import run_many
+from conftest import ROOT, SAMPLES
 
 TESTS = Path(__file__).resolve().parent
 MLP = str(SAMPLES / "mlp.pt")
@@ -36,19 +37,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fixclf_processes(args: list[str], cwd: Path, envs: list[dict[str, str]]) -> list[subprocess.CompletedProcess]:
+    """One ``fixclf args`` process per environment, all at once (forked from one that imported fixclf:
+    tests/cli_zygote.py), with their exit codes and outputs (kept outside ``cwd``)."""
+    logs = cwd.parent / f"{cwd.name}-logs"
+    logs.mkdir()
+    requests = {str(i): {"args": args, "cwd": str(cwd), "out": str(logs / f"{i}.out"), "err": str(logs / f"{i}.err"),
+                         "env": {"FIXCLF_PROGRESS": "0", **env}} for i, env in enumerate(envs)}
+    codes = run_many(requests)
+    return [subprocess.CompletedProcess(args, codes[i], Path(r["out"]).read_text(), Path(r["err"]).read_text())
+            for i, r in requests.items()]
+
+
 def _launch(args: list[str], cwd: Path, world: int = 2) -> list[subprocess.CompletedProcess]:
     """``world`` processes of ``fixclf args`` joined as torchrun joins them (its environment variables),
     so that each one's exit code and output can be seen."""
     port = str(_free_port())
-    procs = [subprocess.Popen(FIXCLF + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(world)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return results
+    return _fixclf_processes(args, cwd, [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for r in range(world)])
 
 
 def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
@@ -80,9 +86,8 @@ def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
 
 
 def test_nproc_launches_the_processes_and_exits_with_the_failing_code(tmp_path):
-    result = subprocess.run(FIXCLF + ["compress", MLP, "--nproc", "2", "--data", "data_source:bad_on_rank_one",
-                                      "--epochs", "2", "-o", str(tmp_path / "m.fixclf.pt")],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    result, = _fixclf_processes(["compress", MLP, "--nproc", "2", "--data", "data_source:bad_on_rank_one", "--epochs",
+                                 "2", "-o", str(tmp_path / "m.fixclf.pt")], tmp_path, [{"PYTHONPATH": ENV["PYTHONPATH"]}])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error: rank 1:"), result.stderr[-1500:]
     assert list(tmp_path.iterdir()) == []

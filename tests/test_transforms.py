@@ -36,6 +36,16 @@ def test_dct3_matches_scipy_and_inverts_dct2(n):
     assert _rel(DCT3(n).double()(DCT2(n).double()(y)), y) <= 1e-10
 
 
+def _dct_ii(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last axis (scipy): x @ C^T for the dense C of dct_matrix."""
+    return torch.from_numpy(scipy.fft.dct(x.numpy(), type=2, norm="ortho", axis=-1))
+
+
+def _inverse_dct_ii(y: torch.Tensor) -> torch.Tensor:
+    """Its inverse, the DCT-III, along the last axis: y @ C."""
+    return torch.from_numpy(scipy.fft.idct(y.numpy(), type=2, norm="ortho", axis=-1))
+
+
 def _from_half_complex(layout: torch.Tensor, n: int) -> torch.Tensor:
     """Natural-order coefficients (M, n) from the FFT path's half-complex layout (M, n/2 + 1, 2)."""
     h = n // 2
@@ -48,7 +58,7 @@ def test_fft_path_dct2_and_dct3_match_scipy(n):
     dct2, dct3 = DCT2(n), DCT3(n)
     x = torch.randn(4, n, dtype=torch.float64)
     v = x[:, dct2.gather_in]
-    reference = torch.from_numpy(scipy.fft.dct(x.numpy(), type=2, norm="ortho", axis=-1))
+    reference = _dct_ii(x)
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         layout = dct2.to(dtype).rfft_of_reordered(v.to(dtype))
         assert _rel(_from_half_complex(layout, n), reference.to(dtype)) <= tolerance
@@ -56,7 +66,7 @@ def test_fft_path_dct2_and_dct3_match_scipy(n):
         d = 1 + torch.rand(n, dtype=dtype)
         scaled = layout * dct2.half_complex_layout(d, negate_im=False) + dct2.half_complex_layout(d)
         inverse = dct3.to(dtype).irfft_reordered(scaled)[:, dct2.gather_out]
-        expected = (reference.to(dtype) * d + d) @ dct_matrix(n, dtype)
+        expected = _inverse_dct_ii(reference * d.double() + d.double()).to(dtype)  # = (reference * d + d) @ C
         assert _rel(inverse, expected) <= tolerance
 
 
@@ -103,6 +113,7 @@ def test_kronecker_orders_and_sizes():
 def test_dense_references_are_orthonormal():
     for n in (6, 64):
         c = dct_matrix(n)
+        assert torch.allclose(c, _dct_ii(torch.eye(n, dtype=torch.float64)).T, atol=1e-12)  # C @ x is scipy's DCT-II
         assert torch.allclose(c @ c.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     h = hadamard_matrix(16)
     assert torch.allclose(h @ h.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
@@ -126,12 +137,12 @@ def test_dct_chain_in_the_feature_major_layout():
     for n in (6, 66, 300, 4096, 9216):
         dct2, dct3 = DCT2(n).double(), DCT3(n).double()
         x = torch.randn(n, 3, dtype=torch.float64)
-        c = dct_matrix(n)
+        c_x = _dct_ii(x.T).T  # C @ x
         coefficients = dct2.chain(x[dct2.gather_in])
-        assert _rel(coefficients, (c @ x)[dct2.order]) <= 1e-10
+        assert _rel(coefficients, c_x[dct2.order]) <= 1e-10
         d, b = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
         back = dct3.chain_transposed(coefficients * d[dct2.order, None] + b[dct2.order, None])[dct2.gather_out]
-        assert _rel(back, c.T @ (d[:, None] * (c @ x) + b[:, None])) <= 1e-10
+        assert _rel(back, _inverse_dct_ii((d[:, None] * c_x + b[:, None]).T).T) <= 1e-10  # C^T (d * C x + b)
 
 
 def test_dct_constants_are_linear_in_n():
