@@ -9,8 +9,9 @@ here starts a thread before forking (``_warm_up`` checks it), so the children st
 zygote serves every test of a test process (:func:`run_many`).
 
 Protocol (one JSON object per line): requests on stdin ``{"id", "args", "cwd", "out", "err",
-"fsize", "env"}`` (the last two optional; ``env`` is added to the child's environment), then ``{"drain": true}``; replies on stdout ``{"id", "code"}`` as the children finish, at
-most ``argv[1]`` at a time; after a drain, every child started before it has replied.
+"fsize", "env", "pidfile"}`` (the last three optional; ``env`` is added to the child's environment),
+then ``{"drain": true}``; replies on stdout ``{"id", "code"}`` as the children finish, at most
+``argv[1]`` at a time; after a drain, every child started before it has replied.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def _warm_up() -> None:
 
 
 def _child(request: dict) -> None:
+    if request.get("pidfile"):
+        Path(request["pidfile"]).write_text(str(os.getpid()))
     os.environ.update(request.get("env", {}))
     os.chdir(request["cwd"])
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -120,21 +123,32 @@ def _zygote(parallel: int) -> subprocess.Popen:
     return _ZYGOTE["proc"]
 
 
-def run_many(requests: dict[str, dict], parallel: int = 3) -> dict[str, int]:
-    """Run each request (``args``, ``cwd``, ``out``, ``err``, optional ``fsize`` and ``env``) in its own
-    forked process, at most ``parallel`` at a time (the first call's figure); returns each one's exit code."""
+def start_many(requests: dict[str, dict], parallel: int = 3) -> None:
+    """Start each request (``args``, ``cwd``, ``out``, ``err``, optional ``fsize``, ``env`` and ``pidfile``,
+    where the child writes its process id first) in its own forked process, at most ``parallel`` at a
+    time (the first call's figure); :func:`exit_codes` waits for them."""
     proc = _zygote(parallel)
     proc.stdin.write("".join(json.dumps({"id": key, **request}) + "\n" for key, request in requests.items()))
     proc.stdin.write(json.dumps({"drain": True}) + "\n")
     proc.stdin.flush()
-    codes = {}
-    while len(codes) < len(requests):
+
+
+def exit_codes(ids) -> dict[str, int]:
+    """The exit code of each started request in ``ids`` (all of the last :func:`start_many`'s)."""
+    proc, codes = _ZYGOTE["proc"], {}
+    while len(codes) < len(ids):
         line = proc.stdout.readline()
-        assert line, f"the zygote ended (exit {proc.poll()}) with {sorted(set(requests) - set(codes))} unanswered"
+        assert line, f"the zygote ended (exit {proc.poll()}) with {sorted(set(ids) - set(codes))} unanswered"
         reply = json.loads(line)
         codes[reply["id"]] = reply["code"]
-    assert set(codes) == set(requests), codes
+    assert set(codes) == set(ids), codes
     return codes
+
+
+def run_many(requests: dict[str, dict], parallel: int = 3) -> dict[str, int]:
+    """:func:`start_many`, then each request's exit code."""
+    start_many(requests, parallel)
+    return exit_codes(requests)
 
 
 if __name__ == "__main__":

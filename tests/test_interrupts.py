@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_zygote import exit_codes, start_many
 from conftest import FIXCLF
 from hostile_inputs import C, ENV, assert_clean_failure, run_cases, tree
 
@@ -33,29 +34,38 @@ def test_file_size_limit_and_read_only_directory_fail_cleanly(template, tmp_path
     assert_clean_failure(denied["read-only"], 8)
 
 
-def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, again: float | None = None
-               ) -> tuple[int, str, dict, dict]:
-    """Start the CLI, send ``sig`` once stderr shows ``when`` (or after ``when`` seconds), and with
-    ``again`` a second time that many seconds later (a double Ctrl-C, landing in the clean-up)."""
-    before = tree(workdir)
-    proc = subprocess.Popen([*FIXCLF, *args], cwd=workdir, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    if isinstance(when, str):
-        for line in proc.stderr:
-            lines.append(line)
-            if when in line:
-                break
-        time.sleep(0.5)
-    else:
-        time.sleep(when)
-    proc.send_signal(sig)
+def _signal(pid: int, sig: int, again: float | None) -> None:
+    os.kill(pid, sig)
     if again is not None:
         time.sleep(again)
-        proc.send_signal(sig)
-    rest = proc.stderr.read()
-    proc.wait(timeout=120)
-    return proc.returncode, "".join(lines) + rest, before, tree(workdir)
+        os.kill(pid, sig)
+
+
+def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, again: float | None = None
+               ) -> tuple[int, str, dict, dict]:
+    """Start the CLI, send ``sig`` 0.5 s after stderr shows ``when`` (or ``when`` seconds after a start
+    from scratch: inside the imports), and with ``again`` a second time that many seconds later (a
+    double Ctrl-C, landing in the clean-up)."""
+    before = tree(workdir)
+    if not isinstance(when, str):
+        proc = subprocess.Popen([*FIXCLF, *args], cwd=workdir, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(when)
+        _signal(proc.pid, sig, again)
+        stderr = proc.communicate(timeout=120)[1]
+        return proc.returncode, stderr, before, tree(workdir)
+    logs = workdir.parent / "logs"
+    logs.mkdir()
+    err, pidfile = logs / "err", logs / "pid"
+    start_many({"run": {"args": args, "cwd": str(workdir), "out": str(logs / "out"), "err": str(err),
+                        "pidfile": str(pidfile), "env": {"FIXCLF_PROGRESS": "1"}}})
+    deadline = time.monotonic() + 120
+    while when not in (err.read_text() if err.exists() else ""):
+        assert time.monotonic() < deadline, f"{when!r} never shown: {err.read_text() if err.exists() else ''}"
+        time.sleep(0.02)
+    time.sleep(0.5)
+    _signal(int(pidfile.read_text()), sig, again)
+    return exit_codes(["run"])["run"], err.read_text(), before, tree(workdir)
 
 
 @pytest.mark.parametrize("sig, when, again", [
