@@ -111,3 +111,22 @@ def test_no_fixed_temporary_names(template, tmp_path):
     before, after = result["before"], result["after"]
     assert {k: after[k] for k in before} == before
     assert sorted(set(after) - set(before)) == ["o.onnx", "o.pt"]
+
+
+def test_a_signal_during_an_import_is_held_until_the_import_is_done(template, tmp_path):
+    """Raised inside an import, the KeyboardInterrupt can reach C++ module initialisation that cannot
+    pass it on (torch.distributed's: the process aborted with SIGABRT and a C++ trace). The CLI holds
+    a signal that arrives during an import until the import is done, then stops with its one line."""
+    def add_module(work: Path) -> None:
+        torch.save(torch.nn.Linear(4, 2).state_dict(), work / "weights.pt")  # names no architecture
+        (work / "signals_itself.py").write_text(
+            "import os, signal, time\n"
+            "os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of this module's import\n"
+            "time.sleep(0.2)\n"
+            "open('imported', 'w').write('to the end')\n"
+            "def net():\n    raise AssertionError('the interrupt should have come first')\n")
+    result = run_cases(template, tmp_path / "w", {"import": ["plan", "weights.pt", "--arch", "signals_itself:net"]},
+                       prepare=add_module)["import"]
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["code"] == 130 and lines == ["error: interrupted; nothing was written"], result["stderr"]
+    assert "imported" in result["after"]  # the import ran to its end before the interrupt was raised
