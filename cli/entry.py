@@ -2,18 +2,20 @@
 Ctrl-C or SIGTERM at any moment (imports included) ends with one line and exit code 130.
 
 A signal that arrives while a module is being imported is held until the import has finished
-(checked again every ``RETRY_S`` seconds): raised inside an import, the KeyboardInterrupt can
-surface in C++ code that torch's module initialisation runs (``torch.distributed``'s
-``_c10d_init``), which cannot pass it on and aborts the process (SIGABRT and a C++ trace instead
-of one line)."""
+(for a few seconds at most, or until a second signal): raised inside an import, the
+KeyboardInterrupt can surface in C++ code that torch's module initialisation runs
+(``torch.distributed``'s ``_c10d_init``), which cannot pass it on and aborts the process (SIGABRT
+and a C++ trace instead of one line)."""
 from __future__ import annotations
 
 import signal
 import sys
+import time
 
 INTERRUPTED = 130
 RETRY_S = 0.02
-STATE = {"signalled": False, "held": False}
+HOLD_MAX_S = 5.0
+STATE: dict = {"signalled": False, "held_since": None}
 
 
 def _inside_an_import(frame) -> bool:
@@ -24,24 +26,33 @@ def _inside_an_import(frame) -> bool:
     return False
 
 
-def _on_signal(signum, frame) -> None:
-    """SIGINT / SIGTERM: unwind like Ctrl-C, so that every cleanup (temporary files) runs. Only the
-    first signal unwinds: a second one (a double Ctrl-C) must not cut the cleanup the first started.
-    Inside an import the signal is held and this runs again on SIGALRM once ``RETRY_S`` has passed."""
+def _deliver(frame, *, insisted: bool) -> None:
+    """Unwind like Ctrl-C (KeyboardInterrupt), so that every cleanup (temporary files) runs; only once:
+    a second signal (a double Ctrl-C) must not cut the cleanup the first started. Inside an import the
+    signal is held (:func:`_on_retry` tries again every ``RETRY_S``), but for ``HOLD_MAX_S`` at most
+    and not when the user insisted (signalled again while one was held): an import that never ends
+    (a user's module waiting on something) must not make the process impossible to stop."""
     if STATE["signalled"]:
         return
-    if _inside_an_import(frame):
-        STATE["held"] = True
+    held_since = STATE["held_since"]
+    if _inside_an_import(frame) and not insisted and (held_since is None or time.monotonic() - held_since < HOLD_MAX_S):
+        if held_since is None:
+            STATE["held_since"] = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, RETRY_S)
         return
     STATE["signalled"] = True
     raise KeyboardInterrupt
 
 
+def _on_signal(signum, frame) -> None:
+    """SIGINT / SIGTERM."""
+    _deliver(frame, insisted=STATE["held_since"] is not None)
+
+
 def _on_retry(signum, frame) -> None:
-    """SIGALRM from the timer :func:`_on_signal` set: the held signal, delivered again."""
-    if STATE["held"]:
-        _on_signal(signum, frame)
+    """SIGALRM from the timer :func:`_deliver` set: the held signal, delivered again."""
+    if STATE["held_since"] is not None:
+        _deliver(frame, insisted=False)
 
 
 def ignore_late_signals() -> None:

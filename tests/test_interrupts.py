@@ -130,3 +130,20 @@ def test_a_signal_during_an_import_is_held_until_the_import_is_done(template, tm
     lines = [line for line in result["stderr"].splitlines() if line.strip()]
     assert result["code"] == 130 and lines == ["error: interrupted; nothing was written"], result["stderr"]
     assert "imported" in result["after"]  # the import ran to its end before the interrupt was raised
+
+
+def test_a_second_signal_during_an_import_stops_at_once(template, tmp_path):
+    """An import that never ends must not make fixclf impossible to stop: Ctrl-C again, and the held
+    signal is delivered there and then (and after a few seconds without a second one)."""
+    def add_module(work: Path) -> None:
+        torch.save(torch.nn.Linear(4, 2).state_dict(), work / "weights.pt")
+        (work / "hangs.py").write_text("import os, signal, time\n"
+                                       "os.kill(os.getpid(), signal.SIGINT)\n"
+                                       "os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again\n"
+                                       "time.sleep(600)\n")
+    started = time.monotonic()
+    result = run_cases(template, tmp_path / "w", {"hang": ["plan", "weights.pt", "--arch", "hangs:net"]},
+                       prepare=add_module)["hang"]
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert result["code"] == 130 and lines == ["error: interrupted; nothing was written"], result["stderr"]
+    assert time.monotonic() - started < 60
