@@ -1,8 +1,15 @@
-"""Seed spread of the default compression on the samples, and the `--init fit` alternative.
+"""Seed spread of the default compression on the samples, and of variants of it.
 
-Run: python benchmarks/bench_seeds.py [--seeds 0 1 2]
-Prints held-out accuracy per sample, hidden-layer initialisation and seed (the same pipeline as
-`fixclf compress SAMPLE --seed S [--init fit]`; export included, so each run takes 15-35 s).
+Run: python benchmarks/bench_seeds.py [--seeds 0 1 2] [--samples mlp cnn] [--variants default init=fit ...]
+Prints held-out accuracy per sample, variant and seed (the same pipeline as
+`fixclf compress SAMPLE --seed S`; export included, so each run takes 15-35 s). A variant is
+``default`` or ``NAME=VALUE`` changing one option of the plan or the fine-tune:
+
+* ``init=fit``: hidden layers first fitted to the dense ones by least squares (``--init fit``);
+* ``depth=K``: ACDC layers per replaced Linear (``--depth``);
+* ``T=V``: the distillation temperature (``FinetuneOptions.temperature``, default 2);
+* ``lr=V``: the replaced layers' learning rate (``--lr``);
+* ``mixup=0``: no mixup (``--no-mixup``).
 """
 from __future__ import annotations
 
@@ -11,29 +18,46 @@ import tempfile
 from pathlib import Path
 
 from common import setup
-from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
+from compressor import CompressOptions, FinetuneOptions, PlanOptions, SourceOptions, compress
 
 ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_OPTION = {"init": ("init", str), "T": ("temperature", float), "lr": ("lr", float),
+                   "mixup": ("mixup", lambda v: bool(int(v)))}
+PLAN_OPTION = {"depth": ("depth", int)}
+
+
+def options_of(variant: str) -> tuple[PlanOptions, FinetuneOptions]:
+    """The plan and fine-tune options of ``default`` or ``NAME=VALUE``."""
+    if variant == "default":
+        return PlanOptions(), FinetuneOptions()
+    name, value = variant.split("=", 1)
+    if name in PLAN_OPTION:
+        field, parse = PLAN_OPTION[name]
+        return PlanOptions(**{field: parse(value)}), FinetuneOptions()
+    field, parse = FINETUNE_OPTION[name]
+    return PlanOptions(), FinetuneOptions(**{field: parse(value)})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samples", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--variants", nargs="+", default=["default", "init=fit"])
     args = parser.parse_args()
     setup()
-    print("| sample | --init | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("| sample | variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("|---|---|" + "---|" * len(args.seeds))
     with tempfile.TemporaryDirectory() as tmp:
-        for sample in ("mlp", "cnn"):
-            for init in ("thesis", "fit"):
+        for sample in args.samples:
+            for variant in args.variants:
+                plan, finetune = options_of(variant)
                 cells = []
                 for seed in args.seeds:
-                    report = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"),
-                                                      finetune=FinetuneOptions(init=init), seed=seed,
-                                                      output=Path(tmp) / f"{sample}-{init}-{seed}.fixclf.pt"))
+                    report = compress(CompressOptions(SourceOptions(ROOT / "sample_models" / f"{sample}.pt"), plan,
+                                                      finetune, seed=seed, output=Path(tmp) / "run.fixclf.pt", force=True))
                     acc = report.accuracy
                     cells.append(f"{100 * acc.before:.2f}% → {100 * acc.after:.2f}%")
-                print(f"| {sample} | {init} | " + " | ".join(cells) + " |", flush=True)
+                print(f"| {sample} | {variant} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

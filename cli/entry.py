@@ -61,6 +61,8 @@ def ignore_late_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
         if signal.getsignal(sig) in (_on_signal, _on_retry):
             signal.signal(sig, signal.SIG_IGN)
+    if STATE["held_since"] is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def main() -> None:

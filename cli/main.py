@@ -336,7 +336,10 @@ def _show(name: str) -> Callable[[object], None]:
 
 
 def _exit_code(exc: BaseException) -> int:
-    """Print one ``error:`` line for any failure; return its exit code."""
+    """Print one ``error:`` line for any failure; return its exit code. The outcome is decided here (the
+    library has cleaned up): a signal now would only cut the line short (and leave rich's output
+    buffer holding every later line), so late signals are ignored from here on."""
+    entry.ignore_late_signals()
     if isinstance(exc, Interrupted):
         return _error(str(exc), exc.exit_code)
     if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or entry.STATE["signalled"]:

@@ -143,9 +143,9 @@ def _cost_warnings(rows: list[LayerRow]) -> list[str]:
 
 
 def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
-    before, (old, freed) = count_stored(original), replaced_numbers(original, plan)
-    new = sum(p.params_after for p in plan if p.replaced)
-    return ParamSummary(Counts.of(before, before - freed + new), Counts.of(old, new))
+    before, freed = count_stored(original), replaced_numbers(original, plan)
+    new = sum(p.params_after for p in plan if p.replaced)  # the replaced layers: only what replacing them frees counts
+    return ParamSummary(Counts.of(before, before - freed + new), Counts.of(freed, new))
 
 
 def plan_checkpoint(options: CompressOptions) -> PlanReport:

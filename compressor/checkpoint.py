@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .errors import CheckpointError, FixclfError
 from .layers import REGISTRY
@@ -326,6 +327,11 @@ def _build(factory: Callable, kwargs: dict, name: str, stored_in: Path | None = 
         raise CheckpointError(f"{stored_in}: {exc} with the kwargs stored in the file; the file is damaged") from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; name a factory that returns the model")
+    lazy = [n or "the model" for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise CheckpointError(f"{name} builds lazy modules whose sizes are known only after a first call ({', '.join(map(repr, lazy[:3]))}); "
+                              "fixclf rebuilds the model from its architecture: build them with their sizes "
+                              "(nn.Linear(in_features, out_features) for nn.LazyLinear)")
     return model
 
 

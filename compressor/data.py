@@ -49,6 +49,7 @@ from torch import nn
 from .checkpoint import check_unpacked_size
 from .errors import DataError, PlanError
 from .references import call_user_code, import_reference, is_reference
+from .trace import check_classes
 
 __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels"]
 
@@ -103,7 +104,9 @@ def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: st
     if not torch.isfinite(x).all():
         raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
     if y is not None:
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        if y.ndim == 1 and y.shape[0] != x.shape[0]:
+            raise DataError(f"{source}: {name} has {x.shape[0]} rows but {y.shape[0]} labels; give one label per row")
+        if y.ndim != 1:
             raise DataError(f"{source}: labels for {name} must be integer class indices of shape ({x.shape[0]},), got shape "
                             f"{tuple(y.shape)}; convert one-hot or probability labels with y.argmax(1)")
         if torch.is_floating_point(y) and not (torch.isfinite(y).all() and torch.equal(y, y.round())):
@@ -632,16 +635,18 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
     when the rows are whole numbers, try them as int64; if that works the data is fed as int64 from now
     on (``data.input_dtype``) and the logits are returned, else the float rows' failure is the error."""
     whole = bool(torch.equal(x, x.round()) and x.abs().max() < EXACT_INTEGERS)
+    as_ids = ""
     if whole:
         try:
             logits = model(x.long())
-        except (Exception, SystemExit):
-            pass
+        except (Exception, SystemExit) as exc:
+            if "indices" in str(failure):  # the model takes ids; what they did says more (an id beyond the vocabulary)
+                failure, as_ids = exc, " as integers (token ids)"
         else:
             data.input_dtype = torch.long
             return logits
     raise DataError(
-        f"{data.source}: samples of shape {tuple(x.shape[1:])} do not fit the model "
+        f"{data.source}: samples of shape {tuple(x.shape[1:])}{as_ids} do not fit the model "
         f"({type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}); check --data"
     ) from failure
 
@@ -666,6 +671,7 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
         raise DataError(f"{data.source}: labels need a model returning (batch, classes) logits, this one returns shape "
                         f"{tuple(logits.shape)}; drop y (distillation alone needs no labels) or pool the outputs")
     classes = logits.shape[-1]
+    check_classes(classes)  # before the labels: a one-logit model's 0/1 labels are not the problem
     if isinstance(data, _IndexedSource):
         for store, _ in data.stores.values():
             if isinstance(store, _ArrayStore):

@@ -42,7 +42,7 @@ from torch import nn
 
 from .errors import PlanError
 from .layers import count_stored, spec_for
-from .layers.base import own_stored_tensors
+from .layers.base import DenseAttributeRead, own_stored_tensors
 from .layers.registry import LayerSpec
 from .options import KEEP, PlanOptions
 from .trace import layer_inputs, survey
@@ -154,7 +154,48 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
                for i, (name, linear) in enumerate(linears)]
     if not any(entry.replaced for entry, _ in planned):
         raise PlanError(_nothing_replaced({rule for _, rule in planned}, without_data=example is None))
-    return [entry for entry, _ in planned]
+    plan = [entry for entry, _ in planned]
+    if example is None:
+        return plan
+    plan = keep_dense(plan, _read_by_the_model(model, plan, example))
+    if not any(entry.replaced for entry in plan):
+        raise PlanError(_nothing_replaced({"forward pass"}, without_data=False))
+    return plan
+
+
+READ_BY_THE_MODEL = "the model reads its .{} directly (e.g. nn.TransformerEncoderLayer's fast path)"
+
+
+def _read_by_the_model(model: nn.Module, plan: list[LayerPlan], example: torch.Tensor) -> dict[str, str]:
+    """The replaced layers whose dense ``weight`` or ``bias`` the model's code reads (name -> reason):
+    found by running a copy with the plan applied on ``example`` in eval mode and in training mode,
+    one layer kept dense per :class:`DenseAttributeRead`, until a run passes. Other errors of the
+    training-mode run are the fine-tune's to report (a batch too small for BatchNorm)."""
+    kept: dict[str, str] = {}
+    aliases = _aliases(model)
+    replaced = {alias: entry.name for entry in plan if entry.replaced for alias in aliases.get(entry.name, [entry.name])}
+    while True:
+        trial = apply_plan(copy.deepcopy(model), keep_dense(plan, kept))
+        try:
+            _run_both_modes(trial, example)
+            return kept
+        except DenseAttributeRead as exc:
+            names = _names_by_module(trial).get(id(exc.module), [])
+            name = next((replaced[n] for n in names if n in replaced), None)
+            if name is None or name in kept:
+                raise
+            kept[name] = READ_BY_THE_MODEL.format(exc.attribute)
+
+
+@torch.no_grad()
+def _run_both_modes(model: nn.Module, example: torch.Tensor) -> None:
+    model.eval()(example.clone())
+    try:
+        model.train()(example.clone())
+    except DenseAttributeRead:
+        raise
+    except Exception:  # noqa: BLE001 (not this check's to report)
+        pass
 
 
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
@@ -189,14 +230,14 @@ def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:
             if entry.name in names else entry for entry in plan]
 
 
-def replaced_numbers(model: nn.Module, plan: list[LayerPlan]) -> tuple[int, int]:
-    """Stored numbers of the Linears ``plan`` replaces in ``model`` (before :func:`apply_plan`): all they
-    hold, each tensor once however many of them share it, and how many replacing them frees: those no
-    module the plan keeps also holds (a head's weight tied to a kept embedding stays in the model)."""
+def replaced_numbers(model: nn.Module, plan: list[LayerPlan]) -> int:
+    """Stored numbers that replacing the Linears ``plan`` replaces in ``model`` (before :func:`apply_plan`)
+    frees: each tensor once however many of them share it, and only those no module the plan keeps
+    also holds (a head's weight tied to a kept embedding stays in the model)."""
     replaced = {id(model.get_submodule(entry.name)) for entry in plan if entry.replaced}
     held = {id(t): t.numel() for m in model.modules() if id(m) in replaced for t in own_stored_tensors(m)}
     still_held = {id(t) for m in model.modules() if id(m) not in replaced for t in own_stored_tensors(m)}
-    return sum(held.values()), sum(n for key, n in held.items() if key not in still_held)
+    return sum(n for key, n in held.items() if key not in still_held)
 
 
 def replaced_parameters(model: nn.Module, plan: list[LayerPlan]) -> list[nn.Parameter]:

@@ -19,7 +19,8 @@ with a forward hook on every Linear. Then:
   a parameter) falls back to the last affine Linear called at the output's width.
 
 A second pass on the same rows must give the same output: a forward pass with dropout or sampling
-left on cannot be distilled or validated. Outputs that are not logits (not a tensor, no class
+left on cannot be distilled or validated; nor can one whose output carries no gradient
+(``torch.no_grad()`` inside forward). Outputs that are not logits (not a tensor, no class
 axis, one class) are refused. All refusals are :class:`~compressor.errors.PlanError` (exit 5).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 
 from .errors import PlanError
 
-__all__ = ["Survey", "survey", "layer_inputs", "LOGIT_PRESERVING", "NOT_CALLED"]
+__all__ = ["Survey", "survey", "layer_inputs", "check_classes", "LOGIT_PRESERVING", "NOT_CALLED"]
 
 NOT_CALLED = "not called by the forward pass"
 LOGIT_PRESERVING = frozenset({
@@ -60,6 +61,7 @@ class Survey:
 @dataclass
 class _Calls:
     order: list[str] = field(default_factory=list)  # first calls, in order
+    graph: bool = True  # False: the pass ran without recording the graph (an in-place change of a parameter)
     affine: set[str] = field(default_factory=set)
     produced_by: dict = field(default_factory=dict)  # grad_fn of every Linear output -> the Linear's name
 
@@ -82,6 +84,9 @@ def survey(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torc
     with _evaluating_with_graph(model):
         calls, output = _record(model, linears, example)
         _check_output(model, example, output)
+    if calls.graph and output.grad_fn is None:
+        raise PlanError("the model's output carries no gradient (torch.no_grad() or .detach() inside forward?): "
+                        "fixclf fine-tunes through the forward pass; leave gradients on in forward")
     kept = {name: NOT_CALLED if name not in calls.order else _not_affine(linear)
             for name, linear in linears if name not in calls.affine}
     width, shapes = output.shape[-1], dict(linears)
@@ -134,9 +139,17 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
                 output = model(example.clone())
         except RuntimeError:  # e.g. an in-place change of a parameter: without the graph
             calls.produced_by.clear()
+            calls.graph = False
             with torch.no_grad():
                 output = model(example.clone())
     return calls, output
+
+
+def check_classes(width: int) -> None:
+    """At least two logits: fixclf distils through their softmax."""
+    if width < 2:
+        raise PlanError(f"the model has {width} output: fixclf distils classifiers through the softmax of their logits, "
+                        "which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
 
 
 def _check_output(model: nn.Module, example: torch.Tensor, output) -> None:
@@ -145,9 +158,7 @@ def _check_output(model: nn.Module, example: torch.Tensor, output) -> None:
         what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
         raise PlanError(f"the model's output is {what}; fixclf compresses classifiers whose forward returns logits "
                         "(batch, ..., classes)")
-    if output.shape[-1] < 2:
-        raise PlanError(f"the model has {output.shape[-1]} output: fixclf distils classifiers through the softmax of "
-                        "their logits, which needs at least 2 (give a one-logit binary model a second logit, e.g. (0, z))")
+    check_classes(output.shape[-1])
     with torch.no_grad():
         if not torch.allclose(model(example.clone()), output.detach(), rtol=1e-5, atol=1e-6, equal_nan=True):
             raise PlanError("the model's output differs between two runs on the same rows in eval mode (dropout or "

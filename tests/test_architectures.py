@@ -223,7 +223,9 @@ def test_a_weight_shared_by_two_linears_is_counted_once_and_the_checkpoint_reads
     source = SourceOptions("shared_weight.pt", arch="architectures:shared_weight", data="data.npz")
     kept_c = plan_checkpoint(CompressOptions(source, plan=PlanOptions(exclude=["c"])))
     after_b = next(row.params_after for row in kept_c.layers if row.name == "b")
-    assert kept_c.params.replaced.before == before - bias  # a, b (the shared weight included), head: all but c's bias
+    assert kept_c.params.replaced.before == before - bias - shared  # a, b, head, without the weight c still holds
+    saved = kept_c.params.model.before - kept_c.params.model.after
+    assert saved == kept_c.params.replaced.before - kept_c.params.replaced.after  # both rows count the same saving
     assert kept_c.params.model.after == kept_c.params.replaced.after + shared + bias  # c keeps the weight
     assert after_b < shared
 
@@ -278,3 +280,11 @@ def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     assert "\x1b" not in str(raised.value) and "\n" not in str(raised.value)
     assert not any(stage.startswith("Fine-tuning") for stage in stages)
     assert sorted(os.listdir(".")) == ["branches_on_data.pt", "data.npz"]
+
+
+def test_an_architecture_of_lazy_modules_is_refused_with_the_fix(workdir):
+    torch.save(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).state_dict(),
+               workdir / "lazy.pt")
+    result = runner.invoke(app, ["plan", "lazy.pt", "--arch", "architectures:lazy_mlp"])
+    assert result.exit_code == 3 and "builds lazy modules" in result.stderr and "nn.Linear(in_features" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and os.listdir(workdir) == ["lazy.pt"]

@@ -169,3 +169,25 @@ def test_bad_sources(tmp_path):
     np.save(tmp_path / "mixed" / "b.npy", np.zeros((3, 32), np.float32))
     with pytest.raises(DataError, match="different shapes"):
         load_data(tmp_path / "mixed")
+
+
+def test_data_messages_name_the_real_problem(tmp_path):
+    """A one-logit model's 0/1 labels are not the problem (its single logit is); a label count that
+    differs from the row count is not one-hot labels; an id beyond the vocabulary is not a dtype."""
+    from compressor.errors import PlanError
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12)).astype(np.float32)
+    np.savez(tmp_path / "binary.npz", x=x, y=rng.integers(0, 2, 40))
+    np.savez(tmp_path / "short.npz", x=x, y=rng.integers(0, 2, 35))
+    ids = rng.integers(0, 20, (40, 12))
+    ids[:, 0] = 500
+    np.savez(tmp_path / "ids.npz", x=ids, y=rng.integers(0, 10, 40))
+    one_logit = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with pytest.raises(PlanError, match="give a one-logit binary model a second logit"):
+        check_against_model(load_data(str(tmp_path / "binary.npz")), one_logit)
+    with pytest.raises(DataError, match="40 rows but 35 labels; give one label per row"):
+        load_data(str(tmp_path / "short.npz"))
+    tokens = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(48, 10))
+    with pytest.raises(DataError, match=r"as integers \(token ids\) do not fit the model \(IndexError: index out of range"):
+        check_against_model(load_data(str(tmp_path / "ids.npz")), tokens)

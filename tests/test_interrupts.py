@@ -124,7 +124,7 @@ def test_a_signal_during_an_import_is_held_until_the_import_is_done(template, tm
             "os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of this module's import\n"
             "time.sleep(0.2)\n"
             "open('imported', 'w').write('to the end')\n"
-            "def net():\n    raise AssertionError('the interrupt should have come first')\n")
+            "def net():\n    time.sleep(5)\n    raise AssertionError('the interrupt should have come first')\n")
     result = run_cases(template, tmp_path / "w", {"import": ["plan", "weights.pt", "--arch", "signals_itself:net"]},
                        prepare=add_module)["import"]
     lines = [line for line in result["stderr"].splitlines() if line.strip()]

@@ -298,3 +298,54 @@ def test_nothing_to_replace_names_the_rule_that_kept_the_layers():
         make_plan(nn.Linear(64, 10), PlanOptions(head="keep"))
     with pytest.raises(PlanError, match="relax --include/--exclude"):
         make_plan(tiny, PlanOptions(exclude=["0"], head="keep"))
+
+
+class _ReadsItsWeight(nn.Module):
+    """The idiom x.to(self.fc.weight.dtype): the model's own code reads a Linear's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(32, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x.to(self.fc.weight.dtype))))
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoderLayer: its inference fast path reads linear1.weight and linear2.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("model, shape, read", [(_ReadsItsWeight, (32,), {"fc"}),
+                                                (_Encoder, (8, 32), {"enc.linear1", "enc.linear2"})])
+def test_layers_whose_weight_the_model_reads_stay_dense_and_the_rest_runs(model, shape, read):
+    torch.manual_seed(0)
+    original, x = model().eval(), torch.randn(4, *shape)
+    plan = make_plan(original, example=x[:2])
+    kept = {p.name for p in plan if not p.replaced and "reads its .weight directly" in p.reason}
+    assert kept == read and any(p.replaced for p in plan)
+    compressed = apply_plan(copy.deepcopy(original), plan)
+    with torch.no_grad():
+        assert compressed.eval()(x).shape == compressed.train()(x).shape == (4, 10)
+    with pytest.raises(AttributeError, match="has no 'weight'"):  # what the reads would have met
+        next(m for m in compressed.modules() if isinstance(m, HadamardHead)).weight
+
+
+def test_a_forward_without_gradients_is_refused_before_work():
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(32, 128), nn.Linear(128, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.head(torch.relu(self.fc(x)))
+    with pytest.raises(PlanError, match="carries no gradient .*leave gradients on in forward"):
+        make_plan(NoGrad(), example=torch.randn(2, 32))

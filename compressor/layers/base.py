@@ -41,7 +41,30 @@ def probe_affine(module: nn.Module, in_features: int) -> tuple[torch.Tensor, tor
     return (out[1:] - bias).T.contiguous(), bias.clone()
 
 
-class StructuredLinear(nn.Module):
+class DenseAttributeRead(AttributeError):
+    """The model's own code read ``weight`` or ``bias`` of a layer fixclf replaced (``module``): what
+    an ``nn.Linear`` has and the replacement does not (:func:`compressor.surgery.make_plan` keeps
+    such layers dense)."""
+
+    def __init__(self, module: nn.Module, attribute: str) -> None:
+        super().__init__(f"{type(module).__name__} (which replaced an nn.Linear) has no {attribute!r}")
+        self.module, self.attribute = module, attribute
+
+
+class ReplacesLinear(nn.Module):
+    """Base of every module that replaces an ``nn.Linear``: reading the dense ``weight`` or ``bias`` it
+    does not have raises :class:`DenseAttributeRead` (an AttributeError, so ``hasattr`` stays False)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                raise DenseAttributeRead(self, name) from None
+            raise
+
+
+class StructuredLinear(ReplacesLinear):
     """Base of the structured replacements of ``nn.Linear(in_features, out_features)``.
 
     Each works on ``size >= in_features`` features: :meth:`forward` flattens the batch axes, zero-pads
@@ -52,10 +75,10 @@ class StructuredLinear(nn.Module):
     out_features: int
     size: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name: models call it as input=)
         """(..., in_features) -> (..., out_features)."""
-        batch = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
+        batch = input.shape[:-1]
+        rows = input.reshape(-1, self.in_features)
         if self.size != self.in_features:
             rows = F.pad(rows, (0, self.size - self.in_features))
         return self.forward_rows(rows).reshape(*batch, self.out_features)

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transforms import WalshHadamard, next_power_of_two, permute_last
+from .base import ReplacesLinear
 
 __all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit"]
 
 
-class FixedHead(nn.Module):
+class FixedHead(ReplacesLinear):
     """Common part of the fixed heads: normalisation, scale alpha, bias. Subclasses define ``codes``."""
 
     def __init__(
@@ -82,9 +83,9 @@ class FixedHead(nn.Module):
         """``x_hat @ Q.T`` for x_hat (M, N) -> (M, C)."""
         return self.raw_codes(x_hat) * self.code_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name: models call it as input=)
+        batch = input.shape[:-1]
+        x = input.reshape(-1, self.in_features)
         # Q is linear: alpha Q (x / |x|) = raw(x) * (alpha code_scale / |x|), one scale on the C outputs.
         scale = (self.alpha * self.code_scale) / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
         logits = self.raw_codes(x) * scale
