@@ -1,12 +1,13 @@
 """Seed spread of the default compression on the samples, and of variants of it.
 
-Run: python benchmarks/bench_seeds.py [--seeds 0 1 2] [--samples mlp cnn] [--variants default init=fit ...]
+Run: python benchmarks/bench_seeds.py [--seeds 0 1 2] [--samples mlp cnn hard_mlp ...] [--variants default init=fit ...]
 Prints held-out accuracy per sample, variant and seed (the same pipeline as
 `fixclf compress SAMPLE --seed S`; export included, so each run takes 15-35 s). A variant is
-``default`` or ``NAME=VALUE`` changing one option of the plan or the fine-tune:
+``default`` or ``NAME=VALUE`` changing one option of the plan or the fine-tune (several joined by commas):
 
 * ``init=fit``: hidden layers first fitted to the dense ones by least squares (``--init fit``);
 * ``depth=K``: ACDC layers per replaced Linear (``--depth``);
+* ``hidden=fastfood``: the hidden layers' kind (``--hidden``);
 * ``T=V``: the distillation temperature (``FinetuneOptions.temperature``, default 2);
 * ``lr=V``: the replaced layers' learning rate (``--lr``);
 * ``mixup=0``: no mixup (``--no-mixup``).
@@ -23,19 +24,17 @@ from compressor import CompressOptions, FinetuneOptions, PlanOptions, SourceOpti
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_OPTION = {"init": ("init", str), "T": ("temperature", float), "lr": ("lr", float),
                    "mixup": ("mixup", lambda v: bool(int(v)))}
-PLAN_OPTION = {"depth": ("depth", int)}
+PLAN_OPTION = {"depth": ("depth", int), "hidden": ("hidden", str)}
 
 
 def options_of(variant: str) -> tuple[PlanOptions, FinetuneOptions]:
-    """The plan and fine-tune options of ``default`` or ``NAME=VALUE``."""
-    if variant == "default":
-        return PlanOptions(), FinetuneOptions()
-    name, value = variant.split("=", 1)
-    if name in PLAN_OPTION:
-        field, parse = PLAN_OPTION[name]
-        return PlanOptions(**{field: parse(value)}), FinetuneOptions()
-    field, parse = FINETUNE_OPTION[name]
-    return PlanOptions(), FinetuneOptions(**{field: parse(value)})
+    """The plan and fine-tune options of ``default`` or ``NAME=VALUE[,NAME=VALUE...]``."""
+    plan, finetune = {}, {}
+    for change in ([] if variant == "default" else variant.split(",")):
+        name, value = change.split("=", 1)
+        target, (field, parse) = (plan, PLAN_OPTION[name]) if name in PLAN_OPTION else (finetune, FINETUNE_OPTION[name])
+        target[field] = parse(value)
+    return PlanOptions(**plan), FinetuneOptions(**finetune)
 
 
 def main() -> None:
