@@ -278,6 +278,9 @@ def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replac
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if kept(k)}
     got = {k: tuple(v.shape) for k, v in state.items() if kept(k)}
+    if expected != got and got and all(k.startswith("module.") for k in got) and not any(k.startswith("module.") for k in expected):
+        raise CheckpointError(f"{path} was saved from a DistributedDataParallel / DataParallel wrapper (every key starts "
+                              "with 'module.'); save model.module.state_dict() instead")
     if expected != got:
         wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise CheckpointError(f"{path}: state_dict does not match {name}(**kwargs) (first difference: {wrong[0]}); "
@@ -403,6 +406,11 @@ def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arc
         loaded = _model_from({}, state, arch, arch_kwargs or {}, path)
         _load_state(loaded.model, state, path)
         return loaded
+    nested = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict) and v
+              and all(isinstance(t, torch.Tensor) for t in v.values())] if isinstance(obj, dict) else []
+    if nested:
+        raise CheckpointError(f"{path} is a training checkpoint (a dict of {', '.join(map(repr, list(obj)[:5]))}), not a "
+                              f"model; save its state_dict on its own: torch.save(checkpoint[{nested[0]!r}], 'model.pt')")
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model, state_dict or fixclf checkpoint; "
                           "save model.state_dict() or the whole model")
 

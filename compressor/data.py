@@ -522,8 +522,9 @@ def _from_store(store: _Store, source: str, files: tuple[Path, ...], seed: int) 
 def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _IndexedSource:
     train = _named_rows(arrays, "x", "y", source) if isinstance(arrays, dict) and "x" in arrays else None
     if train is None:
+        found = f"; it has {', '.join(map(repr, sorted(arrays)[:8]))}" if isinstance(arrays, dict) and arrays else ""
         raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val', "
-                        "'x_select', 'y_select')")
+                        f"'x_select', 'y_select'){found}; rename the arrays (x_train -> x, y_train -> y)")
     val = _named_rows(arrays, "x_val", "y_val", source, like=train)
     if val is None:
         data = _from_store(train, source, files, seed)

@@ -191,3 +191,21 @@ def test_data_messages_name_the_real_problem(tmp_path):
     tokens = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(48, 10))
     with pytest.raises(DataError, match=r"as integers \(token ids\) do not fit the model \(IndexError: index out of range"):
         check_against_model(load_data(str(tmp_path / "ids.npz")), tokens)
+
+
+def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
+    """What training scripts commonly save: x_train/y_train arrays, a {'state_dict', 'epoch'} dict, a
+    DistributedDataParallel state_dict (keys 'module.*'): each error line says what to change."""
+    from compressor.errors import CheckpointError
+    from compressor.zoo import mlp
+
+    np.savez(tmp_path / "named.npz", x_train=np.zeros((10, 64), np.float32), y_train=np.zeros(10, np.int64))
+    with pytest.raises(DataError, match=r"it has 'x_train', 'y_train'; rename the arrays \(x_train -> x"):
+        load_data(str(tmp_path / "named.npz"))
+    state = mlp(64, [32], 10).state_dict()
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "training.pt")
+    with pytest.raises(CheckpointError, match=r"training checkpoint .*torch.save\(checkpoint\['state_dict'\]"):
+        load_model(tmp_path / "training.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    with pytest.raises(CheckpointError, match=r"DataParallel wrapper .*save model.module.state_dict\(\)"):
+        load_model(tmp_path / "ddp.pt", arch="compressor.zoo:mlp", arch_kwargs={"hidden": [32]})
