@@ -369,8 +369,9 @@ def choose_formats(model: nn.Module, requested: dict[str, str]) -> tuple[dict[st
     chosen, notes = {}, []
     for name, role in requested.items():
         if FORMATS[name].needs_dense_layer and not has_dense_layers(model):
-            notes.append("int8 skipped: no dense layer is left to quantise (only the structured layers' small "
-                         "diagonals remain); the float32 ONNX file is the deliverable")
+            notes.append("int8 skipped: no Linear or convolution is left to quantise (int8 would touch neither "
+                         "the structured layers' small diagonals nor embedding tables); the float32 ONNX file is the "
+                         "deliverable")
             if role == "onnx":
                 chosen["onnx"] = role
             continue

@@ -120,7 +120,7 @@ class FinetuneSummary:
     epochs_run: int
     steps: int
     stopped_by: str
-    seconds: float
+    seconds: float  # fine-tune time of the whole run: a resumed run includes the interrupted ones' (--max-time counts it)
     world_size: int = 1
     samples_per_second: float = 0.0
 
