@@ -15,6 +15,7 @@ import time
 INTERRUPTED = 130
 RETRY_S = 0.02
 HOLD_MAX_S = 5.0
+INSIST_AFTER_S = 0.5  # a repeat sooner is the same Ctrl-C arriving twice (--nproc's parent forwards it to its children)
 STATE: dict = {"signalled": False, "held_since": None}
 
 
@@ -30,7 +31,7 @@ def _deliver(frame, *, insisted: bool) -> None:
     """Unwind like Ctrl-C (KeyboardInterrupt), so that every cleanup (temporary files) runs; only once:
     a second signal (a double Ctrl-C) must not cut the cleanup the first started. Inside an import the
     signal is held (:func:`_on_retry` tries again every ``RETRY_S``), but for ``HOLD_MAX_S`` at most
-    and not when the user insisted (signalled again while one was held): an import that never ends
+    and not when the user insisted (signalled again, ``INSIST_AFTER_S`` or more after the held one): an import that never ends
     (a user's module waiting on something) must not make the process impossible to stop."""
     if STATE["signalled"]:
         return
@@ -46,7 +47,8 @@ def _deliver(frame, *, insisted: bool) -> None:
 
 def _on_signal(signum, frame) -> None:
     """SIGINT / SIGTERM."""
-    _deliver(frame, insisted=STATE["held_since"] is not None)
+    held_since = STATE["held_since"]
+    _deliver(frame, insisted=held_since is not None and time.monotonic() - held_since >= INSIST_AFTER_S)
 
 
 def _on_retry(signum, frame) -> None:

@@ -159,7 +159,8 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
         return plan
     plan = keep_dense(plan, _read_by_the_model(model, plan, example))
     if not any(entry.replaced for entry in plan):
-        raise PlanError(_nothing_replaced({"forward pass"}, without_data=False))
+        raise PlanError("no layer would be replaced: the model's own code reads the weights of every Linear fixclf "
+                        "would replace (e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
     return plan
 
 
@@ -168,34 +169,34 @@ READ_BY_THE_MODEL = "the model reads its .{} directly (e.g. nn.TransformerEncode
 
 def _read_by_the_model(model: nn.Module, plan: list[LayerPlan], example: torch.Tensor) -> dict[str, str]:
     """The replaced layers whose dense ``weight`` or ``bias`` the model's code reads (name -> reason):
-    found by running a copy with the plan applied on ``example`` in eval mode and in training mode,
-    one layer kept dense per :class:`DenseAttributeRead`, until a run passes. Other errors of the
-    training-mode run are the fine-tune's to report (a batch too small for BatchNorm)."""
+    found by running one copy with the plan applied on ``example``, in eval mode and in training mode
+    (the caller's random state untouched), putting the dense layer back at each
+    :class:`DenseAttributeRead` and running again. Any other error ends the check: it is the
+    fine-tune's to report (a batch too small for BatchNorm, a float64 model)."""
     kept: dict[str, str] = {}
     aliases = _aliases(model)
     replaced = {alias: entry.name for entry in plan if entry.replaced for alias in aliases.get(entry.name, [entry.name])}
-    while True:
-        trial = apply_plan(copy.deepcopy(model), keep_dense(plan, kept))
-        try:
-            _run_both_modes(trial, example)
-            return kept
-        except DenseAttributeRead as exc:
-            names = _names_by_module(trial).get(id(exc.module), [])
-            name = next((replaced[n] for n in names if n in replaced), None)
-            if name is None or name in kept:
-                raise
-            kept[name] = READ_BY_THE_MODEL.format(exc.attribute)
+    trial = apply_plan(copy.deepcopy(model), plan)
+    with torch.random.fork_rng(devices=[]):
+        while True:
+            try:
+                _run_both_modes(trial, example)
+                return kept
+            except DenseAttributeRead as exc:
+                names = _names_by_module(trial).get(id(exc.module), [])
+                name = next((replaced[n] for n in names if n in replaced), None)
+                if name is None or name in kept or name == "":
+                    return kept
+                kept[name] = READ_BY_THE_MODEL.format(exc.attribute)
+                _set_everywhere(trial, name, copy.deepcopy(model.get_submodule(name)))
+            except Exception:  # noqa: BLE001 (not this check's to report)
+                return kept
 
 
 @torch.no_grad()
 def _run_both_modes(model: nn.Module, example: torch.Tensor) -> None:
     model.eval()(example.clone())
-    try:
-        model.train()(example.clone())
-    except DenseAttributeRead:
-        raise
-    except Exception:  # noqa: BLE001 (not this check's to report)
-        pass
+    model.train()(example.clone())
 
 
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:

@@ -349,3 +349,29 @@ def test_a_forward_without_gradients_is_refused_before_work():
                 return self.head(torch.relu(self.fc(x)))
     with pytest.raises(PlanError, match="carries no gradient .*leave gradients on in forward"):
         make_plan(NoGrad(), example=torch.randn(2, 32))
+
+
+def test_when_the_model_reads_every_replaced_weight_the_plan_says_so():
+    class ReadsBoth(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(32, 128), nn.Linear(128, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(x.to(self.fc.weight.dtype)))
+            return self.head(h.to(self.head.weight.dtype))
+    with pytest.raises(PlanError, match="the model's own code reads the weights of every Linear"):
+        make_plan(ReadsBoth(), example=torch.randn(2, 32))
+
+
+def test_the_read_check_leaves_other_models_and_the_random_state_alone():
+    """A float64 model (the structured layers are built in float32) is planned as before; the check's
+    training-mode run (dropout) does not move the caller's random state."""
+    model = nn.Sequential(nn.Linear(32, 128), nn.Dropout(0.5), nn.ReLU(), nn.Linear(128, 10)).double()
+    torch.manual_seed(3)
+    plan = make_plan(model, example=torch.randn(2, 32, dtype=torch.float64))
+    assert [p.replaced for p in plan] == [True, True]
+    after_plan = torch.rand(1)
+    torch.manual_seed(3)
+    torch.randn(2, 32, dtype=torch.float64)
+    assert torch.equal(after_plan, torch.rand(1))
