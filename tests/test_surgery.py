@@ -352,11 +352,7 @@ def test_a_forward_without_gradients_is_refused_before_work():
 
 
 def test_when_the_model_reads_every_replaced_weight_the_plan_says_so():
-    class ReadsBoth(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.head = nn.Linear(32, 128), nn.Linear(128, 10)
-
+    class ReadsBoth(_ReadsItsWeight):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(self.fc(x.to(self.fc.weight.dtype)))
             return self.head(h.to(self.head.weight.dtype))
