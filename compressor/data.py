@@ -104,6 +104,8 @@ def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: st
     if not torch.isfinite(x).all():
         raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
     if y is not None:
+        if y.ndim == 2 and y.shape[1] == 1:  # a column of class indices (what y.reshape(-1, 1) or a DataFrame gives)
+            y = y[:, 0]
         if y.ndim == 1 and y.shape[0] != x.shape[0]:
             raise DataError(f"{source}: {name} has {x.shape[0]} rows but {y.shape[0]} labels; give one label per row")
         if y.ndim != 1:

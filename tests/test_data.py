@@ -188,6 +188,10 @@ def test_data_messages_name_the_real_problem(tmp_path):
         check_against_model(load_data(str(tmp_path / "binary.npz")), one_logit)
     with pytest.raises(DataError, match="40 rows but 35 labels; give one label per row"):
         load_data(str(tmp_path / "short.npz"))
+    np.savez(tmp_path / "column.npz", x=x, y=np.arange(40)[:, None] % 3)  # (N, 1) class indices: taken as they are
+    column = load_data(str(tmp_path / "column.npz"))
+    labels = torch.cat([_all(column, "train")[1], _all(column, "val")[1]])
+    assert labels.ndim == 1 and sorted(labels.tolist()) == sorted((np.arange(40) % 3).tolist())
     tokens = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(48, 10))
     with pytest.raises(DataError, match=r"as integers \(token ids\) do not fit the model \(IndexError: index out of range"):
         check_against_model(load_data(str(tmp_path / "ids.npz")), tokens)
