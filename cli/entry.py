@@ -30,9 +30,10 @@ def _inside_an_import(frame) -> bool:
 def _deliver(frame, *, insisted: bool) -> None:
     """Unwind like Ctrl-C (KeyboardInterrupt), so that every cleanup (temporary files) runs; only once:
     a second signal (a double Ctrl-C) must not cut the cleanup the first started. Inside an import the
-    signal is held (:func:`_on_retry` tries again every ``RETRY_S``), but for ``HOLD_MAX_S`` at most
-    and not when the user insisted (signalled again, ``INSIST_AFTER_S`` or more after the held one): an import that never ends
-    (a user's module waiting on something) must not make the process impossible to stop."""
+    signal is held (:func:`_on_retry` tries again every ``RETRY_S``), but for ``HOLD_MAX_S`` at most and
+    not when the user insisted (signalled again, ``INSIST_AFTER_S`` or more after the held one): an
+    import that never ends (a user's module waiting on something) must not make the process impossible
+    to stop."""
     if STATE["signalled"]:
         return
     held_since = STATE["held_since"]

@@ -159,8 +159,7 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
         return plan
     plan = keep_dense(plan, _read_by_the_model(model, plan, example))
     if not any(entry.replaced for entry in plan):
-        raise PlanError("no layer would be replaced: the model's own code reads the weights of every Linear fixclf "
-                        "would replace (e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
+        raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
     return plan
 
 
@@ -215,10 +214,14 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
-    """Why no layer is replaced, from the rules that kept them (:func:`_plan_layer`)."""
+    """Why no layer is replaced, from the rules that kept them (:func:`_plan_layer`; "read by the model":
+    :func:`_read_by_the_model` kept every layer the plan had left to replace)."""
     if "size" in rules and rules <= {"size", "head keep"}:
         return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
                 "small gain nothing from a structured form)")
+    if rules == {"read by the model"}:
+        return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
+                "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
     if without_data and "forward pass" in rules:  # without data the forward pass rules out only unchecked subclasses
         return ("no layer would be replaced without data: nn.Linear subclasses are replaced only after the forward pass "
                 "on data shows they compute x W^T + b; pass --data")
