@@ -27,7 +27,9 @@ from conftest import ROOT, SAMPLES
 
 TESTS = Path(__file__).resolve().parent
 MLP = str(SAMPLES / "mlp.pt")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "FIXCLF_PROGRESS": "0"}
+# PYTHONFAULTHANDLER: a process that aborts in C++ (SIGABRT) also prints its Python stack, so a rare
+# failure of these tests shows where it happened
+ENV = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "FIXCLF_PROGRESS": "0"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
