@@ -75,7 +75,12 @@ def ignore_late_signals() -> None:
 
 
 def _one_of_several_processes() -> bool:
-    return os.environ.get("WORLD_SIZE", "").strip() not in ("", "0", "1")
+    """``WORLD_SIZE`` read as :func:`compressor.distributed.world_from_environment` reads it (not imported
+    here: it would import torch on the way out of a run that never needed it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    except ValueError:
+        return False
 
 
 def main() -> None:

@@ -128,12 +128,23 @@ class RemoteError(FixclfError):
     """Another process's error, raised here too so that every process exits with its code."""
 
 
+def _whole_number(variable: str, default: str | None) -> int:
+    """The environment variable torchrun sets, as an int (UsageError when it is not one)."""
+    value = os.environ.get(variable, default) or default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"the environment variable {variable}={os.environ.get(variable, '')!r} is not a whole number "
+                         "(torchrun sets it); unset WORLD_SIZE to run as one process, or start fixclf with torchrun "
+                         "or --nproc") from None
+
+
 def world_from_environment(device: str) -> World:
     """The job this process belongs to (from torchrun's environment); joins its process group."""
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    size = _whole_number("WORLD_SIZE", "1")
     if size <= 1:
         return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(_whole_number("RANK", None), size, _whole_number("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available() or torch.cuda.device_count() <= world.local_rank:
             raise UsageError(f"--device cuda under torchrun needs one GPU per process; this machine has "

@@ -197,3 +197,12 @@ def test_cuda_fine_tune_with_mixed_precision(tmp_path):
     report = compressor.compress(CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=3, device="cuda"),
                                                  output=tmp_path / "g.fixclf.pt"))
     assert report.options["device"] == "cuda" and report.accuracy.after > 0.9
+
+
+@pytest.mark.parametrize("variable, value", [("WORLD_SIZE", "abc"), ("RANK", "")])
+def test_a_malformed_torchrun_variable_is_a_usage_error(monkeypatch, variable, value):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(UsageError, match=f"{variable}=.*not a whole number"):
+        compressor.compress(CompressOptions(SourceOptions(MLP)))
