@@ -82,13 +82,12 @@ def _load(source: SourceOptions) -> LoadedModel:
     return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
 
 
-def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection: bool = False) -> DataSource:
+def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection: bool = False,
+              needed_for: str = "to fine-tune the new layers by distillation and to validate the ONNX export") -> DataSource:
     source = spec if spec is not None else loaded.data
     if source is None:
-        raise DataError(
-            f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); fixclf "
-            "needs real inputs to fine-tune the new layers by distillation and to validate the ONNX export"
-        )
+        raise DataError(f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); "
+                        f"fixclf needs real inputs {needed_for}")
     if spec is None and not Path(source).exists():
         raise DataError(f"{loaded.path} names the data file {Path(source).name} beside it, which is not there; pass "
                         "--data FILE.npz")
@@ -194,7 +193,7 @@ def _finetune(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan],
     events.stage("Fine-tuning by distillation from the original"
                  + (f" ({world.size} processes)" if world.distributed else ""))
     rows = data.training_rows()
-    events.finetune_start(options.finetune.epochs, steps_per_epoch(rows, options.finetune), rows)
+    events.finetune_start(options.finetune.epochs, steps_per_epoch(rows, options.finetune, world.size), rows)
     tuned = distill(compressed, original, data, options.finetune, replaced_parameters(compressed, plan),
                     seed=options.seed, world=world, resume=resume, on_step=events.step, on_epoch=events.epoch)
     compressed.cpu()
@@ -356,6 +355,19 @@ def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource
     return ResumeFile(resume_path(checkpoint), fingerprint, options.finetune.save_every)
 
 
+def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:
+    """The data to fine-tune on, checked against the model and against ``--mixup``."""
+    data = _data_for(loaded, options.source.data, options.seed, selection=options.plan.max_drop is not None)
+    if options.finetune.mixup and not data.random_access:
+        raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
+                         "without random access; drop --mixup or give a Dataset or array file")
+    if options.finetune.mixup and not data.input_dtype.is_floating_point:
+        raise UsageError(f"--mixup interpolates input rows, and this model takes integer inputs "
+                         f"({str(data.input_dtype).removeprefix('torch.')}: token ids or integer images) from "
+                         f"{data.source}; drop --mixup")
+    return data
+
+
 def _compress(options: CompressOptions, events: Events, world: World) -> Report | None:
     started = time.monotonic()
     with world.stage():
@@ -365,13 +377,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
                              "its architecture")
-        data = _data_for(loaded, options.source.data, options.seed, selection=options.plan.max_drop is not None)
-        if options.finetune.mixup and not data.random_access:
-            raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
-                             "without random access; drop --mixup or give a Dataset or array file")
-        if options.finetune.mixup and not data.input_dtype.is_floating_point:
-            raise UsageError(f"--mixup interpolates input rows, and this model takes integer inputs (token ids) from "
-                             f"{data.source}; drop --mixup")
+        data = _training_data(loaded, options)
         plan, costs = _plan(loaded, data, options, measure_cost=False)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
@@ -381,7 +387,10 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         artifacts = Artifacts(paths, inputs, options.force) if world.is_main else None
         if artifacts is not None:
             artifacts.check()
-        options = replace(options, finetune=resolved_options(options.finetune, data))  # may count a stream's rows
+        if not data.random_access:
+            events.stage("Sizing the stream (its len(), else one reading pass)")
+            data.training_rows(seconds=options.finetune.max_time)
+        options = replace(options, finetune=resolved_options(options.finetune, data))
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
         if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
             raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
@@ -450,7 +459,7 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
     A compressed checkpoint of an architecture that is not built in needs ``source.arch`` again."""
     command.validate()
     loaded = _load(command.source)
-    data = _data_for(loaded, command.source.data, command.seed)
+    data = _data_for(loaded, command.source.data, command.seed, needed_for="to validate the ONNX export")
     output = Path(command.output)
     requested = {main_format(command.export.quantize, command.export.precision): "onnx"}
     requested |= {"ort": "ort"} if command.export.ort_format else {}

@@ -97,7 +97,16 @@ def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     if not lines or not any(c.isalpha() for c in lines[0]):
         return "invalid pickle data" if isinstance(exc, (KeyError, pickle.UnpicklingError)) else type(exc).__name__
-    return lines[0][:160]
+    return _whole_sentences(lines[0], 160)
+
+
+def _whole_sentences(line: str, limit: int) -> str:
+    """``line``, or as many of its first sentences as fit in ``limit`` characters (cut with "..." only
+    when not even the first one fits)."""
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[: end + 1] if end > 0 else line[: limit - 3] + "..."
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -246,8 +255,9 @@ def _factory(stored: str | None, given: Architecture | None, path: Path) -> tupl
     if given is not None and not isinstance(given, str):
         raise CheckpointError(f"architecture must be 'package.module:factory' or a callable, got {type(given).__name__}")
     if given and stored and given != stored:
-        raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; name {stored} or no "
-                              "architecture (arch= in Python, --arch on the command line)")
+        leave_out = " (or leave it out: it is built in)" if stored in ARCHITECTURES else ""
+        raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; name {stored}"
+                              f"{leave_out} (arch= in Python, --arch on the command line)")
     name = given or stored
     if not name:
         raise CheckpointError(f"{path} holds a bare state_dict; name its architecture: arch='package.module:factory' in "
@@ -277,10 +287,7 @@ def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replac
         return not any(r == "" or key.startswith(f"{r}.") for r in replaced)
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if kept(k)}
-    got = {k: tuple(v.shape) for k, v in state.items() if kept(k)}
-    if expected != got and got and all(k.startswith("module.") for k in got) and not any(k.startswith("module.") for k in expected):
-        raise CheckpointError(f"{path} was saved from a DistributedDataParallel / DataParallel wrapper (every key starts "
-                              "with 'module.'); save model.module.state_dict() instead")
+    got = {k: tuple(v.shape) for k, v in _unwrapped(state, model).items() if kept(k)}
     if expected != got:
         wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise CheckpointError(f"{path}: state_dict does not match {name}(**kwargs) (first difference: {wrong[0]}); "
@@ -338,10 +345,27 @@ def _build(factory: Callable, kwargs: dict, name: str, stored_in: Path | None = 
     return model
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""What a wrapper adds to every key of the state it saves: DataParallel / DistributedDataParallel, torch.compile."""
+
+
+def _unwrapped(state: dict, model: nn.Module) -> dict:
+    """``state`` without the prefixes a wrapper put before every key, when the model's own keys lack them."""
+    expected = list(model.state_dict())
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if (state and all(isinstance(key, str) and key.startswith(prefix) for key in state)
+                    and not any(key.startswith(prefix) for key in expected)):
+                state, stripped = {key[len(prefix):]: value for key, value in state.items()}, True
+    return state
+
+
 def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
     """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)."""
     try:
-        model.load_state_dict(state, strict=True, assign=assign)
+        model.load_state_dict(_unwrapped(state, model), strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]

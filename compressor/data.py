@@ -10,10 +10,13 @@
 * ``package.module:function`` returning such a dict (or a tuple ``(x, y)``), or a
   ``torch.utils.data.Dataset`` (read item by item; items ``x``, ``(x,)``, ``(x, y)`` or ``{"x", "y"}``), or an
   ``IterableDataset`` (streamed: one pass per epoch; it must be finite and yield the same items in
-  the same order every pass, as a file reader does).
+  the same order every pass, as a file reader does: the first items of every pass are checked).
 
 A stream's length (to size the learning-rate schedule) is its ``len()`` when it defines one, else
-counted by one reading pass before training.
+counted by one reading pass before training (which fails after ``--max-time`` seconds, when given).
+
+Rows are fed to the model as float32, except integer rows (uint8 images, token ids) when the model
+takes them as they are stored (:func:`check_against_model` decides once, on two rows).
 
 Memory bound: arrays from files and functions are held in memory; a shard directory holds one
 ``.npz`` shard (``.npy`` shards are paged in by the OS) plus one batch; a ``Dataset`` holds what
@@ -34,8 +37,10 @@ batch is split into ``world`` contiguous chunks, one per process: the processes 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -51,14 +56,16 @@ from .errors import DataError, PlanError
 from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
 
-__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels"]
+__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels",
+           "training_batch_count"]
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
 SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
 STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
-NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
-                  torch.int32, torch.int64, torch.bool)
+STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked against the first pass
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, *INTEGER_DTYPES, torch.bool)
 DATA_UNPACK_RATIO = 200  # a compressed .npz of real data unpacks a few times its size; zeros thousands of times
 LABELS_SUFFIX = ".y.npy"
 
@@ -97,11 +104,13 @@ def _as_tensor(value, name: str, source: str) -> torch.Tensor:
 
 
 def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> Rows:
-    """``x`` as finite float32 (N, ...) rows and ``y`` as int64 (N,) class indices."""
+    """``x`` as (N, ...) rows, integers as stored (uint8 images, token ids: the model may take them so),
+    anything else as finite float32; ``y`` as int64 (N,) class indices."""
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample, got shape {tuple(x.shape)}")
-    x = x.float()  # checked after the cast: 1e300 in float64 is infinite in float32
-    if not torch.isfinite(x).all():
+    if x.dtype not in INTEGER_DTYPES:
+        x = x.float()  # checked after the cast: 1e300 in float64 is infinite in float32
+    if x.is_floating_point() and not torch.isfinite(x).all():
         raise DataError(f"{source}: {name} contains NaN or infinite values; clean the data first")
     if y is not None:
         if y.ndim == 2 and y.shape[1] == 1:  # a column of class indices (what y.reshape(-1, 1) or a DataFrame gives)
@@ -126,6 +135,26 @@ def _split_for_rank(rows: int, rank: int, world: int) -> slice:
     """This process's contiguous chunk of a global batch of ``rows`` rows."""
     per = -(-rows // world)
     return slice(min(rows, rank * per), min(rows, (rank + 1) * per))
+
+
+def _leaves_a_process_one_row(rows: int, world: int) -> bool:
+    """Whether splitting a global batch of ``rows`` among ``world`` processes gives one of them exactly
+    one row (BatchNorm cannot train on one row)."""
+    return any(part.stop - part.start == 1 for part in (_split_for_rank(rows, rank, world) for rank in range(world)))
+
+
+def _dropped_tail(full_batches: int, tail: int, world: int) -> bool:
+    """Whether an epoch's last, partial training batch of ``tail`` rows is left out: when it would give a
+    process exactly one row (BatchNorm layers that train, ``--update-norm-stats``, fail on one row,
+    whatever the data's size) and it is not the epoch's only batch. Arrays are reshuffled every epoch,
+    so no row is always the one left out; a stream leaves out the same last items."""
+    return full_batches > 0 and _leaves_a_process_one_row(tail, world)
+
+
+def training_batch_count(rows: int, batch_size: int, world: int = 1) -> int:
+    """The global batches (optimiser steps) of one epoch of ``rows`` training rows."""
+    full, tail = divmod(rows, batch_size)
+    return full + int(tail > 0 and not _dropped_tail(full, tail, world))
 
 
 # --- row stores: random access to rows by index --------------------------------------------------------------
@@ -170,7 +199,8 @@ class _ShardStore(_Store):
             raise DataError(f"--data {source}: mixes .npy and .npz shards; use one kind")
         shapes = [self._shape(p) for p in self.x_files]
         if len({s[1:] for s in shapes}) > 1:
-            raise DataError(f"--data {source}: shards hold rows of different shapes {sorted({s[1:] for s in shapes})}")
+            raise DataError(f"--data {source}: shards hold rows of different shapes {sorted({s[1:] for s in shapes})}; "
+                            "give every shard rows of one shape")
         labelled = [self._has_labels(p) for p in self.x_files]
         if len(set(labelled)) > 1:
             raise DataError(f"--data {source}: some shards have labels and some do not; label all or none")
@@ -317,18 +347,19 @@ class DataSource:
     files: tuple[Path, ...]  # what was read (data file, directory or module): never overwritten
     has_labels: bool
     random_access: bool = True  # rows can be fetched by index (False: a stream); --mixup needs it
-    input_dtype: torch.dtype = torch.float32  # what the model takes: int64 for token ids (check_against_model)
+    input_dtype: torch.dtype | None = None  # what the model takes (check_against_model); None: rows as read
     train_rows: int | None
     val_rows: int | None
 
     @property
     def mixable(self) -> bool:
-        """Whether rows can be mixed (w x + (1 - w) x'): random access and real-valued inputs, not token ids."""
-        return self.random_access and self.input_dtype.is_floating_point
+        """Whether rows can be mixed (w x + (1 - w) x'): random access and real-valued model inputs (not
+        token ids, not integer images the model scales itself)."""
+        return self.random_access and (self.input_dtype or self.head("train", 1)[0].dtype).is_floating_point
 
     def as_model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows (float32 as read) in the dtype the model takes."""
-        return x if x.dtype == self.input_dtype else x.to(self.input_dtype)
+        """Rows (float32 or integers as read) in the dtype the model takes."""
+        return x if self.input_dtype in (None, x.dtype) else x.to(self.input_dtype)
 
     def head(self, split: str, n: int) -> Rows:
         """The first ``n`` rows (fewer if the split is smaller) of ``split`` ("train" or "val"), in memory."""
@@ -341,8 +372,9 @@ class DataSource:
                 break
         return torch.cat(xs), None if ys[0] is None else torch.cat(ys)
 
-    def training_rows(self) -> int:
-        """The number of training rows (a stream of unknown length is counted by one pass)."""
+    def training_rows(self, seconds: float | None = None) -> int:
+        """The number of training rows (a stream of unknown length is counted by one pass, which fails
+        after ``seconds``)."""
         return self.train_rows
 
     def batches(self, split: str, batch_size: int, *, epoch: int | None = None, seed: int = 0, rank: int = 0,
@@ -369,7 +401,10 @@ class _IndexedSource(DataSource):
         store, index = self.stores[split]
         if epoch is not None:
             index = self._epoch_order(store, index, seed, epoch)
-        for number, chunk in enumerate(index.split(batch_size)[skip:], start=skip):
+        chunks = index.split(batch_size)
+        if epoch is not None and chunks and _dropped_tail(len(chunks) - 1, chunks[-1].numel(), world):
+            chunks = chunks[:-1]
+        for number, chunk in enumerate(chunks[skip:], start=skip):
             part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
             mine = chunk[part]
             x, y = store.fetch(mine) if mine.numel() else self._empty(store)
@@ -439,6 +474,7 @@ class _StreamSource(DataSource):
         self.dataset, self.source, self.files = dataset, source, files
         self.offset = seed % STREAM_HOLDOUT_EVERY
         self.train_rows = self.val_rows = None
+        self.first_items: dict[int, bytes | None] = {}
         first = next(self._items(), None)
         if first is None:
             raise DataError(f"--data {source}: the IterableDataset yields no items; give it samples")
@@ -447,12 +483,24 @@ class _StreamSource(DataSource):
 
     def _items(self) -> Iterator[tuple[int, object]]:
         try:
-            yield from enumerate(self.dataset)
+            for i, item in enumerate(self.dataset):
+                if i < STREAM_SAME_ITEMS:
+                    self._check_same_as_first_pass(i, item)
+                yield i, item
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"--data {self.source}: reading the stream failed ({type(exc).__name__}: "
                             f"{(str(exc).splitlines() or [''])[0][:120]})") from exc
+
+    def _check_same_as_first_pass(self, i: int, item) -> None:
+        """Items are held out by position, so every pass must yield the same items in the same order: a
+        stream that reshuffles would move training items into the held-out ones."""
+        seen = self.first_items.setdefault(i, _digest(item))
+        if seen != _digest(item):
+            raise DataError(f"--data {self.source}: the stream yields a different item {i} on another pass; fixclf holds "
+                            "out items by position, so every pass must yield the same items in the same order (shuffle "
+                            "once, when the stream is made, not on every pass)")
 
     def _split(self, split: str) -> Iterator[object]:
         held, count = 0, 0
@@ -462,32 +510,40 @@ class _StreamSource(DataSource):
             if is_val == (split == "val"):
                 count += 1
                 yield item
+            if split == "val" and held == HOLDOUT_MAX:  # no more held-out items can come
+                break
         if split == "train":
             self.train_rows = count
         else:
             self.val_rows = count
 
     def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0, mix=False):
+        training = epoch is not None
         pending, done = [], 0
         for item in self._split(split):
             pending.append(item)
             if len(pending) == batch_size:
                 done += 1
                 if done > skip:
-                    yield self._chunk(pending, rank, world, epoch is not None, mix)
+                    yield self._chunk(pending, rank, world, training, mix)
                 pending = []
-        if pending and done + 1 > skip:
-            yield self._chunk(pending, rank, world, epoch is not None, mix)
+        if pending and done + 1 > skip and not (training and _dropped_tail(done, len(pending), world)):
+            yield self._chunk(pending, rank, world, training, mix)
 
-    def training_rows(self) -> int:
-        """From the stream's ``len()`` when it has one, else counted by one reading pass."""
+    def training_rows(self, seconds: float | None = None) -> int:
+        """From the stream's ``len()`` when it has one, else counted by one reading pass, which fails
+        after ``seconds`` (a stream that never ends would otherwise be counted forever)."""
         if self.train_rows is None and _has_len(self.dataset):
             items = len(self.dataset)
             self.val_rows = min(HOLDOUT_MAX, len(range(self.offset, items, STREAM_HOLDOUT_EVERY)))
             self.train_rows = items - self.val_rows
+        deadline = None if seconds is None else time.monotonic() + seconds
         if self.train_rows is None:
-            for _ in self._split("train"):
-                pass
+            for count, _ in enumerate(self._split("train"), start=1):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DataError(f"--data {self.source}: the stream has not ended after {seconds:g} s of counting "
+                                    f"({count:,} training items so far); fixclf reads one pass per epoch, so the stream "
+                                    "must end (or define __len__)")
         return self.train_rows
 
     def _chunk(self, items: list, rank: int, world: int, training: bool, mix: bool) -> Rows | MixedRows:
@@ -498,6 +554,20 @@ class _StreamSource(DataSource):
         x = self.as_model_input(x)
         rows = (x, y) if mine else (x[:0], None if y is None else y[:0])
         return (*rows, None) if training and mix else rows
+
+
+def _digest(item) -> bytes | None:
+    """A stream item's bytes, hashed (None when they cannot be read as arrays: the batch will say why)."""
+    digest = hashlib.sha256()
+    try:
+        for part in _item_parts(item, ""):
+            if part is not None:
+                tensor = part if isinstance(part, torch.Tensor) else torch.as_tensor(np.asarray(part))
+                digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except Exception:
+        return None
+    return digest.digest()
 
 
 def _has_len(dataset) -> bool:
@@ -553,6 +623,9 @@ def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayS
     if store.x.shape[1:] != like.x.shape[1:]:
         raise DataError(f"{source}: {x_key} rows have shape {tuple(store.x.shape[1:])}, x rows {tuple(like.x.shape[1:])}; "
                         f"give {x_key} rows shaped like x's")
+    if store.x.dtype != like.x.dtype:
+        raise DataError(f"{source}: {x_key} is stored as {_dtype_name(store.x)} and x as {_dtype_name(like.x)}; store "
+                        f"{x_key} as x is (the model sees both the same way)")
     if store.labelled != like.labelled:
         raise DataError(f"{source}: labels are given for only one of x and {x_key}; give both y and {y_key}, or neither")
     return store
@@ -570,6 +643,8 @@ def _read_file(path: Path, spec: str) -> dict:
         raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y), a directory of shards or "
                         "module:function")
     check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+    if path.suffix == ".npz" and not zipfile.is_zipfile(path):
+        raise DataError(f"--data {spec}: not an .npz archive (numpy.savez writes one); give an .npz or .pt file with x and y")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
@@ -616,6 +691,11 @@ def _load(spec: str | Path, seed: int) -> DataSource:
     return _from_arrays(dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result, source, files, seed)
 
 
+def _dtype_name(x: torch.Tensor) -> str:
+    """How rows are stored, as a user names it: integers by their dtype, anything else as float."""
+    return str(x.dtype).removeprefix("torch.") if x.dtype in INTEGER_DTYPES else "floating point"
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
@@ -633,6 +713,22 @@ EXACT_INTEGERS = 2**24
 """Whole numbers below this magnitude are exact in float32, as rows are read (a larger one may have been rounded)."""
 
 
+def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits on rows ``x`` as read, settling ``data.input_dtype``: integer rows in their own
+    dtype when the model takes them so (uint8 images it scales itself, token ids), else as float32;
+    whole-number float rows the model takes only as integers, as int64 (:func:`_as_integer_inputs`)."""
+    failure: BaseException | None = None
+    for rows in (x, x.float()) if x.dtype in INTEGER_DTYPES else (x,):
+        try:
+            logits = model(rows)
+        except (Exception, SystemExit) as exc:
+            failure = exc
+        else:
+            data.input_dtype = rows.dtype
+            return logits
+    return _as_integer_inputs(data, model, x.float(), failure)
+
+
 def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, failure: BaseException) -> torch.Tensor:
     """A model the float rows do not fit may take integer inputs (token ids into an ``nn.Embedding``):
     when the rows are whole numbers, try them as int64; if that works the data is fed as int64 from now
@@ -648,25 +744,25 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
         else:
             data.input_dtype = torch.long
             return logits
-    raise DataError(
-        f"{data.source}: samples of shape {tuple(x.shape[1:])}{as_ids} do not fit the model "
-        f"({type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}); check --data"
-    ) from failure
+    said = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}"
+    if not as_ids and ("dtype" in said or "scalar type" in said):  # the data is not the problem
+        raise DataError(f"the model fails in float32, the precision fixclf fine-tunes and exports in ({said}); make its "
+                        "forward follow its parameters' dtype (no .double() or .half() inside forward)") from failure
+    raise DataError(f"{data.source}: samples of shape {tuple(x.shape[1:])}{as_ids} do not fit the model ({said}); "
+                    "check --data") from failure
 
 
 @torch.no_grad()
 def check_against_model(data: DataSource, model: nn.Module) -> int:
     """Check the data fits the model before any work; returns the number of classes C. Labels held
-    in memory are all checked here; streamed labels are checked batch by batch as they come. Rows of
-    whole numbers that the model takes only as integers (token ids) are fed as int64 from here on."""
+    in memory are all checked here; streamed labels are checked batch by batch as they come. Settles the
+    dtype the rows are fed in from here on (:func:`_logits_of_rows_as_read`)."""
+    data.input_dtype = None  # rows as read
     x, _ = data.head("train", 2)
     val_x, _ = data.head("val", 1)
     if val_x.shape[1:] != x.shape[1:]:
         raise DataError(f"{data.source}: held-out rows have shape {tuple(val_x.shape[1:])}, training rows {tuple(x.shape[1:])}")
-    try:
-        logits = model(x)
-    except (Exception, SystemExit) as exc:
-        logits = _as_integer_inputs(data, model, x, exc)
+    logits = _logits_of_rows_as_read(data, model, x)
     if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
         raise PlanError(f"the model returns {_describe(logits)}; fixclf compresses classifiers whose forward returns "
                         "one float logits tensor (batch, classes): wrap the model so that it does")

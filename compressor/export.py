@@ -238,6 +238,18 @@ def _operator_registry_built_once() -> Iterator[None]:
         _registration.ONNXRegistry.from_torchlib = torchs_own
 
 
+def _check_batch_is_dynamic(proto: onnx.ModelProto) -> None:
+    """The graph's batch axis must stay symbolic: a forward that turns the batch size into a Python
+    number (``int(x.shape[0])``, ``torch.zeros(b, ...)`` with that b) is traced at the example's batch and
+    the exporter keeps that number, so the file would run at that batch only."""
+    fixed = [f"{value.name} (batch {value.type.tensor_type.shape.dim[0].dim_value})" for value in proto.graph.input
+             if value.type.tensor_type.shape.dim and value.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if fixed:
+        raise ExportError(f"the exported graph fixes the batch size of {', '.join(fixed)}: the model's forward turns the "
+                          "batch size into a plain number (int(x.shape[0]) or similar); keep it symbolic (x.shape[0], "
+                          "reshape(-1, ...), x.new_zeros(x.shape[0], ...)) so that the model exports for any batch")
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
     """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
     import onnxscript.optimizer  # here, not at the top: 0.9 s of every start of the CLI (report, plan) otherwise
@@ -252,6 +264,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
         raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
+    _check_batch_is_dynamic(proto)
     _strip_debug_info(proto)
     _dedupe_initializers(proto)
     try:
@@ -269,7 +282,11 @@ def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tens
     """Run the file in ONNX Runtime on ``inputs`` and compare with ``model``; ExportError past the rule."""
     with torch.no_grad():
         reference = model(runtime.as_model_input(inputs)).float().numpy()
-    got = runtime.run(runtime.session(onnx_file), inputs)
+    try:
+        got = runtime.run(runtime.session(onnx_file), inputs)
+    except Exception as exc:  # onnxruntime raises its own types (InvalidArgument, Fail, ...)
+        raise ExportError(f"ONNX Runtime cannot run the exported model on {inputs.shape[0]} validation rows: "
+                          f"{_root_cause(exc)}") from exc
     diff = float(np.abs(got - reference).max())
     result = Validation(diff, diff / max(1.0, float(np.abs(reference).max())),
                         float((got.argmax(-1) == reference.argmax(-1)).mean()))

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataSource, check_labels
+from .data import DataSource, check_labels, training_batch_count
 from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
 from .options import BUDGET_STEPS, FinetuneOptions
@@ -104,8 +104,9 @@ class ResumeFile:
     save_every: int | None = None
 
 
-def steps_per_epoch(rows: int, options: FinetuneOptions) -> int:
-    return math.ceil(rows / options.batch_size)
+def steps_per_epoch(rows: int, options: FinetuneOptions, world: int = 1) -> int:
+    """Optimiser steps in one epoch of ``rows`` training rows on ``world`` processes."""
+    return training_batch_count(rows, options.batch_size, world)
 
 
 def resolved_options(options: FinetuneOptions, data: DataSource) -> FinetuneOptions:
@@ -200,7 +201,7 @@ class _Run:
         self.student, self.teacher, self.data, self.options = student, teacher, data, options
         self.seed, self.world, self.resume, self.on_step, self.on_epoch = seed, world, resume, on_step, on_epoch
         self.device = world.device(options.device)
-        self.epoch_steps = steps_per_epoch(data.training_rows(), options)
+        self.epoch_steps = steps_per_epoch(data.training_rows(), options, world.size)
         self.optimiser = torch.optim.Adam(_param_groups(student, new_parameters, options), weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, max(1, options.epochs * self.epoch_steps))
         fp16 = self.device.startswith("cuda") and options.amp and not torch.cuda.is_bf16_supported()
@@ -304,8 +305,7 @@ class _Run:
         except DataError as exc:
             failure = exc
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            failure = DataError(f"{self.data.source}: a batch failed in the model ({type(exc).__name__}: "
-                                f"{(str(exc).splitlines() or [''])[0][:150]})")
+            failure = _batch_failure(self.data.source, exc)
         timed_out = deadline is not None and time.monotonic() >= deadline
         mine = [float(rows), float(loss.detach()) if loss is not None else 0.0, float(batch is None), float(timed_out)]
         total_rows, loss_sum, exhausted, time_up = [sum(c) for c in zip(*self.world.sync(mine, failure))]
@@ -351,6 +351,16 @@ class _Run:
                 self.save()
                 since_save = 0
         return False
+
+
+def _batch_failure(source: str, exc: BaseException) -> DataError:
+    """A training batch that failed in the model, in one line; BatchNorm's refusal of a one-row batch
+    (``--batch-size`` 1, or as many processes as rows) names its cause."""
+    said = (str(exc).splitlines() or [""])[0]
+    if "more than 1 value per channel" in said:
+        return DataError(f"{source}: a training batch gave a process one row, on which BatchNorm cannot update its "
+                         "statistics; raise --batch-size (or drop --update-norm-stats)")
+    return DataError(f"{source}: a batch failed in the model ({type(exc).__name__}: {said[:150]})")
 
 
 def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:

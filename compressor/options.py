@@ -115,7 +115,7 @@ class PlanOptions:
     max_drop: float | None = None  # percentage points of accuracy the compressed model may lose (compress only)
 
     def validate(self) -> None:
-        from .layers.registry import kinds  # the registry names the kinds; it needs torch
+        from .layers.registry import kinds, spec_for  # the registry names the kinds; it needs torch
 
         if self.max_drop is not None:
             _number_range("--max-drop", self.max_drop, 0, 100, "percentage points")
@@ -123,6 +123,9 @@ class PlanOptions:
         _choice("--head", self.head, (*kinds("head"), KEEP))
         _choice("--hidden", self.hidden, (*kinds("hidden"), KEEP))
         _int_range("--depth", self.depth, 1, DEPTH_MAX)
+        if self.depth != PlanOptions.depth and (self.hidden == KEEP or "depth" not in spec_for("hidden", self.hidden).defaults()):
+            raise UsageError(f"--depth sets the number of ACDC layers, and --hidden {self.hidden} has none; drop --depth "
+                             "or use --hidden acdc")
         _choice("--objective", self.objective, OBJECTIVES)
         for pattern in [*self.include, *self.exclude]:
             if not isinstance(pattern, str) or not pattern:

@@ -107,17 +107,35 @@ def _kept_reason(names: list[str], role: str, kind: str, options: PlanOptions) -
     return ""
 
 
+FORWARD_HOOKS = "it has forward hooks (a structured replacement would drop them)"
+
+
+def _has_own_forward_hooks(linear: nn.Linear) -> bool:
+    """Whether the model registered forward (pre-)hooks on ``linear`` that change what it computes. The
+    hooks of torch's weight reparametrisations (weight_norm, spectral_norm, pruning) only recompute
+    ``.weight``, which the structured layer is initialised from, so they do not count."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(not isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+               for hook in (*linear._forward_pre_hooks.values(), *linear._forward_hooks.values()))
+
+
 def _plan_layer(index: int, names: list[str], linear: nn.Linear, role: str, options: PlanOptions, seed: int,
                 traced_reason: str = "") -> tuple[LayerPlan, str]:
     """The plan of one Linear (``names``: all its names, the first one planned) and the rule that
-    decided it: "replaced", "options" (the user's flags; "head keep" for ``--head keep``), "forward
-    pass" (``traced_reason``: why the forward pass rules it out, "" when it does not) or "size"."""
+    decided it: "replaced", "options" (the user's flags; "head keep" for ``--head keep``), "hooks"
+    (:data:`FORWARD_HOOKS`), "forward pass" (``traced_reason``: why the forward pass rules it out, ""
+    when it does not) or "size"."""
     kind = options.head if role == "head" else options.hidden
     before, name = count_stored(linear), names[0]
     entry = LayerPlan(name, role, linear.in_features, linear.out_features, before, None, {}, before)
     entry.reason = _kept_reason(names, role, kind, options)
     if entry.reason:
         return entry, "head keep" if role == "head" and kind == KEEP else "options"
+    if _has_own_forward_hooks(linear):
+        return replace(entry, reason=FORWARD_HOOKS), "hooks"
     if traced_reason:
         return replace(entry, reason=traced_reason), "forward pass"
     spec = spec_for(role, kind)

@@ -134,6 +134,24 @@ def token_classifier(classes: int = 4) -> TokenClassifier:
     return TokenClassifier(classes=classes)
 
 
+class ByteImages(nn.Module):
+    """uint8 images (batch, 1, 8, 8) that the model scales itself (``x / 255`` on bytes; floats are taken as
+    already scaled): a conv block, a hidden Linear and the head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc, self.head = nn.Linear(8 * 64, 128), nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        return self.head(F.relu(self.fc(F.relu(self.conv(x.reshape(-1, 1, 8, 8))).flatten(1))))
+
+
+def byte_images(classes: int = 10) -> ByteImages:
+    return ByteImages(classes)
+
+
 class SharedWeight(nn.Module):
     """Two distinct Linears sharing one weight tensor (not one module under two names): ``c.weight is
     b.weight``, their biases their own."""

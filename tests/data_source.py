@@ -79,3 +79,10 @@ class WideStream(IterableDataset):
 
 def wide_stream():
     return WideStream()
+
+
+def mlp_of(**kwargs):
+    """compressor.zoo's MLP, as a user's own factory (not on fixclf's allow-list)."""
+    from compressor.zoo import mlp
+
+    return mlp(**kwargs)

@@ -84,7 +84,19 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "    def __getitem__(self, i):\n        return torch.zeros(64 if i % 2 else 32)\n\n"
         "def ragged():\n    return Ragged()\n\n"
         "class Empty(torch.utils.data.IterableDataset):\n    def __iter__(self):\n        return iter(())\n\n"
-        "def empty_stream():\n    return Empty()\n")
+        "def empty_stream():\n    return Empty()\n\n"
+        "class FixedBatch(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n"
+        "        return self.fc(x.reshape(int(x.shape[0]), 64))\n\n"
+        "class Float64(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10).double()\n    def forward(self, x):\n"
+        "        return self.fc(x.double()).float()\n\n"
+        "class Endless(torch.utils.data.IterableDataset):\n    def __iter__(self):\n"
+        "        while True:\n            yield torch.zeros(64), 0\n\n"
+        "def endless():\n    return Endless()\n\n"
+        "class Reshuffled(torch.utils.data.IterableDataset):\n    def __iter__(self):\n"
+        "        for i in torch.randperm(200).tolist():\n            yield torch.full((64,), float(i)), i % 10\n\n"
+        "def reshuffled():\n    return Reshuffled()\n")
     np.savez_compressed(d / "bomb.npz", x=np.zeros((200_000, 64), np.float32))  # 51 MB of zeros in ~50 KB
     np.savez(d / "val_without_labels.npz", x=x, y=y, x_val=x[:50])
     (d / "shards_mixed").mkdir()
@@ -92,7 +104,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
     np.save(d / "shards_mixed" / "b.npy", x[:, :32])
     (d / "shards_empty").mkdir()
     (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
-    for name, width in (("pair", 64), ("per_token", 8)):
+    (d / "text.npz").write_text("x,y\n1,2\n")
+    for name, width in (("pair", 64), ("per_token", 8), ("fixed_batch", 64), ("float64", 64)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     _write_hostile_checkpoints(d, compressed)
 
@@ -265,6 +278,10 @@ CASES: dict[str, tuple[list[str], int]] = {
     "empty shard directory": ([C, "mlp.pt", "--data", "shards_empty"], 4),
     "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
     "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),
+    "IterableDataset that never ends, --max-time": ([C, "mlp.pt", "--data", "hostile_code:endless", "--max-time", "2"], 4),
+    "IterableDataset that reshuffles every pass": ([C, "mlp.pt", "--data", "hostile_code:reshuffled"], 4),
+    "a text file named .npz": ([C, "mlp.pt", "--data", "text.npz"], 4),
+    "model whose forward runs in float64": ([C, "float64.pt", "--arch", "hostile_code:Float64", "--data", "digits.npz"], 4),
     # plans that cannot be built (these used to hang)
     "model without Linear layers": (["plan", "conv.pt", "--arch", "torch.nn:Conv2d", "--arch-kwargs",
                                      '{"in_channels": 1, "out_channels": 4, "kernel_size": 3}'], 5),
@@ -273,6 +290,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "Hadamard head after a 3-wide hidden layer": ([C, "narrow_hidden.pt", "--data", "digits.npz"], 5),
     "empty include match": ([C, "mlp.pt", "--include", "features.*"], 5),
     "model returning a tuple": ([C, "pair.pt", "--arch", "hostile_code:Pair", "--data", "digits.npz"], 5),
+    "model whose forward fixes the batch size": ([C, "fixed_batch.pt", "--arch", "hostile_code:FixedBatch", "--data",
+                                                 "digits.npz"], 7),
     "labels for a model returning per-token logits": ([C, "per_token.pt", "--arch", "hostile_code:PerToken", "--data",
                                                        "digits.npz"], 4),
     # fine-tuning
@@ -292,6 +311,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "unknown init": ([C, "mlp.pt", "--init", "random"], 2),
     "depth 0": (["plan", "mlp.pt", "--depth", "0"], 2),
     "depth 10**6": (["plan", "mlp.pt", "--depth", "1000000"], 2),
+    "depth for Fastfood, which has none": (["plan", "mlp.pt", "--hidden", "fastfood", "--depth", "3"], 2),
     "seed overflow": ([C, "mlp.pt", "--seed", "18446744073709551616"], 2),
     "negative seed": (["plan", "mlp.pt", "--seed", "-1"], 2),
     "epochs -1": ([C, "mlp.pt", "--epochs", "-1"], 2),

@@ -230,6 +230,33 @@ def test_a_weight_shared_by_two_linears_is_counted_once_and_the_checkpoint_reads
     assert after_b < shared
 
 
+def test_integer_images_reach_the_model_as_stored(workdir):
+    """uint8 rows go to a model that takes them as uint8 (it scales them itself), in the fine-tune, the
+    accuracy before and the ONNX file, whose input is uint8; a float model still gets float32 rows."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = architectures.byte_images().eval()
+    torch.save(model.state_dict(), "bytes.pt")
+    images = torch.randint(0, 256, (240, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # its own answers on bytes: 100% before, as stored
+        as_floats = (model(images.float()).argmax(1) == labels).float().mean()
+    assert as_floats < 0.9  # the float path differs: a test that can tell the two apart
+    np.savez("bytes.npz", x=images.numpy(), y=labels.numpy())
+    result = runner.invoke(app, ["compress", "bytes.pt", "--arch", "architectures:byte_images", "--data", "bytes.npz",
+                                 "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["accuracy"]["before"] == 1.0 and report["options"]["mixup"] is False
+    assert onnx.load("bytes.fixclf.onnx").graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    compressed = load_compressed_model("bytes.fixclf.pt", arch="architectures:byte_images")
+    with torch.no_grad():
+        expected = compressed(images[:16])
+    got = torch.from_numpy(run(session("bytes.fixclf.onnx"), images[:16]))
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
 def test_token_ids_into_an_embedding_train_export_and_run_as_integers(workdir):
     """x of whole numbers that the model takes only as integers (token ids): fed as int64 everywhere, the
     ONNX input is int64 and matches PyTorch, rows are not mixed (--mixup is refused), export reruns."""
@@ -243,7 +270,7 @@ def test_token_ids_into_an_embedding_train_export_and_run_as_integers(workdir):
         np.savez("data.npz", x=tokens.numpy(), y=model(tokens).argmax(1).numpy())
     arch = ["--arch", "architectures:token_classifier", "--data", "data.npz"]
     refused = runner.invoke(app, ["compress", "tokens.pt", *arch, "--epochs", "1", "--mixup"])
-    assert refused.exit_code == 2 and "integer inputs (token ids)" in refused.output, refused.output
+    assert refused.exit_code == 2 and "integer inputs (int64: token ids" in refused.output, refused.output
     result = runner.invoke(app, ["compress", "tokens.pt", *arch, "--epochs", "1", "--latency-batch", "8", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compressor.checkpoint import load_model
-from compressor.data import HOLDOUT_FRACTION, check_against_model, load_data
+from compressor.data import HOLDOUT_FRACTION, _StreamSource, check_against_model, load_data, training_batch_count
 from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
 from compressor.errors import DataError, OutputError, UsageError
 from conftest import SAMPLES
@@ -75,6 +75,31 @@ def test_processes_together_see_exactly_the_single_process_batches(spec):
         assert torch.equal(torch.cat([split[r][step][1] for r in range(3)]), y)
     resumed = list(data.batches("train", 64, epoch=3, seed=7, skip=5))
     assert torch.equal(resumed[0][0], alone[5][0])
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        return iter(torch.from_numpy(self.x))
+
+
+@pytest.mark.parametrize("rows, batch, world", [(129, 64, 1), (130, 64, 2), (131, 64, 2), (67, 64, 3), (65, 8, 4),
+                                                (5, 64, 1)])
+def test_no_training_batch_gives_a_process_one_row(tmp_path, rows, batch, world):
+    """BatchNorm cannot train on one row: an epoch's last, partial batch that would give a process one
+    row is left out (unless it is the only batch), for arrays and streams alike, and the step count the
+    schedule is sized by says so."""
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    np.savez(tmp_path / "d.npz", x=x, x_val=x[:3])
+    for data in (load_data(tmp_path / "d.npz"), _StreamSource(_Rows(x), "stream", (), 0)):
+        trained = data.training_rows()
+        chunks = [list(data.batches("train", batch, epoch=1, rank=r, world=world)) for r in range(world)]
+        assert all(len(mine) == training_batch_count(trained, batch, world) for mine in chunks)
+        sizes = [x.shape[0] for mine in chunks for x, _ in mine]
+        assert 1 not in sizes or trained < batch
+        assert 0 <= trained - sum(sizes) < 2 * world
 
 
 @pytest.mark.parametrize("spec", ["data_source:digits", "shards-npz"])
@@ -199,7 +224,8 @@ def test_data_messages_name_the_real_problem(tmp_path):
 
 def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
     """What training scripts commonly save: x_train/y_train arrays, a {'state_dict', 'epoch'} dict, a
-    DistributedDataParallel state_dict (keys 'module.*'): each error line says what to change."""
+    DistributedDataParallel or torch.compile state_dict (keys 'module.*', '_orig_mod.*'): the layouts are
+    taken as they are where that is unambiguous, else the error line says what to change."""
     from compressor.errors import CheckpointError
     from compressor.zoo import mlp
 
@@ -210,6 +236,27 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "training.pt")
     with pytest.raises(CheckpointError, match=r"training checkpoint .*torch.save\(checkpoint\['state_dict'\]"):
         load_model(tmp_path / "training.pt")
-    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
-    with pytest.raises(CheckpointError, match=r"DataParallel wrapper .*save model.module.state_dict\(\)"):
-        load_model(tmp_path / "ddp.pt", arch="compressor.zoo:mlp", arch_kwargs={"hidden": [32]})
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):  # DDP / DataParallel, torch.compile, both
+        torch.save({f"{prefix}{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
+        for arch in ("compressor.zoo:mlp", "data_source:mlp_of"):  # built in (checked on meta first), and the user's
+            loaded = load_model(tmp_path / "wrapped.pt", arch=arch, arch_kwargs={"hidden": [32]}).model.state_dict()
+            assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_integer_rows_go_to_a_model_as_stored_only_when_it_takes_them(tmp_path):
+    """uint8 rows: as uint8 to a model that takes them (it scales them itself), as float32 to one that
+    takes floats only (an nn.Linear), which can then be mixed."""
+    class ScalesBytes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.float() / 255 if x.dtype == torch.uint8 else x)
+
+    np.savez(tmp_path / "bytes.npz", x=np.random.default_rng(0).integers(0, 256, (40, 4), dtype=np.uint8))
+    for model, dtype in ((ScalesBytes(), torch.uint8), (torch.nn.Linear(4, 3), torch.float32)):
+        data = load_data(tmp_path / "bytes.npz")
+        check_against_model(data, model)
+        assert data.input_dtype == dtype and data.mixable == dtype.is_floating_point
+        assert next(iter(data.batches("train", 8)))[0].dtype == dtype

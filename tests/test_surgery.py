@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune
 
 from torch import nn
 
@@ -371,3 +372,18 @@ def test_the_read_check_leaves_other_models_and_the_random_state_alone():
     torch.manual_seed(3)
     torch.randn(2, 32, dtype=torch.float64)
     assert torch.equal(after_plan, torch.rand(1))
+
+
+def test_a_linear_with_forward_hooks_stays_dense_unless_they_only_recompute_its_weight():
+    """A forward hook can change what a Linear computes, and its structured replacement would not run it;
+    pruning's and weight_norm's hooks only recompute .weight, from which the replacement is initialised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    model[0].register_forward_hook(lambda module, inputs, output: output * 0)
+    model[2].register_forward_pre_hook(lambda module, inputs: (inputs[0].flip(-1),))
+    torch.nn.utils.prune.random_unstructured(model[4], "weight", 0.3)
+    plan = {entry.name: entry for entry in make_plan(model, example=torch.randn(2, 16))}
+    assert plan["0"].kind is None and "forward hooks" in plan["0"].reason
+    assert plan["2"].kind is None and "forward hooks" in plan["2"].reason
+    assert plan["4"].kind == "acdc" and plan["6"].kind == "hadamard"
