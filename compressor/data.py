@@ -496,8 +496,8 @@ class _StreamSource(DataSource):
     def _check_same_as_first_pass(self, i: int, item) -> None:
         """Items are held out by position, so every pass must yield the same items in the same order: a
         stream that reshuffles would move training items into the held-out ones."""
-        seen = self.first_items.setdefault(i, _digest(item))
-        if seen != _digest(item):
+        digest = _digest(item)
+        if self.first_items.setdefault(i, digest) != digest:
             raise DataError(f"--data {self.source}: the stream yields a different item {i} on another pass; fixclf holds "
                             "out items by position, so every pass must yield the same items in the same order (shuffle "
                             "once, when the stream is made, not on every pass)")

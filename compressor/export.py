@@ -322,11 +322,14 @@ def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
 
 
 def _write_fp16(exported: Exported, float_file: Path, out: Path) -> None:
-    """Float16 weights and arithmetic (onnxconverter-common's converter), inputs and outputs as in the float32 file."""
+    """Float16 weights and arithmetic (onnxconverter-common's converter), inputs and outputs as in the float32 file.
+    Cast nodes stay as they are, with float16 casts around them: the converter would type a Cast to
+    float (integer inputs a model converts itself: uint8 images, ids) as float16 without changing it."""
     from onnxconverter_common import float16
 
     with _quiet():
-        converted = float16.convert_float_to_float16(exported.proto, keep_io_types=True)
+        converted = float16.convert_float_to_float16(exported.proto, keep_io_types=True,
+                                                     op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"])
     onnx.save_model(converted, str(out))
 
 

@@ -232,7 +232,7 @@ def test_a_weight_shared_by_two_linears_is_counted_once_and_the_checkpoint_reads
 
 def test_integer_images_reach_the_model_as_stored(workdir):
     """uint8 rows go to a model that takes them as uint8 (it scales them itself), in the fine-tune, the
-    accuracy before and the ONNX file, whose input is uint8; a float model still gets float32 rows."""
+    accuracy before and the ONNX files (float32 and float16), whose input is uint8."""
     import onnx
 
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def test_integer_images_reach_the_model_as_stored(workdir):
     assert as_floats < 0.9  # the float path differs: a test that can tell the two apart
     np.savez("bytes.npz", x=images.numpy(), y=labels.numpy())
     result = runner.invoke(app, ["compress", "bytes.pt", "--arch", "architectures:byte_images", "--data", "bytes.npz",
-                                 "--epochs", "1", "--latency-batch", "8", "--json"])
+                                 "--epochs", "1", "--latency-batch", "8", "--precision", "fp16", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["accuracy"]["before"] == 1.0 and report["options"]["mixup"] is False
