@@ -197,10 +197,15 @@ class _ShardStore(_Store):
                             f"(labels in NAME{LABELS_SUFFIX}) or NAME.npz (x, y)")
         if len({p.suffix for p in self.x_files}) > 1:
             raise DataError(f"--data {source}: mixes .npy and .npz shards; use one kind")
-        shapes = [self._shape(p) for p in self.x_files]
+        headers = [self._header(p) for p in self.x_files]
+        shapes = [shape for shape, _ in headers]
         if len({s[1:] for s in shapes}) > 1:
             raise DataError(f"--data {source}: shards hold rows of different shapes {sorted({s[1:] for s in shapes})}; "
                             "give every shard rows of one shape")
+        stored_as = {dtype.name if dtype.kind in "iu" else "floating point" for _, dtype in headers}
+        if len(stored_as) > 1:  # integer rows may reach the model as stored (check_against_model): all or none
+            raise DataError(f"--data {source}: shards store x as {', '.join(sorted(stored_as))}; store every shard's x "
+                            "alike")
         labelled = [self._has_labels(p) for p in self.x_files]
         if len(set(labelled)) > 1:
             raise DataError(f"--data {source}: some shards have labels and some do not; label all or none")
@@ -210,10 +215,12 @@ class _ShardStore(_Store):
         self.rows = int(self.sizes.sum())
         self._resident: tuple[int, Rows] | None = None
 
-    def _shape(self, path: Path) -> tuple[int, ...]:
+    def _header(self, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of a shard's x, read from its header."""
         try:
             if path.suffix == ".npy":
-                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                shape, dtype = array.shape, array.dtype
             else:
                 check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
                 with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
@@ -234,7 +241,7 @@ class _ShardStore(_Store):
                             ".npy arrays or .npz files with x (and y)") from exc
         if len(shape) < 2 or shape[0] == 0:
             raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)")
-        return tuple(shape)
+        return tuple(shape), np.dtype(dtype)
 
     def _has_labels(self, path: Path) -> bool:
         if path.suffix == ".npy":

@@ -102,6 +102,9 @@ def write_inputs(d: Path, compressed: dict) -> None:
     (d / "shards_mixed").mkdir()
     np.save(d / "shards_mixed" / "a.npy", x)
     np.save(d / "shards_mixed" / "b.npy", x[:, :32])
+    (d / "shards_bytes_and_floats").mkdir()
+    np.save(d / "shards_bytes_and_floats" / "a.npy", x)
+    np.save(d / "shards_bytes_and_floats" / "b.npy", x.astype(np.uint8))
     (d / "shards_empty").mkdir()
     (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
     (d / "text.npz").write_text("x,y\n1,2\n")
@@ -276,6 +279,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
     "shard directory with rows of two shapes": ([C, "mlp.pt", "--data", "shards_mixed"], 4),
     "empty shard directory": ([C, "mlp.pt", "--data", "shards_empty"], 4),
+    "shard directory with uint8 and float shards": ([C, "mlp.pt", "--data", "shards_bytes_and_floats"], 4),
     "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
     "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),
     "IterableDataset that never ends, --max-time": ([C, "mlp.pt", "--data", "hostile_code:endless", "--max-time", "2"], 4),
