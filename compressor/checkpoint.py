@@ -144,6 +144,31 @@ def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) 
                     "save it again without compression")
 
 
+MAX_LOADED_ITEMS = 1_000_000
+"""Containers and values a loaded checkpoint may hold, counted as a walk visits them (a list shared
+100 times counts 100 times): what a real state_dict and its metadata need, many times over."""
+MAX_LOADED_DEPTH = 32
+
+
+def check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: int = MAX_LOADED_ITEMS) -> None:
+    """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
+    or go deeper than :data:`MAX_LOADED_DEPTH`: a pickle can make a few bytes of shared references
+    ("billion laughs") or deep nesting that any later pass over it (a check, an error message) would
+    take hours, or a Python recursion, to go through. Tensors are leaves; nothing is unpickled here."""
+    stack, visits = [(obj, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        visits += 1
+        if visits > max_items or depth > MAX_LOADED_DEPTH:
+            what = f"more than {max_items:,} values" if visits > max_items else f"nesting deeper than {MAX_LOADED_DEPTH}"
+            raise error(f"{path} holds {what} besides its tensors; the file is damaged or not a checkpoint (save the "
+                        "state_dict and plain settings only)")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in value)
+
+
 def _load_failure(exc: BaseException) -> str:
     """Why torch.load failed, in a few words: torch's weights-only refusal opens with a long preamble
     about its defaults; the reason is on its ``WeightsUnpickler error:`` line."""
@@ -168,7 +193,7 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (Exception, SystemExit) as exc:
         unsafe = [] if trust_pickle else _unsafe_globals(path)
         if unsafe:
@@ -179,6 +204,8 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(exc)}); it may be "
                                   "truncated or of another format: pass the .pt file torch.save or fixclf compress wrote") from exc
         raise CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})") from exc
+    check_bounded(loaded, path, CheckpointError)
+    return loaded
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...], path: Path, what: str) -> Any:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_unpacked_size
+from .checkpoint import check_bounded, check_unpacked_size
 from .errors import DataError, PlanError
 from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
@@ -66,6 +66,7 @@ STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
 STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked against the first pass
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, *INTEGER_DTYPES, torch.bool)
+DATA_MAX_ITEMS = 10_000_000  # values a .pt data file may hold outside tensors (x as nested lists, say)
 DATA_UNPACK_RATIO = 200  # a compressed .npz of real data unpacks a few times its size; zeros thousands of times
 LABELS_SUFFIX = ".y.npy"
 
@@ -658,12 +659,14 @@ def _read_file(path: Path, spec: str) -> dict:
                 return {k: npz[k] for k in npz.files}
         with warnings.catch_warnings():  # torch warns at length before refusing a plain pickle
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if "allow_pickle" in str(exc):
             raise DataError(f"--data {spec}: it holds arrays of Python objects, which fixclf never unpickles; save numeric "
                             "arrays (x.astype(np.float32), y.astype(np.int64))") from exc
         raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
+    check_bounded(loaded, path, DataError, max_items=DATA_MAX_ITEMS)
+    return loaded
 
 
 def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> DataSource:

@@ -108,6 +108,17 @@ def write_inputs(d: Path, compressed: dict) -> None:
     (d / "shards_empty").mkdir()
     (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
     (d / "text.npz").write_text("x,y\n1,2\n")
+    laughs = [0] * 1000  # "billion laughs": 1000**4 values from a few KB of shared references
+    for _ in range(3):
+        laughs = [laughs] * 1000
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    torch.save({**_sample_state(), "format": laughs}, d / "laughs.pt")
+    torch.save({**_sample_state(), "kwargs": {"hidden": deep}}, d / "deep.pt")
+    digits_arrays = np.load(SAMPLES / "digits.npz")
+    torch.save({"x": torch.from_numpy(digits_arrays["x"]), "y": torch.from_numpy(digits_arrays["y"]), "notes": laughs},
+               d / "laughs_data.pt")
     for name, width in (("pair", 64), ("per_token", 8), ("fixed_batch", 64), ("float64", 64)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     _write_hostile_checkpoints(d, compressed)
@@ -253,6 +264,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "directory": ([C, "folder"], 3),
     "empty file": ([C, "empty.pt"], 3),
     "truncated checkpoint": ([C, "truncated.pt"], 3),
+    "checkpoint of shared references ('billion laughs')": (["plan", "laughs.pt"], 3),
+    "checkpoint nested 200 deep": (["report", "deep.pt"], 3),
     "random bytes": ([C, "random.pt"], 3),
     "an ONNX file as the checkpoint": (["report", "model.onnx"], 3),
     "a FIFO as the checkpoint": (["report", "fifo.pt"], 3),
@@ -271,6 +284,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
+    "data file of shared references ('billion laughs')": ([C, "mlp.pt", "--data", "laughs_data.pt"], 4),
     "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
     "data file the checkpoint names is missing": ([C, "nodata/mlp.pt"], 4),
     "object arrays in the data": ([C, "mlp.pt", "--data", "objects.npz"], 4),
