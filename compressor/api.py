@@ -291,6 +291,12 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
     fine-tuning so that a model ONNX cannot express fails before the work, not after it.
     ``samples``: the validation rows (VALIDATION_ROWS of the held-out split), shared with :func:`_export`."""
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
+    with torch.no_grad():
+        finite = bool(torch.isfinite(original.eval()(samples)).all())
+    if not finite:
+        raise DataError(f"the original model's outputs on the held-out rows are not finite (NaN or infinity), so nothing "
+                        f"can be compared with them: the rows are outside the range the model works in (largest |x| "
+                        f"{float(samples.abs().max()):.3g}); scale the data as the model was trained on it")
     try:
         original_bytes = to_onnx(original, samples).proto.SerializeToString()
         validate(original_bytes, original, samples, tolerance=options.export.tolerance)

@@ -144,6 +144,21 @@ def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) 
                     "save it again without compression")
 
 
+def check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], advice: str) -> None:
+    """Refuse a torch zip checkpoint whose pickled structure (``data.pkl``; the tensors are stored beside
+    it) is over ``max_bytes``: the weights-only unpickler reads it at about 10 MB/s, so a large one
+    is minutes of work before :func:`check_bounded` could look at what it holds."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
+    if pickled > max_bytes:
+        raise error(f"{path} holds a pickled structure of {pickled:,} bytes besides its tensors (at most {max_bytes:,} "
+                    f"are read); {advice}")
+
+
+MAX_PICKLE_BYTES = 32 << 20
+"""A checkpoint's pickled structure (names, settings; not the tensors): a few MB for the largest models."""
 MAX_LOADED_ITEMS = 1_000_000
 """Containers and values a loaded checkpoint may hold, counted as a walk visits them (a list shared
 100 times counts 100 times): what a real state_dict and its metadata need, many times over."""
@@ -190,6 +205,8 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
     check_unpacked_size(path, CHECKPOINT_UNPACK_RATIO, CheckpointError)
+    check_pickle_size(path, MAX_PICKLE_BYTES, CheckpointError, "the file is damaged or not a checkpoint (save the "
+                      "state_dict and plain settings only)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_bounded, check_unpacked_size
+from .checkpoint import check_bounded, check_pickle_size, check_unpacked_size
 from .errors import DataError, PlanError
 from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
@@ -67,6 +67,7 @@ STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked a
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, *INTEGER_DTYPES, torch.bool)
 DATA_MAX_ITEMS = 10_000_000  # values a .pt data file may hold outside tensors (x as nested lists, say)
+DATA_MAX_PICKLE_BYTES = 64 << 20  # its pickled structure (a list of 7M floats: 64 MB, about 7 s to read)
 DATA_UNPACK_RATIO = 200  # a compressed .npz of real data unpacks a few times its size; zeros thousands of times
 LABELS_SUFFIX = ".y.npy"
 
@@ -107,8 +108,9 @@ def _as_tensor(value, name: str, source: str) -> torch.Tensor:
 def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> Rows:
     """``x`` as (N, ...) rows, integers as stored (uint8 images, token ids: the model may take them so),
     anything else as finite float32; ``y`` as int64 (N,) class indices."""
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample, got shape {tuple(x.shape)}")
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].numel() == 0:
+        raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample and one feature, got "
+                        f"shape {tuple(x.shape)}")
     if x.dtype not in INTEGER_DTYPES:
         x = x.float()  # checked after the cast: 1e300 in float64 is infinite in float32
     if x.is_floating_point() and not torch.isfinite(x).all():
@@ -651,6 +653,8 @@ def _read_file(path: Path, spec: str) -> dict:
         raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y), a directory of shards or "
                         "module:function")
     check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+    if path.suffix != ".npz":
+        check_pickle_size(path, DATA_MAX_PICKLE_BYTES, DataError, "save x and y as tensors or numpy arrays, not lists")
     if path.suffix == ".npz" and not zipfile.is_zipfile(path):
         raise DataError(f"--data {spec}: not an .npz archive (numpy.savez writes one); give an .npz or .pt file with x and y")
     try:

@@ -250,6 +250,12 @@ def _check_batch_is_dynamic(proto: onnx.ModelProto) -> None:
                           "reshape(-1, ...), x.new_zeros(x.shape[0], ...)) so that the model exports for any batch")
 
 
+def _two_rows(example: torch.Tensor) -> torch.Tensor:
+    """Two rows to trace with: one row would make the exporter fix the batch size at 1 (it specialises a
+    dimension of size 0 or 1), so a single row is taken twice."""
+    return example[:2] if example.shape[0] >= 2 else torch.cat([example, example])
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
     """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
     import onnxscript.optimizer  # here, not at the top: 0.9 s of every start of the CLI (report, plan) otherwise
@@ -258,7 +264,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet(), _operator_registry_built_once():
-            program = torch.onnx.export(model, (runtime.as_model_input(example)[:2],), dynamo=True, opset_version=spec.opset,
+            program = torch.onnx.export(model, (_two_rows(runtime.as_model_input(example)),), dynamo=True,
+                                        opset_version=spec.opset,
                                         dynamic_shapes=({0: batch},), input_names=[spec.input_name],
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
