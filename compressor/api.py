@@ -88,8 +88,9 @@ def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection
     if source is None:
         raise DataError(f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); "
                         f"fixclf needs real inputs {needed_for}")
-    if spec is None and not Path(source).exists():
-        raise DataError(f"{loaded.path} names the data file {Path(source).name} beside it, which is not there; pass "
+    if spec is None and not Path(source).is_file():  # a checkpoint names a regular file only (a directory is shards)
+        problem = "is not a regular file" if Path(source).exists() else "is not there"
+        raise DataError(f"{loaded.path} names the data file {Path(source).name} beside it, which {problem}; pass "
                         "--data FILE.npz")
     data = load_data(source, seed=seed, selection=selection)
     check_against_model(data, loaded.model)

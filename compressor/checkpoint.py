@@ -263,10 +263,27 @@ def _check_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
         if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
             raise CheckpointError(f"{path}: tensor {name} is a broadcast view larger than its data; save real tensors "
                                   "(tensor.contiguous())")
+    _check_views(state, path)
+    for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} holds NaN or infinite values; the checkpoint is damaged or its "
                                   "training diverged: use an earlier checkpoint")
     return state
+
+
+MAX_VIEW_GROWTH = 16
+"""How many times over the tensors of a state may read their stored bytes (tied weights read them twice)."""
+
+
+def _check_views(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a state whose tensors read the same stored bytes many times over: 100,000 views of one
+    1 MB storage make 100 GB that every pass over the weights would read."""
+    stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+    read = sum(t.numel() * t.element_size() for t in state.values())
+    if read > MAX_VIEW_GROWTH * sum(stored.values()) + (64 << 20):
+        raise CheckpointError(f"{path}: its {len(state):,} tensors are views that read {read:,} bytes out of "
+                              f"{sum(stored.values()):,} stored; the file is damaged or not a checkpoint (save "
+                              "model.state_dict())")
 
 
 def _bundled_data(path: Path, obj: dict) -> Path | None:
@@ -320,6 +337,8 @@ def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: 
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
+        if not stored:
+            raise CheckpointError(f"--arch-kwargs do not fit {name} ({exc}); check --arch-kwargs") from exc
         raise CheckpointError(f"{path}: kwargs do not fit {name} ({exc}); the file is damaged") from exc
     with torch.device("meta"):
         return _build(factory, kwargs, name, path if stored else None)

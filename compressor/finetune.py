@@ -62,9 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import check_bounded
 from .data import DataSource, check_labels, training_batch_count
 from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
+from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
 __all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "correct_rows", "evaluate", "distill", "steps_per_epoch",
@@ -241,14 +243,18 @@ class _Run:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UsageError(f"{path}: the resume state cannot be read ({type(exc).__name__}); delete it to start over") from exc
-        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        check_bounded(state, path, UsageError)
+        if (not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or not isinstance(state.get("fingerprint"), dict)
+                or not all(isinstance(key, str) for key in state["fingerprint"])):
             raise UsageError(f"{path} is not a fixclf resume state; delete it or choose another --output")
         if state.get("fingerprint") != self.resume.fingerprint:
             changed = sorted(k for k in {**self.resume.fingerprint, **(state.get("fingerprint") or {})}
                              if (state.get("fingerprint") or {}).get(k) != self.resume.fingerprint.get(k))
             raise UsageError(f"{path} was written by a run with other settings ({', '.join(changed)}); run with the "
                              "same settings, or delete it to start over")
+        fixed = self._fixed_buffers()
         try:
+            self._check_position(state, path)
             self.student.load_state_dict(state["student"])
             self.optimiser.load_state_dict(state["optimiser"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -258,10 +264,33 @@ class _Run:
             self.result.steps, self.samples = int(state["steps"]), int(state["samples"])
             self.seconds = float(state["seconds"])
             self.result.epochs = [EpochStats(**e) for e in state["history"]]
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise UsageError(f"{path}: the resume state does not fit this run ({type(exc).__name__}); delete it to "
                              "start over") from exc
+        changed = [name for name, value in self._fixed_buffers().items() if not torch.equal(value, fixed[name])]
+        if changed:
+            raise UsageError(f"{path}: the resume state changes {changed[0]}, which never trains (its layer's fixed "
+                             "permutation); the file is damaged: delete it to start over")
         self.result.resumed_from = self.result.steps
+
+    def _fixed_buffers(self) -> dict[str, torch.Tensor]:
+        """The structured layers' integer buffers (fixed permutations: set by the plan, never trained)."""
+        return {f"{owner}.{name}": buffer.clone() for owner, module in self.student.named_modules()
+                if isinstance(module, ReplacesLinear)
+                for name, buffer in module.named_buffers() if not buffer.is_floating_point()}
+
+    def _check_position(self, state: dict, path: Path) -> None:
+        """Where the saved run stood must be a place this run can be: counts within the budget, time finite."""
+        limits = {"epoch": self.options.epochs, "step_in_epoch": self.epoch_steps,
+                  "steps": self.options.epochs * self.epoch_steps, "samples": 2**53}
+        for key, limit in limits.items():
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                raise UsageError(f"{path}: the resume state's {key} ({value!r:.40}) is not a count between 0 and {limit}; "
+                                 "the file is damaged: delete it to start over")
+        if not isinstance(state["seconds"], (int, float)) or not 0 <= state["seconds"] < math.inf:
+            raise UsageError(f"{path}: the resume state's seconds are not a finite time; the file is damaged: delete it "
+                             "to start over")
 
     # --- one step -------------------------------------------------------------------------------------------
 

@@ -208,5 +208,6 @@ class CompressOptions:
         _int_range("--seed", self.seed, 0, SEED_MAX)
         if self.plan.max_drop is not None and self.finetune.resume:
             raise UsageError("--max-drop fine-tunes several plans in turn, --resume continues one: use one of them")
-        if self.output is not None and Path(self.output).suffix != ".pt":
-            raise UsageError(f"--output {self.output} must end in .pt (the ONNX file is written beside it)")
+        if self.output is not None and (not str(self.output) or Path(self.output).suffix != ".pt"):
+            raise UsageError(f"--output {str(self.output)!r} must be a file name ending in .pt (the ONNX file is written "
+                             "beside it)")

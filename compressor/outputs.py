@@ -4,7 +4,8 @@ An :class:`Artifacts` set owns the outputs of one command (the compressed checkp
 int8 and ORT files, or an export's files). Before any work, :meth:`Artifacts.check` refuses an
 output that is one of the inputs (same file, also through a link), exists without ``force``, is a
 directory, has a name the file system cannot hold, or lies in a directory that cannot be
-written. Each file is written to a uniquely named temporary file in its target directory
+written; :meth:`Artifacts.commit` checks all of that again right before it renames (the run may have
+taken hours). Each file is written to a uniquely named temporary file in its target directory
 (``tempfile.mkstemp``: a user's file is never clobbered by a fixed name) and all of them are
 renamed into place together by :meth:`Artifacts.commit`; on any exit without commit (an error,
 Ctrl-C, SIGTERM turned into an exception by the CLI) every temporary file is removed. A write
@@ -116,9 +117,10 @@ class Artifacts:
         return self
 
     def _mkstemp(self, directory: Path, suffix: str, record: Callable[[Path], None]) -> Path:
-        """A new temporary file, recorded for removal before any signal can interrupt in between."""
+        """A new temporary file, recorded for removal before any signal can interrupt in between. Made in
+        ``directory``'s real location, so that it is found again if a link on the way is re-pointed."""
         with _signals_held():
-            fd, name = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=f".tmp{suffix}")
+            fd, name = tempfile.mkstemp(dir=directory.resolve(), prefix=TEMP_PREFIX, suffix=f".tmp{suffix}")
             record(Path(name))
         os.close(fd)
         umask = os.umask(0)
@@ -162,6 +164,7 @@ class Artifacts:
         Ctrl-C / SIGTERM are held back during the renames. ``final``: these are the command's outputs,
         its outcome is decided: :data:`AFTER_FINAL_COMMIT` runs before the signals are let through."""
         done: list[Path] = []
+        self._check_again()
         try:
             with _signals_held():
                 for role, tmp in list(self._temps.items()):
@@ -178,6 +181,17 @@ class Artifacts:
                 raise OutputError(f"cannot move the outputs into place ({exc.strerror}); nothing was kept") from exc
             raise
         return done
+
+    def _check_again(self) -> None:
+        """The checks of :meth:`check` once more, right before the renames: what was true before the work
+        (hours, maybe) may not be now (a file created at an output's name, a directory link re-pointed
+        at the inputs' directory), and a rename would silently replace it."""
+        try:
+            for role in self._temps:
+                check_output_path(self.paths[role], self.inputs, self.force)
+        except OutputError as exc:
+            self.discard()
+            raise OutputError(f"{exc} (found when the outputs were about to be written: it changed during the run)") from exc
 
     def discard(self) -> None:
         """Remove every temporary and scratch file not committed."""

@@ -153,3 +153,29 @@ def test_a_second_signal_during_an_import_stops_at_once(template, tmp_path):
     assert result["code"] == 130 and lines == ["error: interrupted; nothing was written"], result["stderr"]
     assert time.monotonic() - started < 60
     assert "held" in result["after"]  # the repeat 0.1 s after the first (a forwarded copy) did not cut the import
+
+
+def test_outputs_are_checked_again_right_before_they_are_renamed_into_place(tmp_path):
+    """What was checked before the work may change during it: a file created at an output's name (no
+    --force) or a directory link re-pointed at the inputs' directory is refused at commit, nothing is
+    replaced and no temporary file is left."""
+    from compressor.errors import OutputError
+    from compressor.outputs import Artifacts
+
+    inputs, empty = tmp_path / "inputs", tmp_path / "empty"
+    inputs.mkdir(), empty.mkdir()
+    (inputs / "model.pt").write_bytes(b"the user's model")
+    (tmp_path / "link").symlink_to(empty)
+    cases = {"appeared": ({"checkpoint": tmp_path / "new.pt"}, lambda: (tmp_path / "new.pt").write_bytes(b"theirs")),
+             "re-pointed": ({"checkpoint": tmp_path / "link" / "model.pt"},
+                            lambda: ((tmp_path / "link").unlink(), (tmp_path / "link").symlink_to(inputs)))}
+    for name, (paths, change) in cases.items():
+        with Artifacts(paths, [inputs / "model.pt"], force=False) as artifacts:
+            artifacts.check()
+            artifacts.write("checkpoint", lambda path: path.write_bytes(b"compressed"))
+            change()
+            with pytest.raises(OutputError, match="changed during the run"):
+                artifacts.commit(final=True)
+        assert (inputs / "model.pt").read_bytes() == b"the user's model", name
+        assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".fixclf-")], name
+    assert (tmp_path / "new.pt").read_bytes() == b"theirs"

@@ -206,3 +206,26 @@ def test_a_malformed_torchrun_variable_is_a_usage_error(monkeypatch, variable, v
     monkeypatch.setenv(variable, value)
     with pytest.raises(UsageError, match=f"{variable}=.*not a whole number"):
         compressor.compress(CompressOptions(SourceOptions(MLP)))
+
+
+def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
+    """A resume state is read like any file fixclf did not just write: counts must lie within the run,
+    the fixed permutations must be the plan's, and shared references are refused, each as a usage error."""
+    state = ResumeFile(tmp_path / "m.resume.pt", {"run": 1})
+    with pytest.raises(Interrupted):
+        _tune(state, stop_at=30)  # after the save at the end of epoch 1
+    saved = torch.load(state.path, weights_only=True)
+    permutation = next(k for k in saved["student"] if k.endswith("permutations"))
+    laughs = [0] * 1000
+    for _ in range(3):
+        laughs = [laughs] * 1000
+    damages = {"epoch": (lambda s: s.update(epoch=-10**18), "epoch .* is not a count"),
+               "seconds": (lambda s: s.update(seconds=float("nan")), "seconds are not a finite time"),
+               "permutation": (lambda s: s["student"][permutation].__setitem__((0, 0), 10**6), "changes .*permutations"),
+               "shared references": (lambda s: s.update(history=laughs), "more than 1,000,000 values")}
+    for damage, match in damages.values():
+        damaged = copy.deepcopy(saved)
+        damage(damaged)
+        torch.save(damaged, state.path)
+        with pytest.raises(UsageError, match=match):
+            _tune(state)
