@@ -248,7 +248,9 @@ class _ShardStore(_Store):
 
     def _has_labels(self, path: Path) -> bool:
         if path.suffix == ".npy":
-            return path.with_name(path.stem + LABELS_SUFFIX).is_file()
+            labels = path.with_name(path.stem + LABELS_SUFFIX)
+            _regular_file(labels, self.source)
+            return labels.is_file()
         with zipfile.ZipFile(path) as archive:
             return "y.npy" in archive.namelist()
 
@@ -265,7 +267,8 @@ class _ShardStore(_Store):
                 with np.load(path, allow_pickle=False) as npz:
                     x, y = npz["x"], (npz["y"] if self.labelled else None)
         except Exception as exc:
-            raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__})") from exc
+            raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); the shard is "
+                            "damaged: write it again with numpy.save / numpy.savez") from exc
         if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0]):
             raise DataError(f"--data {self.source}: shard {path.name} has {x.shape[0]} rows but labels of shape {y.shape}")
         self._resident = (i, (x, y))
@@ -644,7 +647,7 @@ def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayS
 def _regular_file(path: Path, spec: str) -> None:
     """Refuse anything but a regular file before it is opened (a FIFO or device would block or never end)."""
     if path.exists() and not path.is_file():
-        raise DataError(f"--data {spec}: {path.name} is not a regular file (a pipe, device or socket); give a file")
+        raise DataError(f"--data {spec}: {path.name} is not a regular file (a directory, pipe, device or socket); give a file")
 
 
 def _read_file(path: Path, spec: str) -> dict:
