@@ -33,7 +33,8 @@ Batches (:meth:`DataSource.batches`): the training rows are shuffled per epoch (
 e-th draw of a generator seeded with ``seed``) (shard directories: shards shuffled, then rows within each shard, so
 one shard is read at a time), cut into *global* batches of ``batch_size`` rows, and each global
 batch is split into ``world`` contiguous chunks, one per process: the processes of a
-``torchrun`` job together see exactly the batches one process would.
+``torchrun`` job together see exactly the batches one process would, except that an epoch's last,
+partial batch that would give one of them a single row is left out (:func:`training_batch_count`).
 """
 from __future__ import annotations
 

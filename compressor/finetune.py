@@ -24,7 +24,8 @@ stay in eval mode, so their running statistics are never overwritten by the fine
 
 Distributed (:mod:`compressor.distributed`): each process computes its chunk of the global batch
 and its loss is scaled by ``world / |B|`` so that DDP's gradient average equals the gradient of L
-above: N processes take the same steps as one process would (up to float summation order).
+above: N processes take the same steps as one process would (up to float summation order), except
+that an epoch's last, partial batch that would give a process one row is left out.
 After every step's forward pass the processes agree (one all-reduce) on the rows, the loss sum and
 whether any failed, ran out of data or reached ``max_time``; only rank 0 evaluates.
 
