@@ -420,8 +420,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                 finetune=FinetuneSummary(len(tuned.epochs), tuned.steps, tuned.stopped_by,
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
-                accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"), warnings=_warnings(accuracy, tuned),
-                notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile,
+                accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
+                warnings=[*data.notes, *_warnings(accuracy, tuned)], notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile,
                 fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))

@@ -15,8 +15,8 @@
 A stream's length (to size the learning-rate schedule) is its ``len()`` when it defines one, else
 counted by one reading pass before training (which fails after ``--max-time`` seconds, when given).
 
-Rows are fed to the model as float32, except integer rows (uint8 images, token ids) when the model
-takes them as they are stored (:func:`check_against_model` decides once, on two rows).
+Rows are fed to the model as float32, except integer rows (token ids) that the model takes only as they
+are stored (:func:`check_against_model` decides once, on two rows).
 
 Memory bound: arrays from files and functions are held in memory; a shard directory holds one
 ``.npz`` shard (``.npy`` shards are paged in by the OS) plus one batch; a ``Dataset`` holds what
@@ -362,6 +362,7 @@ class DataSource:
     has_labels: bool
     random_access: bool = True  # rows can be fetched by index (False: a stream); --mixup needs it
     input_dtype: torch.dtype | None = None  # what the model takes (check_against_model); None: rows as read
+    notes: tuple[str, ...] | list[str] = ()  # what check_against_model decided that the user should know
     train_rows: int | None
     val_rows: int | None
 
@@ -416,7 +417,8 @@ class _IndexedSource(DataSource):
         if epoch is not None:
             index = self._epoch_order(store, index, seed, epoch)
         chunks = index.split(batch_size)
-        if epoch is not None and chunks and _dropped_tail(len(chunks) - 1, chunks[-1].numel(), world):
+        full, tail = divmod(index.numel(), batch_size)
+        if epoch is not None and tail and _dropped_tail(full, tail, world):
             chunks = chunks[:-1]
         for number, chunk in enumerate(chunks[skip:], start=skip):
             part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
@@ -555,9 +557,9 @@ class _StreamSource(DataSource):
         if self.train_rows is None:
             for count, _ in enumerate(self._split("train"), start=1):
                 if deadline is not None and time.monotonic() > deadline:
-                    raise DataError(f"--data {self.source}: the stream has not ended after {seconds:g} s of counting "
-                                    f"({count:,} training items so far); fixclf reads one pass per epoch, so the stream "
-                                    "must end (or define __len__)")
+                    raise DataError(f"--data {self.source}: the stream has not ended after {seconds:g} s (--max-time) of "
+                                    f"counting ({count:,} training items so far; a stream without __len__ is counted by "
+                                    "one pass first); give it a __len__ (and an end), or a longer --max-time")
         return self.train_rows
 
     def _chunk(self, items: list, rank: int, world: int, training: bool, mix: bool) -> Rows | MixedRows:
@@ -732,19 +734,42 @@ EXACT_INTEGERS = 2**24
 
 
 def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's logits on rows ``x`` as read, settling ``data.input_dtype``: integer rows in their own
-    dtype when the model takes them so (uint8 images it scales itself, token ids), else as float32;
-    whole-number float rows the model takes only as integers, as int64 (:func:`_as_integer_inputs`)."""
-    failure: BaseException | None = None
-    for rows in (x, x.float()) if x.dtype in INTEGER_DTYPES else (x,):
+    """The model's logits on rows ``x`` as read, settling ``data.input_dtype``: float32 when the model takes
+    it (whatever the rows are stored as), else integer rows as stored (token ids into an ``nn.Embedding``),
+    else whole-number float rows as int64 (:func:`_as_integer_inputs`). Integer rows that the model also
+    takes as stored but answers differently there (a model that scales its own bytes, or integer
+    arithmetic that wraps around) are fed as float32 with a note saying so (``data.notes``)."""
+    try:
+        logits = model(x.float())
+    except (Exception, SystemExit) as exc:
+        failure: BaseException = exc
+    else:
+        data.input_dtype = torch.float32
+        if x.dtype in INTEGER_DTYPES and _answers_otherwise(model, x, logits):
+            name = str(x.dtype).removeprefix("torch.")
+            data.notes.append(f"x is stored as {name}, and the model answers those rows differently as {name} than as "
+                              f"float32; fixclf feeds float32, the ONNX input included (store x as float32 to say so)")
+        return logits
+    if x.dtype in INTEGER_DTYPES:
         try:
-            logits = model(rows)
-        except (Exception, SystemExit) as exc:
-            failure = exc
+            logits = model(x)
+        except (Exception, SystemExit):
+            pass
         else:
-            data.input_dtype = rows.dtype
+            data.input_dtype = x.dtype
             return logits
     return _as_integer_inputs(data, model, x.float(), failure)
+
+
+def _answers_otherwise(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether ``model`` takes integer rows ``x`` as they are and answers other than ``logits`` (its
+    answer on them as float32)."""
+    try:
+        as_stored = model(x)
+    except (Exception, SystemExit):
+        return False
+    return not (isinstance(as_stored, torch.Tensor) and as_stored.shape == logits.shape
+                and torch.allclose(as_stored.float(), logits.float(), rtol=1e-4, atol=1e-5))
 
 
 def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, failure: BaseException) -> torch.Tensor:
@@ -775,7 +800,7 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     """Check the data fits the model before any work; returns the number of classes C. Labels held
     in memory are all checked here; streamed labels are checked batch by batch as they come. Settles the
     dtype the rows are fed in from here on (:func:`_logits_of_rows_as_read`)."""
-    data.input_dtype = None  # rows as read
+    data.input_dtype, data.notes = None, []  # rows as read
     x, _ = data.head("train", 2)
     val_x, _ = data.head("val", 1)
     if val_x.shape[1:] != x.shape[1:]:

@@ -282,7 +282,7 @@ class _Run:
 
     def _check_position(self, state: dict, path: Path) -> None:
         """Where the saved run stood must be a place this run can be: counts within the budget, time finite."""
-        limits = {"epoch": self.options.epochs, "step_in_epoch": self.epoch_steps,
+        limits = {"epoch": self.options.epochs + 1, "step_in_epoch": self.epoch_steps,  # epochs + 1: all done
                   "steps": self.options.epochs * self.epoch_steps, "samples": 2**53}
         for key, limit in limits.items():
             value = state[key]

@@ -237,6 +237,9 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     if "size" in rules and rules <= {"size", "head keep"}:
         return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
                 "small gain nothing from a structured form)")
+    if "hooks" in rules and rules <= {"hooks", "head keep", "options", "size"}:
+        return ("no layer would be replaced: the Linears left to replace have forward hooks of the model's own, which "
+                "a structured replacement would drop; remove the hooks to replace them")
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")

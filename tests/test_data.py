@@ -86,7 +86,7 @@ class _Rows(torch.utils.data.IterableDataset):
 
 
 @pytest.mark.parametrize("rows, batch, world", [(129, 64, 1), (130, 64, 2), (131, 64, 2), (67, 64, 3), (65, 8, 4),
-                                                (5, 64, 1)])
+                                                (5, 64, 1), (20, 1, 1), (40, 2, 2), (50, 5, 3)])
 def test_no_training_batch_gives_a_process_one_row(tmp_path, rows, batch, world):
     """BatchNorm cannot train on one row: an epoch's last, partial batch that would give a process one
     row is left out (unless it is the only batch), for arrays and streams alike, and the step count the
@@ -98,8 +98,8 @@ def test_no_training_batch_gives_a_process_one_row(tmp_path, rows, batch, world)
         chunks = [list(data.batches("train", batch, epoch=1, rank=r, world=world)) for r in range(world)]
         assert all(len(mine) == training_batch_count(trained, batch, world) for mine in chunks)
         sizes = [x.shape[0] for mine in chunks for x, _ in mine]
-        assert 1 not in sizes or trained < batch
-        assert 0 <= trained - sum(sizes) < 2 * world
+        assert 1 not in sizes or trained < batch or batch < 2 * world  # full batches are the user's choice
+        assert 0 <= trained - sum(sizes) < 2 * world and (trained % batch or trained == sum(sizes))
 
 
 @pytest.mark.parametrize("spec", ["data_source:digits", "shards-npz"])
@@ -243,9 +243,9 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
             assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
-def test_integer_rows_go_to_a_model_as_stored_only_when_it_takes_them(tmp_path):
-    """uint8 rows: as uint8 to a model that takes them (it scales them itself), as float32 to one that
-    takes floats only (an nn.Linear), which can then be mixed."""
+def test_integer_rows_go_to_a_model_as_float32_unless_it_takes_them_only_as_stored(tmp_path):
+    """Integer rows: float32 to a model that takes floats (a note when it answers otherwise as stored: it
+    scales its own bytes), as stored to one that takes them only so (int32 ids into an nn.Embedding)."""
     class ScalesBytes(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -254,9 +254,22 @@ def test_integer_rows_go_to_a_model_as_stored_only_when_it_takes_them(tmp_path):
         def forward(self, x):
             return self.fc(x.float() / 255 if x.dtype == torch.uint8 else x)
 
-    np.savez(tmp_path / "bytes.npz", x=np.random.default_rng(0).integers(0, 256, (40, 4), dtype=np.uint8))
-    for model, dtype in ((ScalesBytes(), torch.uint8), (torch.nn.Linear(4, 3), torch.float32)):
-        data = load_data(tmp_path / "bytes.npz")
+    class Ids(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = torch.nn.Embedding(256, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.embed(x).mean(1))
+
+    rows = np.random.default_rng(0).integers(0, 256, (40, 4))
+    np.savez(tmp_path / "bytes.npz", x=rows.astype(np.uint8))
+    np.savez(tmp_path / "ids.npz", x=rows.astype(np.int32))
+    for model, file, dtype, noted in ((ScalesBytes(), "bytes.npz", torch.float32, True),
+                                      (torch.nn.Linear(4, 3), "bytes.npz", torch.float32, False),
+                                      (Ids(), "ids.npz", torch.int32, False)):
+        data = load_data(tmp_path / file)
         check_against_model(data, model)
         assert data.input_dtype == dtype and data.mixable == dtype.is_floating_point
+        assert bool(data.notes) == noted
         assert next(iter(data.batches("train", 8)))[0].dtype == dtype

@@ -229,3 +229,7 @@ def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
         torch.save(damaged, state.path)
         with pytest.raises(UsageError, match=match):
             _tune(state)
+    finished = copy.deepcopy(saved)
+    finished.update(epoch=4, step_in_epoch=0, steps=3 * 23)  # saved after the last of 3 epochs: the export is left
+    torch.save(finished, state.path)
+    assert _tune(state)[1].resumed_from == 3 * 23
