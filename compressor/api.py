@@ -24,7 +24,7 @@ from torch import nn
 from . import runtime
 from .checkpoint import Architecture, LoadedModel, compressed_payload, load_compressed, load_model, read_stored_report
 from .cost import LayerCost, layer_shapes, measure
-from .data import DataSource, check_against_model, load_data
+from .data import DataSource, check_against_model, dtype_name, load_data
 from .distributed import World, world_from_environment
 from .errors import DataError, ExportError, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
@@ -370,7 +370,7 @@ def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:
                          "without random access; drop --mixup or give a Dataset or array file")
     if options.finetune.mixup and not data.input_dtype.is_floating_point:
         raise UsageError(f"--mixup interpolates input rows, and this model takes integer inputs "
-                         f"({str(data.input_dtype).removeprefix('torch.')}: token ids or integer images) from "
+                         f"({dtype_name(data.input_dtype)}: token ids or integer images) from "
                          f"{data.source}; drop --mixup")
     return data
 
@@ -421,8 +421,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
-                warnings=[*data.notes, *_warnings(accuracy, tuned)], notes=notes + exported.notes, seconds=round(time.monotonic() - started, 2), mobile_latency=mobile,
-                fp16=reduced.get("fp16"))
+                warnings=[*data.notes, *_warnings(accuracy, tuned)], notes=notes + exported.notes,
+                seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))
             artifacts.write("checkpoint", lambda tmp: torch.save(payload, tmp))

@@ -58,7 +58,7 @@ from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
 
 __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels",
-           "training_batch_count"]
+           "dtype_name", "training_batch_count"]
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
@@ -107,8 +107,8 @@ def _as_tensor(value, name: str, source: str) -> torch.Tensor:
 
 
 def _checked_rows(x: torch.Tensor, y: torch.Tensor | None, name: str, source: str) -> Rows:
-    """``x`` as (N, ...) rows, integers as stored (uint8 images, token ids: the model may take them so),
-    anything else as finite float32; ``y`` as int64 (N,) class indices."""
+    """``x`` as (N, ...) rows, integers as stored (:func:`check_against_model` decides how the model is
+    fed them), anything else as finite float32; ``y`` as int64 (N,) class indices."""
     if x.ndim < 2 or x.shape[0] == 0 or x[0].numel() == 0:
         raise DataError(f"{source}: {name} must be (samples, features...) with at least one sample and one feature, got "
                         f"shape {tuple(x.shape)}")
@@ -369,7 +369,7 @@ class DataSource:
     @property
     def mixable(self) -> bool:
         """Whether rows can be mixed (w x + (1 - w) x'): random access and real-valued model inputs (not
-        token ids, not integer images the model scales itself)."""
+        token ids)."""
         return self.random_access and (self.input_dtype or self.head("train", 1)[0].dtype).is_floating_point
 
     def as_model_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -640,7 +640,7 @@ def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayS
         raise DataError(f"{source}: {x_key} rows have shape {tuple(store.x.shape[1:])}, x rows {tuple(like.x.shape[1:])}; "
                         f"give {x_key} rows shaped like x's")
     if store.x.dtype != like.x.dtype:
-        raise DataError(f"{source}: {x_key} is stored as {_dtype_name(store.x)} and x as {_dtype_name(like.x)}; store "
+        raise DataError(f"{source}: {x_key} is stored as {dtype_name(store.x.dtype)} and x as {dtype_name(like.x.dtype)}; store "
                         f"{x_key} as x is (the model sees both the same way)")
     if store.labelled != like.labelled:
         raise DataError(f"{source}: labels are given for only one of x and {x_key}; give both y and {y_key}, or neither")
@@ -711,9 +711,9 @@ def _load(spec: str | Path, seed: int) -> DataSource:
     return _from_arrays(dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result, source, files, seed)
 
 
-def _dtype_name(x: torch.Tensor) -> str:
-    """How rows are stored, as a user names it: integers by their dtype, anything else as float."""
-    return str(x.dtype).removeprefix("torch.") if x.dtype in INTEGER_DTYPES else "floating point"
+def dtype_name(dtype: torch.dtype) -> str:
+    """How rows are stored or fed, as a user names it: integers by their dtype, anything else as floating point."""
+    return str(dtype).removeprefix("torch.") if dtype in INTEGER_DTYPES else "floating point"
 
 
 def _describe(value) -> str:
@@ -746,7 +746,7 @@ def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor)
     else:
         data.input_dtype = torch.float32
         if x.dtype in INTEGER_DTYPES and _answers_otherwise(model, x, logits):
-            name = str(x.dtype).removeprefix("torch.")
+            name = dtype_name(x.dtype)
             data.notes.append(f"x is stored as {name}, and the model answers those rows differently as {name} than as "
                               f"float32; fixclf feeds float32, the ONNX input included (store x as float32 to say so)")
         return logits

@@ -44,7 +44,7 @@ class Latency:
 
 def as_model_input(x: torch.Tensor) -> torch.Tensor:
     """Rows as every exported model takes them: float32, or integers as they are (the dtype the data
-    fed the model: token ids, uint8 images; :meth:`compressor.data.DataSource.as_model_input`)."""
+    fed the model: token ids; :meth:`compressor.data.DataSource.as_model_input`)."""
     return x.float() if x.is_floating_point() or x.dtype == torch.bool else x
 
 
