@@ -32,8 +32,6 @@ import io
 import os
 import pickle
 import pickletools
-import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -42,10 +40,11 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .errors import CheckpointError, FixclfError
+from .errors import CheckpointError
 from .layers import REGISTRY
 from .references import call_user_code, describe, import_reference
 from .outputs import atomic_file
+from .pickles import CHECKPOINT_LIMITS, load_bounded
 from .surgery import LayerPlan, apply_plan, linear_layers
 from .zoo import ARCHITECTURES
 
@@ -60,14 +59,12 @@ __all__ = [
     "compressed_payload",
     "plan_from_records",
     "save_checkpoint",
-    "check_unpacked_size",
 ]
 
 MODEL_FORMAT = "fixclf.model/1"
 COMPRESSED_FORMAT = "fixclf.compressed/1"
 DATA_SUFFIXES = (".npz", ".pt")
 MAX_PLAIN_ITEMS = 10_000
-CHECKPOINT_UNPACK_RATIO = 2
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16,
                 torch.int32, torch.int64, torch.bool)
 Architecture = str | Callable[..., nn.Module]
@@ -131,59 +128,6 @@ def _unsafe_globals(path: Path) -> list[str]:
     return names
 
 
-def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) -> None:
-    """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
-    times its size (plus 1 MB): torch.save never compresses, so a deflated checkpoint that grows
-    hundreds of times is a zip bomb, not a model."""
-    if not zipfile.is_zipfile(path):
-        return
-    with zipfile.ZipFile(path) as archive:
-        unpacked = sum(info.file_size for info in archive.infolist())
-    if unpacked > max_ratio * path.stat().st_size + (1 << 20):
-        raise error(f"{path} unpacks to {unpacked:,} bytes from {path.stat().st_size:,}: refused as a zip bomb; "
-                    "save it again without compression")
-
-
-def check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], advice: str) -> None:
-    """Refuse a torch zip checkpoint whose pickled structure (``data.pkl``; the tensors are stored beside
-    it) is over ``max_bytes``: the weights-only unpickler reads it at about 10 MB/s, so a large one
-    is minutes of work before :func:`check_bounded` could look at what it holds."""
-    if not zipfile.is_zipfile(path):
-        return
-    with zipfile.ZipFile(path) as archive:
-        pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
-    if pickled > max_bytes:
-        raise error(f"{path} holds a pickled structure of {pickled:,} bytes besides its tensors (at most {max_bytes:,} "
-                    f"are read); {advice}")
-
-
-MAX_PICKLE_BYTES = 32 << 20
-"""A checkpoint's pickled structure (names, settings; not the tensors): a few MB for the largest models."""
-MAX_LOADED_ITEMS = 1_000_000
-"""Containers and values a loaded checkpoint may hold, counted as a walk visits them (a list shared
-100 times counts 100 times): what a real state_dict and its metadata need, many times over."""
-MAX_LOADED_DEPTH = 32
-
-
-def check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: int = MAX_LOADED_ITEMS) -> None:
-    """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
-    or go deeper than :data:`MAX_LOADED_DEPTH`: a pickle can make a few bytes of shared references
-    ("billion laughs") or deep nesting that any later pass over it (a check, an error message) would
-    take hours, or a Python recursion, to go through. Tensors are leaves; nothing is unpickled here."""
-    stack, visits = [(obj, 0)], 0
-    while stack:
-        value, depth = stack.pop()
-        visits += 1
-        if visits > max_items or depth > MAX_LOADED_DEPTH:
-            what = f"more than {max_items:,} values" if visits > max_items else f"nesting deeper than {MAX_LOADED_DEPTH}"
-            raise error(f"{path} holds {what} besides its tensors; the file is damaged or not a checkpoint (save the "
-                        "state_dict and plain settings only)")
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend((item, depth + 1) for item in value)
-
-
 def _load_failure(exc: BaseException) -> str:
     """Why torch.load failed, in a few words: torch's weights-only refusal opens with a long preamble
     about its defaults; the reason is on its ``WeightsUnpickler error:`` line."""
@@ -204,13 +148,11 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a regular file (a pipe, device or socket); pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
-    check_unpacked_size(path, CHECKPOINT_UNPACK_RATIO, CheckpointError)
-    check_pickle_size(path, MAX_PICKLE_BYTES, CheckpointError, "the file is damaged or not a checkpoint (save the "
-                      "state_dict and plain settings only)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return load_bounded(path, CHECKPOINT_LIMITS, CheckpointError, "the file is damaged or not a checkpoint (save "
+                            "the state_dict and plain settings only)", weights_only=not trust_pickle)
+    except CheckpointError:
+        raise
     except (Exception, SystemExit) as exc:
         unsafe = [] if trust_pickle else _unsafe_globals(path)
         if unsafe:
@@ -221,8 +163,6 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(exc)}); it may be "
                                   "truncated or of another format: pass the .pt file torch.save or fixclf compress wrote") from exc
         raise CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})") from exc
-    check_bounded(loaded, path, CheckpointError)
-    return loaded
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...], path: Path, what: str) -> Any:

@@ -42,7 +42,6 @@ import hashlib
 import math
 import sys
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_bounded, check_pickle_size, check_unpacked_size
+from .pickles import PickleLimits, check_unpacked_size, load_bounded
 from .errors import DataError, PlanError
 from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
@@ -67,9 +66,9 @@ STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
 STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked against the first pass
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 NUMERIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, *INTEGER_DTYPES, torch.bool)
-DATA_MAX_ITEMS = 10_000_000  # values a .pt data file may hold outside tensors (x as nested lists, say)
-DATA_MAX_PICKLE_BYTES = 64 << 20  # its pickled structure (a list of 7M floats: 64 MB, about 7 s to read)
-DATA_UNPACK_RATIO = 200  # a compressed .npz of real data unpacks a few times its size; zeros thousands of times
+DATA_LIMITS = PickleLimits(unpack_ratio=200, pickle_bytes=64 << 20, items=10_000_000)
+"""A data file: a compressed .npz of real data unpacks a few times its size (zeros thousands of times);
+a .pt file's pickled structure may hold x as nested lists (7M floats: 64 MB, about 7 s to read)."""
 LABELS_SUFFIX = ".y.npy"
 
 Rows = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -226,7 +225,7 @@ class _ShardStore(_Store):
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
                 shape, dtype = array.shape, array.dtype
             else:
-                check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
+                check_unpacked_size(path, DATA_LIMITS.unpack_ratio, DataError)
                 with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
                     major, _ = np.lib.format.read_magic(member)
                     read_header = (np.lib.format.read_array_header_1_0 if major == 1
@@ -658,25 +657,30 @@ def _read_file(path: Path, spec: str) -> dict:
     if not path.is_file():
         raise DataError(f"--data {spec}: no such file; give an .npz/.pt file with x (and y), a directory of shards or "
                         "module:function")
-    check_unpacked_size(path, DATA_UNPACK_RATIO, DataError)
-    if path.suffix != ".npz":
-        check_pickle_size(path, DATA_MAX_PICKLE_BYTES, DataError, "save x and y as tensors or numpy arrays, not lists")
-    if path.suffix == ".npz" and not zipfile.is_zipfile(path):
+    return _read_npz(path, spec) if path.suffix == ".npz" else _read_pt(path, spec)
+
+
+def _read_npz(path: Path, spec: str) -> dict:
+    if not zipfile.is_zipfile(path):
         raise DataError(f"--data {spec}: not an .npz archive (numpy.savez writes one); give an .npz or .pt file with x and y")
+    check_unpacked_size(path, DATA_LIMITS.unpack_ratio, DataError)
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        with warnings.catch_warnings():  # torch warns at length before refusing a plain pickle
-            warnings.simplefilter("ignore")
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
     except Exception as exc:
         if "allow_pickle" in str(exc):
             raise DataError(f"--data {spec}: it holds arrays of Python objects, which fixclf never unpickles; save numeric "
                             "arrays (x.astype(np.float32), y.astype(np.int64))") from exc
         raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
-    check_bounded(loaded, path, DataError, max_items=DATA_MAX_ITEMS)
-    return loaded
+
+
+def _read_pt(path: Path, spec: str) -> dict:
+    try:
+        return load_bounded(path, DATA_LIMITS, DataError, "save x and y as tensors or numpy arrays, not lists")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
 
 
 def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> DataSource:

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_bounded
+from .pickles import CHECKPOINT_LIMITS, load_bounded
 from .data import DataSource, check_labels, training_batch_count
 from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
@@ -241,10 +241,12 @@ class _Run:
             return
         path = self.resume.path
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_bounded(path, CHECKPOINT_LIMITS, UsageError, "it is not a fixclf resume state: delete it to start "
+                                 "over")
+        except UsageError:
+            raise
         except Exception as exc:
             raise UsageError(f"{path}: the resume state cannot be read ({type(exc).__name__}); delete it to start over") from exc
-        check_bounded(state, path, UsageError)
         if (not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or not isinstance(state.get("fingerprint"), dict)
                 or not all(isinstance(key, str) for key in state["fingerprint"])):
             raise UsageError(f"{path} is not a fixclf resume state; delete it or choose another --output")

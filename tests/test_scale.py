@@ -210,7 +210,8 @@ def test_a_malformed_torchrun_variable_is_a_usage_error(monkeypatch, variable, v
 
 def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
     """A resume state is read like any file fixclf did not just write: counts must lie within the run,
-    the fixed permutations must be the plan's, and shared references are refused, each as a usage error."""
+    the fixed permutations must be the plan's, and shared references or a pickled structure too large to
+    read quickly are refused, each as a usage error."""
     state = ResumeFile(tmp_path / "m.resume.pt", {"run": 1})
     with pytest.raises(Interrupted):
         _tune(state, stop_at=30)  # after the save at the end of epoch 1
@@ -222,7 +223,8 @@ def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
     damages = {"epoch": (lambda s: s.update(epoch=-10**18), "epoch .* is not a count"),
                "seconds": (lambda s: s.update(seconds=float("nan")), "seconds are not a finite time"),
                "permutation": (lambda s: s["student"][permutation].__setitem__((0, 0), 10**6), "changes .*permutations"),
-               "shared references": (lambda s: s.update(history=laughs), "more than 1,000,000 values")}
+               "shared references": (lambda s: s.update(history=laughs), "more than 1,000,000 values"),
+               "a huge pickle": (lambda s: s.update(history="x" * (33 << 20)), "pickled structure of .* not a fixclf resume")}
     for damage, match in damages.values():
         damaged = copy.deepcopy(saved)
         damage(damaged)

@@ -1,0 +1,99 @@
+"""Reading a file ``torch.save`` wrote with bounded work, whatever the file holds.
+
+``torch.load(weights_only=True)`` runs no code, but a small file can still cost hours or all
+memory: a deflated zip that unpacks a thousand times its size, a pickled structure of hundreds of
+MB besides the tensors (the weights-only unpickler reads about 10 MB/s), shared references ("billion
+laughs": a few KB that any later walk visits 10^12 times) or nesting deep enough for a Python
+recursion. :func:`load_bounded` refuses each before any other code looks at the result; every
+reader of a pickle (checkpoints, ``.pt`` data, resume states) goes through it, each with its own
+:class:`PickleLimits` and error type.
+"""
+from __future__ import annotations
+
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FixclfError
+
+__all__ = ["PickleLimits", "CHECKPOINT_LIMITS", "load_bounded", "check_unpacked_size"]
+
+MAX_DEPTH = 32
+"""Nesting a loaded structure may have: a state_dict with metadata is a few levels deep."""
+
+
+@dataclass(frozen=True)
+class PickleLimits:
+    """What one kind of file may cost: its zip's unpacked size over its size on disk (``unpack_ratio``;
+    torch.save never compresses), the bytes of its pickled structure besides the tensors
+    (``pickle_bytes``) and the values a walk over the loaded result may visit (``items``)."""
+
+    unpack_ratio: float
+    pickle_bytes: int
+    items: int
+
+
+CHECKPOINT_LIMITS = PickleLimits(unpack_ratio=2, pickle_bytes=32 << 20, items=1_000_000)
+"""Checkpoints and resume states: the pickled names and settings of the largest models are a few MB
+and a few thousand values; these limits are many times that."""
+
+
+def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) -> None:
+    """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
+    times its size (plus 1 MB): a deflated file that grows hundreds of times is a zip bomb."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > max_ratio * path.stat().st_size + (1 << 20):
+        raise error(f"{path} unpacks to {unpacked:,} bytes from {path.stat().st_size:,}: refused as a zip bomb; "
+                    "save it again without compression")
+
+
+def _check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], advice: str) -> None:
+    """Refuse a torch zip file whose pickled structure (``data.pkl``; the tensors are stored beside it)
+    is over ``max_bytes``. (A legacy, non-zip torch file interleaves the two and is bounded only by
+    the walk afterwards.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
+    if pickled > max_bytes:
+        raise error(f"{path} holds a pickled structure of {pickled:,} bytes besides its tensors (at most {max_bytes:,} "
+                    f"are read); {advice}")
+
+
+def _check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: int, advice: str) -> None:
+    """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
+    or go deeper than :data:`MAX_DEPTH` (shared references count each time they are reached).
+    Tensors are leaves; the walk is iterative, so it cannot overflow Python's stack itself."""
+    stack, visits = [(obj, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        visits += 1
+        if visits > max_items or depth > MAX_DEPTH:
+            what = f"more than {max_items:,} values" if visits > max_items else f"nesting deeper than {MAX_DEPTH}"
+            raise error(f"{path} holds {what} besides its tensors; {advice}")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def load_bounded(path: Path, limits: PickleLimits, error: type[FixclfError], advice: str, *,
+                 weights_only: bool = True) -> Any:
+    """``torch.load(path)`` on the CPU, between the checks: the zip's unpacked size and its pickled
+    structure's size before loading, a bounded walk after. Each refusal is ``error`` ending in
+    ``advice`` (what the user should do). Whatever ``torch.load`` itself raises propagates unchanged
+    (callers know what their file should have been); ``torch.load``'s own warnings are silenced."""
+    check_unpacked_size(path, limits.unpack_ratio, error)
+    _check_pickle_size(path, limits.pickle_bytes, error, advice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
+    _check_bounded(loaded, path, error, limits.items, advice)
+    return loaded
