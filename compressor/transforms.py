@@ -495,21 +495,27 @@ class _RealDCT(_ConstantTransform):
         """Stage s as (B, rows, columns) block matrices (the first stage is one block)."""
         return self.stage_matrix(s) if s else self.stage0[None]
 
-    def chain(self, v: torch.Tensor) -> torch.Tensor:
-        """DCT-II of v (n, M) given in Makhoul's order, in the chain's order (n, M)."""
+    def stage_blocks(self) -> list[torch.Tensor]:
+        """Every stage as (B, rows, columns) block matrices, in order. The DCT-II and DCT-III of one
+        size have the same blocks, so a stack computes them once for all its layers and both
+        directions (each computation is ~10 nodes of the traced graph, which the exporter pays for)."""
+        return [self._blocks(s) for s in range(len(self.radices))]
+
+    def chain(self, v: torch.Tensor, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """DCT-II of v (n, M) given in Makhoul's order, in the chain's order (n, M); ``blocks``:
+        :meth:`stage_blocks`, when the caller has them."""
         y = v
-        for s in range(len(self.radices)):
-            w = self._blocks(s)
+        for w in self.stage_blocks() if blocks is None else blocks:
             y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 
-    def chain_transposed(self, z: torch.Tensor) -> torch.Tensor:
+    def chain_transposed(self, z: torch.Tensor, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """DCT-III of z (n, M) given in the chain's order, in Makhoul's order (n, M): the transposed
         chain run backwards. (A diagonal folded into its first blocks would make per-layer copies of
         the largest constants, which ONNX Runtime's mobile format stores expanded.)"""
         y = z
-        for s in range(len(self.radices) - 1, -1, -1):
-            w = self._blocks(s).transpose(-1, -2)
+        for w in reversed(self.stage_blocks() if blocks is None else blocks):
+            w = w.transpose(-1, -2)
             y = w @ y.reshape(w.shape[0], w.shape[2], -1)
         return y.reshape(self.n, -1)
 

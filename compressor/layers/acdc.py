@@ -78,15 +78,16 @@ class ACDC(StructuredLinear):
             layout = layout + dct.half_complex_layout(self.bias.to(work))
         return idct.irfft_reordered(layout).to(v.dtype)
 
-    def features_step(self, v: torch.Tensor) -> torch.Tensor:
+    def features_step(self, v: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`rows_step` on the feature-major layout (n, M), through the MatMul chains (what
-        exports): a, d and bias multiply or add to rows, d and bias moved into the chain's order (n
-        numbers each) rather than the activations out of it."""
+        exports) of the stage ``blocks`` (``dct.stage_blocks()``, shared by the DCT-II and DCT-III):
+        a, d and bias multiply or add to rows, d and bias moved into the chain's order (n numbers
+        each) rather than the activations out of it."""
         dct = self.transforms.dct
-        z = dct.chain(v * rows_first(self.a, dct.gather_in)[:, None]) * rows_first(self.d, dct.order)[:, None]
+        z = dct.chain(v * rows_first(self.a, dct.gather_in)[:, None], blocks) * rows_first(self.d, dct.order)[:, None]
         if self.bias is not None:
             z = z + rows_first(self.bias, dct.order)[:, None]
-        return self.transforms.idct.chain_transposed(z)
+        return self.transforms.idct.chain_transposed(z, blocks)
 
 
 def _through_layers(rows: torch.Tensor, layers: list[ACDC], links: list[torch.Tensor], out_features: int,
@@ -103,8 +104,9 @@ def _through_layers(rows: torch.Tensor, layers: list[ACDC], links: list[torch.Te
     fft = use_fft()
     gather = permute_last if fft else rows_first
     v = gather(rows if fft else rows.T, dct.gather_in)
+    blocks = None if fft else dct.stage_blocks()
     for k, layer in enumerate(layers):
-        v = layer.rows_step(v) if fft else layer.features_step(v)
+        v = layer.rows_step(v) if fft else layer.features_step(v, blocks)
         if k < len(links):
             v = gather(torch.relu(v) if relu else v, links[k])
     v = gather(v, dct.gather_out[:out_features])
