@@ -258,8 +258,9 @@ def keep_dense(plan: list[LayerPlan], names: dict[str, str]) -> list[LayerPlan]:
 def replaced_numbers(model: nn.Module, plan: list[LayerPlan]) -> int:
     """Stored numbers that replacing the Linears ``plan`` replaces in ``model`` (before :func:`apply_plan`)
     frees: each tensor once however many of them share it, and only those no module the plan keeps
-    also holds (a head's weight tied to a kept embedding stays in the model)."""
-    replaced = {id(model.get_submodule(entry.name)) for entry in plan if entry.replaced}
+    also holds (a head's weight tied to a kept embedding stays in the model). A replaced Linear's own
+    submodules go with it (``torch.nn.utils.parametrize`` keeps a parametrized weight in one)."""
+    replaced = {id(sub) for entry in plan if entry.replaced for sub in model.get_submodule(entry.name).modules()}
     held = {id(t): t.numel() for m in model.modules() if id(m) in replaced for t in own_stored_tensors(m)}
     still_held = {id(t) for m in model.modules() if id(m) not in replaced for t in own_stored_tensors(m)}
     return sum(n for key, n in held.items() if key not in still_held)

@@ -15,7 +15,8 @@ from compressor.errors import PlanError
 from compressor.layers import HadamardHead, hadamard_head_limit
 from compressor.layers.registry import ALPHA_START
 from compressor.options import PlanOptions
-from compressor.surgery import _capture_inputs, apply_plan, initialise_from_dense, make_plan
+from compressor.layers.base import count_stored
+from compressor.surgery import _capture_inputs, apply_plan, initialise_from_dense, make_plan, replaced_numbers
 from conftest import SAMPLES
 
 
@@ -387,3 +388,14 @@ def test_a_linear_with_forward_hooks_stays_dense_unless_they_only_recompute_its_
     assert plan["0"].kind is None and "forward hooks" in plan["0"].reason
     assert plan["2"].kind is None and "forward hooks" in plan["2"].reason
     assert plan["4"].kind == "acdc" and plan["6"].kind == "hadamard"
+
+
+def test_what_replacing_a_parametrized_linear_frees_includes_its_parametrized_weight():
+    """``torch.nn.utils.parametrize`` keeps a Linear's weight in a submodule of it (spectral norm also
+    its power-iteration vectors): replacing the Linear frees all of that."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(16, 32)), nn.ReLU(),
+                          nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)), nn.ReLU(), nn.Linear(32, 4))
+    plan = make_plan(model, example=torch.randn(2, 16))
+    assert all(entry.replaced for entry in plan)
+    assert replaced_numbers(model, plan) == sum(entry.params_before for entry in plan) == count_stored(model)
