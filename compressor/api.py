@@ -44,6 +44,7 @@ __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_che
 CALIBRATION_ROWS = 1024
 VALIDATION_ROWS = 256
 MOBILE_RUNS = 200  # batch-1 runs are short: more of them for a stable median
+DROP_WARNING = 0.01  # a held-out accuracy drop larger than this (1 pp) is a warning in the report
 NOT_RECOVERED_MARGIN = 0.005  # accuracy this far below the original, and no better than at initialisation
 
 
@@ -278,13 +279,22 @@ def _costliest_layer(compressed: nn.Module, original: nn.Module, data: DataSourc
 
 
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
+    found = []
+    if tuned.auxiliary_outputs:
+        found.append(f"in training mode the model also returns {tuned.auxiliary_outputs} auxiliary output(s) after its "
+                     "logits (as GoogLeNet and Inception do); fine-tuning used the logits only, so auxiliary heads were "
+                     "not trained")
     if accuracy is None:
-        return []
+        return found
     if accuracy.after <= accuracy.after_init and accuracy.after < accuracy.before - NOT_RECOVERED_MARGIN:
-        return [f"fine-tuning has not recovered the model: held-out accuracy {accuracy.after:.2%} is no better than right "
-                f"after initialisation ({accuracy.after_init:.2%}; original {accuracy.before:.2%}) after "
-                f"{len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time) or raise --lr"]
-    return []
+        found.append(f"fine-tuning has not recovered the model: held-out accuracy {accuracy.after:.2%} is no better than "
+                     f"right after initialisation ({accuracy.after_init:.2%}; original {accuracy.before:.2%}) after "
+                     f"{len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time) or raise --lr")
+    elif accuracy.after < accuracy.before - DROP_WARNING:
+        found.append(f"held-out accuracy dropped {100 * (accuracy.before - accuracy.after):.2f} pp ({accuracy.before:.2%} -> "
+                     f"{accuracy.after:.2%}) after {len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time), "
+                     "keep the most sensitive layers dense (--max-drop PP) or replace fewer (--exclude)")
+    return found
 
 
 def _original_onnx(original: nn.Module, samples: torch.Tensor, options: CompressOptions, events: Events) -> bytes:

@@ -93,6 +93,7 @@ class FinetuneResult:
     stopped_by: str = "epochs"
     samples_per_second: float = 0.0
     resumed_from: int | None = None  # the global step the run continued from
+    auxiliary_outputs: int = 0  # outputs the training-mode forward returned besides the logits (left out of the loss)
 
 
 @dataclass
@@ -156,6 +157,10 @@ def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor 
     return float(hits.double().mean()) if hits.numel() else 0.0
 
 
+def _shape_of(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
 def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
     """T^2 * KL(teacher || student) summed over rows (and over token positions, as batchmean does)."""
     return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
@@ -197,6 +202,28 @@ def _diverged(epoch: int) -> FixclfError:
                          f"after epoch {epoch - 1} and wrote nothing; lower --lr")
 
 
+def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: FinetuneOptions, device: str) -> bool:
+    """Whether a training-mode forward leaves a trainable parameter out of the logits' graph (a Linear
+    never called, an auxiliary head): DDP must then look for such parameters every step, or it waits for
+    their gradients and fails the next step. Found on ``example`` rows; the RNG and buffers are put back."""
+    wanted = [p for p in student.parameters() if p.requires_grad]
+    buffers = [b.clone() for b in student.buffers()]
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        student.train()
+        if not options.update_norm_stats:
+            freeze_norm_statistics(student)
+        output = student(example)
+        logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
+        if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+            return True  # the first step says what is wrong with the output
+        gradients = torch.autograd.grad(logits.float().sum(), wanted, allow_unused=True)
+    with torch.no_grad():
+        for buffer, saved in zip(student.buffers(), buffers):
+            buffer.copy_(saved)
+    return any(g is None for g in gradients)
+
+
 class _Run:
     """The state of one fine-tune: model, optimiser, schedule, position, history."""
 
@@ -214,7 +241,9 @@ class _Run:
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
             # buffers are constants or frozen statistics: synced once here, never in a forward pass, so a
             # forward pass holds no collective (a failing batch cannot leave another process waiting in one)
-            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
+            misses = _loss_misses_parameters(student, data.head("train", 2)[0].to(self.device), options, self.device)
+            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False,
+                                                               find_unused_parameters=misses)
         self.result = FinetuneResult()
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
 
@@ -308,11 +337,26 @@ class _Run:
         with _autocast(self.device, self.options.amp):
             with torch.no_grad():
                 target = self.teacher(x)
-            logits = self.trainer(x)
+            logits = self._logits(self.trainer(x), target)
         loss = _kd_sum(logits, target, self.options.temperature)
         if y is not None:
             loss = loss + self._label_loss(logits, y, partners)
         return loss, x.shape[0]
+
+    def _logits(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The logits of a training-mode forward: the output itself or, for a model that also returns
+        auxiliary outputs while training (GoogLeNet's and Inception's ``(logits, aux, ...)``), its first
+        element, which must be shaped like the evaluation-mode logits ``target``."""
+        if isinstance(output, torch.Tensor):
+            return output
+        first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
+        if not (isinstance(first, torch.Tensor) and first.shape == target.shape):
+            got = f"a {type(output).__name__}" + (f" whose first element is {_shape_of(first)}" if first is not None else "")
+            raise TrainingError(f"in training mode the model returns {got}, not logits shaped like its evaluation-mode "
+                                f"output {tuple(target.shape)}; make its training-mode forward return the logits, or "
+                                "(logits, auxiliary outputs...)")
+        self.result.auxiliary_outputs = len(output) - 1
+        return first
 
     def _label_loss(self, logits: torch.Tensor, y: torch.Tensor, partners) -> torch.Tensor:
         """Cross-entropy summed over rows; a mixed row's is w CE(y) + (1 - w) CE(y')."""

@@ -192,3 +192,26 @@ def branches_on_data() -> BranchesOnData:
 def lazy_mlp() -> nn.Sequential:
     """Sizes known only after a first call: fixclf could not rebuild a compressed model from this."""
     return nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 10))
+
+
+class AuxInTraining(nn.Module):
+    """GoogLeNet / Inception style: the logits in evaluation mode, ``(logits, aux)`` in training mode, the
+    auxiliary head on an earlier layer's features (``first="features"``: a training-mode tuple whose
+    first element is not the logits)."""
+
+    def __init__(self, classes: int = 10, first: str = "logits") -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 128)
+        self.aux, self.head = nn.Linear(128, classes), nn.Linear(128, classes)
+        self.first = first
+
+    def forward(self, x: torch.Tensor):
+        features = F.relu(self.fc1(x))
+        logits = self.head(F.relu(self.fc2(features)))
+        if not self.training:
+            return logits
+        return (logits, self.aux(features)) if self.first == "logits" else (features, logits)
+
+
+def aux_in_training(classes: int = 10, first: str = "logits") -> AuxInTraining:
+    return AuxInTraining(classes, first)

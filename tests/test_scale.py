@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,23 @@ def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
     assert abs(report["accuracy"]["after"] - alone.accuracy.after) <= 0.005
     assert sorted(p.name for p in two.iterdir()) == ["mlp.fixclf.onnx", "mlp.fixclf.pt"]
     assert compressor.load_report(two / "mlp.fixclf.pt").finetune.world_size == 2
+
+
+def test_parameters_the_loss_does_not_reach_train_under_torchrun(tmp_path):
+    """An auxiliary head used only in training mode (GoogLeNet style) gets no gradient: DDP is told to
+    expect that (it otherwise fails the second step, waiting for those gradients)."""
+    import architectures
+
+    torch.manual_seed(0)
+    model = architectures.aux_in_training()
+    torch.save(model.state_dict(), tmp_path / "aux.pt")
+    x = torch.randn(300, 64)
+    np.savez(tmp_path / "aux.npz", x=x.numpy(), y=model.eval()(x).argmax(1).numpy())
+    results = _launch(["compress", "aux.pt", "--arch", "architectures:aux_in_training", "--data", "aux.npz", "--epochs",
+                       "2", "--latency-batch", "8", "--json"], tmp_path)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-800:] for r in results]
+    report = json.loads(results[0].stdout)
+    assert report["finetune"]["world_size"] == 2 and any("auxiliary" in w for w in report["warnings"])
 
 
 def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
