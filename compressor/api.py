@@ -278,7 +278,8 @@ def _costliest_layer(compressed: nn.Module, original: nn.Module, data: DataSourc
     return costliest, regained[costliest]
 
 
-def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
+def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult, max_drop: float | None) -> list[str]:
+    """What the user should know about the fine-tune's outcome (a drop within ``--max-drop`` was asked for)."""
     found = []
     if tuned.auxiliary_outputs:
         found.append(f"in training mode the model also returns {tuned.auxiliary_outputs} auxiliary output(s) after its "
@@ -290,7 +291,7 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult) -> list[str]:
         found.append(f"fine-tuning has not recovered the model: held-out accuracy {accuracy.after:.2%} is no better than "
                      f"right after initialisation ({accuracy.after_init:.2%}; original {accuracy.before:.2%}) after "
                      f"{len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time) or raise --lr")
-    elif accuracy.after < accuracy.before - DROP_WARNING:
+    elif accuracy.after < accuracy.before - max(DROP_WARNING, (max_drop or 0) / 100):
         found.append(f"held-out accuracy dropped {100 * (accuracy.before - accuracy.after):.2f} pp ({accuracy.before:.2%} -> "
                      f"{accuracy.after:.2%}) after {len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time), "
                      "keep the most sensitive layers dense (--max-drop PP) or replace fewer (--exclude)")
@@ -431,7 +432,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
-                warnings=[*data.notes, *_warnings(accuracy, tuned)], notes=notes + exported.notes,
+                warnings=[*data.notes, *_warnings(accuracy, tuned, options.plan.max_drop)], notes=notes + exported.notes,
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))

@@ -168,3 +168,14 @@ def test_debug_is_accepted_after_the_command():
 
     with pytest.raises(PlanError, match="matches no Linear layer"):
         run(["plan", MLP, "--debug", "--exclude", "zzz"])
+
+
+@pytest.mark.parametrize("after, max_drop, warned", [(0.985, None, False), (0.975, None, True), (0.975, 2.0, False),
+                                                     (0.975, 0.5, True), (0.5, None, True)])
+def test_a_drop_over_1_pp_or_over_max_drop_is_a_warning(after, max_drop, warned):
+    from compressor.api import _warnings
+    from compressor.finetune import FinetuneResult
+    from compressor.report import Accuracy
+
+    found = _warnings(Accuracy(before=0.99, after_init=0.4, after=after), FinetuneResult(), max_drop)
+    assert any("held-out accuracy dropped" in w and "--max-drop" in w for w in found) == warned, found
