@@ -89,7 +89,7 @@ class Exported:
     """A validated-to-be graph and what its file holds."""
 
     proto: onnx.ModelProto
-    stored_names: set[str]  # state_dict names of the model (stored weights, not transform constants)
+    stored_matrices: frozenset[str]  # initializers holding a stored weight of 2+ dims (not transform constants)
     stored_parameter_bytes: int
     constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors)
 
@@ -155,12 +155,16 @@ def _strip_debug_info(model: onnx.ModelProto) -> None:
     model.graph.doc_string = ""
 
 
+def _content_key(array: np.ndarray) -> tuple:
+    """Type, shape and a digest of the values: equal keys, equal tensors."""
+    return array.dtype.str, array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def _dedupe_initializers(model: onnx.ModelProto) -> None:
     """Merge initializers with identical type, shape and bytes into one (in place)."""
     graph, first_of, rename = model.graph, {}, {}
     for init in graph.initializer:
-        array = onnx.numpy_helper.to_array(init)
-        key = (init.data_type, tuple(init.dims), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest())
+        key = _content_key(onnx.numpy_helper.to_array(init))
         rename[init.name] = first_of.setdefault(key, init.name)
     rename = {old: new for old, new in rename.items() if old != new}
     if not rename:
@@ -238,6 +242,21 @@ def _operator_registry_built_once() -> Iterator[None]:
         _registration.ONNXRegistry.from_torchlib = torchs_own
 
 
+def _stored_matrices(proto: onnx.ModelProto, model: nn.Module) -> frozenset[str]:
+    """The initializers that hold one of ``model``'s stored weights of 2+ dimensions: under its state_dict
+    name, or under a new one with the same values or their transpose (the exporter stores a Linear
+    applied to (batch, tokens, features) as a MatMul with the weight pre-transposed)."""
+    state = model.state_dict()
+    keys = set()
+    for tensor in state.values():
+        if tensor.dim() >= 2 and tensor.is_floating_point():
+            keys.add(_content_key(tensor.detach().cpu().numpy()))
+            if tensor.dim() == 2:
+                keys.add(_content_key(tensor.detach().cpu().T.numpy()))
+    return frozenset(init.name for init in proto.graph.initializer if len(init.dims) >= 2 and (
+        init.name in state or _content_key(onnx.numpy_helper.to_array(init)) in keys))
+
+
 def _check_batch_is_dynamic(proto: onnx.ModelProto) -> None:
     """The graph's batch axis must stay symbolic: a forward that turns the batch size into a Python
     number (``int(x.shape[0])``, ``torch.zeros(b, ...)`` with that b) is traced at the example's batch and
@@ -281,7 +300,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
     # The exporter folds parameter-only arithmetic into new initializers of the same size, so stored
     # state is counted on the model and everything else the file carries is a constant.
     stored = stored_state_bytes(model)
-    return Exported(proto, set(model.state_dict()), stored, max(0, onnx_initializer_bytes(proto) - stored))
+    return Exported(proto, _stored_matrices(proto, model), stored, max(0, onnx_initializer_bytes(proto) - stored))
 
 
 def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
@@ -311,8 +330,8 @@ def _write_onnx(exported: Exported, float_file: Path, out: Path) -> None:
 
 
 def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
-    """Dynamic 8-bit quantisation of the dense layers (MatMul/Gemm/Conv with stored weights); the
-    transform MatMuls are excluded by name (the quantiser renames the nodes it rewrites).
+    """Dynamic 8-bit quantisation of the dense layers (MatMul/Gemm/Conv with a stored weight); the
+    transform MatMuls are excluded by node name (the quantiser renames the nodes it rewrites).
 
     Weights are stored as unsigned 8-bit (U8U8 with the dynamically quantised uint8 activations):
     ONNX Runtime's U8S8 kernel on x86 CPUs without VNNI (AVX2, plain AVX-512) sums pairs of
@@ -320,9 +339,8 @@ def _write_int8(exported: Exported, float_file: Path, out: Path) -> None:
     U8U8 has no such overflow on any CPU and keeps the full 8 bits (0.9% on the same layer)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = exported.proto.graph
-    weights = {i.name for i in graph.initializer if i.name in exported.stored_names and len(i.dims) >= 2}
-    excluded = [n.name for n in graph.node if n.op_type in DENSE_OPS and not weights.intersection(n.input)]
+    excluded = [n.name for n in exported.proto.graph.node
+                if n.op_type in DENSE_OPS and not exported.stored_matrices.intersection(n.input)]
     with _quiet():
         quantize_dynamic(str(float_file), str(out), weight_type=QuantType.QUInt8, op_types_to_quantize=list(DENSE_OPS),
                          nodes_to_exclude=excluded)

@@ -185,3 +185,17 @@ def test_fp16_export_of_the_compressed_samples_agrees_with_float32(sample, tmp_p
     fp16 = result.files["onnx-fp16"]
     assert fp16.top1_agreement >= 0.99 and fp16.max_rel_diff < 0.01, fp16
     assert "float16" in {onnx.TensorProto.DataType.Name(i.data_type).lower() for i in onnx.load(tmp_path / "h.onnx").graph.initializer}
+
+
+def test_int8_quantises_every_dense_linear_also_on_token_inputs(tmp_path):
+    """A Linear on (batch, tokens, features) exports as a MatMul with its weight pre-transposed under a new
+    name; it is still a stored weight, so int8 quantises it (the transform MatMuls stay float)."""
+    import architectures
+
+    torch.manual_seed(0)
+    model = nn.Sequential(architectures.Block(64, 4), nn.Flatten(), nn.Linear(16 * 64, 10))
+    x = torch.randn(8, 16, 64)
+    int8 = export_onnx(model, x, tmp_path / "q.onnx", quantize="int8").files["onnx-int8"]
+    quantised = [n for n in onnx.load(tmp_path / "q.onnx").graph.node if n.op_type == "MatMulInteger"]
+    assert len(quantised) == sum(isinstance(m, nn.Linear) for m in model.modules())  # qkv, proj, fc1, fc2, the head
+    assert int8.bytes < 0.35 * export_onnx(model, x, tmp_path / "f.onnx").files["onnx"].bytes
