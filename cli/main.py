@@ -131,8 +131,9 @@ INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
 SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")
 JSON_OUT = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (and nothing else).")
-QUANTIZE = typer.Option(EXPORT.quantize, "--quantize", help="Also write an int8 ONNX file (dynamic quantisation of "
-                        "the dense layers left): int8. With none left, the float file is kept and the report says so.")
+QUANTIZE = typer.Option(EXPORT.quantize, "--quantize", help="int8: also write an int8 ONNX file (compress) or write "
+                        "int8 (export): dynamic quantisation of the dense layers left. With none left, the float file is "
+                        "kept and the report says so.")
 PRECISION = typer.Option(EXPORT.precision, "--precision", help="fp16: also write a float16 ONNX file (compress) or "
                          "write float16 (export), accepted on >= 99% top-1 agreement with float32. fp32: float32 only.")
 ORT_FORMAT = typer.Option(EXPORT.ort_format, "--ort", help="Also write ONNX Runtime's mobile format (.ort); check it.")

@@ -120,8 +120,8 @@ class ExportResult:
     """What an export produced: one :class:`FileResult` per format, the file's make-up, notes."""
 
     files: dict[str, FileResult]
-    stored_parameter_bytes: int
-    constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors)
+    stored_parameter_bytes: int  # the model's stored parameters at float32 (each file's own size: ``files``)
+    constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors), float32
     initializers: int
     mobile_notes: list[str] = field(default_factory=list)  # onnxruntime's mobile usability checker, with ORT format
     notes: list[str] = field(default_factory=list)
