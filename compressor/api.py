@@ -157,6 +157,9 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     data = None
     if options.source.data is not None or loaded.data is not None:
         data = _data_for(loaded, options.source.data, options.seed)
+    elif options.plan.objective == "latency":
+        raise UsageError(f"--objective latency times each layer on real inputs, and {loaded.path} comes with no data: "
+                         "pass --data FILE")
     plan, costs = _plan(loaded, data, options, measure_cost=True)
     rows = _rows(plan, costs)
     notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
