@@ -353,7 +353,9 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _unwrapped(state: dict, model: nn.Module) -> dict:
-    """``state`` without the prefixes a wrapper put before every key, when the model's own keys lack them."""
+    """``state`` without the prefixes a wrapper put before every key, when the model's own keys lack them:
+    DDP's and torch.compile's, and any one first name that every key shares when without it the keys
+    are exactly the model's (a training framework's ``model.`` / ``net.`` attribute, as in Lightning)."""
     expected = list(model.state_dict())
     stripped = True
     while stripped:
@@ -362,16 +364,31 @@ def _unwrapped(state: dict, model: nn.Module) -> dict:
             if (state and all(isinstance(key, str) and key.startswith(prefix) for key in state)
                     and not any(key.startswith(prefix) for key in expected)):
                 state, stripped = {key[len(prefix):]: value for key, value in state.items()}, True
+    firsts = {key.partition(".")[0] + "." for key in state}
+    if len(firsts) == 1 and all("." in key for key in state):
+        prefix = firsts.pop()
+        without = {key[len(prefix):]: value for key, value in state.items()}
+        state = without if set(without) == set(expected) else state
     return state
+
+
+def _key_mismatch(state: dict, model: nn.Module) -> str | None:
+    """How the keys of ``state`` differ from the model's, one example of each kind (None: the same keys)."""
+    expected, given = set(model.state_dict()), set(state)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    parts = ([f"{len(missing)} of the model's keys missing, e.g. {missing[0]!r}"] if missing else []) + (
+        [f"{len(unexpected)} keys the model does not have, e.g. {unexpected[0]!r}"] if unexpected else [])
+    return "; ".join(parts) or None
 
 
 def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
     """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)."""
+    state = _unwrapped(state, model)
     try:
-        model.load_state_dict(_unwrapped(state, model), strict=True, assign=assign)
+        model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
+        detail = _key_mismatch(state, model) or (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
         raise CheckpointError(f"{source} does not match the architecture ({detail}); check the architecture and its keyword "
                               "arguments (arch= / arch_kwargs in Python, --arch / --arch-kwargs)") from exc
     return model.float().eval()

@@ -236,11 +236,16 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "training.pt")
     with pytest.raises(CheckpointError, match=r"training checkpoint .*torch.save\(checkpoint\['state_dict'\]"):
         load_model(tmp_path / "training.pt")
-    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):  # DDP / DataParallel, torch.compile, both
+    # DDP / DataParallel, torch.compile, both, and a training framework's attribute (Lightning's self.model)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "model.", "module.net."):
         torch.save({f"{prefix}{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
         for arch in ("compressor.zoo:mlp", "data_source:mlp_of"):  # built in (checked on meta first), and the user's
             loaded = load_model(tmp_path / "wrapped.pt", arch=arch, arch_kwargs={"hidden": [32]}).model.state_dict()
             assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save({**{f"model.{k}": v for k, v in state.items()}, "model.extra": state["0.bias"]}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"4 of the model's keys missing, e.g. '0.bias'; 5 keys the model does "
+                                              r"not have, e.g. 'model.0.bias'"):
+        load_model(tmp_path / "other.pt", arch="data_source:mlp_of", arch_kwargs={"hidden": [32]})
 
 
 def test_integer_rows_go_to_a_model_as_float32_unless_it_takes_them_only_as_stored(tmp_path):
