@@ -110,7 +110,7 @@ def _layers_table(layers: list[LayerRow], title: str) -> Table:
 
 def _params_line(params: ParamSummary) -> str:
     m, r = params.model, params.replaced
-    return (f"parameters: model {m.before:,} → {m.after:,} ({m.ratio}x); "
+    return (f"stored numbers: model {m.before:,} → {m.after:,} ({m.ratio}x); "
             f"replaced layers {r.before:,} → {r.after:,} ({r.ratio}x)")
 
 
@@ -126,9 +126,11 @@ def _summary(report: Report) -> Table:
     for col in ("", "before", "after", "ratio"):
         table.add_column(col, justify="right")
     m, r, o = report.params.model, report.params.replaced, report.onnx
-    table.add_row("parameters (model)", f"{m.before:,}", f"{m.after:,}", f"{m.ratio}x")
-    table.add_row("parameters (replaced layers)", f"{r.before:,}", f"{r.after:,}", f"{r.ratio}x")
+    table.add_row("stored numbers (model)", f"{m.before:,}", f"{m.after:,}", f"{m.ratio}x")
+    table.add_row("stored numbers (replaced layers)", f"{r.before:,}", f"{r.after:,}", f"{r.ratio}x")
     table.add_row("ONNX file", _bytes(o.bytes_before), _bytes(o.bytes_after), f"{o.ratio}x")
+    if o.ort_bytes is not None:
+        table.add_row("ORT file (mobile)", "", _bytes(o.ort_bytes), "")
     for label, reduced in (("int8", report.int8), ("fp16", report.fp16)):
         if reduced is not None:
             table.add_row(f"ONNX file, {label}", "", _bytes(reduced.bytes), f"top-1 agreement {reduced.top1_agreement:.1%}")

@@ -331,7 +331,7 @@ def _export(original: nn.Module, original_bytes: bytes, compressed: nn.Module, s
     onnx = OnnxFigures(main.path, len(original_bytes), main.bytes, ratio(len(original_bytes), main.bytes),
                        result.stored_parameter_bytes, result.constant_bytes, main.max_abs_diff, main.max_rel_diff,
                        options.export.tolerance, [f.path for name, f in result.files.items() if name != "onnx"],
-                       result.mobile_notes)
+                       result.mobile_notes, result.files["ort"].bytes if "ort" in result.files else None)
     events.stage("Measuring ONNX Runtime latency (before and after in alternating rounds, thread spinning off)")
     pair = (original_bytes, artifacts.written("onnx"))
     before, after = runtime.paired_latency(pair, timing)

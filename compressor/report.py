@@ -96,6 +96,7 @@ class OnnxFigures:
     tolerance: float
     extra_files: list[str]
     mobile_notes: list[str]
+    ort_bytes: int | None = None  # the .ort file (--ort), which stores the graph expanded for the mobile runtime
 
 
 @dataclass
