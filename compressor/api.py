@@ -143,6 +143,14 @@ def _cost_warnings(rows: list[LayerRow]) -> list[str]:
             f"(summed, each alone); --objective latency keeps the slower ones dense"]
 
 
+def _growth_warnings(plan: list[LayerPlan]) -> list[str]:
+    """Replacements that store at least as many numbers as their dense layer (hidden layers never are:
+    they stay dense; a head's kind is the user's choice, and the orthogonal head stores its C x N code)."""
+    return [f"layer {p.name or '(the model)'}: the {p.kind} head stores {p.params_after:,} numbers, the dense one "
+            f"{p.params_before:,}; it fixes the classifier without compressing it (--head hadamard computes its code "
+            "instead of storing it)" for p in plan if p.replaced and p.params_after >= p.params_before]
+
+
 def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
     before, freed = count_stored(original), replaced_numbers(original, plan)
     new = sum(p.params_after for p in plan if p.replaced)  # the replaced layers: only what replacing them frees counts
@@ -163,7 +171,8 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     plan, costs = _plan(loaded, data, options, measure_cost=True)
     rows = _rows(plan, costs)
     notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
-    return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes, _cost_warnings(rows))
+    return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes,
+                      _growth_warnings(plan) + _cost_warnings(rows))
 
 
 def _check_device(device: str) -> None:
@@ -435,7 +444,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
-                warnings=[*data.notes, *_warnings(accuracy, tuned, options.plan.max_drop)], notes=notes + exported.notes,
+                warnings=[*data.notes, *_growth_warnings(plan), *_warnings(accuracy, tuned, options.plan.max_drop)],
+                notes=notes + exported.notes,
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))

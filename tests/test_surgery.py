@@ -95,7 +95,14 @@ def test_hadamard_head_beyond_its_limit_is_refused_at_plan_time():
         make_plan(nn.Linear(3, 10))
     with pytest.raises(ValueError):
         HadamardHead(8, 1000)
-    assert make_plan(nn.Linear(3, 10), PlanOptions(head="orthogonal"))[0].kind == "orthogonal"
+    orthogonal = make_plan(nn.Linear(3, 10), PlanOptions(head="orthogonal"))
+    assert orthogonal[0].kind == "orthogonal"
+    # it stores its C x N code (30) and alpha beside the bias: the plan and the report say it compresses nothing
+    from compressor.api import _growth_warnings
+
+    assert [orthogonal[0].params_before, orthogonal[0].params_after] == [40, 41]
+    assert "fixes the classifier without compressing it" in _growth_warnings(orthogonal)[0]
+    assert _growth_warnings(make_plan(nn.Linear(64, 10))) == []
 
 
 def test_token_inputs_initialise_per_token_row():
