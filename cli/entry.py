@@ -87,6 +87,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGALRM, _on_retry)
+    if sys.stdout is None:  # started with stdout closed (`fixclf ... >&-`): what it would print goes nowhere
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
     for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot show a character gets '?', not an error
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +15,7 @@ from cli.main import app
 from compressor import load_compressed_model, load_report
 from compressor.data import load_data
 from cli_zygote import run_many
-from conftest import SAMPLES, sha256
+from conftest import FIXCLF, SAMPLES, sha256
 
 runner = CliRunner()
 MLP = str(SAMPLES / "mlp.pt")
@@ -180,3 +181,13 @@ def test_a_drop_over_1_pp_or_over_max_drop_is_a_warning(after, max_drop, warned)
 
     found = _warnings(Accuracy(before=0.99, after_init=0.4, after=after), FinetuneResult(), max_drop)
     assert any("held-out accuracy dropped" in w and "--max-drop" in w for w in found) == warned, found
+
+
+def test_closed_standard_streams_are_no_error(default_mlp):
+    """Started with stdout or stderr closed (`fixclf report ... >&-`), the command still does its work
+    and exits with its own code, printing nowhere."""
+    out, _ = default_mlp
+    for closed, args, code in ((1, ["report", str(out / "mlp.fixclf.pt")], 0), (2, ["report", str(out / "none.pt")], 3)):
+        result = subprocess.run([*FIXCLF, *args], capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda fd=closed: os.close(fd))
+        assert result.returncode == code and "Traceback" not in result.stdout + result.stderr, result
