@@ -213,7 +213,10 @@ def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: 
         student.train()
         if not options.update_norm_stats:
             freeze_norm_statistics(student)
-        output = student(example)
+        try:
+            output = student(example)
+        except Exception:  # the first step fails the same way, and says so as a step failure
+            return True
         logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
         if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
             return True  # the first step says what is wrong with the output
