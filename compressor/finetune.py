@@ -218,7 +218,7 @@ def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: 
         except Exception:  # the first step fails the same way, and says so as a step failure
             return True
         logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-        if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+        if not isinstance(logits, torch.Tensor) or not logits.requires_grad or not wanted:
             return True  # the first step says what is wrong with the output
         gradients = torch.autograd.grad(logits.float().sum(), wanted, allow_unused=True)
     with torch.no_grad():
