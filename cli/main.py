@@ -4,7 +4,7 @@ Progress (on a terminal, or with ``FIXCLF_PROGRESS=1``) and errors go to stderr,
 stdout carries the JSON alone, whatever the user's model code prints while it runs). Every
 failure ends with one line ``error: <what; what to do>`` and the exit code of its class
 (:mod:`compressor.errors`): 2 for usage errors, click's own included; 130 for Ctrl-C or SIGTERM at
-any moment, the imports included. ``--debug`` shows tracebacks instead. The entry point is
+any moment, the imports included. ``--debug`` also prints the traceback (same exit codes). The entry point is
 :func:`run`; heavy modules (torch, onnx) are imported only inside it, so that all of that holds
 from the first instant.
 """
@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -78,8 +79,6 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
             result = work()
         entry.ignore_late_signals()  # the work is done and committed: a late Ctrl-C must not report it lost
     except BaseException as exc:  # noqa: BLE001 - the one place a command's failure becomes one line
-        if STATE["debug"]:
-            raise
         raise typer.Exit(_exit_code(exc)) from None
     if result is None:  # a torchrun process other than rank 0
         return
@@ -90,7 +89,7 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Also print the traceback of an error (the exit code stays the documented one).")) -> None:
     STATE["debug"] = debug
 
 
@@ -322,8 +321,6 @@ def _launch(processes: int, options: Callable[[], CompressOptions]) -> int:
 
         return launch(_without_nproc(STATE["args"]), processes)
     except BaseException as exc:  # noqa: BLE001 - one line, as every command
-        if STATE["debug"]:
-            raise
         return _exit_code(exc)
 
 
@@ -341,6 +338,8 @@ def _exit_code(exc: BaseException) -> int:
     library has cleaned up): a signal now would only cut the line short (and leave rich's output
     buffer holding every later line), so late signals are ignored from here on."""
     entry.ignore_late_signals()
+    if STATE["debug"] and not isinstance(exc, (typer.Exit, SystemExit)):
+        traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, Interrupted):
         return _error(str(exc), exc.exit_code)
     if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or entry.STATE["signalled"]:
@@ -363,14 +362,13 @@ def _exit_code(exc: BaseException) -> int:
 def run(args: List[str]) -> int:
     """Parse ``args`` and run the command; every failure is one line. Returns the exit code.
     ``--debug`` is the app's option, but is accepted anywhere (``fixclf plan m.pt --debug``)."""
-    if "--debug" in args:
+    STATE["debug"] = "--debug" in args
+    if STATE["debug"]:
         args = ["--debug", *[a for a in args if a != "--debug"]]
     STATE["args"] = list(args)
     try:
         code = app(args=args, prog_name="fixclf", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - parse errors, Ctrl-C between commands
-        if "--debug" in args:
-            raise
         return _exit_code(exc)
     if code == Interrupted.exit_code and not STATE["reported"]:  # typer turned a Ctrl-C into Exit(130)
         return _exit_code(KeyboardInterrupt())

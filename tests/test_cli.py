@@ -163,13 +163,18 @@ def test_int8_of_a_model_with_no_dense_layer_left_is_decided_before_work(workdir
     assert sorted(os.listdir(workdir)) == ["mlp.fixclf.onnx", "mlp.fixclf.pt"]
 
 
-def test_debug_is_accepted_after_the_command():
-    """--debug belongs to the app, but users put it anywhere: it still shows the real exception."""
-    from cli.main import run
-    from compressor.errors import PlanError
+def test_debug_is_accepted_after_the_command_and_keeps_the_exit_code(capsys):
+    """--debug belongs to the app, but users put it anywhere: it adds the real exception's traceback and
+    the exit code stays the documented one (scripts branch on it)."""
+    from cli.main import STATE, run
 
-    with pytest.raises(PlanError, match="matches no Linear layer"):
-        run(["plan", MLP, "--debug", "--exclude", "zzz"])
+    try:
+        assert run(["plan", MLP, "--debug", "--exclude", "zzz"]) == 5
+        assert run(["compress", MLP, "--depth", "0", "--debug"]) == 2
+    finally:
+        STATE["debug"] = False
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "PlanError: " in err and "matches no Linear layer" in err
 
 
 @pytest.mark.parametrize("after, max_drop, warned", [(0.985, None, False), (0.975, None, True), (0.975, 2.0, False),
