@@ -93,10 +93,11 @@ def main(debug: bool = typer.Option(False, "--debug", help="Also print the trace
     STATE["debug"] = debug
 
 
-def _progress_wanted() -> bool:
-    """Progress lines on a terminal; ``FIXCLF_PROGRESS=1`` forces them (logs), ``=0`` hides them."""
+def _progress_wanted(as_json: bool) -> bool:
+    """Progress lines on a terminal (not with ``--json``); ``FIXCLF_PROGRESS=1`` forces them (logs, also
+    with ``--json``: they go to stderr), ``=0`` hides them."""
     forced = os.environ.get("FIXCLF_PROGRESS")
-    return err.is_terminal if forced is None else forced == "1"
+    return err.is_terminal and not as_json if forced is None else forced == "1"
 
 
 def _arch_kwargs(text: Optional[str]) -> Optional[dict]:
@@ -206,7 +207,7 @@ def compress(
         from cli.render import RichEvents
         import compressor
 
-        events = RichEvents(err, quiet=as_json or not _progress_wanted())
+        events = RichEvents(err, quiet=not _progress_wanted(as_json))
         try:
             return compressor.compress(tree, events)
         finally:

@@ -196,3 +196,11 @@ def test_closed_standard_streams_are_no_error(default_mlp):
         result = subprocess.run([*FIXCLF, *args], capture_output=True, text=True, timeout=120,
                                 preexec_fn=lambda fd=closed: os.close(fd))
         assert result.returncode == code and "Traceback" not in result.stdout + result.stderr, result
+
+
+def test_forced_progress_goes_to_stderr_also_with_json(workdir, monkeypatch):
+    """FIXCLF_PROGRESS=1 is for logs: progress on stderr, and with --json stdout still holds only the JSON."""
+    monkeypatch.setenv("FIXCLF_PROGRESS", "1")
+    result = runner.invoke(app, ["compress", MLP, "--epochs", "1", "--json"])
+    assert result.exit_code == 0 and "Fine-tuning" in result.stderr
+    assert json.loads(result.stdout)["options"]["epochs"] == 1
