@@ -41,4 +41,4 @@ samples: install
 	$(BIN)/python sample_models/make_hard_samples.py
 
 clean:
-	rm -rf build .pytest_cache *.fixclf.pt *.fixclf.onnx
+	rm -rf build .pytest_cache *.fixclf.pt *.fixclf.resume.pt *.fixclf.onnx *.fixclf.*.onnx *.fixclf.ort

@@ -67,13 +67,19 @@ def _safe(text: object) -> str:
 
 
 def _bytes(n: Optional[float]) -> str:
+    """A file size in decimal units (1 KB = 1000 bytes), as the README and docs quote sizes."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return str(n)
+
+
+def _ratio(x: Optional[float]) -> str:
+    """A ratio before / after ("-" where there is none: nothing was replaced)."""
+    return "-" if x is None else f"{x}x"
 
 
 def _pct(x: Optional[float]) -> str:
@@ -93,12 +99,12 @@ def _latency_cells(row: LayerRow, timed: bool) -> list[str]:
 
 def _layers_table(layers: list[LayerRow], title: str) -> Table:
     timed = next((row.cost for row in layers if row.cost is not None), None)
-    columns = ["layer", "role", "before", "after", "params before", "params after"]
+    columns = ["layer", "role", "before", "after", "stored before", "stored after"]
     if timed is not None:
         columns += ["ms batch 1 (1 thread)", f"ms batch {timed.batch} (2 threads)"]
     table = Table(title=_safe(title), title_justify="left")
     for col in [*columns, "note"]:
-        table.add_column(col, justify="right" if col.startswith(("params", "ms")) else "left")
+        table.add_column(col, justify="right" if col.startswith(("stored", "ms")) else "left")
     for row in layers:
         shape = "x".join(str(t) for t in (row.cost.tokens if row.cost else []))
         table.add_row(_safe(row.name or "(the model)"), _safe(row.role),
@@ -110,8 +116,8 @@ def _layers_table(layers: list[LayerRow], title: str) -> Table:
 
 def _params_line(params: ParamSummary) -> str:
     m, r = params.model, params.replaced
-    return (f"stored numbers: model {m.before:,} → {m.after:,} ({m.ratio}x); "
-            f"replaced layers {r.before:,} → {r.after:,} ({r.ratio}x)")
+    return (f"stored numbers: model {m.before:,} → {m.after:,} ({_ratio(m.ratio)}); "
+            f"replaced layers {r.before:,} → {r.after:,} ({_ratio(r.ratio)})")
 
 
 def print_plan(result: PlanReport) -> None:
@@ -126,9 +132,9 @@ def _summary(report: Report) -> Table:
     for col in ("", "before", "after", "ratio"):
         table.add_column(col, justify="right")
     m, r, o = report.params.model, report.params.replaced, report.onnx
-    table.add_row("stored numbers (model)", f"{m.before:,}", f"{m.after:,}", f"{m.ratio}x")
-    table.add_row("stored numbers (replaced layers)", f"{r.before:,}", f"{r.after:,}", f"{r.ratio}x")
-    table.add_row("ONNX file", _bytes(o.bytes_before), _bytes(o.bytes_after), f"{o.ratio}x")
+    table.add_row("stored numbers (model)", f"{m.before:,}", f"{m.after:,}", _ratio(m.ratio))
+    table.add_row("stored numbers (replaced layers)", f"{r.before:,}", f"{r.after:,}", _ratio(r.ratio))
+    table.add_row("ONNX file", _bytes(o.bytes_before), _bytes(o.bytes_after), _ratio(o.ratio))
     if o.ort_bytes is not None:
         table.add_row("ORT file (mobile)", "", _bytes(o.ort_bytes), "")
     for label, reduced in (("int8", report.int8), ("fp16", report.fp16)):

@@ -83,6 +83,15 @@ def _load(source: SourceOptions) -> LoadedModel:
     return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
 
 
+def _load_uncompressed(source: SourceOptions) -> LoadedModel:
+    """The model to compress (or plan): a checkpoint fixclf already compressed is refused by name."""
+    loaded = _load(source)
+    if loaded.compressed:
+        raise PlanError(f"{loaded.path} is already compressed by fixclf; compress the original checkpoint (fixclf report "
+                        "shows its report, fixclf export writes its ONNX file again)")
+    return loaded
+
+
 def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, selection: bool = False,
               needed_for: str = "to fine-tune the new layers by distillation and to validate the ONNX export") -> DataSource:
     source = spec if spec is not None else loaded.data
@@ -161,7 +170,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     """What ``compress`` would replace, by what, the stored numbers and, when there is data (``--data``
     or the checkpoint's bundled file), each layer's ORT latency alone, dense and structured. Writes nothing."""
     options.validate()
-    loaded = _load(options.source)
+    loaded = _load_uncompressed(options.source)
     data = None
     if options.source.data is not None or loaded.data is not None:
         data = _data_for(loaded, options.source.data, options.seed)
@@ -402,7 +411,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
     started = time.monotonic()
     with world.stage():
         events.stage(f"Loading {options.source.checkpoint}")
-        loaded = _load(options.source)
+        loaded = _load_uncompressed(options.source)
         if loaded.arch is None:
             raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "

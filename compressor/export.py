@@ -496,6 +496,7 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
                                for line in mobile_usability(float_file)]
         reduced = [name for name in formats if FORMATS[name].min_agreement is not None]
         if reduced:
-            result.notes.append(f"the .ort file holds the float32 model ({', '.join(reduced)} is the ONNX file only): "
-                                "ONNX Runtime's converter is given the float32 graph")
+            names = " and ".join(name.removeprefix("onnx-") for name in reduced)
+            result.notes.append(f"the .ort file holds the float32 model; the {names} model is written as ONNX only "
+                                "(ONNX Runtime's converter is given the float32 graph)")
     return result

@@ -188,6 +188,7 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
         "c_report_huge_number": {**compressed, "report": {**compressed["report"], "seconds": 10**400}},
         "c_report_many_layers": {**compressed, "report": {**compressed["report"],
                                                           "layers": compressed["report"]["layers"] * 3000}},
+        "c_intact": compressed,
     }.items():
         _fixclf(value, d / f"{name}.fixclf.pt")
     n = 1 << 20  # a 4 KB file planning ACDC layers 2^20 wide, 64 deep, with none of their weights
@@ -271,6 +272,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "a FIFO as the checkpoint": (["report", "fifo.pt"], 3),
     "stored kwargs that do not build the architecture": ([C, "negative_width.pt", "--data", "digits.npz"], 3),
     "state_dict without --arch": ([C, "weights.pt", "--data", "digits.npz"], 3),
+    "a checkpoint fixclf already compressed": ([C, "c_intact.fixclf.pt", "--data", "digits.npz"], 5),
     "plan --objective latency with no data to time on": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp",
                                                           "--arch-kwargs", '{"hidden": [512, 512]}', "--objective",
                                                           "latency"], 2),

@@ -58,7 +58,7 @@ class _Rows:
 def test_the_default_fine_tune_is_a_budget_of_steps_and_mixes_wherever_rows_can_be_mixed():
     default = FinetuneOptions()
     assert default.epochs is None and default.mixup is None
-    digits = resolved_options(default, _Rows(1437))  # 23 steps an epoch at batch 64
+    digits = resolved_options(default, _Rows(1438))  # 23 steps an epoch at batch 64
     assert digits.epochs == math.ceil(BUDGET_STEPS / 23) == 109 and digits.mixup is True
     assert resolved_options(default, _Rows(8000, random_access=False)) == replace(default, epochs=20, mixup=False)
     assert resolved_options(default, _Rows(8000, token_ids=True)) == replace(default, epochs=20, mixup=False)

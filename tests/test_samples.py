@@ -18,7 +18,7 @@ def _assert_keeps_accuracy(report: Report, original: float, max_drop: float) -> 
     assert report.params.replaced.ratio >= 10
     assert report.accuracy.after >= report.accuracy.before - max_drop, report.accuracy
     assert report.warnings == []
-    # the default budget: 2,500 steps of 23 (1,437 rows at batch 64) = 109 epochs, on mixed rows
+    # the default budget: 2,500 steps of 23 (1,438 rows at batch 64) = 109 epochs, on mixed rows
     assert report.options["epochs"] == 109 and report.finetune.steps >= BUDGET_STEPS and report.options["mixup"] is True
 
 
