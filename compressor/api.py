@@ -285,8 +285,16 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
         costliest, regained = _costliest_layer(compressed, original, data, replaced, float(hits.double().mean()))
         events.stage(f"{said}; keeping {costliest or 'the model'} dense and fine-tuning again")
         kept.append(costliest or "the model")
-        plan = keep_dense(plan, {costliest: f"kept dense for --max-drop {budget:g} (putting it back regained "
-                                            f"{100 * regained:.2f} pp on the rows set aside)"})
+        plan = keep_dense(plan, {costliest: _kept_for_budget(budget, regained)})
+
+
+def _kept_for_budget(budget: float, regained: float) -> str:
+    """Why ``--max-drop`` kept a layer dense, in the plan's table."""
+    if regained > 0:
+        return f"kept dense for --max-drop {budget:g} (putting it back regained {100 * regained:.2f} pp on the rows set aside)"
+    return (f"kept dense for --max-drop {budget:g}: putting any replaced layer's dense original back into the fine-tuned "
+            f"model lowered its accuracy on the rows set aside (its neighbours had adapted to the replacement), this one "
+            f"the least ({100 * regained:.2f} pp)")
 
 
 def _costliest_layer(compressed: nn.Module, original: nn.Module, data: DataSource, replaced: list[str],

@@ -130,3 +130,11 @@ def test_max_drop_is_checked_before_any_work(workdir):
         assert result.exit_code == 2 and "--max-drop" in result.stderr, result.output
     result = runner.invoke(app, ["compress", "missing.pt", "--max-drop", "1", "--resume"])
     assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def test_the_reason_a_layer_was_kept_reads_right_whatever_the_sign_of_what_putting_it_back_did():
+    from compressor.api import _kept_for_budget
+
+    assert "putting it back regained 1.50 pp" in _kept_for_budget(3, 0.015)
+    lowered = _kept_for_budget(3, -0.8264)
+    assert "lowered its accuracy" in lowered and "(-82.64 pp)" in lowered and "regained" not in lowered
