@@ -390,6 +390,15 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report |
         world.close()
 
 
+def _stale_resume_notes(options: CompressOptions, checkpoint: Path) -> list[str]:
+    """A resume state an earlier, interrupted run left beside this run's output (this run did not use it)."""
+    stale = resume_path(checkpoint)
+    if options.finetune.resume or not stale.is_file():
+        return []
+    return [f"{stale}, the resume state of an earlier interrupted run, is still there; only --resume reads it: "
+            "delete it unless you mean to continue that run"]
+
+
 def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource, checkpoint: Path,
                  world: World) -> ResumeFile | None:
     """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), and what identifies the run."""
@@ -462,7 +471,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
                 warnings=[*data.notes, *_growth_warnings(plan), *_warnings(accuracy, tuned, options.plan.max_drop)],
-                notes=notes + exported.notes,
+                notes=notes + exported.notes + _stale_resume_notes(options, paths["checkpoint"]),
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))

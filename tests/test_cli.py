@@ -204,3 +204,13 @@ def test_forced_progress_goes_to_stderr_also_with_json(workdir, monkeypatch):
     result = runner.invoke(app, ["compress", MLP, "--epochs", "1", "--json"])
     assert result.exit_code == 0 and "Fine-tuning" in result.stderr
     assert json.loads(result.stdout)["options"]["epochs"] == 1
+
+
+def test_a_resume_state_left_by_an_interrupted_run_is_named_in_the_notes(workdir):
+    """Run again without --resume, the compress succeeds and says that the old state is still there (untouched)."""
+    (workdir / "mlp.fixclf.resume.pt").write_bytes(b"state")
+    result = runner.invoke(app, ["compress", MLP, "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert any("mlp.fixclf.resume.pt, the resume state of an earlier interrupted run" in note for note in notes), notes
+    assert (workdir / "mlp.fixclf.resume.pt").read_bytes() == b"state"
