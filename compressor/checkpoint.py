@@ -148,21 +148,21 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a regular file (a pipe, device or socket); pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
-    try:
-        return load_bounded(path, CHECKPOINT_LIMITS, CheckpointError, "the file is damaged or not a checkpoint (save "
-                            "the state_dict and plain settings only)", weights_only=not trust_pickle)
-    except CheckpointError:
-        raise
-    except (Exception, SystemExit) as exc:
-        unsafe = [] if trust_pickle else _unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f"{path} needs {unsafe[0]} to load, which can run arbitrary code; if you trust this file, pass --trust-pickle"
-            ) from exc
-        if isinstance(exc, pickle.UnpicklingError) or not trust_pickle:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(exc)}); it may be "
-                                  "truncated or of another format: pass the .pt file torch.save or fixclf compress wrote") from exc
-        raise CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})") from exc
+    return load_bounded(path, CHECKPOINT_LIMITS, CheckpointError, "the file is damaged or not a checkpoint (save the "
+                        "state_dict and plain settings only)", lambda exc: _load_refusal(path, exc, trust_pickle),
+                        weights_only=not trust_pickle)
+
+
+def _load_refusal(path: Path, exc: BaseException, trust_pickle: bool) -> CheckpointError:
+    """Why ``torch.load`` could not read a checkpoint, as the user should hear it."""
+    unsafe = [] if trust_pickle else _unsafe_globals(path)
+    if unsafe:
+        return CheckpointError(f"{path} needs {unsafe[0]} to load, which can run arbitrary code; if you trust this file, "
+                               "pass --trust-pickle")
+    if isinstance(exc, pickle.UnpicklingError) or not trust_pickle:
+        return CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(exc)}); it may be truncated "
+                               "or of another format: pass the .pt file torch.save or fixclf compress wrote")
+    return CheckpointError(f"loading the pickled model {path} failed ({_first_line(exc)})")
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...], path: Path, what: str) -> Any:

@@ -661,6 +661,7 @@ def _read_file(path: Path, spec: str) -> dict:
 
 
 def _read_npz(path: Path, spec: str) -> dict:
+    """The arrays of an .npz archive (never unpickled), after the zip-bomb check."""
     if not zipfile.is_zipfile(path):
         raise DataError(f"--data {spec}: not an .npz archive (numpy.savez writes one); give an .npz or .pt file with x and y")
     check_unpacked_size(path, DATA_LIMITS.unpack_ratio, DataError)
@@ -675,12 +676,10 @@ def _read_npz(path: Path, spec: str) -> dict:
 
 
 def _read_pt(path: Path, spec: str) -> dict:
-    try:
-        return load_bounded(path, DATA_LIMITS, DataError, "save x and y as tensors or numpy arrays, not lists")
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y") from exc
+    """What a .pt data file holds, read weights-only with bounded work (:func:`compressor.pickles.load_bounded`)."""
+    return load_bounded(path, DATA_LIMITS, DataError, "save x and y as tensors or numpy arrays, not lists",
+                        lambda exc: DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt "
+                                              "with x and y"))
 
 
 def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> DataSource:

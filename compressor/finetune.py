@@ -272,13 +272,9 @@ class _Run:
         if self.resume is None or not self.resume.path.is_file():
             return
         path = self.resume.path
-        try:
-            state = load_bounded(path, CHECKPOINT_LIMITS, UsageError, "it is not a fixclf resume state: delete it to start "
-                                 "over")
-        except UsageError:
-            raise
-        except Exception as exc:
-            raise UsageError(f"{path}: the resume state cannot be read ({type(exc).__name__}); delete it to start over") from exc
+        state = load_bounded(path, CHECKPOINT_LIMITS, UsageError, "it is not a fixclf resume state: delete it to start over",
+                             lambda exc: UsageError(f"{path}: the resume state cannot be read ({type(exc).__name__}); "
+                                                    "delete it to start over"))
         if (not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or not isinstance(state.get("fingerprint"), dict)
                 or not all(isinstance(key, str) for key in state["fingerprint"])):
             raise UsageError(f"{path} is not a fixclf resume state; delete it or choose another --output")

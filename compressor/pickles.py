@@ -14,7 +14,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,12 +42,23 @@ CHECKPOINT_LIMITS = PickleLimits(unpack_ratio=2, pickle_bytes=32 << 20, items=1_
 and a few thousand values; these limits are many times that."""
 
 
+def _archive(path: Path, error: type[FixclfError]) -> zipfile.ZipFile | None:
+    """``path`` opened as a zip archive (None: not one); a damaged archive is ``error``."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise error(f"{path} is a damaged zip archive ({exc}); write it again") from exc
+
+
 def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) -> None:
     """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
     times its size (plus 1 MB): a deflated file that grows hundreds of times is a zip bomb."""
-    if not zipfile.is_zipfile(path):
+    archive = _archive(path, error)
+    if archive is None:
         return
-    with zipfile.ZipFile(path) as archive:
+    with archive:
         unpacked = sum(info.file_size for info in archive.infolist())
     if unpacked > max_ratio * path.stat().st_size + (1 << 20):
         raise error(f"{path} unpacks to {unpacked:,} bytes from {path.stat().st_size:,}: refused as a zip bomb; "
@@ -55,12 +66,17 @@ def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) 
 
 
 def _check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], advice: str) -> None:
-    """Refuse a torch zip file whose pickled structure (``data.pkl``; the tensors are stored beside it)
-    is over ``max_bytes``. (A legacy, non-zip torch file interleaves the two and is bounded only by
-    the walk afterwards.)"""
-    if not zipfile.is_zipfile(path):
+    """Refuse a file whose pickled structure (besides the tensors) may be over ``max_bytes``: a torch zip
+    file's ``data.pkl``, or the whole of a file that is not a zip (a plain pickle, or the legacy torch
+    format of PyTorch < 1.6, which interleaves structure and tensors)."""
+    archive = _archive(path, error)
+    if archive is None:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path} is {size:,} bytes and not a zip archive (torch.save writes one since PyTorch 1.6), so "
+                        f"all of it would be read as one pickle (at most {max_bytes:,} bytes are); {advice}")
         return
-    with zipfile.ZipFile(path) as archive:
+    with archive:
         pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
     if pickled > max_bytes:
         raise error(f"{path} holds a pickled structure of {pickled:,} bytes besides its tensors (at most {max_bytes:,} "
@@ -84,16 +100,21 @@ def _check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: in
             stack.extend((item, depth + 1) for item in value)
 
 
-def load_bounded(path: Path, limits: PickleLimits, error: type[FixclfError], advice: str, *,
-                 weights_only: bool = True) -> Any:
-    """``torch.load(path)`` on the CPU, between the checks: the zip's unpacked size and its pickled
-    structure's size before loading, a bounded walk after. Each refusal is ``error`` ending in
-    ``advice`` (what the user should do). Whatever ``torch.load`` itself raises propagates unchanged
-    (callers know what their file should have been); ``torch.load``'s own warnings are silenced."""
+def load_bounded(path: Path, limits: PickleLimits, error: type[FixclfError], advice: str,
+                 failure: Callable[[BaseException], FixclfError], *, weights_only: bool = True) -> Any:
+    """``torch.load(path)`` on the CPU, between the checks: the zip's unpacked size and the pickled
+    structure's size before loading (the latter only for ``weights_only``: a file the user trusts is
+    theirs), a bounded walk after. Each refusal is ``error`` ending in ``advice`` (what the user
+    should do); whatever ``torch.load`` raises becomes ``failure(exception)`` (callers know what their
+    file should have been). ``torch.load``'s own warnings are silenced."""
     check_unpacked_size(path, limits.unpack_ratio, error)
-    _check_pickle_size(path, limits.pickle_bytes, error, advice)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
+    if weights_only:
+        _check_pickle_size(path, limits.pickle_bytes, error, advice)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (Exception, SystemExit) as exc:
+        raise failure(exc) from exc
     _check_bounded(loaded, path, error, limits.items, advice)
     return loaded

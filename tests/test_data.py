@@ -278,3 +278,14 @@ def test_integer_rows_go_to_a_model_as_float32_unless_it_takes_them_only_as_stor
         assert data.input_dtype == dtype and data.mixable == dtype.is_floating_point
         assert bool(data.notes) == noted
         assert next(iter(data.batches("train", 8)))[0].dtype == dtype
+
+
+def test_a_damaged_npz_archive_is_a_data_error(tmp_path):
+    """A zip whose central directory is damaged (it still looks like a zip) is refused by name, not 'unexpected'."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 4), np.float32), y=np.zeros(8, np.int64))
+    raw = bytearray((tmp_path / "d.npz").read_bytes())
+    header = raw.index(b"PK\x01\x02")
+    raw[header:header + 4] = b"XX\x01\x02"
+    (tmp_path / "d.npz").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="damaged zip archive"):
+        load_data(str(tmp_path / "d.npz"))
