@@ -497,6 +497,7 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
         reduced = [name for name in formats if FORMATS[name].min_agreement is not None]
         if reduced:
             names = " and ".join(name.removeprefix("onnx-") for name in reduced)
-            result.notes.append(f"the .ort file holds the float32 model; the {names} model is written as ONNX only "
+            verb = "models are" if len(reduced) > 1 else "model is"
+            result.notes.append(f"the .ort file holds the float32 model; the {names} {verb} written as ONNX only "
                                 "(ONNX Runtime's converter is given the float32 graph)")
     return result

@@ -138,3 +138,4 @@ def test_the_reason_a_layer_was_kept_reads_right_whatever_the_sign_of_what_putti
     assert "putting it back regained 1.50 pp" in _kept_for_budget(3, 0.015)
     lowered = _kept_for_budget(3, -0.8264)
     assert "lowered its accuracy" in lowered and "(-82.64 pp)" in lowered and "regained" not in lowered
+    assert "changed nothing" in _kept_for_budget(3, 0.0)

@@ -178,7 +178,7 @@ def test_debug_is_accepted_after_the_command_and_keeps_the_exit_code(capsys):
 
 
 @pytest.mark.parametrize("after, max_drop, warned", [(0.985, None, False), (0.975, None, True), (0.975, 2.0, False),
-                                                     (0.975, 0.5, True), (0.5, None, True)])
+                                                     (0.975, 0.5, True), (0.982, 0.5, True), (0.5, None, True)])
 def test_a_drop_over_1_pp_or_over_max_drop_is_a_warning(after, max_drop, warned):
     from compressor.api import _warnings
     from compressor.finetune import FinetuneResult
