@@ -87,10 +87,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGALRM, _on_retry)
-    if sys.stdout is None:  # started with stdout closed (`fixclf ... >&-`): what it would print goes nowhere
-        sys.stdout = open(os.devnull, "w")
-    if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
+    for fd, name in ((1, "stdout"), (2, "stderr")):  # started with it closed (`fixclf ... >&-`): print nowhere
+        if getattr(sys, name) is None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:  # the descriptor itself, so no file opened later takes its number
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            setattr(sys, name, open(fd, "w", closefd=False))
     for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot show a character gets '?', not an error
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

@@ -352,11 +352,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """What a wrapper adds to every key of the state it saves: DataParallel / DistributedDataParallel, torch.compile."""
 
 
-def _unwrapped(state: dict, model: nn.Module) -> dict:
-    """``state`` without the prefixes a wrapper put before every key, when the model's own keys lack them:
-    DDP's and torch.compile's, and any one first name that every key shares when without it the keys
-    are exactly the model's (a training framework's ``model.`` / ``net.`` attribute, as in Lightning)."""
-    expected = list(model.state_dict())
+def _without_wrappers(state: dict, expected: list[str]) -> dict:
+    """``state`` without DDP's and torch.compile's prefixes on every key, when the model's keys lack them."""
     stripped = True
     while stripped:
         stripped = False
@@ -364,10 +361,20 @@ def _unwrapped(state: dict, model: nn.Module) -> dict:
             if (state and all(isinstance(key, str) and key.startswith(prefix) for key in state)
                     and not any(key.startswith(prefix) for key in expected)):
                 state, stripped = {key[len(prefix):]: value for key, value in state.items()}, True
+    return state
+
+
+def _unwrapped(state: dict, model: nn.Module) -> dict:
+    """``state`` without the prefixes a wrapper put before every key, when the model's own keys lack them:
+    DDP's and torch.compile's, and any one first name that every key shares when without it (and those
+    wrappers) the keys are exactly the model's (a training framework's ``model.`` / ``net.`` attribute,
+    as in Lightning, also around a compiled or DDP model)."""
+    expected = list(model.state_dict())
+    state = _without_wrappers(state, expected)
     firsts = {key.partition(".")[0] + "." for key in state}
     if len(firsts) == 1 and all("." in key for key in state):
         prefix = firsts.pop()
-        without = {key[len(prefix):]: value for key, value in state.items()}
+        without = _without_wrappers({key[len(prefix):]: value for key, value in state.items()}, expected)
         state = without if set(without) == set(expected) else state
     return state
 

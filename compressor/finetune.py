@@ -205,26 +205,34 @@ def _diverged(epoch: int) -> FixclfError:
 def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: FinetuneOptions, device: str) -> bool:
     """Whether a training-mode forward leaves a trainable parameter out of the logits' graph (a Linear
     never called, an auxiliary head): DDP must then look for such parameters every step, or it waits for
-    their gradients and fails the next step. Found on ``example`` rows; the RNG and buffers are put back."""
+    their gradients and fails the next step. Found on ``example`` rows; the RNG and buffers are put back
+    (attributes a forward sets on the model itself are not)."""
     wanted = [p for p in student.parameters() if p.requires_grad]
     buffers = [b.clone() for b in student.buffers()]
     devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
-        student.train()
-        if not options.update_norm_stats:
-            freeze_norm_statistics(student)
-        try:
-            output = student(example)
-        except Exception:  # the first step fails the same way, and says so as a step failure
-            return True
-        logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-        if not isinstance(logits, torch.Tensor) or not logits.requires_grad or not wanted:
-            return True  # the first step says what is wrong with the output
-        gradients = torch.autograd.grad(logits.float().sum(), wanted, allow_unused=True)
-    with torch.no_grad():
-        for buffer, saved in zip(student.buffers(), buffers):
-            buffer.copy_(saved)
-    return any(g is None for g in gradients)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return _misses(student, example, wanted, options)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(student.buffers(), buffers):
+                buffer.copy_(saved)
+
+
+def _misses(student: nn.Module, example: torch.Tensor, wanted: list[nn.Parameter], options: FinetuneOptions) -> bool:
+    """One training-mode forward of ``example``: does some parameter of ``wanted`` get no gradient from the logits?
+    (True when that cannot be told: the first step then says what is wrong.)"""
+    student.train()
+    if not options.update_norm_stats:
+        freeze_norm_statistics(student)
+    try:
+        output = student(example)
+    except Exception:  # the first step fails the same way, and says so as a step failure
+        return True
+    logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
+    if not isinstance(logits, torch.Tensor) or not logits.requires_grad or not wanted:
+        return True
+    return any(g is None for g in torch.autograd.grad(logits.float().sum(), wanted, allow_unused=True))
 
 
 class _Run:

@@ -237,7 +237,7 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match=r"training checkpoint .*torch.save\(checkpoint\['state_dict'\]"):
         load_model(tmp_path / "training.pt")
     # DDP / DataParallel, torch.compile, both, and a training framework's attribute (Lightning's self.model)
-    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "model.", "module.net."):
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "model.", "module.net.", "model._orig_mod."):
         torch.save({f"{prefix}{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
         for arch in ("compressor.zoo:mlp", "data_source:mlp_of"):  # built in (checked on meta first), and the user's
             loaded = load_model(tmp_path / "wrapped.pt", arch=arch, arch_kwargs={"hidden": [32]}).model.state_dict()

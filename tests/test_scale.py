@@ -96,6 +96,24 @@ def test_parameters_the_loss_does_not_reach_train_under_torchrun(tmp_path):
     assert report["finetune"]["world_size"] == 2 and any("auxiliary" in w for w in report["warnings"])
 
 
+def test_parameters_the_loss_misses_are_found_and_nothing_is_disturbed():
+    """DDP's search for unused parameters is asked for only where needed (it costs a graph walk a step):
+    not for a plain model, yes for an auxiliary head; the RNG and the BatchNorm statistics are as before."""
+    import architectures
+    from compressor.finetune import _loss_misses_parameters
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, 3))
+    options = FinetuneOptions(update_norm_stats=True)
+    x = torch.randn(4, 8)
+    statistics, rng = copy.deepcopy(plain[1].state_dict()), torch.get_rng_state()
+    assert _loss_misses_parameters(plain, x, options, "cpu") is False
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, plain[1].state_dict()[k]) for k, v in statistics.items())
+    assert _loss_misses_parameters(architectures.aux_in_training(), torch.randn(4, 64), options, "cpu") is True
+
+
 def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
     results = _launch(["compress", MLP, "--data", "data_source:bad_on_rank_one", "--epochs", "2", "-o",
                        str(tmp_path / "m.fixclf.pt")], tmp_path)
