@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from compressor import load_compressed_model, load_report
+from compressor import CompressOptions, FinetuneOptions, SourceOptions, load_compressed_model, load_report
 from compressor.data import load_data
 from cli_zygote import run_many
 from conftest import FIXCLF, SAMPLES, sha256
@@ -198,19 +198,26 @@ def test_closed_standard_streams_are_no_error(default_mlp):
         assert result.returncode == code and "Traceback" not in result.stdout + result.stderr, result
 
 
-def test_forced_progress_goes_to_stderr_also_with_json(workdir, monkeypatch):
-    """FIXCLF_PROGRESS=1 is for logs: progress on stderr, and with --json stdout still holds only the JSON."""
+def test_forced_progress_goes_to_stderr_also_with_json(monkeypatch):
+    """FIXCLF_PROGRESS=1 is for logs: progress (on stderr) also with --json; unset, none with --json; =0, none."""
+    from cli.main import _progress_wanted
+
     monkeypatch.setenv("FIXCLF_PROGRESS", "1")
-    result = runner.invoke(app, ["compress", MLP, "--epochs", "1", "--json"])
-    assert result.exit_code == 0 and "Fine-tuning" in result.stderr
-    assert json.loads(result.stdout)["options"]["epochs"] == 1
+    assert _progress_wanted(as_json=True) and _progress_wanted(as_json=False)
+    monkeypatch.setenv("FIXCLF_PROGRESS", "0")
+    assert not _progress_wanted(as_json=False)
+    monkeypatch.delenv("FIXCLF_PROGRESS")
+    assert not _progress_wanted(as_json=True)
 
 
-def test_a_resume_state_left_by_an_interrupted_run_is_named_in_the_notes(workdir):
-    """Run again without --resume, the compress succeeds and says that the old state is still there (untouched)."""
-    (workdir / "mlp.fixclf.resume.pt").write_bytes(b"state")
-    result = runner.invoke(app, ["compress", MLP, "--epochs", "1", "--latency-batch", "8", "--json"])
-    assert result.exit_code == 0, result.output
-    notes = json.loads(result.stdout)["notes"]
-    assert any("mlp.fixclf.resume.pt, the resume state of an earlier interrupted run" in note for note in notes), notes
-    assert (workdir / "mlp.fixclf.resume.pt").read_bytes() == b"state"
+def test_a_resume_state_left_by_an_interrupted_run_is_named_in_the_notes(tmp_path):
+    """Run again without --resume, a compress says that the old state is still there (and leaves it alone)."""
+    from compressor.api import _stale_resume_notes
+
+    (tmp_path / "mlp.fixclf.resume.pt").write_bytes(b"state")
+    options = CompressOptions(SourceOptions(MLP))
+    assert "mlp.fixclf.resume.pt, the resume state of an earlier interrupted run" in _stale_resume_notes(
+        options, tmp_path / "mlp.fixclf.pt")[0]
+    assert _stale_resume_notes(options, tmp_path / "other.fixclf.pt") == []
+    resuming = CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(resume=True))
+    assert _stale_resume_notes(resuming, tmp_path / "mlp.fixclf.pt") == []
