@@ -158,6 +158,7 @@ def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor 
 
 
 def _shape_of(value) -> str:
+    """A model output in a few words: a tensor's shape, else its type."""
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
@@ -200,6 +201,30 @@ def freeze_norm_statistics(model: nn.Module) -> None:
 def _diverged(epoch: int) -> FixclfError:
     return TrainingError(f"fine-tuning diverged (the loss became NaN or infinite) in epoch {epoch}; restored the state "
                          f"after epoch {epoch - 1} and wrote nothing; lower --lr")
+
+
+class _TrainingLogits(nn.Module):
+    """The student's training-mode logits: its output, or the first element of the ``(logits, aux, ...)``
+    that GoogLeNet and Inception return while training (``auxiliary``: how many others there were,
+    left out of the loss). Under torchrun DDP wraps this module, so its search for parameters without
+    gradients starts from what the loss uses (an auxiliary head is then found unused, as it is)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student, self.auxiliary, self.container = student, 0, ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.student(x)
+        if isinstance(output, torch.Tensor):
+            return output
+        first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
+        if not isinstance(first, torch.Tensor):
+            raise TrainingError(f"in training mode the model returns {_shape_of(output)}"
+                                + (f" whose first element is {_shape_of(first)}" if first is not None else "")
+                                + ", not logits; make its training-mode forward return the logits, or (logits, "
+                                "auxiliary outputs...)")
+        self.auxiliary, self.container = len(output) - 1, type(output).__name__
+        return first
 
 
 def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: FinetuneOptions, device: str) -> bool:
@@ -247,13 +272,13 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, max(1, options.epochs * self.epoch_steps))
         fp16 = self.device.startswith("cuda") and options.amp and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.trainer = student
+        self.logits = self.trainer = _TrainingLogits(student)
         if world.distributed:
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
             # buffers are constants or frozen statistics: synced once here, never in a forward pass, so a
             # forward pass holds no collective (a failing batch cannot leave another process waiting in one)
             misses = _loss_misses_parameters(student, data.head("train", 2)[0].to(self.device), options, self.device)
-            self.trainer = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False,
+            self.trainer = nn.parallel.DistributedDataParallel(self.logits, device_ids=ids, forward_sync_buffers=False,
                                                                find_unused_parameters=misses)
         self.result = FinetuneResult()
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
@@ -344,26 +369,21 @@ class _Run:
         with _autocast(self.device, self.options.amp):
             with torch.no_grad():
                 target = self.teacher(x)
-            logits = self._logits(self.trainer(x), target)
+            logits = self._checked(self.trainer(x), target)
         loss = _kd_sum(logits, target, self.options.temperature)
         if y is not None:
             loss = loss + self._label_loss(logits, y, partners)
         return loss, x.shape[0]
 
-    def _logits(self, output, target: torch.Tensor) -> torch.Tensor:
-        """The logits of a training-mode forward: the output itself or, for a model that also returns
-        auxiliary outputs while training (GoogLeNet's and Inception's ``(logits, aux, ...)``), its first
-        element, which must be shaped like the evaluation-mode logits ``target``."""
-        if isinstance(output, torch.Tensor):
-            return output
-        first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
-        if not (isinstance(first, torch.Tensor) and first.shape == target.shape):
-            got = f"a {type(output).__name__}" + (f" whose first element is {_shape_of(first)}" if first is not None else "")
-            raise TrainingError(f"in training mode the model returns {got}, not logits shaped like its evaluation-mode "
-                                f"output {tuple(target.shape)}; make its training-mode forward return the logits, or "
-                                "(logits, auxiliary outputs...)")
-        self.result.auxiliary_outputs = len(output) - 1
-        return first
+    def _checked(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training-mode logits, which must be shaped like the evaluation-mode ones (``target``)."""
+        if logits.shape != target.shape:
+            container = f"a {self.logits.container} whose first element is " if self.logits.container else ""
+            raise TrainingError(f"in training mode the model returns {container}{_shape_of(logits)}, not logits shaped "
+                                f"like its evaluation-mode output {tuple(target.shape)}; make its training-mode forward "
+                                "return the logits, or (logits, auxiliary outputs...)")
+        self.result.auxiliary_outputs = self.logits.auxiliary
+        return logits
 
     def _label_loss(self, logits: torch.Tensor, y: torch.Tensor, partners) -> torch.Tensor:
         """Cross-entropy summed over rows; a mixed row's is w CE(y) + (1 - w) CE(y')."""
