@@ -251,11 +251,10 @@ def _misses(student: nn.Module, example: torch.Tensor, wanted: list[nn.Parameter
     if not options.update_norm_stats:
         freeze_norm_statistics(student)
     try:
-        output = student(example)
-    except Exception:  # the first step fails the same way, and says so as a step failure
+        logits = _TrainingLogits(student)(example)
+    except Exception:  # the first step fails the same way, and says so
         return True
-    logits = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, (tuple, list)) else None
-    if not isinstance(logits, torch.Tensor) or not logits.requires_grad or not wanted:
+    if not logits.requires_grad or not wanted:
         return True
     return any(g is None for g in torch.autograd.grad(logits.float().sum(), wanted, allow_unused=True))
 
