@@ -677,7 +677,8 @@ def _read_npz(path: Path, spec: str) -> dict:
 
 def _read_pt(path: Path, spec: str) -> dict:
     """What a .pt data file holds, read weights-only with bounded work (:func:`compressor.pickles.load_bounded`)."""
-    return load_bounded(path, DATA_LIMITS, DataError, "save x and y as tensors or numpy arrays, not lists",
+    return load_bounded(path, DATA_LIMITS, lambda message: DataError(f"--data {spec}: {message}"),
+                        "save x and y as tensors or numpy arrays, not lists",
                         lambda exc: DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt "
                                               "with x and y"))
 

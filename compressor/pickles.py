@@ -42,7 +42,7 @@ CHECKPOINT_LIMITS = PickleLimits(unpack_ratio=2, pickle_bytes=32 << 20, items=1_
 and a few thousand values; these limits are many times that."""
 
 
-def _archive(path: Path, error: type[FixclfError]) -> zipfile.ZipFile | None:
+def _archive(path: Path, error: Callable[[str], FixclfError]) -> zipfile.ZipFile | None:
     """``path`` opened as a zip archive (None: not one); a damaged archive is ``error``."""
     if not zipfile.is_zipfile(path):
         return None
@@ -52,7 +52,7 @@ def _archive(path: Path, error: type[FixclfError]) -> zipfile.ZipFile | None:
         raise error(f"{path} is a damaged zip archive ({exc}); write it again") from exc
 
 
-def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) -> None:
+def check_unpacked_size(path: Path, max_ratio: float, error: Callable[[str], FixclfError]) -> None:
     """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
     times its size (plus 1 MB): a deflated file that grows hundreds of times is a zip bomb."""
     archive = _archive(path, error)
@@ -65,7 +65,7 @@ def check_unpacked_size(path: Path, max_ratio: float, error: type[FixclfError]) 
                     "save it again without compression")
 
 
-def _check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], advice: str) -> None:
+def _check_pickle_size(path: Path, max_bytes: int, error: Callable[[str], FixclfError], advice: str) -> None:
     """Refuse a file whose pickled structure (besides the tensors) may be over ``max_bytes``: a torch zip
     file's ``data.pkl``, or the whole of a file that is not a zip (a plain pickle, or the legacy torch
     format of PyTorch < 1.6, which interleaves structure and tensors)."""
@@ -83,7 +83,7 @@ def _check_pickle_size(path: Path, max_bytes: int, error: type[FixclfError], adv
                     f"are read); {advice}")
 
 
-def _check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: int, advice: str) -> None:
+def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], max_items: int, advice: str) -> None:
     """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
     or go deeper than :data:`MAX_DEPTH` (shared references count each time they are reached).
     Tensors are leaves; the walk is iterative, so it cannot overflow Python's stack itself."""
@@ -100,7 +100,7 @@ def _check_bounded(obj: Any, path: Path, error: type[FixclfError], max_items: in
             stack.extend((item, depth + 1) for item in value)
 
 
-def load_bounded(path: Path, limits: PickleLimits, error: type[FixclfError], advice: str,
+def load_bounded(path: Path, limits: PickleLimits, error: Callable[[str], FixclfError], advice: str,
                  failure: Callable[[BaseException], FixclfError], *, weights_only: bool = True) -> Any:
     """``torch.load(path)`` on the CPU, between the checks: the zip's unpacked size and the pickled
     structure's size before loading (the latter only for ``weights_only``: a file the user trusts is
