@@ -73,8 +73,9 @@ def _check_pickle_size(path: Path, max_bytes: int, error: Callable[[str], Fixclf
     if archive is None:
         size = path.stat().st_size
         if size > max_bytes:
-            raise error(f"{path} is {size:,} bytes and not a zip archive (torch.save writes one since PyTorch 1.6), so "
-                        f"all of it would be read as one pickle (at most {max_bytes:,} bytes are); {advice}")
+            raise error(f"{path} is {size:,} bytes and not a zip archive, so all of it would be read as one pickle (at "
+                        f"most {max_bytes:,} bytes are): if it is an old torch file, load and save it again with PyTorch "
+                        f">= 1.6, which writes a zip; else {advice}")
         return
     with archive:
         pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
