@@ -198,6 +198,14 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             module.eval()
 
 
+def _training_mode(model: nn.Module, options: FinetuneOptions) -> None:
+    """``model`` as fine-tuning runs it: training mode, normalisation statistics frozen unless
+    ``--update-norm-stats``."""
+    model.train()
+    if not options.update_norm_stats:
+        freeze_norm_statistics(model)
+
+
 def _diverged(epoch: int) -> FixclfError:
     return TrainingError(f"fine-tuning diverged (the loss became NaN or infinite) in epoch {epoch}; restored the state "
                          f"after epoch {epoch - 1} and wrote nothing; lower --lr")
@@ -247,9 +255,7 @@ def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: 
 def _misses(student: nn.Module, example: torch.Tensor, wanted: list[nn.Parameter], options: FinetuneOptions) -> bool:
     """One training-mode forward of ``example``: does some parameter of ``wanted`` get no gradient from the logits?
     (True when that cannot be told: the first step then says what is wrong.)"""
-    student.train()
-    if not options.update_norm_stats:
-        freeze_norm_statistics(student)
+    _training_mode(student, options)
     try:
         logits = _TrainingLogits(student)(example)
     except Exception:  # the first step fails the same way, and says so
@@ -438,9 +444,7 @@ class _Run:
 
     def run_epoch(self, deadline: float | None) -> bool:
         """Train until the epoch's data ends; returns True when the time budget ran out."""
-        self.student.train()
-        if not self.options.update_norm_stats:
-            freeze_norm_statistics(self.student)
+        _training_mode(self.student, self.options)
         self.epoch_loss = self.epoch_rows = 0.0
         since_save = 0
         batches = self._batches()
