@@ -160,21 +160,24 @@ def _content_key(array: np.ndarray) -> tuple:
     return array.dtype.str, array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _dedupe_initializers(model: onnx.ModelProto) -> None:
-    """Merge initializers with identical type, shape and bytes into one (in place)."""
+def _dedupe_initializers(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Merge initializers with identical type, shape and bytes into one (in place); returns each kept
+    initializer's :func:`_content_key`."""
     graph, first_of, rename = model.graph, {}, {}
     for init in graph.initializer:
         key = _content_key(onnx.numpy_helper.to_array(init))
         rename[init.name] = first_of.setdefault(key, init.name)
+    kept_keys = {name: key for key, name in first_of.items()}
     rename = {old: new for old, new in rename.items() if old != new}
     if not rename:
-        return
+        return kept_keys
     kept = [init for init in graph.initializer if init.name not in rename]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = rename.get(name, name)
+    return kept_keys
 
 
 @contextlib.contextmanager
@@ -242,10 +245,11 @@ def _operator_registry_built_once() -> Iterator[None]:
         _registration.ONNXRegistry.from_torchlib = torchs_own
 
 
-def _stored_matrices(proto: onnx.ModelProto, model: nn.Module) -> frozenset[str]:
+def _stored_matrices(proto: onnx.ModelProto, model: nn.Module, content: dict[str, tuple]) -> frozenset[str]:
     """The initializers that hold one of ``model``'s stored weights of 2+ dimensions: under its state_dict
     name, or under a new one with the same values or their transpose (the exporter stores a Linear
-    applied to (batch, tokens, features) as a MatMul with the weight pre-transposed)."""
+    applied to (batch, tokens, features) as a MatMul with the weight pre-transposed). ``content``: each
+    initializer's :func:`_content_key` (from :func:`_dedupe_initializers`)."""
     state = model.state_dict()
     keys = set()
     for tensor in state.values():
@@ -254,7 +258,7 @@ def _stored_matrices(proto: onnx.ModelProto, model: nn.Module) -> frozenset[str]
             if tensor.dim() == 2:
                 keys.add(_content_key(tensor.detach().cpu().T.numpy()))
     return frozenset(init.name for init in proto.graph.initializer if len(init.dims) >= 2 and (
-        init.name in state or _content_key(onnx.numpy_helper.to_array(init)) in keys))
+        init.name in state or content[init.name] in keys))
 
 
 def _check_batch_is_dynamic(proto: onnx.ModelProto) -> None:
@@ -292,7 +296,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
         raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
     _check_batch_is_dynamic(proto)
     _strip_debug_info(proto)
-    _dedupe_initializers(proto)
+    content = _dedupe_initializers(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -300,7 +304,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
     # The exporter folds parameter-only arithmetic into new initializers of the same size, so stored
     # state is counted on the model and everything else the file carries is a constant.
     stored = stored_state_bytes(model)
-    return Exported(proto, _stored_matrices(proto, model), stored, max(0, onnx_initializer_bytes(proto) - stored))
+    return Exported(proto, _stored_matrices(proto, model, content), stored,
+                    max(0, onnx_initializer_bytes(proto) - stored))
 
 
 def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
