@@ -42,43 +42,47 @@ CHECKPOINT_LIMITS = PickleLimits(unpack_ratio=2, pickle_bytes=32 << 20, items=1_
 and a few thousand values; these limits are many times that."""
 
 
-def _archive(path: Path, error: Callable[[str], FixclfError]) -> zipfile.ZipFile | None:
-    """``path`` opened as a zip archive (None: not one); a damaged archive is ``error``."""
+def _entries(path: Path, error: Callable[[str], FixclfError]) -> list[zipfile.ZipInfo] | None:
+    """The members of ``path`` as a zip archive (None: not one), read once; a damaged archive is ``error``."""
     if not zipfile.is_zipfile(path):
         return None
     try:
-        return zipfile.ZipFile(path)
+        with zipfile.ZipFile(path) as archive:
+            return archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise error(f"{path} is a damaged zip archive ({exc}); write it again") from exc
 
 
-def check_unpacked_size(path: Path, max_ratio: float, error: Callable[[str], FixclfError]) -> None:
-    """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
-    times its size (plus 1 MB): a deflated file that grows hundreds of times is a zip bomb."""
-    archive = _archive(path, error)
-    if archive is None:
+def _check_unpacked(path: Path, entries: list[zipfile.ZipInfo] | None, max_ratio: float,
+                    error: Callable[[str], FixclfError]) -> None:
+    """The zip-bomb check of :func:`check_unpacked_size` on members already read (None: not a zip)."""
+    if entries is None:
         return
-    with archive:
-        unpacked = sum(info.file_size for info in archive.infolist())
+    unpacked = sum(info.file_size for info in entries)
     if unpacked > max_ratio * path.stat().st_size + (1 << 20):
         raise error(f"{path} unpacks to {unpacked:,} bytes from {path.stat().st_size:,}: refused as a zip bomb; "
                     "save it again without compression")
 
 
-def _check_pickle_size(path: Path, max_bytes: int, error: Callable[[str], FixclfError], advice: str) -> None:
+def check_unpacked_size(path: Path, max_ratio: float, error: Callable[[str], FixclfError]) -> None:
+    """Refuse a zip container (a torch checkpoint, an .npz) that unpacks to more than ``max_ratio``
+    times its size (plus 1 MB): a deflated file that grows hundreds of times is a zip bomb."""
+    _check_unpacked(path, _entries(path, error), max_ratio, error)
+
+
+def _check_pickle_size(path: Path, entries: list[zipfile.ZipInfo] | None, max_bytes: int,
+                       error: Callable[[str], FixclfError], advice: str) -> None:
     """Refuse a file whose pickled structure (besides the tensors) may be over ``max_bytes``: a torch zip
     file's ``data.pkl``, or the whole of a file that is not a zip (a plain pickle, or the legacy torch
     format of PyTorch < 1.6, which interleaves structure and tensors)."""
-    archive = _archive(path, error)
-    if archive is None:
+    if entries is None:
         size = path.stat().st_size
         if size > max_bytes:
             raise error(f"{path} is {size:,} bytes and not a zip archive, so all of it would be read as one pickle (at "
                         f"most {max_bytes:,} bytes are): if it is an old torch file, load and save it again with PyTorch "
                         f">= 1.6, which writes a zip; else {advice}")
         return
-    with archive:
-        pickled = max((info.file_size for info in archive.infolist() if info.filename.endswith("data.pkl")), default=0)
+    pickled = max((info.file_size for info in entries if info.filename.endswith("data.pkl")), default=0)
     if pickled > max_bytes:
         raise error(f"{path} holds a pickled structure of {pickled:,} bytes besides its tensors (at most {max_bytes:,} "
                     f"are read); {advice}")
@@ -108,9 +112,10 @@ def load_bounded(path: Path, limits: PickleLimits, error: Callable[[str], Fixclf
     theirs), a bounded walk after. Each refusal is ``error`` ending in ``advice`` (what the user
     should do); whatever ``torch.load`` raises becomes ``failure(exception)`` (callers know what their
     file should have been). ``torch.load``'s own warnings are silenced."""
-    check_unpacked_size(path, limits.unpack_ratio, error)
+    entries = _entries(path, error)
+    _check_unpacked(path, entries, limits.unpack_ratio, error)
     if weights_only:
-        _check_pickle_size(path, limits.pickle_bytes, error, advice)
+        _check_pickle_size(path, entries, limits.pickle_bytes, error, advice)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
