@@ -88,21 +88,50 @@ def _check_pickle_size(path: Path, entries: list[zipfile.ZipInfo] | None, max_by
                     f"are read); {advice}")
 
 
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(value: Any) -> list:
+    """The values a walk reaches from one container: a dict's keys and values, a sequence's or set's items."""
+    return [item for pair in value.items() for item in pair] if isinstance(value, dict) else list(value)
+
+
 def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], max_items: int, advice: str) -> None:
     """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
-    or go deeper than :data:`MAX_DEPTH` (shared references count each time they are reached).
-    Tensors are leaves; the walk is iterative, so it cannot overflow Python's stack itself."""
-    stack, visits = [(obj, 0)], 0
+    or go deeper than :data:`MAX_DEPTH` (shared references count each time they are reached; a
+    reference cycle, which a walk would never leave, counts as too many values). Tensors are leaves.
+
+    Each distinct container is expanded once, its (values visited, depth below it) remembered by
+    identity (the loaded structure keeps every object alive): the check costs the distinct objects,
+    not the visits it counts, so shared references a walk would visit 10^12 times are refused at once.
+    Iterative, so it cannot overflow Python's stack itself."""
+    def refuse(what: str) -> FixclfError:
+        return error(f"{path} holds {what} besides its tensors; {advice}")
+
+    measured: dict[int, tuple[int, int]] = {}  # id -> (values visited from it, itself included; depth below it)
+    expanding: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
-        value, depth = stack.pop()
-        visits += 1
-        if visits > max_items or depth > MAX_DEPTH:
-            what = f"more than {max_items:,} values" if visits > max_items else f"nesting deeper than {MAX_DEPTH}"
-            raise error(f"{path} holds {what} besides its tensors; {advice}")
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend((item, depth + 1) for item in value)
+        value, expanded = stack.pop()
+        if not isinstance(value, _CONTAINERS) or id(value) in measured:
+            continue
+        if not expanded:
+            if id(value) in expanding:  # reached again from below itself: a cycle
+                raise refuse(f"more than {max_items:,} values")
+            expanding.add(id(value))
+            stack.append((value, True))
+            stack.extend((child, False) for child in _children(value))
+            continue
+        expanding.discard(id(value))
+        visits, depth = 1, 0
+        for child in _children(value):
+            child_visits, child_depth = measured.get(id(child), (1, 0)) if isinstance(child, _CONTAINERS) else (1, 0)
+            visits, depth = visits + child_visits, max(depth, child_depth + 1)
+        if visits > max_items:
+            raise refuse(f"more than {max_items:,} values")
+        if depth > MAX_DEPTH:
+            raise refuse(f"nesting deeper than {MAX_DEPTH}")
+        measured[id(value)] = (visits, depth)
 
 
 def load_bounded(path: Path, limits: PickleLimits, error: Callable[[str], FixclfError], advice: str,

@@ -301,7 +301,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "shard directory with uint8 and float shards": ([C, "mlp.pt", "--data", "shards_bytes_and_floats"], 4),
     "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
     "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),
-    "IterableDataset that never ends, --max-time": ([C, "mlp.pt", "--data", "hostile_code:endless", "--max-time", "2"], 4),
+    "IterableDataset that never ends, --max-time": ([C, "mlp.pt", "--data", "hostile_code:endless", "--max-time", "0.5"], 4),
     "IterableDataset that reshuffles every pass": ([C, "mlp.pt", "--data", "hostile_code:reshuffled"], 4),
     "a text file named .npz": ([C, "mlp.pt", "--data", "text.npz"], 4),
     "model whose forward runs in float64": ([C, "float64.pt", "--arch", "hostile_code:Float64", "--data", "digits.npz"], 4),

@@ -34,7 +34,7 @@ def test_messages_say_what_to_do(results):
     assert "Python objects" in said["object arrays in the data"]
     assert "not a regular file" in said["a FIFO as the checkpoint"]
     assert "fixes the batch size" in said["model whose forward fixes the batch size"]
-    assert "has not ended after 2 s" in said["IterableDataset that never ends, --max-time"]
+    assert "has not ended after 0.5 s" in said["IterableDataset that never ends, --max-time"]
     assert "same items in the same order" in said["IterableDataset that reshuffles every pass"]
     assert "not an .npz archive" in said["a text file named .npz"]
     assert "float32" in said["model whose forward runs in float64"] and "check --data" not in said["model whose forward runs in float64"]

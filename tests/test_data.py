@@ -289,3 +289,34 @@ def test_a_damaged_npz_archive_is_a_data_error(tmp_path):
     (tmp_path / "d.npz").write_bytes(bytes(raw))
     with pytest.raises(DataError, match="damaged zip archive"):
         load_data(str(tmp_path / "d.npz"))
+
+
+def test_the_bounded_walk_counts_every_visit_of_shared_references_exactly(tmp_path):
+    """The refusal of a pickled structure counts what a naive walk would visit (shared references each
+    time they are reached, a dict's keys and values, the container itself), but costs only the distinct
+    objects: 1000^4 visits are counted exactly, at once. A reference cycle is refused; depth is bounded."""
+    from pathlib import Path
+
+    from compressor.pickles import MAX_DEPTH, _check_bounded
+
+    def refusal(obj, limit: int) -> str | None:
+        try:
+            _check_bounded(obj, Path("f.pt"), DataError, limit, "advice")
+        except DataError as exc:
+            return str(exc)
+        return None
+
+    laughs, visits = [0] * 1000, 1001
+    for _ in range(3):
+        laughs, visits = [laughs] * 1000, 1 + 1000 * visits
+    assert visits > 10**12 and refusal(laughs, visits) is None
+    assert "more than" in refusal(laughs, visits - 1)
+    table = {"a": [1, 2], "b": [1, 2]}  # 1 + 2 keys + 2 x (list + 2 items)
+    assert refusal(table, 9) is None and refusal(table, 8) is not None
+    cycle: list = []
+    cycle.append([cycle])
+    assert "more than 100 values" in refusal({"x": cycle}, 100)
+    deep: list = []
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    assert refusal(deep, 100) is None and f"deeper than {MAX_DEPTH}" in refusal([deep], 100)
