@@ -42,7 +42,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .errors import CheckpointError
 from .layers import REGISTRY
-from .references import call_user_code, describe, import_reference
+from .references import call_user_code, current_directory_first, describe, import_reference
 from .outputs import atomic_file
 from .pickles import CHECKPOINT_LIMITS, load_bounded
 from .surgery import LayerPlan, apply_plan, linear_layers
@@ -148,6 +148,8 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a regular file (a pipe, device or socket); pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
+    if trust_pickle:  # the classes the file names are imported as an --arch module would be
+        current_directory_first()
     return load_bounded(path, CHECKPOINT_LIMITS, CheckpointError, "the file is damaged or not a checkpoint (save the "
                         "state_dict and plain settings only)", lambda exc: _load_refusal(path, exc, trust_pickle),
                         weights_only=not trust_pickle)

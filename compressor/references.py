@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .errors import FixclfError
 
-__all__ = ["IMPORT_REFERENCE", "is_reference", "import_reference", "call_user_code", "describe"]
+__all__ = ["IMPORT_REFERENCE", "is_reference", "current_directory_first", "import_reference", "call_user_code", "describe"]
 
 IMPORT_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 """``package.module:name`` (name may be dotted: ``module:Class.factory``)."""
@@ -30,14 +30,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def current_directory_first() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` does, so that the user's own
+    modules there import: for ``--arch`` / ``--data`` references, and for the classes a pickled
+    model the user trusts (``--trust-pickle``) names, usually defined in a script beside it."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def import_reference(reference: str, flag: str, error: type[FixclfError]) -> Callable:
     """Import ``package.module:name`` (current directory first, as ``python -m`` does); must be callable."""
     if not is_reference(reference):
         raise error(f"{flag} {reference!r} is not of the form package.module:name")
     module_name, attribute = reference.split(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    current_directory_first()
     try:
         target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):

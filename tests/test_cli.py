@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -137,6 +138,19 @@ def test_whole_pickled_model_with_opt_in_and_arch(workdir):
                     '{"hidden": [512, 512]}', "--data", str(SAMPLES / "digits.npz"), "--epochs", "1", "--json")
     assert result.exit_code == 0, result.output
     assert load_compressed_model(workdir / "pickled.fixclf.pt") is not None
+
+
+def test_a_pickled_model_whose_class_is_in_the_current_directory_loads(workdir):
+    """A model pickled by the user's own script names its class by the script's module: with
+    --trust-pickle that module is found in the current directory, as --arch finds one."""
+    (workdir / "own_net.py").write_text("import torch\n\nclass Net(torch.nn.Sequential):\n    def __init__(self):\n"
+                                        "        super().__init__(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n")
+    subprocess.run([sys.executable, "-c", "import torch, own_net; torch.save(own_net.Net(), 'own.pt')"], cwd=workdir,
+                   check=True)
+    code = run_many({"own": {"args": ["plan", "own.pt", "--trust-pickle", "--json"], "cwd": str(workdir), "out": "out.json",
+                             "err": "err.txt"}})["own"]
+    assert code == 0, (workdir / "err.txt").read_text()
+    assert [layer["role"] for layer in json.loads((workdir / "out.json").read_text())["layers"]] == ["hidden", "head"]
 
 
 def test_max_time_is_checked_every_step(workdir):
