@@ -39,6 +39,7 @@ partial batch that would give one of them a single row is left out (:func:`train
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 import time
@@ -490,10 +491,15 @@ class _StreamSource(DataSource):
         self.offset = seed % STREAM_HOLDOUT_EVERY
         self.train_rows = self.val_rows = None
         self.first_items: dict[int, bytes | None] = {}
-        first = next(self._items(), None)
-        if first is None:
+        need = max(self.offset + 1, 2)  # item `offset` is the first held out; one other is the first to train on
+        firsts = list(itertools.islice(self._items(), need))
+        if not firsts:
             raise DataError(f"--data {source}: the IterableDataset yields no items; give it samples")
-        self.labelled = _item_parts(first[1], source)[1] is not None
+        if len(firsts) < need:
+            raise DataError(f"--data {source}: the IterableDataset yields {len(firsts)} item(s); item i is held out for "
+                            f"evaluation when i % {STREAM_HOLDOUT_EVERY} == {self.offset} (from --seed), so at least "
+                            f"{need} are needed to train on some and evaluate on others; give it more samples")
+        self.labelled = _item_parts(firsts[0][1], source)[1] is not None
         self.has_labels = self.labelled
 
     def _items(self) -> Iterator[tuple[int, object]]:

@@ -320,3 +320,33 @@ def test_the_bounded_walk_counts_every_visit_of_shared_references_exactly(tmp_pa
     for _ in range(MAX_DEPTH):
         deep = [deep]
     assert refusal(deep, 100) is None and f"deeper than {MAX_DEPTH}" in refusal([deep], 100)
+
+
+class _FirstItems(torch.utils.data.IterableDataset):
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __iter__(self):
+        for i in range(self.count):
+            yield torch.full((64,), float(i)), i % 10
+
+
+def one_item():
+    return _FirstItems(1)
+
+
+def four_items():
+    return _FirstItems(4)
+
+
+@pytest.mark.parametrize("spec, seed, refused", [("test_data:one_item", 0, True), ("test_data:one_item", 2, True),
+                                                 ("test_data:four_items", 4, True), ("test_data:four_items", 3, False),
+                                                 ("test_data:four_items", 0, False)])
+def test_a_stream_too_short_for_both_splits_is_a_data_error(spec, seed, refused):
+    """Item i of a stream is held out when i % 5 == seed % 5: a stream must reach that item and one more."""
+    if refused:
+        with pytest.raises(DataError, match="yields \\d item\\(s\\).* at least \\d are needed"):
+            load_data(spec, seed=seed)
+    else:
+        data = load_data(spec, seed=seed)
+        assert data.head("train", 8)[0].shape[0] == 3 and data.head("val", 8)[0].shape[0] == 1
