@@ -311,6 +311,12 @@ def _costliest_layer(compressed: nn.Module, original: nn.Module, data: DataSourc
     return costliest, regained[costliest]
 
 
+def _probability_notes(tuned: FinetuneResult) -> list[str]:
+    """Said when the model's outputs are probabilities, which fine-tuning handled by their logarithms."""
+    return ["the model returns probabilities (its forward ends in softmax): fine-tuning distilled their logarithms, "
+            "the logits up to a constant per row"] if tuned.probabilities else []
+
+
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult, max_drop: float | None) -> list[str]:
     """What the user should know about the fine-tune's outcome: a held-out drop over 1 pp, or over
     ``--max-drop`` when one was given (the budget is judged on other rows, so the held-out figure can exceed it)."""
@@ -476,7 +482,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
                 warnings=[*data.notes, *_growth_warnings(plan), *_warnings(accuracy, tuned, options.plan.max_drop)],
-                notes=notes + exported.notes + _stale_resume_notes(options, paths["checkpoint"]),
+                notes=[*notes, *_probability_notes(tuned), *exported.notes,
+                       *_stale_resume_notes(options, paths["checkpoint"])],
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
             events.stage(f"Saving {paths['checkpoint']}")
             payload = compressed_payload(loaded, plan, compressed, report, _data_reference(data, paths["checkpoint"]))

@@ -10,6 +10,9 @@ mixed row and the cross-entropy becomes w_r CE(y_r) + (1 - w_r) CE(y_p(r)). The 
 the teacher's function between training rows rather than at them, which on noisy data is where
 the teacher memorised the noise (docs/hard_samples.md: hard_cnn -2.5 pp without, +0.4 pp with).
 
+A model whose outputs are probabilities (its forward ends in softmax: :func:`outputs_probabilities`)
+is distilled on their logarithms, its logits up to a constant per row, which the loss ignores.
+
 Budget: ``epochs``, by default the fewest epochs holding :data:`~compressor.options.BUDGET_STEPS`
 optimiser steps (:func:`resolved_options`), so a brief fine-tune stays brief on large data and long
 enough on small data.
@@ -94,6 +97,7 @@ class FinetuneResult:
     samples_per_second: float = 0.0
     resumed_from: int | None = None  # the global step the run continued from
     auxiliary_outputs: int = 0  # outputs the training-mode forward returned besides the logits (left out of the loss)
+    probabilities: bool = False  # the model's outputs are probabilities: the loss took their logarithms
 
 
 @dataclass
@@ -162,6 +166,25 @@ def _shape_of(value) -> str:
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
+PROBABILITY_SUM_TOLERANCE = 1e-3
+"""How far from 1 the sum of a row of probabilities may be (float32 softmax sums are within ~1e-6)."""
+
+
+@torch.no_grad()
+def outputs_probabilities(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` (a forward ending in softmax) returns probabilities on rows ``x``: every output
+    non-negative and each row (over the classes, the last axis) summing to 1."""
+    out = model.eval()(x).float()
+    return bool(out.shape[-1] > 1 and (out >= 0).all() and ((out.sum(-1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all())
+
+
+def _as_logits(output: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """What the loss treats as logits: the output itself, or for probabilities their logarithm (the
+    logits up to a constant per row, which every softmax in the loss ignores; zeros are clamped to the
+    smallest float so that their logarithm stays finite)."""
+    return torch.log(output.float().clamp_min(torch.finfo(torch.float32).tiny)) if probabilities else output
+
+
 def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
     """T^2 * KL(teacher || student) summed over rows (and over token positions, as batchmean does)."""
     return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
@@ -174,9 +197,11 @@ def _score(student: nn.Module, teacher: nn.Module, data: DataSource, options: Fi
         return evaluate(student, data, device=device)
     student.eval()
     total = rows = 0.0
+    probabilities = outputs_probabilities(teacher, data.head("val", 2)[0].to(device))
     for x, _ in data.batches("val", EVAL_BATCH):
         x = x.to(device)
-        total, rows = total + float(_kd_sum(student(x), teacher(x), options.temperature)), rows + x.shape[0]
+        kd = _kd_sum(_as_logits(student(x), probabilities), _as_logits(teacher(x), probabilities), options.temperature)
+        total, rows = total + float(kd), rows + x.shape[0]
     return -total / max(1, rows)
 
 
@@ -285,7 +310,7 @@ class _Run:
             misses = _loss_misses_parameters(student, data.head("train", 2)[0].to(self.device), options, self.device)
             self.trainer = nn.parallel.DistributedDataParallel(self.logits, device_ids=ids, forward_sync_buffers=False,
                                                                find_unused_parameters=misses)
-        self.result = FinetuneResult()
+        self.result = FinetuneResult(probabilities=outputs_probabilities(teacher, data.head("train", 64)[0].to(self.device)))
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
 
     # --- resume ---------------------------------------------------------------------------------------------
@@ -375,6 +400,8 @@ class _Run:
             with torch.no_grad():
                 target = self.teacher(x)
             logits = self._checked(self.trainer(x), target)
+        probabilities = self.result.probabilities
+        logits, target = _as_logits(logits, probabilities), _as_logits(target, probabilities)
         loss = _kd_sum(logits, target, self.options.temperature)
         if y is not None:
             loss = loss + self._label_loss(logits, y, partners)

@@ -215,3 +215,8 @@ class AuxInTraining(nn.Module):
 
 def aux_in_training(classes: int = 10, first: str = "logits") -> AuxInTraining:
     return AuxInTraining(classes, first)
+
+
+def softmax_mlp(classes: int = 10) -> nn.Sequential:
+    """A classifier whose forward ends in softmax: it returns probabilities, not logits."""
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes), nn.Softmax(-1))

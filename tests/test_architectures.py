@@ -330,3 +330,37 @@ def test_a_training_mode_output_not_led_by_the_logits_is_a_fine_tuning_error(wor
                                   "architectures:aux_in_training", "--arch-kwargs", '{"first": "features"}'])
     assert refused.exit_code == 6 and "first element is a tensor of shape (64, 128)" in refused.stderr, refused.output
     assert sorted(os.listdir(".")) == ["aux.npz", "aux.pt"]
+
+
+def test_a_model_that_returns_probabilities_is_distilled_as_its_logits_would_be(workdir):
+    """A forward ending in softmax returns probabilities: the loss takes their logarithms (the logits up to
+    a constant per row, which softmax, the distillation and the cross-entropy ignore), so fine-tuning takes
+    the same steps as for the same model without the softmax; the report says so."""
+    import copy
+
+    from compressor import FinetuneOptions, PlanOptions
+    from compressor.data import load_data
+    from compressor.finetune import distill, outputs_probabilities
+    from compressor.surgery import apply_plan, make_plan, replaced_parameters
+    from conftest import SAMPLES
+
+    torch.manual_seed(0)
+    probabilities = architectures.softmax_mlp()
+    logits = torch.nn.Sequential(*copy.deepcopy(probabilities)[:-1])
+    data = load_data(SAMPLES / "digits.npz")
+    x = data.head("train", 8)[0]
+    assert outputs_probabilities(probabilities, x) and not outputs_probabilities(logits, x)
+    students = []
+    for teacher in (logits, probabilities):
+        plan = make_plan(teacher, PlanOptions())
+        student = apply_plan(copy.deepcopy(teacher), plan)
+        result = distill(student, teacher, data, FinetuneOptions(epochs=2), replaced_parameters(student, plan))
+        assert result.probabilities == (teacher is probabilities)
+        students.append(student.state_dict())
+    assert all(torch.allclose(students[0][k], students[1][k], atol=1e-4) for k in students[0])
+
+    torch.save(probabilities.state_dict(), "softmax.pt")
+    report = json.loads(runner.invoke(app, ["compress", "softmax.pt", "--arch", "architectures:softmax_mlp",
+                                            "--data", str(SAMPLES / "digits.npz"), "--epochs", "1", "--latency-batch", "8",
+                                            "--json"]).stdout)
+    assert any("returns probabilities" in note for note in report["notes"])
