@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -430,11 +431,27 @@ def _stored_kwargs(obj: dict, path: Path) -> dict:
     return _require(obj, "kwargs", dict, path, "a mapping of keyword arguments")
 
 
+def _check_kwargs_agree(given: dict | None, obj: dict, path: Path) -> None:
+    """A checkpoint that stores its architecture's kwargs is built from them: ``--arch-kwargs``, when
+    given, must say the same (as ``--arch`` must name the same architecture), not be silently ignored."""
+    stored = _stored_kwargs(obj, path)
+    if given is not None and _as_json(given) != _as_json(stored):
+        raise CheckpointError(f"--arch-kwargs {_as_json(given)[:200]} differ from the kwargs stored in {path} "
+                              f"({_as_json(stored)[:200]}), which build its model; drop --arch-kwargs")
+
+
+def _as_json(value: Any) -> str:
+    """Keyword arguments as canonical JSON (tuples read as lists), for comparing and showing them."""
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
 def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arch_kwargs: dict | None = None,
                trust_pickle: bool = False) -> LoadedModel:
     """Load any accepted checkpoint (see module docstring) as a float32 model in eval mode."""
     path = Path(path)
     obj = safe_load(path, trust_pickle)
+    if isinstance(obj, dict) and obj.get("format") in (COMPRESSED_FORMAT, MODEL_FORMAT):
+        _check_kwargs_agree(arch_kwargs, obj, path)
     if isinstance(obj, nn.Module):
         _check_state(obj.state_dict(), path)
         if arch is None:

@@ -102,6 +102,14 @@ def test_export_command(default_mlp, workdir):
     assert dense.exit_code == 0 and "wrote cnn.onnx" in dense.stdout
 
 
+def test_arch_kwargs_equal_to_the_stored_ones_are_accepted(workdir):
+    """A checkpoint that stores its kwargs is built from them; --arch-kwargs saying the same (in any key
+    order) is no conflict (other kwargs: tests/hostile_inputs.py)."""
+    same = invoke("plan", MLP, "--arch", "compressor.zoo:mlp", "--arch-kwargs",
+                  '{"num_classes": 10, "hidden": [512, 512], "in_features": 64}', "--json")
+    assert same.exit_code == 0, same.output
+
+
 def test_subprocess_compress_cnn(workdir):
     """A real process running the console entry point (forked from one that imported fixclf:
     tests/cli_zygote.py), on the CNN sample."""
