@@ -31,7 +31,7 @@ from .export import ExportResult, choose_formats, main_format, to_onnx, validate
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
                        steps_per_epoch)
 from .layers import count_stored
-from .options import CompressOptions, ExportOptions, SourceOptions
+from .options import KEEP, CompressOptions, ExportOptions, PlanOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
@@ -161,6 +161,16 @@ def _growth_warnings(plan: list[LayerPlan]) -> list[str]:
             for p in plan if p.replaced and p.params_after >= p.params_before]
 
 
+def _headless_warnings(plan: list[LayerPlan], options: PlanOptions) -> list[str]:
+    """``--head`` asked for a head, and the model has none (:mod:`compressor.trace`): it replaced nothing."""
+    if options.head == KEEP or any(p.role == "head" for p in plan):
+        return []
+    return [f"no classification head was found: no Linear of the output's width makes the logits through sums, "
+            f"scales, reshapes or softmax alone (the model applies something else after its last Linear: a "
+            f"normalisation, a sigmoid, a Linear's weights used directly), so --head {options.head} replaced nothing "
+            "and every Linear was planned as a hidden layer"]
+
+
 def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
     before, freed = count_stored(original), replaced_numbers(original, plan)
     new = sum(p.params_after for p in plan if p.replaced)  # the replaced layers: only what replacing them frees counts
@@ -182,7 +192,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     rows = _rows(plan, costs)
     notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
     return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes,
-                      _growth_warnings(plan) + _cost_warnings(rows))
+                      _headless_warnings(plan, options.plan) + _growth_warnings(plan) + _cost_warnings(rows))
 
 
 def _check_device(device: str) -> None:
@@ -481,7 +491,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
-                warnings=[*data.notes, *_growth_warnings(plan), *_warnings(accuracy, tuned, options.plan.max_drop)],
+                warnings=[*data.notes, *_headless_warnings(plan, options.plan), *_growth_warnings(plan),
+                          *_warnings(accuracy, tuned, options.plan.max_drop)],
                 notes=[*notes, *_probability_notes(tuned), *exported.notes,
                        *_stale_resume_notes(options, paths["checkpoint"])],
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))

@@ -220,3 +220,8 @@ def aux_in_training(classes: int = 10, first: str = "logits") -> AuxInTraining:
 def softmax_mlp(classes: int = 10) -> nn.Sequential:
     """A classifier whose forward ends in softmax: it returns probabilities, not logits."""
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes), nn.Softmax(-1))
+
+
+def normalised_logits(classes: int = 10) -> nn.Sequential:
+    """The last Linear's output goes through a BatchNorm: by design not a head (not logits yet)."""
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes), nn.BatchNorm1d(classes))

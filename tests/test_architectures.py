@@ -364,3 +364,17 @@ def test_a_model_that_returns_probabilities_is_distilled_as_its_logits_would_be(
                                             "--data", str(SAMPLES / "digits.npz"), "--epochs", "1", "--latency-batch", "8",
                                             "--json"]).stdout)
     assert any("returns probabilities" in note for note in report["notes"])
+
+
+def test_a_model_without_a_head_is_told_that_head_replaced_nothing(workdir):
+    """The last Linear feeds a BatchNorm, so no Linear makes the logits: --head cannot apply, and plan and
+    compress (the same warning in its report) say so rather than quietly planning the classifier as hidden."""
+    from conftest import SAMPLES
+
+    torch.save(architectures.normalised_logits().state_dict(), "normed.pt")
+    args = ["normed.pt", "--arch", "architectures:normalised_logits", "--data", str(SAMPLES / "digits.npz")]
+    plan = json.loads(runner.invoke(app, ["plan", *args, "--json"]).stdout)
+    assert [layer["role"] for layer in plan["layers"]] == ["hidden", "hidden"]
+    assert any("no classification head was found" in w and "--head hadamard replaced nothing" in w for w in plan["warnings"])
+    kept = json.loads(runner.invoke(app, ["plan", *args, "--head", "keep", "--json"]).stdout)
+    assert not any("no classification head" in w for w in kept["warnings"])
