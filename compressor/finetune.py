@@ -440,7 +440,7 @@ class _Run:
         except DataError as exc:
             failure = exc
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            failure = _batch_failure(self.data.source, exc)
+            failure = _batch_failure(self.data.source, exc, self.options.batch_size // self.world.size >= 2)
         timed_out = deadline is not None and time.monotonic() >= deadline
         mine = [float(rows), float(loss.detach()) if loss is not None else 0.0, float(batch is None), float(timed_out)]
         total_rows, loss_sum, exhausted, time_up = [sum(c) for c in zip(*self.world.sync(mine, failure))]
@@ -486,13 +486,16 @@ class _Run:
         return False
 
 
-def _batch_failure(source: str, exc: BaseException) -> DataError:
-    """A training batch that failed in the model, in one line; BatchNorm's refusal of a one-row batch
-    (``--batch-size`` 1, or as many processes as rows) names its cause."""
+def _batch_failure(source: str, exc: BaseException, batches_hold_rows: bool) -> DataError:
+    """A training batch that failed in the model, in one line. BatchNorm's refusal of a one-row batch
+    names its cause: a ``--batch-size`` that gives each process one row, or (``batches_hold_rows``: the
+    batch size gives each process two or more) data with too few training rows to fill one."""
     said = (str(exc).splitlines() or [""])[0]
     if "more than 1 value per channel" in said:
+        cause = ("the data has too few training rows to give each process two; give it more rows" if batches_hold_rows
+                 else "raise --batch-size")
         return DataError(f"{source}: a training batch gave a process one row, on which BatchNorm cannot update its "
-                         "statistics; raise --batch-size (or drop --update-norm-stats)")
+                         f"statistics; {cause} (or drop --update-norm-stats)")
     return DataError(f"{source}: a batch failed in the model ({type(exc).__name__}: {said[:150]})")
 
 

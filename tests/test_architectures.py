@@ -378,3 +378,19 @@ def test_a_model_without_a_head_is_told_that_head_replaced_nothing(workdir):
     assert any("no classification head was found" in w and "--head hadamard replaced nothing" in w for w in plan["warnings"])
     kept = json.loads(runner.invoke(app, ["plan", *args, "--head", "keep", "--json"]).stdout)
     assert not any("no classification head" in w for w in kept["warnings"])
+
+
+def test_a_one_row_batch_under_update_norm_stats_names_its_cause(workdir):
+    """BatchNorm1d cannot update its statistics on one row: the error says whether --batch-size or the
+    data's size gave the batch one row."""
+    from conftest import SAMPLES
+
+    torch.save(architectures.normalised_logits().state_dict(), "normed.pt")
+    digits = np.load(SAMPLES / "digits.npz")
+    np.savez("two_rows.npz", x=digits["x"][:2], y=digits["y"][:2])  # one row to train on, one held out
+    args = ["compress", "normed.pt", "--arch", "architectures:normalised_logits", "--update-norm-stats", "--epochs", "1"]
+    small_batch = runner.invoke(app, [*args, "--data", str(SAMPLES / "digits.npz"), "--batch-size", "1"])
+    assert small_batch.exit_code == 4 and "raise --batch-size" in small_batch.stderr, small_batch.output
+    small_data = runner.invoke(app, [*args, "--data", "two_rows.npz"])
+    assert small_data.exit_code == 4 and "too few training rows" in small_data.stderr, small_data.output
+    assert sorted(os.listdir()) == ["normed.pt", "two_rows.npz"]
