@@ -495,6 +495,11 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
         check = fmt.accept(out, model, inputs, tolerance)
         result.files[name] = FileResult(name, str(artifacts.paths[role]), out.stat().st_size, check.max_abs_diff,
                                         check.max_rel_diff, check.top1_agreement)
+    int8 = result.files.get("onnx-int8")
+    if int8 is not None and int8.bytes >= float_file.stat().st_size:
+        result.notes.append(f"the int8 file ({int8.bytes:,} bytes) is no smaller than the float32 one "
+                            f"({float_file.stat().st_size:,}): too few dense weights are left to outweigh the "
+                            "quantisation's own nodes and scales, so the float32 file is the better deliverable")
     if "ort" in formats:
         shown = Path(artifacts.paths["ort"]).with_suffix(".onnx").name
         result.mobile_notes = [line.replace(str(float_file), shown).replace(float_file.name, shown)

@@ -124,6 +124,10 @@ def test_int8_and_ort_format(tmp_path):
     full = export_onnx(model, x, tmp_path / "f.onnx", ort_format=True)
     int8 = export_onnx(model, x, tmp_path / "q.onnx", quantize="int8")
     assert int8.files["onnx-int8"].bytes < full.files["onnx"].bytes and int8.files["onnx-int8"].top1_agreement >= 0.98
+    assert not any("no smaller" in note for note in int8.notes)
+    tiny = export_onnx(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)), torch.randn(16, 8), tmp_path / "t.onnx",
+                       quantize="int8")  # 44 weights: the quantisation's nodes and scales outweigh what it saves
+    assert any("no smaller than the float32 one" in note for note in tiny.notes), tiny.notes
     ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     assert full.files["ort"].path == str(tmp_path / "f.ort") and os.path.getsize(tmp_path / "f.ort") > 0
@@ -136,7 +140,7 @@ def test_int8_and_ort_format(tmp_path):
     assert {n.op_type for n in onnx.load(tmp_path / "none.onnx").graph.node}.isdisjoint({"MatMulInteger", "DynamicQuantizeLinear"})
     with pytest.raises(ExportError, match="unknown quantisation"):
         export_onnx(model, x, tmp_path / "int4.onnx", quantize="int4")
-    assert sorted(os.listdir(tmp_path)) == ["f.onnx", "f.ort", "none.onnx", "q.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["f.onnx", "f.ort", "none.onnx", "q.onnx", "t.onnx"]
 
 
 def test_the_exporters_operator_registry_is_built_once_and_put_back():
