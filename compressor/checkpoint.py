@@ -481,6 +481,12 @@ def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arc
     if nested:
         raise CheckpointError(f"{path} is a training checkpoint (a dict of {', '.join(map(repr, list(obj)[:5]))}), not a "
                               f"model; save its state_dict on its own: torch.save(checkpoint[{nested[0]!r}], 'model.pt')")
+    tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)] if isinstance(obj, dict) else []
+    if tensors:
+        others = [repr(k)[:40] for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        raise CheckpointError(f"{path} holds {len(tensors)} tensors and {len(others)} entries that are not "
+                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): a state_dict holds "
+                              "tensors only; save model.state_dict() on its own")
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model, state_dict or fixclf checkpoint; "
                           "save model.state_dict() or the whole model")
 

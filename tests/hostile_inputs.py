@@ -63,6 +63,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
     (d / "evil0.pt").write_bytes(b"cos\nsystem\n(S'touch " + CANARY.encode() + b"'\ntR.")  # protocol 0, no class needed
     torch.save({"model": RunsCode()}, d / "evil_zip.pt")
     torch.save(mlp(64, [512, 512], 10).state_dict(), d / "weights.pt")
+    torch.save({**mlp(64, [512, 512], 10).state_dict(), "epoch": 7, "note": "best"}, d / "weights_and_epoch.pt")
     torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), d / "conv.pt")
     torch.save(mlp(64, [512, 512], 10), d / "pickled.pt")
     digits = np.load(SAMPLES / "digits.npz")
@@ -276,6 +277,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "plan --objective latency with no data to time on": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp",
                                                           "--arch-kwargs", '{"hidden": [512, 512]}', "--objective",
                                                           "latency"], 2),
+    "state_dict with an epoch and a note among its tensors": (["plan", "weights_and_epoch.pt", "--arch",
+                                                               "compressor.zoo:mlp"], 3),
     "--arch that does not match": ([C, "weights.pt", "--arch", "compressor.zoo:small_cnn", "--data", "digits.npz"], 3),
     "--arch-kwargs other than a checkpoint's stored kwargs": (["plan", "mlp.pt", "--arch", "compressor.zoo:mlp",
                                                                "--arch-kwargs", '{"hidden": [64]}'], 3),
