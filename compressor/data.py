@@ -63,6 +63,7 @@ __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
 SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
+SELECTION_MIN_ROWS = 20  # fewer rows measure accuracy in steps of more than 5 pp: no basis for a pp budget
 STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
 STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked against the first pass
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -463,15 +464,20 @@ class _IndexedSource(DataSource):
     def carve_selection(self, seed: int) -> None:
         """Set aside a "select" split for decisions that must not look at the held-out rows the report
         quotes: ``x_select``/``y_select`` when given, else a seeded SELECTION_FRACTION of the training rows
-        (at most HOLDOUT_MAX), which then no longer train."""
+        (at least SELECTION_MIN_ROWS, at most HOLDOUT_MAX), which then no longer train."""
         if "select" in self.stores:
+            given = self.stores["select"][1].numel()
+            if given < SELECTION_MIN_ROWS:
+                raise DataError(f"{self.source}: x_select has {given} row(s); --max-drop measures accuracy on them and "
+                                f"needs at least {SELECTION_MIN_ROWS}: give more")
             return
         store, index = self.stores["train"]
         order = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed + 1))
-        n = min(HOLDOUT_MAX, max(1, int(round(SELECTION_FRACTION * index.numel()))))
-        if index.numel() - n < 1:
-            raise DataError(f"{self.source}: too few training rows to set some aside for --max-drop; give more data "
-                            "or x_select/y_select")
+        n = min(HOLDOUT_MAX, max(SELECTION_MIN_ROWS, int(round(SELECTION_FRACTION * index.numel()))))
+        if index.numel() - n < n:
+            raise DataError(f"{self.source}: {index.numel()} training rows are too few to set {n} aside for --max-drop "
+                            f"(it measures accuracy on at least {SELECTION_MIN_ROWS}) and train on more; give more data or "
+                            "x_select/y_select")
         self.stores["select"] = (store, index[order[:n]].sort().values)
         self.stores["train"] = (store, index[order[n:]].sort().values)
         self.train_rows = self.train_rows - n

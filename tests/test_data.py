@@ -169,6 +169,15 @@ def test_selection_rows_are_used_whenever_given(tmp_path):
     data = load_data(tmp_path / "select.npz", selection=True)
     assert torch.equal(_all(data, "select")[0], torch.from_numpy(x[:20] + 1))
     assert data.train_rows + data.val_rows == 200
+    np.savez(tmp_path / "few.npz", x=x, y=y, x_select=x[:19], y_select=y[:19])
+    with pytest.raises(DataError, match="x_select has 19 row\\(s\\).* at least 20"):
+        load_data(tmp_path / "few.npz", selection=True)
+    np.savez(tmp_path / "small.npz", x=x[:45], y=y[:45])  # 36 training rows: 20 set aside would leave 16
+    with pytest.raises(DataError, match="36 training rows are too few to set 20 aside"):
+        load_data(tmp_path / "small.npz", selection=True)
+    assert load_data(tmp_path / "small.npz").train_rows == 36
+    np.savez(tmp_path / "enough.npz", x=x[:50], y=y[:50])
+    assert load_data(tmp_path / "enough.npz", selection=True).train_rows == 20
 
 
 def test_bad_sources(tmp_path):

@@ -100,7 +100,8 @@ def _hadamard_fits(in_features: int, out_features: int) -> str:
         return _always(in_features, out_features)
     limit = hadamard_head_limit(in_features)
     if out_features > limit:
-        return (f"a Hadamard head on {in_features} features tells at most {limit} classes apart, not {out_features}; "
+        return (f"a Hadamard head on {in_features} feature{'s' * (in_features != 1)} tells at most {limit} "
+                f"class{'es' * (limit != 1)} apart, not {out_features}; "
                 "use --head orthogonal or --head keep")
     return ""
 
