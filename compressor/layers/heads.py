@@ -118,7 +118,8 @@ def hadamard_head_limit(in_features: int) -> int:
 
 
 class HadamardHead(FixedHead):
-    """Fixed truncated-Hadamard classifier; stores only alpha and the bias (see module doc)."""
+    """Fixed truncated-Hadamard classifier; stores alpha and the bias, and a column placement of P
+    indices only when C + 1 > next_power_of_two(N) (more classes than N features give codes; module doc)."""
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
         if num_classes > hadamard_head_limit(in_features):
