@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.2.0"
 
 _WHERE = {
-    "Events": "api", "ExportCommand": "api", "compress": "api", "export_checkpoint": "api",
+    "Events": "api", "ExportCommand": "options", "compress": "api", "export_checkpoint": "api",
     "load_compressed_model": "api", "load_report": "api", "plan_checkpoint": "api",
     "FixclfError": "errors",
     "ACDC": "layers", "ACDCStack": "layers", "AdaptiveFastfood": "layers", "HadamardHead": "layers",

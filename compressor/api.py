@@ -15,7 +15,7 @@ import contextlib
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from .export import ExportResult, choose_formats, main_format, to_onnx, validate
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
                        steps_per_epoch)
 from .layers import count_stored
-from .options import KEEP, CompressOptions, ExportOptions, PlanOptions, SourceOptions
+from .options import KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
@@ -58,25 +58,6 @@ class Events:
     def step(self, epoch: int, step: int, loss: float) -> None: ...
 
     def epoch(self, stats: EpochStats) -> None: ...
-
-
-@dataclass
-class ExportCommand:
-    """What ``fixclf export`` takes: a checkpoint (dense or compressed) and the ONNX file to write."""
-
-    source: SourceOptions
-    output: str | Path
-    export: ExportOptions = field(default_factory=ExportOptions)
-    force: bool = CompressOptions.force
-    seed: int = CompressOptions.seed
-
-    def validate(self) -> None:
-        self.source.validate()
-        self.export.validate()
-        if Path(self.output).suffix != ".onnx":
-            raise UsageError(f"-o {self.output} must end in .onnx")
-        if self.export.quantize and self.export.precision != "fp32":
-            raise UsageError("--quantize int8 and --precision fp16 each make the one exported file; choose one")
 
 
 def _load(source: SourceOptions) -> LoadedModel:

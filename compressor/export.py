@@ -18,6 +18,7 @@ files, :mod:`compressor.outputs`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -36,7 +37,7 @@ from torch import nn
 from . import runtime
 from .errors import ExportError
 from .layers.base import stored_tensors
-from .options import ExportOptions
+from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
 
 __all__ = [
@@ -279,11 +280,31 @@ def _two_rows(example: torch.Tensor) -> torch.Tensor:
     return example[:2] if example.shape[0] >= 2 else torch.cat([example, example])
 
 
+@contextlib.contextmanager
+def _evaluated_in_float32(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as it is exported: eval mode, float32. The caller's model is left as it was: its
+    modules' modes are put back afterwards, and a model holding floats of another dtype is exported
+    from a float32 copy (casting it there and back would round float64 weights)."""
+    modes = [(module, module.training) for module in model.modules()]
+    floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    target = model if all(t.dtype == torch.float32 for t in floats) else copy.deepcopy(model).float()
+    try:
+        yield target.eval()
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
-    """Export ``model`` (eval, float32) with ``example`` (M, ...) as the spec says; checked, not yet validated."""
+    """Export ``model`` (in eval mode and float32; the caller's model is left as it was) with ``example``
+    (M, ...) as the spec says; checked, not yet validated."""
+    with _evaluated_in_float32(model) as model:
+        return _to_onnx(model, example, spec)
+
+
+def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Exported:
     import onnxscript.optimizer  # here, not at the top: 0.9 s of every start of the CLI (report, plan) otherwise
 
-    model = model.eval().float()
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet(), _operator_registry_built_once():
@@ -468,8 +489,12 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
     float16 one (accepted on >= 99% top-1 agreement with float32). ``ort_format`` also writes
     ``path`` with suffix ``.ort``. Nothing is left behind on failure.
     """
-    if quantize not in (None, "int8"):
-        raise ExportError(f"unknown quantisation {quantize!r}; use int8 or leave it out")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantisation {quantize!r}; use {' or '.join(QUANTIZATIONS)} or leave it out")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    if Path(path).suffix != ".onnx":
+        raise ExportError(f"{path}: the file name must end in .onnx")
     requested = {main_format(quantize, precision): "onnx"} | ({"ort": "ort"} if ort_format else {})
     formats, notes = choose_formats(model, requested)
     with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True) as artifacts:
@@ -481,8 +506,14 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
 
 def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str], *,
                   tolerance: float) -> ExportResult:
-    """Export ``model`` once, then write each format (name -> ``artifacts`` role) and validate it by its rule."""
-    model = model.eval().float()
+    """Export ``model`` once, then write each format (name -> ``artifacts`` role) and validate it by its
+    rule. The model is exported in eval mode and float32; the caller's is left as it was."""
+    with _evaluated_in_float32(model) as model:
+        return _write_exports(model, inputs, artifacts, formats, tolerance)
+
+
+def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str],
+                   tolerance: float) -> ExportResult:
     exported = to_onnx(model, inputs)
     float_file = artifacts.scratch(".onnx")
     artifacts.guard(lambda: onnx.save_model(exported.proto, str(float_file)))

@@ -2,7 +2,8 @@
 
 ``CompressOptions`` holds what ``fixclf compress`` takes, grouped by the stage that uses it:
 :class:`SourceOptions` (what to load), :class:`PlanOptions` (what to replace by what),
-:class:`FinetuneOptions` (the distillation), :class:`ExportOptions` (ONNX, int8, ORT, latency).
+:class:`FinetuneOptions` (the distillation), :class:`ExportOptions` (ONNX, int8, ORT, latency);
+:class:`ExportCommand` is what ``fixclf export`` takes.
 ``validate()`` checks every value before any work is done and raises :class:`UsageError`
 (exit code 2) with one line naming the option and what is accepted. The library validates on
 entry too, so Python callers get the same checks as the CLI.
@@ -13,6 +14,7 @@ no change here.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +29,14 @@ __all__ = [
     "KEEP",
     "HIDDEN_INITS",
     "QUANTIZATIONS",
+    "PRECISIONS",
     "OBJECTIVES",
     "SourceOptions",
     "PlanOptions",
     "FinetuneOptions",
     "ExportOptions",
     "CompressOptions",
+    "ExportCommand",
 ]
 
 SEED_MAX = 2**32 - 1
@@ -67,6 +71,32 @@ def _number_range(flag: str, value: float, low: float, high: float, unit: str) -
         raise UsageError(f"{flag} must be a number of {unit} in [{low:g}, {high:g}], got {value!r}")
 
 
+def _yes_no(flag: str, value: object, *, optional: bool = False) -> None:
+    """A switch must be True or False (None too when ``optional``): a string such as "false" would
+    otherwise count as on, and ``trust_pickle`` on runs a checkpoint's code."""
+    if not (isinstance(value, bool) or value is None and optional):
+        raise UsageError(f"{flag} must be True or False, got {value!r:.60}")
+
+
+def _path(flag: str, value: object, *, optional: bool = False) -> None:
+    """A file name: a non-empty str or path-like object (None too when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise UsageError(f"{flag} must be a file name (str or pathlib.Path), got {value!r:.60}")
+
+
+def _patterns(flag: str, value: object) -> None:
+    """Glob patterns: a list (or tuple) of non-empty strings; one string would be read letter by letter."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise UsageError(f"{flag} must be a list of non-empty glob patterns, e.g. ['features.*'], got {value!r:.60}")
+
+
+def _instance(flag: str, value: object, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise UsageError(f"{flag} must be a {kind.__name__}, got {type(value).__name__}")
+
+
 def _positive_finite(flag: str, value: float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -86,8 +116,13 @@ class SourceOptions:
     data: str | Path | None = None
 
     def validate(self) -> None:
-        if not str(self.checkpoint):
+        if isinstance(self.checkpoint, str) and not self.checkpoint:
             raise UsageError("no checkpoint given; pass the trained model's .pt file")
+        _path("the checkpoint", self.checkpoint)
+        if self.arch is not None and not (isinstance(self.arch, str) or callable(self.arch)):
+            raise UsageError(f"--arch must be a package.module:factory reference or the factory itself, got {self.arch!r:.60}")
+        _yes_no("--trust-pickle", self.trust_pickle)
+        _path("--data", self.data, optional=True)
         if self.arch_kwargs is not None and self.arch is None:
             raise UsageError("--arch-kwargs is given without --arch; pass --arch package.module:factory too")
         if self.arch_kwargs is not None and not isinstance(self.arch_kwargs, dict):
@@ -127,9 +162,8 @@ class PlanOptions:
             raise UsageError(f"--depth sets the number of ACDC layers, and --hidden {self.hidden} has none; drop --depth "
                              "or use --hidden acdc")
         _choice("--objective", self.objective, OBJECTIVES)
-        for pattern in [*self.include, *self.exclude]:
-            if not isinstance(pattern, str) or not pattern:
-                raise UsageError(f"--include/--exclude patterns must be non-empty globs, got {pattern!r}")
+        _patterns("--include", self.include)
+        _patterns("--exclude", self.exclude)
 
 
 @dataclass
@@ -160,6 +194,10 @@ class FinetuneOptions:
         _positive_finite("temperature", self.temperature)
         _positive_finite("kept-layer learning-rate scale", self.kept_lr_scale)
         _choice("--init", self.init, HIDDEN_INITS)
+        _yes_no("--update-norm-stats", self.update_norm_stats)
+        _yes_no("--mixup", self.mixup, optional=True)
+        _yes_no("amp", self.amp)
+        _yes_no("--resume", self.resume)
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise UsageError(f"--device {self.device!r} is not cpu, cuda or cuda:N")
         if self.save_every is not None:
@@ -182,6 +220,7 @@ class ExportOptions:
         if self.quantize is not None:
             _choice("--quantize", self.quantize, QUANTIZATIONS)
         _choice("--precision", self.precision, PRECISIONS)
+        _yes_no("--ort", self.ort_format)
         _positive_finite("--tolerance", self.tolerance)
         _int_range("--latency-batch", self.latency_batch, 1, LATENCY_BATCH_MAX)
 
@@ -201,6 +240,11 @@ class CompressOptions:
 
     def validate(self) -> None:
         """Check every option; raises :class:`UsageError` (exit 2) before any work."""
+        for name, kind in (("source", SourceOptions), ("plan", PlanOptions), ("finetune", FinetuneOptions),
+                           ("export", ExportOptions)):
+            _instance(f"CompressOptions.{name}", getattr(self, name), kind)
+        _path("--output", self.output, optional=True)
+        _yes_no("--force", self.force)
         self.source.validate()
         self.plan.validate()
         self.finetune.validate()
@@ -211,3 +255,27 @@ class CompressOptions:
         if self.output is not None and (not str(self.output) or Path(self.output).suffix != ".pt"):
             raise UsageError(f"--output {str(self.output)!r} must be a file name ending in .pt (the ONNX file is written "
                              "beside it)")
+
+
+@dataclass
+class ExportCommand:
+    """What ``fixclf export`` takes: a checkpoint (dense or compressed) and the ONNX file to write."""
+
+    source: SourceOptions
+    output: str | Path
+    export: ExportOptions = field(default_factory=ExportOptions)
+    force: bool = CompressOptions.force
+    seed: int = CompressOptions.seed
+
+    def validate(self) -> None:
+        _instance("ExportCommand.source", self.source, SourceOptions)
+        _instance("ExportCommand.export", self.export, ExportOptions)
+        self.source.validate()
+        self.export.validate()
+        _path("-o", self.output)
+        if Path(self.output).suffix != ".onnx":
+            raise UsageError(f"-o {self.output} must end in .onnx")
+        if self.export.quantize and self.export.precision != "fp32":
+            raise UsageError("--quantize int8 and --precision fp16 each make the one exported file; choose one")
+        _yes_no("--force", self.force)
+        _int_range("--seed", self.seed, 0, SEED_MAX)

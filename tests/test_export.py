@@ -203,3 +203,21 @@ def test_int8_quantises_every_dense_linear_also_on_token_inputs(tmp_path):
     quantised = [n for n in onnx.load(tmp_path / "q.onnx").graph.node if n.op_type == "MatMulInteger"]
     assert len(quantised) == sum(isinstance(m, nn.Linear) for m in model.modules())  # qkv, proj, fc1, fc2, the head
     assert int8.bytes < 0.35 * export_onnx(model, x, tmp_path / "f.onnx").files["onnx"].bytes
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """A float64 model in training mode is exported in eval mode and float32, and stays float64 and in
+    training mode (a model exported mid-training keeps training as before). Bad arguments are refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), ACDCStack(32, 32, 2), HadamardHead(32, 4)).double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 16)
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    assert result.files["onnx"].max_rel_diff <= 1e-4
+    assert all(m.training for m in model.modules()) and all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ExportError, match="unknown precision 'fp61'"):
+        export_onnx(model, x, tmp_path / "p.onnx", precision="fp61")
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        export_onnx(model, x, tmp_path / "m.txt")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
