@@ -230,3 +230,26 @@ def test_parameter_counts():
     assert count_stored(ACDCStack(4096, 4096, 2)) == 2 * 3 * 4096 + 4096
     assert count_stored(AdaptiveFastfood(4096, 4096)) == 3 * 4096 + 4096 + 4096
     assert count_stored(HadamardHead(4096, 1000)) == 1 + 1000
+
+
+@pytest.mark.parametrize("build", [lambda: ACDCStack(30, 20), lambda: ACDC(24), lambda: AdaptiveFastfood(30, 20),
+                                   lambda: HadamardHead(30, 5), lambda: OrthogonalHead(30, 5)])
+def test_zero_rows_and_zero_tokens_give_empty_outputs_with_gradients(build):
+    """An empty last batch, or a sequence of no tokens, goes through like any other (torch.fft refuses
+    zero rows, so ACDC takes its MatMul chain there)."""
+    layer = build()
+    for shape in ((0, layer.in_features), (2, 0, layer.in_features)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        out = layer.out_features if hasattr(layer, "out_features") else layer.num_classes
+        assert y.shape == (*shape[:-1], out)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("build, named", [(lambda: ACDCStack(0, 10), "in_features"), (lambda: ACDCStack(3, 5, depth=2.5), "depth"),
+                                          (lambda: ACDC(0), "features"), (lambda: AdaptiveFastfood(5, 0), "out_features"),
+                                          (lambda: HadamardHead(16, 0), "num_classes"), (lambda: OrthogonalHead("8", 4), "in_features")])
+def test_a_layer_built_with_a_count_that_is_not_a_positive_integer_says_which(build, named):
+    with pytest.raises(ValueError, match=f"{named} must be an integer >= 1"):
+        build()

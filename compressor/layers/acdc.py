@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..transforms import DCT2, DCT3, dct_size, permute_last, rows_first, use_fft
-from .base import StructuredLinear
+from .base import StructuredLinear, check_counts
 
 __all__ = ["ACDC", "ACDCStack", "DCTPair"]
 
@@ -52,6 +52,7 @@ class ACDC(StructuredLinear):
         transforms: DCTPair | None = None,
     ) -> None:
         super().__init__()
+        check_counts("ACDC", features=features)
         self.in_features = self.out_features = features
         self.size = dct_size(features)
         self.transforms = transforms if transforms is not None else DCTPair(self.size)
@@ -101,7 +102,7 @@ def _through_layers(rows: torch.Tensor, layers: list[ACDC], links: list[torch.Te
     every DCT stage is one batched MatMul over M, and transposes back at the end.
     """
     dct = layers[0].transforms.dct
-    fft = use_fft()
+    fft = use_fft() and rows.shape[0] > 0  # torch.fft refuses zero rows; the MatMul chains take them
     gather = permute_last if fft else rows_first
     v = gather(rows if fft else rows.T, dct.gather_in)
     blocks = None if fft else dct.stage_blocks()
@@ -135,8 +136,7 @@ class ACDCStack(StructuredLinear):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"ACDC depth must be >= 1, got {depth}")
+        check_counts("ACDCStack", in_features=in_features, out_features=out_features, depth=depth)
         self.in_features, self.out_features, self.depth, self.relu = in_features, out_features, depth, relu
         self.size = dct_size(max(in_features, out_features))
         generator = torch.Generator().manual_seed(seed)

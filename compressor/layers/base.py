@@ -41,6 +41,14 @@ def probe_affine(module: nn.Module, in_features: int) -> tuple[torch.Tensor, tor
     return (out[1:] - bias).T.contiguous(), bias.clone()
 
 
+def check_counts(layer: str, **counts: object) -> None:
+    """Each count (features, classes, depth) a layer is built with must be an integer >= 1: a zero, a
+    fraction or a tensor fails at once with its name, not later inside a reshape."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{layer}: {name} must be an integer >= 1, got {value!r:.40}")
+
+
 class DenseAttributeRead(AttributeError):
     """The model's own code read ``weight`` or ``bias`` of a layer fixclf replaced (``module``): what
     an ``nn.Linear`` has and the replacement does not (:func:`compressor.surgery.make_plan` keeps

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..transforms import KroneckerHadamard, kronecker_size, permute_last
-from .base import StructuredLinear
+from .base import StructuredLinear, check_counts
 
 __all__ = ["AdaptiveFastfood"]
 
@@ -41,6 +41,7 @@ class AdaptiveFastfood(StructuredLinear):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, seed: int = 0) -> None:
         super().__init__()
+        check_counts("AdaptiveFastfood", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         self.size = kronecker_size(in_features)
         self.blocks = math.ceil(out_features / self.size)

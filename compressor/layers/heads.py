@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transforms import WalshHadamard, next_power_of_two, permute_last
-from .base import ReplacesLinear
+from .base import ReplacesLinear, check_counts
 
 __all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit"]
 
@@ -59,6 +59,7 @@ class FixedHead(ReplacesLinear):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        check_counts(type(self).__name__, in_features=in_features, num_classes=num_classes)
         self.in_features, self.num_classes, self.eps = in_features, num_classes, eps
         # The paper notes alpha 1..10 all train (fig. 3); fixclf sets it from data when it
         # replaces a trained head (:func:`init_head_from_dense`).
@@ -122,12 +123,12 @@ class HadamardHead(FixedHead):
     indices only when C + 1 > next_power_of_two(N) (more classes than N features give codes; module doc)."""
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
+        super().__init__(in_features, num_classes, **kwargs)
         if num_classes > hadamard_head_limit(in_features):
             raise ValueError(
                 f"a Hadamard head on {in_features} features has at most {hadamard_head_limit(in_features)} distinct "
                 f"class codes, fewer than {num_classes} classes"
             )
-        super().__init__(in_features, num_classes, **kwargs)
         self.size = next_power_of_two(max(in_features, num_classes + 1))
         self.hadamard = WalshHadamard(self.size)
         self.code_scale = math.sqrt(self.size / in_features)  # unit-norm rows
