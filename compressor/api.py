@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import time
 from dataclasses import asdict, replace
@@ -406,11 +407,24 @@ def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource
     """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), and what identifies the run."""
     if not options.finetune.resume:
         return None
-    summary = {k: v for k, v in _options_summary(options).items() if k != "max_time"}
-    fingerprint = {"model": str(loaded.path.resolve()), "model_bytes": loaded.path.stat().st_size,
-                   "data": str(data.source), "batch_size": options.finetune.batch_size, "world_size": world.size,
-                   "include": list(options.plan.include), "exclude": list(options.plan.exclude), **summary}
-    return ResumeFile(resume_path(checkpoint), fingerprint, options.finetune.save_every)
+    return ResumeFile(resume_path(checkpoint), _run_fingerprint(options, loaded, data, world), options.finetune.save_every)
+
+
+RESUME_FREE = ("max_time", "resume", "save_every")
+"""Fine-tune options a resumed run may change: when it stops and how it keeps its state, not what it computes."""
+
+
+def _run_fingerprint(options: CompressOptions, loaded: LoadedModel, data: DataSource, world: World) -> dict:
+    """What a resumed run must share with the run that wrote the state: the model's bytes (its SHA-256:
+    a retrained checkpoint of the same size is another model), the data (each file's place, size and
+    modification time; hashing gigabytes of data would cost more than the resume saves), the process
+    count, the seed and every plan and fine-tune option that shapes the result."""
+    with open(loaded.path, "rb") as model_file:
+        model_digest = hashlib.file_digest(model_file, "sha256").hexdigest()
+    files = {str(Path(f).resolve()): [Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in data.files}
+    tuning = {k: v for k, v in asdict(options.finetune).items() if k not in RESUME_FREE}
+    return {"model_sha256": model_digest, "data": str(data.source), "data_files": files, "world_size": world.size,
+            "seed": options.seed, **asdict(options.plan), **tuning}
 
 
 def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:

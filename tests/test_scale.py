@@ -207,8 +207,13 @@ def test_resume_ends_in_the_state_of_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
-    options = CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=1, resume=True),
-                              output=tmp_path / "c.fixclf.pt")
+    """... and is taken up only by the same run: the same model bytes (not just its name and size), the
+    same options that shape the result (lr, temperature); max_time and save_every may change."""
+    model, original = tmp_path / "m.pt", torch.load(MLP, weights_only=True)
+    torch.save(original, model)
+    size = model.stat().st_size
+    options = CompressOptions(SourceOptions(model, data=SAMPLES / "digits.npz"),
+                              finetune=FinetuneOptions(epochs=1, resume=True), output=tmp_path / "c.fixclf.pt")
 
     class StopAt(compressor.Events):
         def step(self, epoch, step, loss):
@@ -223,9 +228,20 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     options.finetune.lr = 0.001
     with pytest.raises(UsageError, match="other settings \\(lr\\)"):
         compressor.compress(options)
-    options.finetune.lr = FinetuneOptions().lr
+    options.finetune.lr, options.finetune.temperature = FinetuneOptions().lr, 8.0
+    with pytest.raises(UsageError, match="other settings \\(temperature\\)"):
+        compressor.compress(options)
+    options.finetune.temperature = FinetuneOptions().temperature
+    retrained = copy.deepcopy(original)
+    retrained["state_dict"]["0.bias"] += 1  # another model of the same architecture: the same file size
+    torch.save(retrained, model)
+    assert model.stat().st_size == size
+    with pytest.raises(UsageError, match="other settings \\(model_sha256\\)"):
+        compressor.compress(options)
+    torch.save(original, model)
+    options.finetune.max_time, options.finetune.save_every = 600.0, None
     compressor.compress(options)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt", "m.pt"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: --device cuda is checked "
