@@ -27,7 +27,7 @@ from .checkpoint import Architecture, LoadedModel, compressed_payload, load_comp
 from .cost import LayerCost, layer_shapes, measure
 from .data import DataSource, check_against_model, dtype_name, load_data
 from .distributed import World, world_from_environment
-from .errors import DataError, ExportError, OutputError, PlanError, UsageError
+from .errors import DataError, ExportError, Interrupted, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
                        steps_per_epoch)
@@ -389,8 +389,20 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report |
     world = world_from_environment(options.finetune.device)
     try:
         return _compress(options, events if events is not None and world.is_main else Events(), world)
+    except KeyboardInterrupt as exc:  # outside the fine-tune (which raises Interrupted itself): export, timing
+        raise _interrupted(options) from exc
     finally:
         world.close()
+
+
+def _interrupted(options: CompressOptions) -> Interrupted:
+    """Ctrl-C outside the fine-tune: nothing was written; a resume state the fine-tune kept is named."""
+    checkpoint = compress_outputs(Path(options.source.checkpoint), options.output, quantize=False,
+                                  ort_format=False)["checkpoint"]
+    state = resume_path(checkpoint)
+    kept = (f"; the fine-tune state is kept in {state}: rerun with --resume to finish"
+            if options.finetune.resume and state.is_file() else "")
+    return Interrupted(f"interrupted; nothing was written{kept}")
 
 
 def _stale_resume_notes(options: CompressOptions, checkpoint: Path) -> list[str]:

@@ -240,6 +240,13 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
         compressor.compress(options)
     torch.save(original, model)
     options.finetune.max_time, options.finetune.save_every = 600.0, None
+
+    class StopWhileTiming(compressor.Events):
+        def stage(self, text):
+            if text.startswith("Measuring ONNX Runtime"):
+                raise KeyboardInterrupt
+    with pytest.raises(Interrupted, match="nothing was written; the fine-tune state is kept in .*rerun with --resume"):
+        compressor.compress(options, StopWhileTiming())  # Ctrl-C after the fine-tune, as the library sees it
     compressor.compress(options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt", "m.pt"]
 
