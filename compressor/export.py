@@ -497,7 +497,7 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
         raise ExportError(f"{path}: the file name must end in .onnx")
     requested = {main_format(quantize, precision): "onnx"} | ({"ort": "ort"} if ort_format else {})
     formats, notes = choose_formats(model, requested)
-    with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True) as artifacts:
+    with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True).check() as artifacts:
         result = write_exports(model, inputs, artifacts, formats, tolerance=tolerance)
         artifacts.commit()
     result.notes += notes

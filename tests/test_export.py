@@ -12,7 +12,7 @@ from torch import nn
 
 from compressor.checkpoint import load_model
 from compressor.data import load_data
-from compressor.errors import ExportError
+from compressor.errors import ExportError, OutputError
 from compressor.options import PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan
 from compressor.export import export_onnx, stored_state_bytes
@@ -220,4 +220,6 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
         export_onnx(model, x, tmp_path / "p.onnx", precision="fp61")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(model, x, tmp_path / "m.txt")
+    with pytest.raises(OutputError, match="directory .*nodir does not exist; create it"):
+        export_onnx(model, x, tmp_path / "nodir" / "m.onnx")
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
