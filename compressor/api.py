@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -29,8 +30,8 @@ from .data import DataSource, check_against_model, dtype_name, load_data
 from .distributed import World, world_from_environment
 from .errors import DataError, ExportError, Interrupted, OutputError, PlanError, UsageError
 from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
-from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, resolved_options,
-                       steps_per_epoch)
+from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, interrupted,
+                       resolved_options, steps_per_epoch)
 from .layers import count_stored
 from .options import KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
@@ -62,7 +63,8 @@ class Events:
 
 
 def _load(source: SourceOptions) -> LoadedModel:
-    return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs, trust_pickle=source.trust_pickle)
+    return load_model(source.checkpoint, arch=source.arch, arch_kwargs=source.arch_kwargs,
+                      trust_pickle=bool(source.trust_pickle))  # validated: a bool (or numpy bool)
 
 
 def _load_uncompressed(source: SourceOptions) -> LoadedModel:
@@ -396,13 +398,11 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report |
 
 
 def _interrupted(options: CompressOptions) -> Interrupted:
-    """Ctrl-C outside the fine-tune: nothing was written; a resume state the fine-tune kept is named."""
+    """Ctrl-C outside the fine-tune (loading, exporting, timing): nothing was written; a resume state the
+    fine-tune kept is named."""
     checkpoint = compress_outputs(Path(options.source.checkpoint), options.output, quantize=False,
                                   ort_format=False)["checkpoint"]
-    state = resume_path(checkpoint)
-    kept = (f"; the fine-tune state is kept in {state}: rerun with --resume to finish"
-            if options.finetune.resume and state.is_file() else "")
-    return Interrupted(f"interrupted; nothing was written{kept}")
+    return interrupted("outside the fine-tune", resume_path(checkpoint) if options.finetune.resume else None)
 
 
 def _stale_resume_notes(options: CompressOptions, checkpoint: Path) -> list[str]:
@@ -429,14 +429,28 @@ RESUME_FREE = ("max_time", "resume", "save_every")
 def _run_fingerprint(options: CompressOptions, loaded: LoadedModel, data: DataSource, world: World) -> dict:
     """What a resumed run must share with the run that wrote the state: the model's bytes (its SHA-256:
     a retrained checkpoint of the same size is another model), the data (each file's place, size and
-    modification time; hashing gigabytes of data would cost more than the resume saves), the process
-    count, the seed and every plan and fine-tune option that shapes the result."""
-    with open(loaded.path, "rb") as model_file:
-        model_digest = hashlib.file_digest(model_file, "sha256").hexdigest()
-    files = {str(Path(f).resolve()): [Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in data.files}
+    modification time, a shard directory's files one by one; hashing gigabytes of data would cost more
+    than the resume saves), the process count, the seed and every plan and fine-tune option that
+    shapes the result. Plain JSON values, as a weights-only resume state can hold them."""
     tuning = {k: v for k, v in asdict(options.finetune).items() if k not in RESUME_FREE}
-    return {"model_sha256": model_digest, "data": str(data.source), "data_files": files, "world_size": world.size,
-            "seed": options.seed, **asdict(options.plan), **tuning}
+    fingerprint = {"model_sha256": _sha256(loaded.path), "data": str(data.source), "data_files": _file_stamps(data.files),
+                   "world_size": world.size, "seed": options.seed,
+                   **{f"plan.{k}": v for k, v in asdict(options.plan).items()}, **{f"finetune.{k}": v for k, v in tuning.items()}}
+    return json.loads(json.dumps(fingerprint, default=str))  # numpy numbers and tuples as plain numbers and lists
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_stamps(paths) -> dict[str, list[int]]:
+    """(size, modification time) of each file, a directory's files one by one, by resolved path."""
+    files = [f for p in map(Path, paths) for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:

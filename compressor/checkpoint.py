@@ -149,11 +149,11 @@ def safe_load(path: Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a regular file (a pipe, device or socket); pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-save or re-download the checkpoint")
-    if trust_pickle:  # the classes the file names are imported as an --arch module would be
+    if trust_pickle is True:  # the classes the file names are imported as an --arch module would be
         current_directory_first()
     return load_bounded(path, CHECKPOINT_LIMITS, CheckpointError, "the file is damaged or not a checkpoint (save the "
                         "state_dict and plain settings only)", lambda exc: _load_refusal(path, exc, trust_pickle),
-                        weights_only=not trust_pickle)
+                        weights_only=trust_pickle is not True)
 
 
 def _load_refusal(path: Path, exc: BaseException, trust_pickle: bool) -> CheckpointError:

@@ -287,12 +287,21 @@ def _evaluated_in_float32(model: nn.Module) -> Iterator[nn.Module]:
     from a float32 copy (casting it there and back would round float64 weights)."""
     modes = [(module, module.training) for module in model.modules()]
     floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    target = model if all(t.dtype == torch.float32 for t in floats) else copy.deepcopy(model).float()
+    target = model if all(t.dtype == torch.float32 for t in floats) else _float32_copy(model)
     try:
         yield target.eval()
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _float32_copy(model: nn.Module) -> nn.Module:
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:  # a module holding tensors computed from others, an object deepcopy cannot take
+        raise ExportError(f"the model holds floats other than float32 and cannot be copied to export it in float32 "
+                          f"({_root_cause(exc)}); convert it first (model.float())") from exc
+    return copied.float()
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
@@ -514,7 +523,7 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
 
 def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str],
                    tolerance: float) -> ExportResult:
-    exported = to_onnx(model, inputs)
+    exported = _to_onnx(model, inputs, ExportSpec())
     float_file = artifacts.scratch(".onnx")
     artifacts.guard(lambda: onnx.save_model(exported.proto, str(float_file)))
     validate(float_file, model, inputs, tolerance=tolerance)
@@ -530,7 +539,8 @@ def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: d
     if int8 is not None and int8.bytes >= float_file.stat().st_size:
         result.notes.append(f"the int8 file ({int8.bytes:,} bytes) is no smaller than the float32 one "
                             f"({float_file.stat().st_size:,}): too few dense weights are left to outweigh the "
-                            "quantisation's own nodes and scales, so the float32 file is the better deliverable")
+                            "quantisation's own nodes and scales, so the float32 file (made without --quantize) is "
+                            "the better deliverable")
     if "ort" in formats:
         shown = Path(artifacts.paths["ort"]).with_suffix(".onnx").name
         result.mobile_notes = [line.replace(str(float_file), shown).replace(float_file.name, shown)

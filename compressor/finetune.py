@@ -167,15 +167,21 @@ def _shape_of(value) -> str:
 
 
 PROBABILITY_SUM_TOLERANCE = 1e-3
-"""How far from 1 the sum of a row of probabilities may be (float32 softmax sums are within ~1e-6)."""
+"""How far from 1 the sum of a row of float32 probabilities may be (softmax sums are within ~1e-6); a
+reduced-precision output may be off by two of its rounding steps (its eps: each value rounds within
+half a step of itself, and all sum to 1)."""
 
 
 @torch.no_grad()
 def outputs_probabilities(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``model`` (a forward ending in softmax) returns probabilities on rows ``x``: every output
-    non-negative and each row (over the classes, the last axis) summing to 1."""
-    out = model.eval()(x).float()
-    return bool(out.shape[-1] > 1 and (out >= 0).all() and ((out.sum(-1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE).all())
+    """Whether ``model`` (a forward ending in softmax; as the caller set its mode) returns probabilities
+    on rows ``x`` (at least one): every output non-negative and each row (over the classes, the last
+    axis) summing to 1."""
+    out = model(x)
+    tolerance = max(PROBABILITY_SUM_TOLERANCE, 2 * torch.finfo(out.dtype).eps) if out.is_floating_point() else 0.0
+    out = out.float()
+    return bool(out.numel() > 0 and out.shape[-1] > 1 and (out >= 0).all()
+                and ((out.sum(-1) - 1).abs() <= tolerance).all())
 
 
 def _as_logits(output: torch.Tensor, probabilities: bool) -> torch.Tensor:
@@ -192,12 +198,12 @@ def _kd_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float
 
 
 @torch.no_grad()
-def _score(student: nn.Module, teacher: nn.Module, data: DataSource, options: FinetuneOptions, device: str) -> float:
+def _score(student: nn.Module, teacher: nn.Module, data: DataSource, options: FinetuneOptions, device: str,
+           probabilities: bool) -> float:
     if data.has_labels:
         return evaluate(student, data, device=device)
     student.eval()
     total = rows = 0.0
-    probabilities = outputs_probabilities(teacher, data.head("val", 2)[0].to(device))
     for x, _ in data.batches("val", EVAL_BATCH):
         x = x.to(device)
         kd = _kd_sum(_as_logits(student(x), probabilities), _as_logits(teacher(x), probabilities), options.temperature)
@@ -510,7 +516,8 @@ def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:
         while run.epoch <= options.epochs:
             time_up = run.run_epoch(deadline)
             run.seconds = time.monotonic() - start
-            score = _score(student, run.teacher, run.data, options, device) if run.world.is_main else float("nan")
+            score = (_score(student, run.teacher, run.data, options, device, run.result.probabilities) if run.world.is_main
+                     else float("nan"))
             stats = EpochStats(run.epoch, run.epoch_loss / max(1.0, run.epoch_rows), score, run.seconds)
             run.result.epochs.append(stats)
             if run.on_epoch and run.world.is_main:
@@ -526,9 +533,15 @@ def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:
         raise
     except KeyboardInterrupt as exc:
         student.load_state_dict(last_good)
-        kept = f"; the fine-tune state is kept in {resume.path}: rerun with --resume to continue" if (
-            resume is not None and resume.path.is_file()) else ""
-        raise Interrupted(f"interrupted during fine-tuning; nothing was written{kept}") from exc
+        raise interrupted("during fine-tuning", resume.path if resume is not None else None) from exc
+
+
+def interrupted(when: str, state: Path | None) -> Interrupted:
+    """The error of a Ctrl-C (or SIGTERM) ``when`` it came: nothing was written, and the resume ``state``,
+    if the fine-tune kept one there, continues the run."""
+    kept = f"; the fine-tune state is kept in {state}: rerun with --resume to continue" if (
+        state is not None and state.is_file()) else ""
+    return Interrupted(f"interrupted {when}; nothing was written{kept}")
 
 
 @torch.no_grad()

@@ -74,7 +74,8 @@ def _number_range(flag: str, value: float, low: float, high: float, unit: str) -
 def _yes_no(flag: str, value: object, *, optional: bool = False) -> None:
     """A switch must be True or False (None too when ``optional``): a string such as "false" would
     otherwise count as on, and ``trust_pickle`` on runs a checkpoint's code."""
-    if not (isinstance(value, bool) or value is None and optional):
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")  # numpy not imported here
+    if not (isinstance(value, bool) or numpy_bool or value is None and optional):
         raise UsageError(f"{flag} must be True or False, got {value!r:.60}")
 
 
@@ -196,7 +197,7 @@ class FinetuneOptions:
         _choice("--init", self.init, HIDDEN_INITS)
         _yes_no("--update-norm-stats", self.update_norm_stats)
         _yes_no("--mixup", self.mixup, optional=True)
-        _yes_no("amp", self.amp)
+        _yes_no("--amp", self.amp)
         _yes_no("--resume", self.resume)
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise UsageError(f"--device {self.device!r} is not cpu, cuda or cuda:N")

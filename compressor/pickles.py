@@ -118,6 +118,8 @@ def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], ma
         if not expanded:
             if id(value) in expanding:  # reached again from below itself: a cycle
                 raise refuse(f"more than {max_items:,} values")
+            if len(expanding) > MAX_DEPTH:  # `expanding` holds its ancestors: their count is its depth
+                raise refuse(f"nesting deeper than {MAX_DEPTH}")
             expanding.add(id(value))
             stack.append((value, True))
             stack.extend((child, False) for child in _children(value))

@@ -350,6 +350,8 @@ def test_a_model_that_returns_probabilities_is_distilled_as_its_logits_would_be(
     data = load_data(SAMPLES / "digits.npz")
     x = data.head("train", 8)[0]
     assert outputs_probabilities(probabilities, x) and not outputs_probabilities(logits, x)
+    assert not outputs_probabilities(probabilities, x[:0])  # no rows: nothing shows probabilities
+    assert outputs_probabilities(copy.deepcopy(probabilities).bfloat16(), x.bfloat16())  # sums within bf16 rounding
     students = []
     for teacher in (logits, probabilities):
         plan = make_plan(teacher, PlanOptions())
@@ -376,6 +378,8 @@ def test_a_model_without_a_head_is_told_that_head_replaced_nothing(workdir):
     plan = json.loads(runner.invoke(app, ["plan", *args, "--json"]).stdout)
     assert [layer["role"] for layer in plan["layers"]] == ["hidden", "hidden"]
     assert any("no classification head was found" in w and "--head hadamard replaced nothing" in w for w in plan["warnings"])
+    compressed = runner.invoke(app, ["compress", *args, "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert any("no classification head was found" in w for w in json.loads(compressed.stdout)["warnings"])
 
 
 def test_a_one_row_batch_under_update_norm_stats_names_its_cause(workdir):

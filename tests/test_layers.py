@@ -253,3 +253,4 @@ def test_zero_rows_and_zero_tokens_give_empty_outputs_with_gradients(build):
 def test_a_layer_built_with_a_count_that_is_not_a_positive_integer_says_which(build, named):
     with pytest.raises(ValueError, match=f"{named} must be an integer >= 1"):
         build()
+    assert ACDCStack(np.int64(32), np.int64(16))(torch.randn(2, 32)).shape == (2, 16)  # numpy integers are integers

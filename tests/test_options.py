@@ -54,6 +54,15 @@ def test_the_export_command_checks_its_options_too(command, flag, workdir):
     assert list(Path().iterdir()) == []
 
 
+def test_numpy_switches_and_numbers_are_accepted_and_kept_as_plain_values(workdir):
+    """numpy's bool and float are a bool and a number: accepted (a resume state stores them as plain values)."""
+    import numpy as np
+
+    options = CompressOptions(SourceOptions(MLP, trust_pickle=np.bool_(False)), force=np.bool_(True),
+                              finetune=FinetuneOptions(temperature=np.float64(2.0), mixup=np.bool_(False)))
+    options.validate()
+
+
 def test_trust_pickle_false_as_a_string_never_unpickles(workdir):
     """A config file's "false" is refused before the checkpoint is opened: its code cannot run."""
     class Canary:

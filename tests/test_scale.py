@@ -226,10 +226,10 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     with pytest.raises(Interrupted, match="rerun with --resume"):
         compressor.compress(options, StopAt())
     options.finetune.lr = 0.001
-    with pytest.raises(UsageError, match="other settings \\(lr\\)"):
+    with pytest.raises(UsageError, match="other settings \\(finetune.lr\\)"):
         compressor.compress(options)
     options.finetune.lr, options.finetune.temperature = FinetuneOptions().lr, 8.0
-    with pytest.raises(UsageError, match="other settings \\(temperature\\)"):
+    with pytest.raises(UsageError, match="other settings \\(finetune.temperature\\)"):
         compressor.compress(options)
     options.finetune.temperature = FinetuneOptions().temperature
     retrained = copy.deepcopy(original)

@@ -1,6 +1,8 @@
 """What every fixclf structured layer shares: its dense equivalent and its parameter count."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,11 @@ def check_counts(layer: str, **counts: object) -> None:
     """Each count (features, classes, depth) a layer is built with must be an integer >= 1: a zero, a
     fraction or a tensor fails at once with its name, not later inside a reshape."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        try:
+            whole = operator.index(value)  # Python and numpy integers
+        except TypeError:
+            whole = 0
+        if isinstance(value, bool) or whole < 1:
             raise ValueError(f"{layer}: {name} must be an integer >= 1, got {value!r:.40}")
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from ..transforms import WalshHadamard, next_power_of_two, permute_last
 from .base import ReplacesLinear, check_counts
 
-__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit"]
+__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit", "hadamard_head_refusal"]
 
 
 class FixedHead(ReplacesLinear):
@@ -118,17 +118,24 @@ def hadamard_head_limit(in_features: int) -> int:
     return (1 << min(in_features, 62)) - 1
 
 
+def hadamard_head_refusal(in_features: int, num_classes: int) -> str:
+    """Why a Hadamard head on ``in_features`` features cannot tell ``num_classes`` classes apart ("" if it can)."""
+    limit = hadamard_head_limit(in_features)
+    if num_classes <= limit:
+        return ""
+    return (f"a Hadamard head on {in_features} feature{'s' * (in_features != 1)} tells at most {limit} "
+            f"class{'es' * (limit != 1)} apart, not {num_classes}")
+
+
 class HadamardHead(FixedHead):
     """Fixed truncated-Hadamard classifier; stores alpha and the bias, and a column placement of P
-    indices only when C + 1 > next_power_of_two(N) (more classes than N features give codes; module doc)."""
+    indices only when C + 1 > next_power_of_two(N), i.e. C >= that power (module doc)."""
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
         super().__init__(in_features, num_classes, **kwargs)
-        if num_classes > hadamard_head_limit(in_features):
-            raise ValueError(
-                f"a Hadamard head on {in_features} features has at most {hadamard_head_limit(in_features)} distinct "
-                f"class codes, fewer than {num_classes} classes"
-            )
+        refusal = hadamard_head_refusal(in_features, num_classes)
+        if refusal:
+            raise ValueError(refusal)
         self.size = next_power_of_two(max(in_features, num_classes + 1))
         self.hadamard = WalshHadamard(self.size)
         self.code_scale = math.sqrt(self.size / in_features)  # unit-norm rows

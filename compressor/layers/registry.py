@@ -21,7 +21,7 @@ from torch import nn
 from ..options import DEPTH_MAX, PlanOptions
 from .acdc import ACDCStack
 from .fastfood import AdaptiveFastfood
-from .heads import HadamardHead, OrthogonalHead, hadamard_head_limit
+from .heads import HadamardHead, OrthogonalHead, hadamard_head_refusal
 
 __all__ = ["Option", "LayerSpec", "REGISTRY", "register", "spec_for", "kinds", "ALPHA_START", "FIT_STEPS",
            "init_head_from_dense", "fit_to_dense"]
@@ -98,12 +98,8 @@ def _always(in_features: int, out_features: int) -> str:
 def _hadamard_fits(in_features: int, out_features: int) -> str:
     if _always(in_features, out_features):
         return _always(in_features, out_features)
-    limit = hadamard_head_limit(in_features)
-    if out_features > limit:
-        return (f"a Hadamard head on {in_features} feature{'s' * (in_features != 1)} tells at most {limit} "
-                f"class{'es' * (limit != 1)} apart, not {out_features}; "
-                "use --head orthogonal or --head keep")
-    return ""
+    refusal = hadamard_head_refusal(in_features, out_features)
+    return f"{refusal}; use --head orthogonal or --head keep" if refusal else ""
 
 
 def _orthogonal_fits(in_features: int, out_features: int) -> str:
