@@ -74,6 +74,12 @@ def ignore_late_signals() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def launched_by_fixclf() -> bool:
+    """One of the processes ``--nproc`` started (``compressor.distributed.LAUNCHED``; not imported here,
+    it would import torch): on Ctrl-C the launcher says so, once, for all of them."""
+    return os.environ.get("FIXCLF_LAUNCHED") == "1"
+
+
 def _one_of_several_processes() -> bool:
     """``WORLD_SIZE`` read as :func:`compressor.distributed.world_from_environment` reads it (not imported
     here: it would import torch on the way out of a run that never needed it)."""
@@ -108,7 +114,8 @@ def main() -> None:
         code = run(sys.argv[1:])
     except KeyboardInterrupt:
         ignore_late_signals()
-        sys.stderr.write("error: interrupted; nothing was written\n")
+        if not launched_by_fixclf():
+            sys.stderr.write("error: interrupted; nothing was written\n")
         code = INTERRUPTED
     ignore_late_signals()
     sys.stdout.flush()

@@ -341,9 +341,12 @@ def _exit_code(exc: BaseException) -> int:
     entry.ignore_late_signals()
     if STATE["debug"] and not isinstance(exc, (typer.Exit, SystemExit)):
         traceback.print_exception(exc, file=sys.stderr)
+    interrupted = isinstance(exc, (Interrupted, KeyboardInterrupt, typer.Abort)) or entry.STATE["signalled"]
+    if interrupted and entry.launched_by_fixclf():  # the --nproc launcher prints the one line for every process
+        return Interrupted.exit_code
     if isinstance(exc, Interrupted):
         return _error(str(exc), exc.exit_code)
-    if isinstance(exc, (KeyboardInterrupt, typer.Abort)) or entry.STATE["signalled"]:
+    if interrupted:
         return _error("interrupted; nothing was written", Interrupted.exit_code)
     if isinstance(exc, FixclfError):
         return _error(str(exc), exc.exit_code)

@@ -161,6 +161,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+WORKER = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+          "from cli.entry import main; main()")
+"""What each process runs: fixclf's entry point, found where fixclf is installed. Not ``-m cli.entry``:
+that puts the current directory first, so a user's ``cli.py`` or ``compressor.py`` there would be run
+instead (the user's ``--arch`` / ``--data`` modules are found there later, as in one process)."""
+LAUNCHED = "FIXCLF_LAUNCHED"
+"""Set in the processes :func:`launch` starts: on Ctrl-C the launcher alone says so, in one line."""
+
+
 def launch(arguments: list[str], processes: int) -> int:
     """Run ``fixclf arguments`` as ``processes`` processes on this machine, joined as
     ``torchrun --standalone`` joins them (its environment variables); returns the job's exit code.
@@ -169,9 +178,9 @@ def launch(arguments: list[str], processes: int) -> int:
     one of fixclf's documented codes, unlike torchrun's own 1. A process that dies without
     reporting ends the others after :data:`GRACE_SECONDS`; Ctrl-C is passed to every process."""
     base = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), LAUNCHED: "1"}
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    children = [subprocess.Popen([sys.executable, "-m", "cli.entry", *arguments],
+    children = [subprocess.Popen([sys.executable, "-c", WORKER, *arguments],
                                  env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                 for rank in range(processes)]
     try:
@@ -182,7 +191,9 @@ def launch(arguments: list[str], processes: int) -> int:
                 child.send_signal(signal.SIGINT)
         for child in children:
             child.wait()
-        raise Interrupted("interrupted; every process stopped and nothing was written") from None
+        kept = ("; a fine-tune state kept beside the output continues the run: rerun with --resume"
+                if "--resume" in arguments else "")
+        raise Interrupted(f"interrupted; every process stopped and nothing was written{kept}") from None
 
 
 def _wait(children: list[subprocess.Popen]) -> int:

@@ -125,11 +125,16 @@ def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
 
 
 def test_nproc_launches_the_processes_and_exits_with_the_failing_code(tmp_path):
+    """The processes run fixclf's own entry point, whatever the current directory holds (a user's cli.py or
+    compressor.py there is neither run nor in the way)."""
+    decoys = {"cli.py": "raise SystemExit('the user cli.py ran')\n", "compressor.py": "raise SystemExit('the user compressor.py ran')\n"}
+    for name, text in decoys.items():
+        (tmp_path / name).write_text(text)
     result, = _fixclf_processes(["compress", MLP, "--nproc", "2", "--data", "data_source:bad_on_rank_one", "--epochs",
                                  "2", "-o", str(tmp_path / "m.fixclf.pt")], tmp_path, [{"PYTHONPATH": ENV["PYTHONPATH"]}])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error: rank 1:"), result.stderr[-1500:]
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(decoys)
 
 
 def test_ctrl_c_under_torchrun_stops_every_process_and_writes_nothing(tmp_path):
@@ -145,6 +150,23 @@ def test_ctrl_c_under_torchrun_stops_every_process_and_writes_nothing(tmp_path):
     assert proc.returncode != 0
     assert "error: interrupted" in rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_under_nproc_is_said_once_and_writes_nothing(tmp_path):
+    """Ctrl-C reaches the launcher and both processes (one process group): the launcher alone says so, in
+    one line, and names the resume state --resume keeps."""
+    proc = subprocess.Popen([sys.executable, "-m", "cli.entry", "compress", MLP, "--nproc", "2", "--epochs", "400",
+                             "--resume", "-o", str(tmp_path / "m.fixclf.pt")],
+                            cwd=tmp_path, env={**ENV, "FIXCLF_PROGRESS": "1"}, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stderr:
+        if "Fine-tuning" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    errors = [line for line in proc.communicate(timeout=120)[1].splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and len(errors) == 1, errors
+    assert "every process stopped and nothing was written" in errors[0] and "--resume" in errors[0]
+    assert {p.name for p in tmp_path.iterdir()} <= {"m.fixclf.resume.pt"}
 
 
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's adaptive threshold would add fragmentation noise
