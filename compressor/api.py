@@ -101,20 +101,25 @@ def _rows(plan: list[LayerPlan], costs: dict[str, LayerCost] | None = None) -> l
     return [LayerRow(**asdict(entry), cost=(costs or {}).get(entry.name)) for entry in plan]
 
 
-def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions,
-          measure_cost: bool) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
+def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions, measure_cost: bool,
+          world: World | None = None) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
     """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
-    find them (always for ``--objective latency``, where slower replacements are then kept dense)."""
+    find them (always for ``--objective latency``, where slower replacements are then kept dense).
+    Under torchrun only rank 0 times the layers and every process takes its verdict: timings taken by
+    several processes at once differ, and every process must train the same plan."""
+    world = world or World()
     example = data.head("val", 2)[0] if data is not None else None
     plan = make_plan(loaded.model, options.plan, seed=options.seed, example=example)
     if example is None or not (measure_cost or options.plan.objective == "latency"):
         return plan, {}
-    tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], example)
-    costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
+    costs = {}
+    if world.is_main:
+        tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], example)
+        costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
     if options.plan.objective == "latency":
         slower = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
                   for name, c in costs.items() if c.slower_at_batch1}
-        plan = keep_dense(plan, slower)
+        plan = keep_dense(plan, world.sync(slower)[0])  # rank 0's verdict
     return plan, costs
 
 
@@ -476,7 +481,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
                              "its architecture")
         data = _training_data(loaded, options)
-        plan, costs = _plan(loaded, data, options, measure_cost=False)
+        plan, costs = _plan(loaded, data, options, measure_cost=False, world=world)
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),

@@ -130,6 +130,8 @@ def test_subprocess_compress_cnn(workdir):
     assert set(report["int8"]) >= {"accuracy", "latency", "top1_agreement"}
     assert set(report["latency"]["before"]) >= {"median", "p90"}
     assert report["onnx"]["extra_files"] == ["cnn.fixclf.int8.onnx", "cnn.fixclf.fp16.onnx", "cnn.fixclf.ort"]
+    shown = invoke("report", "cnn.fixclf.pt")  # the mobile checker's verdict, in words as in --json
+    assert report["onnx"]["mobile_notes"] and f"mobile: {report['onnx']['mobile_notes'][0][:40]}" in " ".join(shown.stdout.split())
     assert report["onnx"]["ort_bytes"] == (workdir / "cnn.fixclf.ort").stat().st_size
     # float16: accepted on >= 99% top-1 agreement with float32, its held-out accuracy reported
     assert report["fp16"]["top1_agreement"] >= 0.99 and report["fp16"]["bytes"] < report["onnx"]["bytes_after"]
