@@ -103,8 +103,9 @@ def _layers_table(layers: list[LayerRow], title: str) -> Table:
     if timed is not None:
         columns += ["ms batch 1 (1 thread)", f"ms batch {timed.batch} (2 threads)"]
     table = Table(title=_safe(title), title_justify="left")
-    for col in [*columns, "note"]:
-        table.add_column(col, justify="right" if col.startswith(("stored", "ms")) else "left")
+    for col in [*columns, "note"]:  # on a narrow terminal cells fold onto more lines rather than lose characters
+        number = col.startswith(("stored", "ms"))
+        table.add_column(col, justify="right" if number else "left", overflow="fold", min_width=7 if number else None)
     for row in layers:
         shape = "x".join(str(t) for t in (row.cost.tokens if row.cost else []))
         table.add_row(_safe(row.name or "(the model)"), _safe(row.role),
@@ -156,8 +157,9 @@ def _summary(report: Report) -> Table:
 
 
 def _lines(prefix: str, lines: list[str], style: str | None = None) -> None:
+    """One printed line per item, never wrapped by fixclf (so ``grep warning:`` finds the whole line)."""
     for line in lines:
-        out.print(f"{prefix}: {_safe(line)}", style=style, highlight=False)
+        out.print(f"{prefix}: {_safe(line)}", style=style, highlight=False, soft_wrap=True)
 
 
 def print_report(report: Report) -> None:

@@ -4,6 +4,8 @@ BatchNorm + ``fc`` head), a ViT-style encoder on (batch, tokens, features) with 
 Linears, and an MLP-Mixer whose token-mixing Linears act across the token axis."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,3 +227,10 @@ def softmax_mlp(classes: int = 10) -> nn.Sequential:
 def normalised_logits(classes: int = 10) -> nn.Sequential:
     """The last Linear's output goes through a BatchNorm: by design not a head (not logits yet)."""
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, classes), nn.BatchNorm1d(classes))
+
+
+def long_names(classes: int = 10) -> nn.Sequential:
+    """Two Linears whose names differ only after 60 characters."""
+    stem = "a_really_long_layer_name_" * 3
+    return nn.Sequential(OrderedDict([(f"{stem}one", nn.Linear(64, 64)), ("relu", nn.ReLU()),
+                                      (f"{stem}two", nn.Linear(64, classes))]))

@@ -250,3 +250,15 @@ def test_a_resume_state_left_by_an_interrupted_run_is_named_in_the_notes(tmp_pat
     assert _stale_resume_notes(options, tmp_path / "other.fixclf.pt") == []
     resuming = CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(resume=True))
     assert _stale_resume_notes(resuming, tmp_path / "mlp.fixclf.pt") == []
+
+
+def test_tables_fold_long_names_rather_than_cut_them(workdir):
+    """Two layers whose names differ only at their ends stay told apart in the plan's table (no ellipsis)."""
+    import architectures
+
+    torch.save(architectures.long_names().state_dict(), "long.pt")
+    shown = invoke("plan", "long.pt", "--arch", "architectures:long_names")
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout
+    flat = "".join(line.split("│")[1].strip() for line in shown.stdout.splitlines() if line.startswith("│"))
+    assert "a_really_long_layer_name_" * 3 + "one" in flat and "a_really_long_layer_name_" * 3 + "two" in flat
