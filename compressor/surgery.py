@@ -87,12 +87,14 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether ``name`` is one of ``patterns`` or matches one as a glob: a module named with brackets
+    (``layers[0]``, which a glob reads as a character class) is found by its own name."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _check_patterns(names: list[str], options: PlanOptions) -> None:
     for pattern in [*options.include, *options.exclude]:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(_matches(n, [pattern]) for n in names):
             raise PlanError(f"pattern {pattern!r} matches no Linear layer; layers are: {', '.join(names) or '(the model)'}")
 
 

@@ -406,3 +406,17 @@ def test_what_replacing_a_parametrized_linear_frees_includes_its_parametrized_we
     plan = make_plan(model, example=torch.randn(2, 16))
     assert all(entry.replaced for entry in plan)
     assert replaced_numbers(model, plan) == sum(entry.params_before for entry in plan) == count_stored(model)
+
+
+def test_a_pattern_equal_to_a_layers_name_finds_it_even_with_brackets():
+    """``--include 'layers[0]'`` names the module ``layers[0]`` (a glob alone reads [0] as a character class);
+    globs still work as globs."""
+    model = nn.Sequential()
+    model.add_module("layers[0]", nn.Linear(64, 64))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("layers[1]", nn.Linear(64, 64))
+    model.add_module("out", nn.Linear(64, 10))
+    chosen = {p.name for p in make_plan(model, PlanOptions(include=["layers[0]"], head="keep")) if p.replaced}
+    assert chosen == {"layers[0]"}
+    globbed = {p.name for p in make_plan(model, PlanOptions(include=["layers?1]"], head="keep")) if p.replaced}
+    assert globbed == {"layers[1]"}
