@@ -690,9 +690,16 @@ def _read_npz(path: Path, spec: str) -> dict:
 def _read_pt(path: Path, spec: str) -> dict:
     """What a .pt data file holds, read weights-only with bounded work (:func:`compressor.pickles.load_bounded`)."""
     return load_bounded(path, DATA_LIMITS, lambda message: DataError(f"--data {spec}: {message}"),
-                        "save x and y as tensors or numpy arrays, not lists",
-                        lambda exc: DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt "
-                                              "with x and y"))
+                        "save x and y as tensors (or numpy arrays in an .npz), not lists", lambda exc: _pt_refusal(spec, exc))
+
+
+def _pt_refusal(spec: str, exc: BaseException) -> DataError:
+    """Why a .pt data file could not be read weights-only: numpy arrays inside (which such a load does not
+    read) are named, with the two ways to save them."""
+    if "numpy" in str(exc):
+        return DataError(f"--data {spec}: holds numpy arrays, which a weights-only load does not read; save tensors "
+                         "(torch.from_numpy(x)) in the .pt, or the arrays with numpy.savez as an .npz")
+    return DataError(f"--data {spec}: cannot read it ({type(exc).__name__}); expected .npz or .pt with x and y")
 
 
 def load_data(spec: str | Path, *, seed: int = 0, selection: bool = False) -> DataSource:

@@ -120,6 +120,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
     digits_arrays = np.load(SAMPLES / "digits.npz")
     torch.save({"x": torch.from_numpy(digits_arrays["x"]), "y": torch.from_numpy(digits_arrays["y"]), "notes": laughs},
                d / "laughs_data.pt")
+    torch.save({"x": digits_arrays["x"], "y": digits_arrays["y"]}, d / "numpy_in.pt")
     for name, width in (("pair", 64), ("per_token", 8), ("fixed_batch", 64), ("float64", 64)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     _write_hostile_checkpoints(d, compressed)
@@ -299,6 +300,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
     "data file of shared references ('billion laughs')": ([C, "mlp.pt", "--data", "laughs_data.pt"], 4),
+    ".pt data file of numpy arrays": ([C, "mlp.pt", "--data", "numpy_in.pt"], 4),
     "missing data file": ([C, "mlp.pt", "--data", "nowhere.npz"], 4),
     "data file the checkpoint names is missing": ([C, "nodata/mlp.pt"], 4),
     "object arrays in the data": ([C, "mlp.pt", "--data", "objects.npz"], 4),
