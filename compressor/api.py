@@ -533,12 +533,14 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
 
 def _options_summary(options: CompressOptions) -> dict:
     """The options that shaped the result, as plain values (the report's ``options``)."""
-    return {"head": options.plan.head, "hidden": options.plan.hidden, "depth": options.plan.depth,
-            "objective": options.plan.objective,
-            "init": options.finetune.init, "seed": options.seed, "epochs": options.finetune.epochs,
-            "max_time": options.finetune.max_time, "lr": options.finetune.lr, "device": options.finetune.device,
-            "update_norm_stats": options.finetune.update_norm_stats, "mixup": options.finetune.mixup,
-            "max_drop": options.plan.max_drop}
+    plan, tune, export = options.plan, options.finetune, options.export
+    return {"head": plan.head, "hidden": plan.hidden, "depth": plan.depth, "objective": plan.objective,
+            "include": list(plan.include), "exclude": list(plan.exclude), "max_drop": plan.max_drop,
+            "init": tune.init, "seed": options.seed, "epochs": tune.epochs, "max_time": tune.max_time, "lr": tune.lr,
+            "batch_size": tune.batch_size, "temperature": tune.temperature, "device": tune.device, "amp": tune.amp,
+            "update_norm_stats": tune.update_norm_stats, "mixup": tune.mixup, "quantize": export.quantize,
+            "precision": export.precision, "ort": export.ort_format, "tolerance": export.tolerance,
+            "latency_batch": export.latency_batch}
 
 
 def load_compressed_model(path: str | Path, *, arch: Architecture | None = None) -> nn.Module:

@@ -124,6 +124,8 @@ def test_subprocess_compress_cnn(workdir):
     assert report["output"] == "cnn.fixclf.pt" and (workdir / "cnn.fixclf.onnx").is_file()
     assert {layer["kind"] for layer in report["layers"]} == {"fastfood", "hadamard"}
     assert report["options"]["epochs"] == 1 and report["options"]["mixup"] is False  # as asked (defaults: test_samples)
+    assert {k: report["options"][k] for k in ("quantize", "precision", "ort", "include", "batch_size")} == {
+        "quantize": "int8", "precision": "fp16", "ort": True, "include": [], "batch_size": 64}  # what made these files
     # int8 of the remaining dense layers (the convolutions) and the ORT mobile format
     assert (workdir / "cnn.fixclf.int8.onnx").is_file() and (workdir / "cnn.fixclf.ort").is_file()
     assert report["int8"]["bytes"] < report["onnx"]["bytes_after"]
