@@ -202,6 +202,11 @@ class _ShardStore(_Store):
                             f"(labels in NAME{LABELS_SUFFIX}) or NAME.npz (x, y)")
         if len({p.suffix for p in self.x_files}) > 1:
             raise DataError(f"--data {source}: mixes .npy and .npz shards; use one kind")
+        rows_of = {p.name[:-len(LABELS_SUFFIX)] + ".npy" for p in directory.iterdir() if p.name.endswith(LABELS_SUFFIX)}
+        orphans = sorted(rows_of - {p.name for p in self.x_files})
+        if orphans:  # labels whose rows are missing: a shard lost or misnamed, which would otherwise go unnoticed
+            raise DataError(f"--data {source}: {orphans[0][:-4]}{LABELS_SUFFIX} has no {orphans[0]} beside it; restore or "
+                            f"rename the shard's rows (NAME.npy with labels in NAME{LABELS_SUFFIX})")
         headers = [self._header(p) for p in self.x_files]
         shapes = [shape for shape, _ in headers]
         if len({s[1:] for s in shapes}) > 1:

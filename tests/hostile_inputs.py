@@ -107,6 +107,10 @@ def write_inputs(d: Path, compressed: dict) -> None:
     np.save(d / "shards_bytes_and_floats" / "a.npy", x)
     np.save(d / "shards_bytes_and_floats" / "b.npy", x.astype(np.uint8))
     (d / "shards_empty").mkdir()
+    (d / "shards_orphan_labels").mkdir()
+    np.save(d / "shards_orphan_labels" / "a.npy", x)
+    np.save(d / "shards_orphan_labels" / "a.y.npy", y)
+    np.save(d / "shards_orphan_labels" / "b.y.npy", y)
     (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
     (d / "text.npz").write_text("x,y\n1,2\n")
     laughs = [0] * 1000  # "billion laughs": 1000**4 values from a few KB of shared references
@@ -309,6 +313,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
     "shard directory with rows of two shapes": ([C, "mlp.pt", "--data", "shards_mixed"], 4),
     "empty shard directory": ([C, "mlp.pt", "--data", "shards_empty"], 4),
+    "shard labels without their rows": ([C, "mlp.pt", "--data", "shards_orphan_labels"], 4),
     "shard directory with uint8 and float shards": ([C, "mlp.pt", "--data", "shards_bytes_and_floats"], 4),
     "Dataset with items of two shapes": ([C, "mlp.pt", "--data", "hostile_code:ragged"], 4),
     "empty IterableDataset": ([C, "mlp.pt", "--data", "hostile_code:empty_stream"], 4),

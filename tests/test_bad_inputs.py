@@ -29,6 +29,7 @@ def test_messages_say_what_to_do(results):
     assert "--arch" in said["--arch-kwargs without --arch"]
     assert "'epoch', 'note'" in said["state_dict with an epoch and a note among its tensors"]
     assert "torch.from_numpy" in said[".pt data file of numpy arrays"]
+    assert "b.y.npy has no b.npy" in said["shard labels without their rows"]
     assert "NaN" in said["NaN weights"]
     assert "not a weights-only checkpoint" in said["an ONNX file as the checkpoint"]
     assert "stored in the file; the file is damaged" in said["stored kwargs that do not build the architecture"]
