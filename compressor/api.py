@@ -455,7 +455,7 @@ def _sha256(path: Path) -> str:
 def _file_stamps(paths) -> dict[str, list[int]]:
     """(size, modification time) of each file, a directory's files one by one, by resolved path."""
     files = [f for p in map(Path, paths) for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
-    return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return {str(f.resolve()): [stat.st_size, stat.st_mtime_ns] for f in files for stat in [f.stat()]}
 
 
 def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:

@@ -535,10 +535,10 @@ def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: d
         check = fmt.accept(out, model, inputs, tolerance)
         result.files[name] = FileResult(name, str(artifacts.paths[role]), out.stat().st_size, check.max_abs_diff,
                                         check.max_rel_diff, check.top1_agreement)
-    int8 = result.files.get("onnx-int8")
-    if int8 is not None and int8.bytes >= float_file.stat().st_size:
+    int8, float_bytes = result.files.get("onnx-int8"), float_file.stat().st_size
+    if int8 is not None and int8.bytes >= float_bytes:
         result.notes.append(f"the int8 file ({int8.bytes:,} bytes) is no smaller than the float32 one "
-                            f"({float_file.stat().st_size:,}): too few dense weights are left to outweigh the "
+                            f"({float_bytes:,}): too few dense weights are left to outweigh the "
                             "quantisation's own nodes and scales, so the float32 file (made without --quantize) is "
                             "the better deliverable")
     if "ort" in formats:
