@@ -230,11 +230,14 @@ def test_resume_ends_in_the_state_of_an_uninterrupted_run(tmp_path):
 
 def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     """... and is taken up only by the same run: the same model bytes (not just its name and size), the
-    same options that shape the result (lr, temperature); max_time and save_every may change."""
+    same data file (a rewritten one has a new time), the same options that shape the result (lr,
+    temperature); max_time and save_every may change."""
     model, original = tmp_path / "m.pt", torch.load(MLP, weights_only=True)
     torch.save(original, model)
     size = model.stat().st_size
-    options = CompressOptions(SourceOptions(model, data=SAMPLES / "digits.npz"),
+    data = tmp_path / "digits.npz"
+    data.write_bytes((SAMPLES / "digits.npz").read_bytes())
+    options = CompressOptions(SourceOptions(model, data=data),
                               finetune=FinetuneOptions(epochs=1, resume=True), output=tmp_path / "c.fixclf.pt")
 
     class StopAt(compressor.Events):
@@ -261,6 +264,11 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     with pytest.raises(UsageError, match="other settings \\(model_sha256\\)"):
         compressor.compress(options)
     torch.save(original, model)
+    stamp = data.stat().st_mtime_ns
+    os.utime(data, ns=(stamp + 10**9, stamp + 10**9))  # the data file rewritten (same bytes, here)
+    with pytest.raises(UsageError, match="other settings \\(data_files\\)"):
+        compressor.compress(options)
+    os.utime(data, ns=(stamp, stamp))
     options.finetune.max_time, options.finetune.save_every = 600.0, None
 
     class StopWhileTiming(compressor.Events):
@@ -270,7 +278,7 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     with pytest.raises(Interrupted, match="nothing was written; the fine-tune state is kept in .*rerun with --resume"):
         compressor.compress(options, StopWhileTiming())  # Ctrl-C after the fine-tune, as the library sees it
     compressor.compress(options)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt", "m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fixclf.onnx", "c.fixclf.pt", "digits.npz", "m.pt"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: --device cuda is checked "
@@ -320,3 +328,18 @@ def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
     finished.update(epoch=4, step_in_epoch=0, steps=3 * 23)  # saved after the last of 3 epochs: the export is left
     torch.save(finished, state.path)
     assert _tune(state)[1].resumed_from == 3 * 23
+
+
+def test_a_resume_fingerprint_stamps_a_shard_directorys_files_each(tmp_path):
+    """A shard rewritten in place leaves its directory's size and time as they were: each file is stamped."""
+    from compressor.api import _file_stamps
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "a.npy", np.zeros((4, 64), np.float32))
+    before = _file_stamps([shards])
+    assert list(before) == [str((shards / "a.npy").resolve())]
+    stamp = (shards / "a.npy").stat().st_mtime_ns
+    np.save(shards / "a.npy", np.ones((4, 64), np.float32))
+    os.utime(shards / "a.npy", ns=(stamp + 10**9, stamp + 10**9))
+    assert _file_stamps([shards]) != before
