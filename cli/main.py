@@ -138,6 +138,9 @@ PRECISION = typer.Option(EXPORT.precision, "--precision", help="fp16: also write
                          "write float16 (export), accepted on >= 99% top-1 agreement with float32. fp32: float32 only.")
 ORT_FORMAT = typer.Option(EXPORT.ort_format, "--ort", help="Also write ONNX Runtime's mobile format (.ort); check it.")
 TOLERANCE = typer.Option(EXPORT.tolerance, "--tolerance", help="Max relative |ONNX - PyTorch| accepted at export.")
+DYNAMIC_TOKENS = typer.Option(EXPORT.dynamic_tokens, "--dynamic-tokens", help="The ONNX file takes any sequence length "
+                              "(axis 1 of token ids (batch, tokens) or token features (batch, tokens, features)); "
+                              "refused where the model fixes its length.")
 FORCE = typer.Option(DEFAULTS.force, "--force", help="Overwrite existing outputs (never an input file).")
 OBJECTIVE = typer.Option(PLAN.objective, "--objective", help="size: replace every planned layer; latency: keep dense "
                          "each layer whose replacement is slower alone in ONNX Runtime at batch 1 at the model's shapes.")
@@ -184,7 +187,7 @@ def compress(
     include: Optional[List[str]] = INCLUDE, exclude: Optional[List[str]] = EXCLUDE, output: Optional[Path] = OUTPUT,
     seed: int = SEED, device: str = DEVICE, quantize: Optional[str] = QUANTIZE, precision: str = PRECISION,
     ort_format: bool = ORT_FORMAT, tolerance: float = TOLERANCE, latency_batch: int = LATENCY_BATCH,
-    objective: str = OBJECTIVE, max_drop: Optional[float] = MAX_DROP, force: bool = FORCE,
+    dynamic_tokens: bool = DYNAMIC_TOKENS, objective: str = OBJECTIVE, max_drop: Optional[float] = MAX_DROP, force: bool = FORCE,
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KW, trust_pickle: bool = TRUST,
     as_json: bool = JSON_OUT,
 ) -> None:
@@ -195,7 +198,7 @@ def compress(
         finetune=FinetuneOptions(epochs=epochs, max_time=max_time, lr=lr, batch_size=batch_size, init=init,
                                  device=device, update_norm_stats=update_norm_stats, mixup=mixup, amp=amp, resume=resume,
                                  save_every=save_every),
-        export=ExportOptions(quantize, ort_format, tolerance, latency_batch, precision),
+        export=ExportOptions(quantize, ort_format, tolerance, latency_batch, precision, dynamic_tokens),
         output=output, seed=seed, force=force,
     )
     if nproc != 1:
@@ -275,11 +278,13 @@ def export(
     precision: str = PRECISION,
     ort_format: bool = ORT_FORMAT,
     tolerance: float = TOLERANCE,
+    dynamic_tokens: bool = DYNAMIC_TOKENS,
     force: bool = FORCE,
     seed: int = SEED,
     as_json: bool = JSON_OUT,
 ) -> None:
-    """Export a checkpoint to ONNX (opset 18, dynamic batch), validated against PyTorch in ONNX Runtime.
+    """Export a checkpoint to ONNX (opset 18, dynamic batch; --dynamic-tokens: any sequence length too),
+    validated against PyTorch in ONNX Runtime.
 
     A compressed checkpoint of an architecture that is not built into fixclf needs the same --arch
     that compressed it."""
@@ -287,7 +292,8 @@ def export(
         import compressor
 
         command = compressor.ExportCommand(_source(checkpoint, arch, arch_kwargs, trust_pickle, data), output,
-                                           ExportOptions(quantize, ort_format, tolerance, precision=precision),
+                                           ExportOptions(quantize, ort_format, tolerance, precision=precision,
+                                                         dynamic_tokens=dynamic_tokens),
                                            force, seed)
         return compressor.export_checkpoint(command)
 

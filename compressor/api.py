@@ -29,7 +29,7 @@ from .cost import LayerCost, layer_shapes, measure
 from .data import DataSource, check_against_model, dtype_name, load_data
 from .distributed import World, world_from_environment
 from .errors import DataError, ExportError, Interrupted, OutputError, PlanError, UsageError
-from .export import ExportResult, choose_formats, main_format, to_onnx, validate, write_exports
+from .export import ExportResult, ExportSpec, choose_formats, main_format, to_onnx, validate_lengths, write_exports
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, interrupted,
                        resolved_options, steps_per_epoch)
 from .layers import count_stored
@@ -349,8 +349,9 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
                         f"can be compared with them: the rows are outside the range the model works in (largest |x| "
                         f"{float(samples.abs().max()):.3g}); scale the data as the model was trained on it")
     try:
-        original_bytes = to_onnx(original, samples).proto.SerializeToString()
-        validate(original_bytes, original, samples, tolerance=options.export.tolerance)
+        spec = ExportSpec(dynamic_tokens=options.export.dynamic_tokens)
+        original_bytes = to_onnx(original, samples, spec).proto.SerializeToString()
+        validate_lengths(original_bytes, original, samples, tolerance=options.export.tolerance, spec=spec)
     except ExportError as exc:
         raise ExportError(f"the original model cannot be exported to ONNX, so fixclf cannot measure or deliver it; "
                           f"nothing was fine-tuned: {exc}") from exc
@@ -362,7 +363,8 @@ def _export(original: nn.Module, original_bytes: bytes, compressed: nn.Module, s
             ) -> tuple[ExportResult, OnnxFigures, LatencyPair, LatencyPair, dict[str, ReducedFigures]]:
     timing = data.head("val", options.export.latency_batch)[0]
     events.stage("Exporting the compressed model to ONNX and validating it in ONNX Runtime")
-    result = write_exports(compressed, samples, artifacts, formats, tolerance=options.export.tolerance)
+    result = write_exports(compressed, samples, artifacts, formats, tolerance=options.export.tolerance,
+                           spec=ExportSpec(dynamic_tokens=options.export.dynamic_tokens))
     main = result.files["onnx"]
     onnx = OnnxFigures(main.path, len(original_bytes), main.bytes, ratio(len(original_bytes), main.bytes),
                        result.stored_parameter_bytes, result.constant_bytes, main.max_abs_diff, main.max_rel_diff,
@@ -540,7 +542,7 @@ def _options_summary(options: CompressOptions) -> dict:
             "batch_size": tune.batch_size, "temperature": tune.temperature, "device": tune.device, "amp": tune.amp,
             "update_norm_stats": tune.update_norm_stats, "mixup": tune.mixup, "quantize": export.quantize,
             "precision": export.precision, "ort": export.ort_format, "tolerance": export.tolerance,
-            "latency_batch": export.latency_batch}
+            "latency_batch": export.latency_batch, "dynamic_tokens": export.dynamic_tokens}
 
 
 def load_compressed_model(path: str | Path, *, arch: Architecture | None = None) -> nn.Module:
@@ -576,7 +578,8 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
                    command.force) as artifacts:
         artifacts.check()
         result = write_exports(loaded.model, data.head("val", VALIDATION_ROWS)[0], artifacts, formats,
-                               tolerance=command.export.tolerance)
+                               tolerance=command.export.tolerance,
+                               spec=ExportSpec(dynamic_tokens=command.export.dynamic_tokens))
         artifacts.commit(final=True)
     result.notes = notes + result.notes
     return result

@@ -1,8 +1,8 @@
 """ONNX export: an export spec, the exported graph, one writer per format, and validation on its own.
 
 :func:`to_onnx` runs ``torch.onnx.export(dynamo=True)`` at opset :data:`OPSET` as the
-:class:`ExportSpec` says (input and output names, the batch axis dynamic, the rest as in the
-example, token axes included), strips the exporter's debug metadata, merges identical
+:class:`ExportSpec` says (input and output names, the batch axis dynamic, the token axis too when
+asked, the rest as in the example), strips the exporter's debug metadata, merges identical
 initializers (the DCT / Walsh-Hadamard constants of every layer of the same size become one) and
 checks the graph with ``onnx.checker.check_model(full_check=True)``.
 
@@ -56,6 +56,7 @@ __all__ = [
     "write_exports",
     "to_onnx",
     "validate",
+    "validate_lengths",
     "has_dense_layers",
     "export_onnx",
     "onnx_initializer_bytes",
@@ -77,12 +78,31 @@ patterns and twiddles, and ONNX Runtime computes them once when it loads the fil
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """Names and dynamic axes of the exported graph. Axis 0 (batch) is dynamic; every other axis,
-    a token axis included, keeps the example's size (positional embeddings usually fix it)."""
+    """Names and dynamic axes of the exported graph. Axis 0 (batch) is always dynamic. With
+    ``dynamic_tokens`` axis 1 is too, for inputs of token ids (batch, tokens) or of token features
+    (batch, tokens, features): one file takes every sequence length (a model whose positional
+    embeddings or reshapes fix the length is refused by name, :func:`to_onnx`). Every other axis
+    keeps the example's size."""
 
     input_name: str = "input"
     output_name: str = "logits"
     opset: int = OPSET
+    dynamic_tokens: bool = False
+
+    def dynamic_axes(self, example: torch.Tensor) -> dict[int, str]:
+        """Axis -> name of the axes left symbolic for ``example`` (M, ...) as the model takes it;
+        ExportError where ``dynamic_tokens`` is asked of inputs without a token axis."""
+        if not self.dynamic_tokens:
+            return {0: "batch"}
+        shape = tuple(example.shape[1:])
+        if not (len(shape) == 2 or (len(shape) == 1 and not example.is_floating_point())):
+            kind = "feature rows (batch, features)" if len(shape) == 1 else f"(batch, {', '.join(map(str, shape))})"
+            raise ExportError(f"--dynamic-tokens needs inputs of token ids (batch, tokens) or token features (batch, "
+                              f"tokens, features); these inputs are {kind}, with no token axis: leave it out")
+        if shape[0] < 2:
+            raise ExportError("--dynamic-tokens needs rows of at least 2 tokens to export from (the exporter fixes an "
+                              "axis of size 1); give longer rows or leave it out")
+        return {0: "batch", 1: "tokens"}
 
 
 @dataclass
@@ -262,16 +282,23 @@ def _stored_matrices(proto: onnx.ModelProto, model: nn.Module, content: dict[str
         init.name in state or content[init.name] in keys))
 
 
-def _check_batch_is_dynamic(proto: onnx.ModelProto) -> None:
-    """The graph's batch axis must stay symbolic: a forward that turns the batch size into a Python
+def _check_axes_are_dynamic(proto: onnx.ModelProto, axes: dict[int, str]) -> None:
+    """The graph's dynamic axes must stay symbolic. A forward that turns the batch size into a Python
     number (``int(x.shape[0])``, ``torch.zeros(b, ...)`` with that b) is traced at the example's batch and
-    the exporter keeps that number, so the file would run at that batch only."""
-    fixed = [f"{value.name} (batch {value.type.tensor_type.shape.dim[0].dim_value})" for value in proto.graph.input
-             if value.type.tensor_type.shape.dim and value.type.tensor_type.shape.dim[0].HasField("dim_value")]
-    if fixed:
-        raise ExportError(f"the exported graph fixes the batch size of {', '.join(fixed)}: the model's forward turns the "
-                          "batch size into a plain number (int(x.shape[0]) or similar); keep it symbolic (x.shape[0], "
-                          "reshape(-1, ...), x.new_zeros(x.shape[0], ...)) so that the model exports for any batch")
+    the exporter keeps that number, so the file would run at that batch only; a token count is fixed
+    the same way, or by positional embeddings of one length (the exporter then keeps the example's)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = {axis: dims[axis].dim_value for axis in axes if axis < len(dims) and dims[axis].HasField("dim_value")}
+    if 0 in fixed:
+        raise ExportError(f"the exported graph fixes the batch size of {proto.graph.input[0].name} at {fixed[0]}: the "
+                          "model's forward turns the batch size into a plain number (int(x.shape[0]) or similar); keep "
+                          "it symbolic (x.shape[0], reshape(-1, ...), x.new_zeros(x.shape[0], ...)) so that the model "
+                          "exports for any batch")
+    if 1 in fixed:
+        raise ExportError(f"--dynamic-tokens: the model fixes its token count at {fixed[1]} (positional embeddings of "
+                          "that length, a layer across the token axis, or a reshape or Python number made from it), so "
+                          "no file can take other lengths; leave --dynamic-tokens out (the file then takes exactly that "
+                          "many tokens)")
 
 
 def _two_rows(example: torch.Tensor) -> torch.Tensor:
@@ -314,17 +341,18 @@ def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSp
 def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Exported:
     import onnxscript.optimizer  # here, not at the top: 0.9 s of every start of the CLI (report, plan) otherwise
 
-    batch = torch.export.Dim("batch", min=1)
+    example = _two_rows(runtime.as_model_input(example))
+    axes = spec.dynamic_axes(example)
     try:
         with _quiet(), _operator_registry_built_once():
-            program = torch.onnx.export(model, (_two_rows(runtime.as_model_input(example)),), dynamo=True,
-                                        opset_version=spec.opset,
-                                        dynamic_shapes=({0: batch},), input_names=[spec.input_name],
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=spec.opset,
+                                        dynamic_shapes=({axis: torch.export.Dim(name, min=1) for axis, name in axes.items()},),
+                                        input_names=[spec.input_name],
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
         raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
-    _check_batch_is_dynamic(proto)
+    _check_axes_are_dynamic(proto, axes)
     _strip_debug_info(proto)
     content = _dedupe_initializers(proto)
     try:
@@ -357,6 +385,23 @@ def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tens
     if min_agreement is not None and result.top1_agreement < min_agreement:
         raise ExportError(f"the {what} model agrees with the float32 model on only {result.top1_agreement:.1%} of "
                           f"inputs (need {min_agreement:.0%}); export without --quantize / --precision")
+    return result
+
+
+def validate_lengths(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float,
+                     spec: ExportSpec) -> Validation:
+    """:func:`validate` on ``inputs`` at the relative ``tolerance``; with ``spec.dynamic_tokens`` also on
+    the same rows one token shorter: the proof that the file takes another length."""
+    result = validate(onnx_file, model, inputs, tolerance=tolerance)
+    if spec.dynamic_tokens:
+        tokens = inputs.shape[1] - 1
+        try:
+            validate(onnx_file, model, inputs[:, :tokens], tolerance=tolerance)
+        except ExportError as exc:
+            raise ExportError(f"--dynamic-tokens, on the rows cut to {tokens} tokens: {exc}") from exc
+        except Exception as exc:  # the model's own forward at that length
+            raise ExportError(f"--dynamic-tokens: the model does not run on {tokens} tokens in PyTorch "
+                              f"({_root_cause(exc)}); leave --dynamic-tokens out") from exc
     return result
 
 
@@ -490,13 +535,15 @@ def mobile_usability(onnx_path: str | os.PathLike) -> list[str]:
 
 
 def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike, *, tolerance: float = DEFAULT_TOLERANCE,
-                quantize: str | None = None, precision: str = "fp32", ort_format: bool = False) -> ExportResult:
+                quantize: str | None = None, precision: str = "fp32", ort_format: bool = False,
+                dynamic_tokens: bool = False) -> ExportResult:
     """Export ``model`` to one validated file at ``path`` (the library's one-call export).
 
     ``inputs``: (M, ...) real samples, also the example. ``quantize="int8"`` writes the int8 model
     at ``path`` (the float one, with a note, when no dense layer is left); ``precision="fp16"`` the
     float16 one (accepted on >= 99% top-1 agreement with float32). ``ort_format`` also writes
-    ``path`` with suffix ``.ort``. Nothing is left behind on failure.
+    ``path`` with suffix ``.ort``. ``dynamic_tokens``: the file takes any sequence length
+    (:class:`ExportSpec`). Nothing is left behind on failure.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"unknown quantisation {quantize!r}; use {' or '.join(QUANTIZATIONS)} or leave it out")
@@ -504,29 +551,32 @@ def export_onnx(model: nn.Module, inputs: torch.Tensor, path: str | os.PathLike,
         raise ExportError(f"unknown precision {precision!r}; use {' or '.join(PRECISIONS)}")
     if Path(path).suffix != ".onnx":
         raise ExportError(f"{path}: the file name must end in .onnx")
+    if not isinstance(dynamic_tokens, bool):
+        raise ExportError(f"dynamic_tokens must be True or False, got {dynamic_tokens!r:.60}")
     requested = {main_format(quantize, precision): "onnx"} | ({"ort": "ort"} if ort_format else {})
     formats, notes = choose_formats(model, requested)
     with Artifacts(export_outputs(Path(path), ort_format=ort_format), [], force=True).check() as artifacts:
-        result = write_exports(model, inputs, artifacts, formats, tolerance=tolerance)
+        result = write_exports(model, inputs, artifacts, formats, tolerance=tolerance,
+                               spec=ExportSpec(dynamic_tokens=dynamic_tokens))
         artifacts.commit()
     result.notes += notes
     return result
 
 
 def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str], *,
-                  tolerance: float) -> ExportResult:
-    """Export ``model`` once, then write each format (name -> ``artifacts`` role) and validate it by its
-    rule. The model is exported in eval mode and float32; the caller's is left as it was."""
+                  tolerance: float, spec: ExportSpec = ExportSpec()) -> ExportResult:
+    """Export ``model`` once as ``spec`` says, then write each format (name -> ``artifacts`` role) and
+    validate it by its rule. The model is exported in eval mode and float32; the caller's is left as it was."""
     with _evaluated_in_float32(model) as model:
-        return _write_exports(model, inputs, artifacts, formats, tolerance)
+        return _write_exports(model, inputs, artifacts, formats, tolerance, spec)
 
 
 def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: dict[str, str],
-                   tolerance: float) -> ExportResult:
-    exported = _to_onnx(model, inputs, ExportSpec())
+                   tolerance: float, spec: ExportSpec) -> ExportResult:
+    exported = _to_onnx(model, inputs, spec)
     float_file = artifacts.scratch(".onnx")
     artifacts.guard(lambda: onnx.save_model(exported.proto, str(float_file)))
-    validate(float_file, model, inputs, tolerance=tolerance)
+    validate_lengths(float_file, model, inputs, tolerance=tolerance, spec=spec)
     result = ExportResult({}, exported.stored_parameter_bytes, exported.constant_bytes,
                           len(exported.proto.graph.initializer))
     for name, role in formats.items():

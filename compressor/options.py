@@ -209,19 +209,22 @@ class FinetuneOptions:
 
 @dataclass
 class ExportOptions:
-    """ONNX export: validation tolerance, optional int8 and ORT-format files, latency batch."""
+    """ONNX export: validation tolerance, optional int8 and ORT-format files, latency batch, whether
+    the token axis stays dynamic."""
 
     quantize: str | None = None
     ort_format: bool = False
     tolerance: float = 1e-4
     latency_batch: int = 128
     precision: str = "fp32"  # fp16: also (compress) or instead (export) a float16 ONNX file
+    dynamic_tokens: bool = False  # the ONNX file takes any sequence length (export.ExportSpec)
 
     def validate(self) -> None:
         if self.quantize is not None:
             _choice("--quantize", self.quantize, QUANTIZATIONS)
         _choice("--precision", self.precision, PRECISIONS)
         _yes_no("--ort", self.ort_format)
+        _yes_no("--dynamic-tokens", self.dynamic_tokens)
         _positive_finite("--tolerance", self.tolerance)
         _int_range("--latency-batch", self.latency_batch, 1, LATENCY_BATCH_MAX)
 

@@ -45,12 +45,13 @@ class Block(nn.Module):
 
 
 class ViTStyle(nn.Module):
-    """(batch, tokens, patch features) -> patch embedding, position embedding, one block, mean pool, head."""
+    """(batch, tokens, patch features) -> patch embedding, position embedding (which fixes the token
+    count; ``tokens=None``: none, any count), one block, mean pool, head."""
 
-    def __init__(self, tokens: int = 16, patch: int = 4, dim: int = 32, heads: int = 2, classes: int = 10) -> None:
+    def __init__(self, tokens: int | None = 16, patch: int = 4, dim: int = 32, heads: int = 2, classes: int = 10) -> None:
         super().__init__()
         self.embed = nn.Linear(patch, dim)
-        self.pos = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(tokens, dim) * 0.02) if tokens else nn.Parameter(torch.zeros(dim))
         self.block = Block(dim, heads)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
@@ -83,6 +84,11 @@ def resnet_style(width: int = 16, classes: int = 10) -> ResNetStyle:
 
 def vit_style(classes: int = 10) -> ViTStyle:
     return ViTStyle(classes=classes)
+
+
+def any_length_tokens(classes: int = 10) -> ViTStyle:
+    """A transformer block on (batch, tokens, 4) features of any token count (no position embedding)."""
+    return ViTStyle(tokens=None, classes=classes)
 
 
 def mixer_style(classes: int = 10) -> MixerStyle:

@@ -282,8 +282,52 @@ def test_token_ids_into_an_embedding_train_export_and_run_as_integers(workdir):
         expected = compressed(tokens[:64])
     got = torch.from_numpy(run(session("tokens.fixclf.onnx"), tokens[:64]))
     assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
-    again = runner.invoke(app, ["export", "tokens.fixclf.pt", "-o", "again.onnx", *arch])
+    again = runner.invoke(app, ["export", "tokens.fixclf.pt", "-o", "again.onnx", *arch, "--dynamic-tokens"])
     assert again.exit_code == 0, again.output
+    for length in (1, 5, 40):  # the exported file takes any sequence length (validated at 12 and 11)
+        ids = torch.randint(0, 100, (3, length))
+        with torch.no_grad():
+            expected = compressed(ids)
+        assert (torch.from_numpy(run(session("again.onnx"), ids)) - expected).abs().max() <= 1e-4
+
+
+def test_dynamic_tokens_export_token_features_of_any_length_and_refuse_a_fixed_length(workdir):
+    """--dynamic-tokens: the compressed (batch, tokens, features) model's file runs at other token counts
+    and matches PyTorch; a model whose position embedding or token-mixing layer fixes the count, and
+    inputs with no token axis, are refused by name before any work."""
+    from compressor.errors import ExportError
+    from compressor.export import ExportSpec, to_onnx
+
+    torch.manual_seed(0)
+    original = architectures.any_length_tokens().eval()
+    torch.save(original.state_dict(), "any_length_tokens.pt")
+    x = torch.randn(320, 16, 4)
+    with torch.no_grad():
+        np.savez("data.npz", x=x.numpy(), y=original(x).argmax(1).numpy())
+    result = runner.invoke(app, ["compress", "any_length_tokens.pt", "--arch", "architectures:any_length_tokens",
+                                 "--data", "data.npz", "--epochs", "1", "--latency-batch", "8", "--dynamic-tokens", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["dynamic_tokens"] is True
+    import onnx
+
+    dims = onnx.load("any_length_tokens.fixclf.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims][1:] == ["tokens", 4]
+    model = load_compressed_model("any_length_tokens.fixclf.pt", arch="architectures:any_length_tokens")
+    for length in (2, 7, 50):
+        x = torch.randn(3, length, 4)
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(run(session("any_length_tokens.fixclf.onnx"), x))
+        assert (got - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+    dynamic = ExportSpec(dynamic_tokens=True)
+    for fixed in (architectures.vit_style(), architectures.mixer_style()):
+        with pytest.raises(ExportError, match="fixes its token count at 16"):
+            to_onnx(fixed, torch.randn(4, 16, 4), dynamic)
+    with pytest.raises(ExportError, match=r"no token axis"):
+        to_onnx(architectures.resnet_style(), torch.randn(4, 3, 16, 16), dynamic)
+    with pytest.raises(ExportError, match=r"at least 2 tokens"):
+        to_onnx(architectures.any_length_tokens(), torch.randn(4, 1, 4), dynamic)
 
 
 def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):

@@ -220,6 +220,8 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
         export_onnx(model, x, tmp_path / "p.onnx", precision="fp61")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(model, x, tmp_path / "m.txt")
+    with pytest.raises(ExportError, match="dynamic_tokens must be True or False"):
+        export_onnx(model, x, tmp_path / "d.onnx", dynamic_tokens="no")
     with pytest.raises(OutputError, match="directory .*nodir does not exist; create it"):
         export_onnx(model, x, tmp_path / "nodir" / "m.onnx")
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -22,6 +22,8 @@ BAD_OPTIONS = {
     "update_norm_stats as a string": (CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(update_norm_stats="n")),
                                       "--update-norm-stats"),
     "ort_format as a string": (CompressOptions(SourceOptions(MLP), export=ExportOptions(ort_format="false")), "--ort"),
+    "dynamic_tokens as a string": (CompressOptions(SourceOptions(MLP), export=ExportOptions(dynamic_tokens="no")),
+                                   "--dynamic-tokens"),
     "include as one string": (CompressOptions(SourceOptions(MLP), plan=PlanOptions(include="net.*")), "--include"),
     "exclude as None": (CompressOptions(SourceOptions(MLP), plan=PlanOptions(exclude=None)), "--exclude"),
     "output as a number": (CompressOptions(SourceOptions(MLP), output=123), "--output"),
