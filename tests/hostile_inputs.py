@@ -51,6 +51,7 @@ def _sample_state() -> dict:
 def write_inputs(d: Path, compressed: dict) -> None:
     """Every input any case uses, created once; each case runs on its own copy."""
     shutil.copy(SAMPLES / "mlp.pt", d / "mlp.pt")
+    shutil.copy(SAMPLES / "cnn.pt", d / "cnn.pt")
     shutil.copy(SAMPLES / "digits.npz", d / "digits.npz")
     (d / "empty.pt").write_bytes(b"")
     full = (SAMPLES / "mlp.pt").read_bytes()
@@ -300,6 +301,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "user checkpoint without --data": ([C, "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
                                         '{"hidden": [512, 512]}'], 4),
     "wrong data feature size": ([C, "mlp.pt", "--data", "narrow.npz"], 4),
+    "data a reshaping model regroups into fewer rows": ([C, "cnn.pt", "--data", "narrow.npz"], 4),
     "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
