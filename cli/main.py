@@ -145,8 +145,8 @@ FORCE = typer.Option(DEFAULTS.force, "--force", help="Overwrite existing outputs
 OBJECTIVE = typer.Option(PLAN.objective, "--objective", help="size: replace every planned layer; latency: keep dense "
                          "each layer whose replacement is slower alone in ONNX Runtime at batch 1 at the model's shapes.")
 LATENCY_BATCH = typer.Option(EXPORT.latency_batch, "--latency-batch", help="Batch size of the latency measurement.")
-INIT = typer.Option(TUNE.init, "--init", help="Hidden layers start from the thesis' near-identity (thesis) or are "
-                    "first fitted to the dense layers by least squares (fit).")
+INIT = typer.Option(TUNE.init, "--init", help="Hidden layers start from the papers' initialisation (thesis: each ACDC "
+                    "layer near identity, Fastfood random) or are first fitted to the dense layers by least squares (fit).")
 TRAIN_DATA = typer.Option(None, "--data", help="Data: .npz/.pt with x (and y, x_val, y_val, x_select, y_select), a "
                           "directory of .npy/.npz shards (read lazily), or package.module:function returning arrays, a "
                           "Dataset or an IterableDataset. Not needed for checkpoints that bundle data (the samples).")

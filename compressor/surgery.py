@@ -22,14 +22,15 @@ input in the original model (each spec's ``init_from_dense``):
   from a least-squares fit to the original logits ended 0.3-0.6 pp lower, and matching the spread
   of the original logits (DESIGN's suggestion) 0.6-2 pp lower: its large random logits at the
   start disturb the new hidden layers.
-* hidden layers (``fit``): False (default) keeps the thesis initialisation, diagonals
-  N(1, sigma^2), near identity; True first fits each structured layer to its dense layer by
+* hidden layers (``fit``): False (default) keeps the thesis initialisation: ACDC diagonals
+  N(1, sigma^2), so that each ACDC layer starts near identity (a stack of K starts near its ReLUs and
+  permutations between them), and Fastfood's random start (its module docstring); True first fits each structured layer to its dense layer by
   least squares on the calibration activations. The fit approximates the dense layers much better
   (tests/test_surgery.py) but, measured with the default budget on seeds 0/1/2, ends no more
   accurate after distillation: MLP 98.61 / 98.89 / 98.61% with the fit against 98.89% for all
   three with the thesis start; CNN 98.61 / 99.16 / 98.89% against 99.44 / 99.44 / 98.89%. A
   3n-parameter layer cannot represent the dense map (relative fit error 0.4-0.5), and the
-  near-identity start keeps the information the next layer needs.
+  near-identity start of each ACDC layer keeps the information the next layer needs.
 """
 from __future__ import annotations
 

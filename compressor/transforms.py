@@ -125,7 +125,9 @@ class _ConstantTransform(nn.Module):
     Hadamard factors are never meta tensors.
 
     The float64 values are kept aside, so that ``.double()`` / ``.to(dtype)`` re-derive the
-    buffers at full precision instead of up-casting rounded float32 values.
+    buffers at full precision instead of up-casting rounded float32 values; index buffers are kept
+    aside too, so that ``to_empty`` (which leaves every buffer uninitialised, and nothing in a
+    state_dict restores these) finds them again.
     """
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -142,6 +144,7 @@ class _ConstantTransform(nn.Module):
     def __init__(self, constants: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self._exact: dict[str, torch.Tensor] = {}
+        self._indices: dict[str, torch.Tensor] = {}
         self._register_constants(constants)
 
     def _register_constants(self, constants: dict[str, torch.Tensor]) -> None:
@@ -150,9 +153,15 @@ class _ConstantTransform(nn.Module):
             self._exact[name] = value
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
+    def _register_indices(self, indices: dict[str, torch.Tensor]) -> None:
+        """Keep the integer ``indices`` aside and register them as non-persistent buffers of their dtype."""
+        for name, value in indices.items():
+            self._indices[name] = value
+            self.register_buffer(name, value, persistent=False)
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
-        for name, value in self._exact.items():
+        for name, value in [*self._exact.items(), *self._indices.items()]:
             current = getattr(self, name)
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
         return self
@@ -478,9 +487,9 @@ class _RealDCT(_ConstantTransform):
         super().__init__(constants)
         self.n = n
         gather = _makhoul_index(n)
-        for name, index in (("gather_in", gather), ("gather_out", torch.argsort(gather)), ("order", order),
-                            ("natural", torch.argsort(order))):
-            self.register_buffer(name, index.to(torch.int32), persistent=False)  # int32: half the bytes in the file
+        self._register_indices({name: index.to(torch.int32)  # int32: half the bytes in the file
+                                for name, index in (("gather_in", gather), ("gather_out", torch.argsort(gather)),
+                                                    ("order", order), ("natural", torch.argsort(order)))})
         self._register_fft_constants(n)
 
     def stage_matrix(self, s: int) -> torch.Tensor:
@@ -530,7 +539,7 @@ class _RealDCT(_ConstantTransform):
         # Half-complex layout (n/2 + 1, 2) of n coefficients X: [j, 0] = X_j, [j, 1] = -X_(n-j) (j >= 1).
         half = torch.arange(n // 2 + 1)
         im_source = torch.cat([torch.zeros(1, dtype=torch.long), n - half[1:]])
-        self.register_buffer("half_complex_index", torch.stack([half, im_source], 1), persistent=False)
+        self._register_indices({"half_complex_index": torch.stack([half, im_source], 1)})
         keep = torch.ones(n // 2 + 1, 2, dtype=torch.float64)
         keep[0, 1] = 0.0
         negate = keep * torch.tensor([1.0, -1.0], dtype=torch.float64)

@@ -232,8 +232,11 @@ def test_parameter_counts():
     assert count_stored(HadamardHead(4096, 1000)) == 1 + 1000
 
 
-@pytest.mark.parametrize("build", [lambda: ACDCStack(30, 20), lambda: ACDC(24), lambda: AdaptiveFastfood(30, 20),
-                                   lambda: HadamardHead(30, 5), lambda: OrthogonalHead(30, 5)])
+EVERY_KIND = [lambda: ACDCStack(30, 20), lambda: ACDC(24), lambda: AdaptiveFastfood(30, 20), lambda: HadamardHead(30, 5),
+              lambda: OrthogonalHead(30, 5)]
+
+
+@pytest.mark.parametrize("build", EVERY_KIND)
 def test_zero_rows_and_zero_tokens_give_empty_outputs_with_gradients(build):
     """An empty last batch, or a sequence of no tokens, goes through like any other (torch.fft refuses
     zero rows, so ACDC takes its MatMul chain there)."""
@@ -245,6 +248,33 @@ def test_zero_rows_and_zero_tokens_give_empty_outputs_with_gradients(build):
         assert y.shape == (*shape[:-1], out)
         y.sum().backward()
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("build", EVERY_KIND)
+def test_built_on_meta_then_to_empty_and_loaded_computes_as_the_original(build):
+    """The usual way to build a big model without memory: on the meta device, then ``to_empty`` (every
+    buffer uninitialised) and the state_dict; the transforms' constants and indices are not in the
+    state_dict, so the layer must restore them itself."""
+    torch.manual_seed(0)
+    reference = build()
+    with torch.device("meta"):
+        layer = build()
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(4, reference.in_features)
+    assert torch.equal(layer(x), reference(x))
+
+
+@pytest.mark.parametrize("build", EVERY_KIND)
+def test_inputs_an_nn_linear_would_refuse_are_refused_by_name(build):
+    """Integer inputs (ACDC's FFT path rounded them back to integers, its MatMul chain did not) and a
+    last axis other than in_features (a reshape error before) are refused as nn.Linear refuses them."""
+    layer = build()
+    with pytest.raises(TypeError, match="floating-point inputs, got torch.int64"):
+        layer(torch.ones(2, layer.in_features, dtype=torch.long))
+    for shape in ((2, layer.in_features + 1), ()):
+        with pytest.raises(ValueError, match=rf"takes inputs \(\.\.\., {layer.in_features}\), got shape"):
+            layer(torch.ones(shape))
 
 
 @pytest.mark.parametrize("build, named", [(lambda: ACDCStack(0, 10), "in_features"), (lambda: ACDCStack(3, 5, depth=2.5), "depth"),

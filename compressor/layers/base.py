@@ -69,6 +69,20 @@ class ReplacesLinear(nn.Module):
     """Base of every module that replaces an ``nn.Linear``: reading the dense ``weight`` or ``bias`` it
     does not have raises :class:`DenseAttributeRead` (an AttributeError, so ``hasattr`` stays False)."""
 
+    in_features: int
+
+    def rows(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        """(..., in_features) -> (M, in_features). Refused as ``nn.Linear`` refuses them: inputs that are
+        not floating point (an integer tensor would otherwise be rounded on the way back, or not, by
+        path) and inputs whose last axis is not ``in_features`` (named here, not as a reshape error)."""
+        if not input.is_floating_point():
+            raise TypeError(f"{type(self).__name__} takes floating-point inputs, got {input.dtype}; convert them "
+                            "(x.float())")
+        if not torch.jit.is_tracing() and (input.dim() == 0 or input.shape[-1] != self.in_features):  # traced: shapes are tensors
+            raise ValueError(f"{type(self).__name__} takes inputs (..., {self.in_features}), got shape "
+                             f"{tuple(input.shape)}")
+        return input.reshape(-1, self.in_features)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -92,7 +106,7 @@ class StructuredLinear(ReplacesLinear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name: models call it as input=)
         """(..., in_features) -> (..., out_features)."""
         batch = input.shape[:-1]
-        rows = input.reshape(-1, self.in_features)
+        rows = self.rows(input)
         if self.size != self.in_features:
             rows = F.pad(rows, (0, self.size - self.in_features))
         return self.forward_rows(rows).reshape(*batch, self.out_features)

@@ -15,8 +15,8 @@ every input over all outputs (entries of magnitude O(1/sqrt(n))).
 ceil(out / n) independent blocks are stacked (each with its own S, G, B, Pi) and their outputs
 concatenated; the result is sliced to ``out_features``. A learned output bias is added.
 Initialisation: B random signs, G ~ N(0, 1), S = 1, so that at init each output has variance
-about ||x||^2 / n, like a standard dense initialisation; fixclf then fits the diagonals to the
-dense layer being replaced.
+about ||x||^2 / n, like a standard dense initialisation (a random map, not the dense layer it
+replaces); ``--init fit`` first fits the diagonals to that dense layer (compressor.surgery).
 """
 from __future__ import annotations
 

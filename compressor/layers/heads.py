@@ -86,7 +86,7 @@ class FixedHead(ReplacesLinear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name: models call it as input=)
         batch = input.shape[:-1]
-        x = input.reshape(-1, self.in_features)
+        x = self.rows(input)
         # Q is linear: alpha Q (x / |x|) = raw(x) * (alpha code_scale / |x|), one scale on the C outputs.
         scale = (self.alpha * self.code_scale) / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.eps)
         logits = self.raw_codes(x) * scale
@@ -190,7 +190,8 @@ class OrthogonalHead(FixedHead):
         generator = torch.Generator().manual_seed(seed)
         tall = torch.randn(max(in_features, num_classes), min(in_features, num_classes), generator=generator)
         q, _ = torch.linalg.qr(tall.double())  # orthonormal columns
-        q = q.T if num_classes <= in_features else q  # C x N: orthonormal rows, or columns when C > N
+        q = q.T if num_classes <= in_features else q  # C x N: orthonormal rows; when C > N, orthonormal columns
+        # whose rows are then scaled to unit norm below (the columns are orthogonal no longer)
         self.register_buffer("weight", (q / q.norm(dim=1, keepdim=True)).float())
 
     def raw_codes(self, x: torch.Tensor) -> torch.Tensor:

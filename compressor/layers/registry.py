@@ -69,7 +69,8 @@ def init_head_from_dense(head: nn.Module, dense: nn.Linear, x: torch.Tensor, fit
 
 def fit_to_dense(module: nn.Module, dense: nn.Linear, x: torch.Tensor, fit: bool = False) -> None:
     """With ``fit``, least squares on calibration activations: min ||module(x) - dense(x)||^2
-    (:data:`FIT_STEPS` Adam steps, cosine schedule); without it the thesis' near-identity start stays."""
+    (:data:`FIT_STEPS` Adam steps, cosine schedule); without it the layer's own start stays (ACDC's near-identity
+    layers, Fastfood's random map)."""
     if not fit:
         return
     with torch.no_grad():
