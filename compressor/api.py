@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from .export import ExportResult, ExportSpec, choose_formats, main_format, to_on
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, interrupted,
                        resolved_options, steps_per_epoch)
 from .layers import count_stored
+from .modelcopy import copy_model
 from .options import KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
@@ -232,7 +232,7 @@ def _surgery_and_finetune(original: nn.Module, plan: list[LayerPlan], data: Data
     their notes, and the fine-tune's result and accuracy."""
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        compressed = apply_plan(copy.deepcopy(original), plan)
+        compressed = apply_plan(copy_model(original), plan)
         formats, notes = choose_formats(compressed, _requested_formats(options.export))
         for note in notes:
             events.stage(f"note: {note}")

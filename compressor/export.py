@@ -18,7 +18,6 @@ files, :mod:`compressor.outputs`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import os
@@ -37,6 +36,7 @@ from torch import nn
 from . import runtime
 from .errors import ExportError
 from .layers.base import stored_tensors
+from .modelcopy import copy_model
 from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
 
@@ -324,7 +324,7 @@ def _evaluated_in_float32(model: nn.Module) -> Iterator[nn.Module]:
 
 def _float32_copy(model: nn.Module) -> nn.Module:
     try:
-        copied = copy.deepcopy(model)
+        copied = copy_model(model)
     except Exception as exc:  # a module holding tensors computed from others, an object deepcopy cannot take
         raise ExportError(f"the model holds floats other than float32 and cannot be copied to export it in float32 "
                           f"({_root_cause(exc)}); convert it first (model.float())") from exc

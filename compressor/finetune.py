@@ -77,6 +77,9 @@ __all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "correct_rows", "evalua
            "resolved_options", "freeze_norm_statistics", "channels_last"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+RUNNING_STATISTICS = ("running_", "moving_")
+"""Name prefixes of the buffers in which other normalisation layers keep statistics they update in
+training mode (timm's EvoNorm ``running_var``, ports of Keras' ``moving_mean``)."""
 EVAL_BATCH = 512
 RESUME_FORMAT = "fixclf.resume/1"
 
@@ -222,11 +225,15 @@ def _param_groups(student: nn.Module, new: list[nn.Parameter], options: Finetune
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
-    """Put the running-statistics normalisation layers (all kept: fixclf replaces only Linear layers)
-    in eval mode, so their statistics stay as trained."""
+    """Put the layers that keep running statistics (all kept: fixclf replaces only Linear layers) in
+    eval mode, so their statistics stay as trained: PyTorch's batch and instance norms, and any module
+    holding a floating-point buffer named ``running_*`` / ``moving_*`` itself (its submodules keep
+    their mode: dropout inside such a module still trains)."""
     for module in model.modules():
-        if isinstance(module, NORM_WITH_STATISTICS):
-            module.eval()
+        if isinstance(module, NORM_WITH_STATISTICS) or any(
+                name.startswith(RUNNING_STATISTICS) and buffer is not None and buffer.is_floating_point()
+                for name, buffer in module.named_buffers(recurse=False)):
+            module.training = False
 
 
 def _training_mode(model: nn.Module, options: FinetuneOptions) -> None:

@@ -34,7 +34,6 @@ input in the original model (each spec's ``init_from_dense``):
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import dataclass, field, replace
 
@@ -45,6 +44,7 @@ from .errors import PlanError
 from .layers import count_stored, spec_for
 from .layers.base import DenseAttributeRead, own_stored_tensors
 from .layers.registry import LayerSpec
+from .modelcopy import copy_model
 from .options import KEEP, PlanOptions
 from .trace import layer_inputs, survey
 
@@ -196,7 +196,7 @@ def _read_by_the_model(model: nn.Module, plan: list[LayerPlan], example: torch.T
     kept: dict[str, str] = {}
     aliases = _aliases(model)
     replaced = {alias: entry.name for entry in plan if entry.replaced for alias in aliases.get(entry.name, [entry.name])}
-    trial = apply_plan(copy.deepcopy(model), plan)
+    trial = apply_plan(copy_model(model), plan)
     with torch.random.fork_rng(devices=[]):
         while True:
             try:
@@ -208,7 +208,7 @@ def _read_by_the_model(model: nn.Module, plan: list[LayerPlan], example: torch.T
                 if name is None or name in kept or name == "":
                     return kept
                 kept[name] = READ_BY_THE_MODEL.format(exc.attribute)
-                _set_everywhere(trial, name, copy.deepcopy(model.get_submodule(name)))
+                _set_everywhere(trial, name, copy_model(model.get_submodule(name)))
             except Exception:  # noqa: BLE001 (not this check's to report)
                 return kept
 
@@ -297,9 +297,9 @@ def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> n
     """A copy of ``compressed`` whose layer ``name`` is the original dense one again (to measure what
     replacing that layer costs)."""
     if name == "":
-        return copy.deepcopy(original)
-    model = copy.deepcopy(compressed)
-    _set_everywhere(model, name, copy.deepcopy(original.get_submodule(name)))
+        return copy_model(original)
+    model = copy_model(compressed)
+    _set_everywhere(model, name, copy_model(original.get_submodule(name)))
     return model
 
 

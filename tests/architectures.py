@@ -240,3 +240,48 @@ def long_names(classes: int = 10) -> nn.Sequential:
     stem = "a_really_long_layer_name_" * 3
     return nn.Sequential(OrderedDict([(f"{stem}one", nn.Linear(64, 64)), ("relu", nn.ReLU()),
                                       (f"{stem}two", nn.Linear(64, classes))]))
+
+
+class CachesInEval(nn.Module):
+    """LeViT's habit: in eval mode a computed tensor (its attention biases) is cached on the module, so
+    a forward with gradients on leaves a non-leaf tensor there; train() and eval() clear the cache."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, classes)
+        self.gain = nn.Parameter(torch.ones(64))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "CachesInEval":  # as LeViT's: either mode clears the cache
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = self.gain * 2 if self.training else self.cache.setdefault("gain", self.gain * 2)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)) * gain)))
+
+
+def caches_in_eval(classes: int = 10) -> CachesInEval:
+    return CachesInEval(classes)
+
+
+class RunningVariance(nn.Module):
+    """timm's EvoNorm B0 in brief: a running variance (a buffer not of a PyTorch norm class) updated by
+    every training-mode forward, and a dropout inside it."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("running_var", torch.ones(features))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.running_var.lerp_(x.detach().var(0), 0.1)
+            return self.drop(x / (x.var(0) + 1e-5).sqrt())
+        return x / (self.running_var + 1e-5).sqrt()
+
+
+def running_variance(classes: int = 10) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 64), RunningVariance(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, classes))

@@ -89,6 +89,32 @@ def test_norm_statistics_update_only_when_asked(workdir):
     assert not torch.equal(original["bn1.running_mean"], compressed["bn1.running_mean"])
 
 
+def test_running_statistics_of_any_module_stay_unless_asked(workdir):
+    """A running_* buffer outside PyTorch's norm classes (timm's EvoNorm) is frozen like BatchNorm's:
+    its module runs in eval mode in the fine-tune, its dropout child still trains."""
+    from compressor.finetune import freeze_norm_statistics
+
+    model, _ = _labelled("running_variance", rows=320, features=16)
+    freeze_norm_statistics(model.train())
+    assert not model[1].training and model[1].drop.training
+    result = runner.invoke(app, ["compress", "running_variance.pt", "--arch", "architectures:running_variance",
+                                 "--data", "data.npz", "--epochs", "1", "--latency-batch", "8"])
+    assert result.exit_code == 0, result.output
+    stored = torch.load("running_variance.fixclf.pt", weights_only=True)["state_dict"]["1.running_var"]
+    assert torch.equal(stored, torch.load("running_variance.pt", weights_only=True)["1.running_var"])
+
+
+def test_a_model_caching_computed_tensors_in_eval_mode_is_copied_and_compressed(workdir):
+    """LeViT caches its attention biases in eval mode: after the forward pass that surveys the model
+    (gradients on), the cache holds a non-leaf tensor, which copy.deepcopy refuses."""
+    _labelled("caches_in_eval", rows=320, features=16)
+    result = runner.invoke(app, ["compress", "caches_in_eval.pt", "--arch", "architectures:caches_in_eval",
+                                 "--data", "data.npz", "--epochs", "1", "--latency-batch", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {layer["name"]: layer["kind"] for layer in json.loads(result.stdout)["layers"]} == {
+        "fc1": "acdc", "fc2": "acdc", "head": "hadamard"}
+
+
 def test_json_stays_json_when_user_code_prints(workdir):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
