@@ -168,7 +168,8 @@ def print_report(report: Report) -> None:
     o = report.onnx
     out.print(f"ONNX: {_safe(o.path)} ({_bytes(o.bytes_after)}: stored state {_bytes(o.stored_parameter_bytes)}, shared "
               f"transform constants {_bytes(o.constant_bytes)}); max |ONNX - PyTorch| = {o.max_abs_diff:.2e} "
-              f"(relative {o.max_rel_diff:.2e})", highlight=False)
+              f"(relative {o.max_rel_diff:.2e}); inputs: any batch size"
+              f"{' and token count' if report.options.get('dynamic_tokens') else ''}", highlight=False)
     _lines("mobile", o.mobile_notes)
     _lines("note", report.notes)
     _lines("warning", report.warnings, style="yellow")

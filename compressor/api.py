@@ -353,8 +353,8 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
         original_bytes = to_onnx(original, samples, spec).proto.SerializeToString()
         validate_lengths(original_bytes, original, samples, tolerance=options.export.tolerance, spec=spec)
     except ExportError as exc:
-        raise ExportError(f"the original model cannot be exported to ONNX, so fixclf cannot measure or deliver it; "
-                          f"nothing was fine-tuned: {exc}") from exc
+        raise ExportError(f"the original model cannot be exported to ONNX as asked, so fixclf cannot measure or "
+                          f"deliver it; nothing was fine-tuned: {exc}") from exc
     return original_bytes
 
 

@@ -837,10 +837,10 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
         raise PlanError(f"the model returns {_describe(logits)}; fixclf compresses classifiers whose forward returns "
                         "one float logits tensor (batch, classes): wrap the model so that it does")
-    if logits.shape[0] != x.shape[0]:
-        raise DataError(f"{data.source}: the model returns {logits.shape[0]} row(s) of logits for {x.shape[0]} rows of "
-                        f"shape {tuple(x.shape[1:])}, so these samples do not fit it (its forward regroups the values, "
-                        "e.g. a reshape to its own input shape); check --data")
+    if logits.shape[0] < x.shape[0]:  # more rows are a model's own layout (a tagger's batch x tokens rows)
+        raise DataError(f"{data.source}: the model's forward regroups {x.shape[0]} rows of shape {tuple(x.shape[1:])} "
+                        f"into {logits.shape[0]} row(s) of logits (a reshape to the input shape it was built for), so "
+                        "these samples are not of that shape; check --data")
     if data.has_labels and logits.ndim != 2:
         raise DataError(f"{data.source}: labels need a model returning (batch, classes) logits, this one returns shape "
                         f"{tuple(logits.shape)}; drop y (distillation alone needs no labels) or pool the outputs")

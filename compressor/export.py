@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import runtime
-from .errors import ExportError
+from .errors import DataError, ExportError
 from .layers.base import stored_tensors
 from .modelcopy import copy_model
 from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
@@ -71,6 +71,8 @@ INT8_MIN_AGREEMENT = 0.98
 FP16_MIN_AGREEMENT = 0.99
 DENSE_OPS = ("MatMul", "Gemm", "Conv")
 FOLD_GROWTH_LIMIT = 1024
+OTHER_SIZE_ROWS = 8
+"""Rows validated at the sizes of a dynamic axis other than the example's (:func:`validate_lengths`)."""
 """The exporter's constant folding may store a computed constant larger than its inputs only up to
 this many elements: the ACDC stage matrices (O(n r) numbers) stay in the file as their O(n)
 patterns and twiddles, and ONNX Runtime computes them once when it loads the file."""
@@ -91,16 +93,16 @@ class ExportSpec:
 
     def dynamic_axes(self, example: torch.Tensor) -> dict[int, str]:
         """Axis -> name of the axes left symbolic for ``example`` (M, ...) as the model takes it;
-        ExportError where ``dynamic_tokens`` is asked of inputs without a token axis."""
+        DataError where ``dynamic_tokens`` is asked of inputs without a token axis or of 1 token."""
         if not self.dynamic_tokens:
             return {0: "batch"}
         shape = tuple(example.shape[1:])
         if not (len(shape) == 2 or (len(shape) == 1 and not example.is_floating_point())):
             kind = "feature rows (batch, features)" if len(shape) == 1 else f"(batch, {', '.join(map(str, shape))})"
-            raise ExportError(f"--dynamic-tokens needs inputs of token ids (batch, tokens) or token features (batch, "
+            raise DataError(f"--dynamic-tokens needs inputs of token ids (batch, tokens) or token features (batch, "
                               f"tokens, features); these inputs are {kind}, with no token axis: leave it out")
         if shape[0] < 2:
-            raise ExportError("--dynamic-tokens needs rows of at least 2 tokens to export from (the exporter fixes an "
+            raise DataError("--dynamic-tokens needs rows of at least 2 tokens to export from (the exporter fixes an "
                               "axis of size 1); give longer rows or leave it out")
         return {0: "batch", 1: "tokens"}
 
@@ -113,6 +115,7 @@ class Exported:
     stored_matrices: frozenset[str]  # initializers holding a stored weight of 2+ dims (not transform constants)
     stored_parameter_bytes: int
     constant_bytes: int  # shared transform constants (DCT / Walsh-Hadamard factors, index vectors)
+    notes: list[str] = field(default_factory=list)  # sizes of a dynamic axis the file is limited to
 
 
 @dataclass
@@ -295,10 +298,71 @@ def _check_axes_are_dynamic(proto: onnx.ModelProto, axes: dict[int, str]) -> Non
                           "it symbolic (x.shape[0], reshape(-1, ...), x.new_zeros(x.shape[0], ...)) so that the model "
                           "exports for any batch")
     if 1 in fixed:
-        raise ExportError(f"--dynamic-tokens: the model fixes its token count at {fixed[1]} (positional embeddings of "
-                          "that length, a layer across the token axis, or a reshape or Python number made from it), so "
-                          "no file can take other lengths; leave --dynamic-tokens out (the file then takes exactly that "
-                          "many tokens)")
+        raise ExportError(f"--dynamic-tokens: the model fixes axis 1 of its inputs, taken as the token axis, at "
+                          f"{fixed[1]} (positional embeddings of that length, a layer across the token axis, a reshape "
+                          "or Python number made from it; or axis 1 is no token axis, e.g. the channels of a "
+                          "convolution), so no file can take other sizes there; leave --dynamic-tokens out (the file "
+                          "then takes exactly that many)")
+
+
+def _held_ranges(program, axes: dict[int, str]) -> dict[int, tuple[int, int | None]]:
+    """For each dynamic axis, the sizes the exported graph holds for, ``(lowest, highest or None)``.
+    The exporter narrows an axis silently where the forward branches on its size (``if x.shape[1] > 4``)
+    or a layer needs a least size (a convolution across the tokens): the graph keeps the branch the
+    example took and records the range in ``range_constraints``."""
+    import sympy
+
+    exported = program.exported_program
+    name = exported.graph_signature.user_inputs[0]
+    shape = next(node for node in exported.graph.nodes if node.op == "placeholder" and node.name == name).meta["val"].shape
+    held = {}
+    for axis in axes:
+        size = shape[axis]
+        bounds = exported.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+        if bounds is not None:
+            upper = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
+            held[axis] = (int(bounds.lower), upper)
+    return held
+
+
+def _resized(example: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``example`` cut or repeated along ``axis`` to ``size``."""
+    repeats = -(-size // example.shape[axis])
+    return torch.cat([example] * repeats, dim=axis).narrow(axis, 0, size)
+
+
+def _runs(model: nn.Module, inputs: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except Exception:  # the model's own refusal of that size
+        return False
+    return True
+
+
+def _check_held_ranges(model: nn.Module, example: torch.Tensor, axes: dict[int, str],
+                       held: dict[int, tuple[int, int | None]]) -> list[str]:
+    """Refuse a graph that holds for fewer sizes of a dynamic axis than the model runs at: just outside
+    the range the file would run the branch the example took, not the model's. A range the model
+    itself keeps (PyTorch refuses the size just outside it too) is accepted; the notes say it."""
+    notes = []
+    for axis, (lowest, highest) in held.items():
+        outside = [size for size in (lowest - 1, None if highest is None else highest + 1) if size is not None and size >= 1]
+        if not outside:
+            continue
+        what = "rows" if axis == 0 else "tokens"
+        lowest = max(lowest, 1)
+        span = f"{lowest} or more" if highest is None else f"{lowest} to {highest}"
+        running = [size for size in outside if _runs(model, _resized(example, axis, size))]
+        if running:
+            flag = "" if axis == 0 else "--dynamic-tokens: "
+            fix = ("leave --dynamic-tokens out (the file then takes exactly the example's token count)" if axis else
+                   "make the forward independent of the batch size")
+            raise ExportError(f"{flag}the exported graph holds for {span} {what} only (the forward takes another path, "
+                              f"an `if` on x.shape[{axis}] or similar, at other sizes), yet the model runs on "
+                              f"{running[0]} {what}, where the file would answer differently; {fix}")
+        notes.append(f"the ONNX file takes {span} {what}, as the model does")
+    return notes
 
 
 def _two_rows(example: torch.Tensor) -> torch.Tensor:
@@ -353,6 +417,7 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Expor
     except Exception as exc:  # the exporter raises many types; one line for the user
         raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
     _check_axes_are_dynamic(proto, axes)
+    notes = _check_held_ranges(model, example, axes, _held_ranges(program, axes))
     _strip_debug_info(proto)
     content = _dedupe_initializers(proto)
     try:
@@ -363,16 +428,18 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Expor
     # state is counted on the model and everything else the file carries is a constant.
     stored = stored_state_bytes(model)
     return Exported(proto, _stored_matrices(proto, model, content), stored,
-                    max(0, onnx_initializer_bytes(proto) - stored))
+                    max(0, onnx_initializer_bytes(proto) - stored), notes)
 
 
-def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
+def validate(onnx_file, model: nn.Module, inputs: torch.Tensor, *, tolerance: float | None = None,
              min_agreement: float | None = None, what: str = "reduced-precision") -> Validation:
-    """Run the file in ONNX Runtime on ``inputs`` and compare with ``model``; ExportError past the rule."""
+    """Run the file (a path, serialised bytes or an open session) in ONNX Runtime on ``inputs`` and
+    compare with ``model``; ExportError past the rule."""
     with torch.no_grad():
         reference = model(runtime.as_model_input(inputs)).float().numpy()
     try:
-        got = runtime.run(runtime.session(onnx_file), inputs)
+        opened = onnx_file if hasattr(onnx_file, "run") else runtime.session(onnx_file)
+        got = runtime.run(opened, inputs)
     except Exception as exc:  # onnxruntime raises its own types (InvalidArgument, Fail, ...)
         raise ExportError(f"ONNX Runtime cannot run the exported model on {inputs.shape[0]} validation rows: "
                           f"{_root_cause(exc)}") from exc
@@ -390,19 +457,45 @@ def validate(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tens
 
 def validate_lengths(onnx_file: str | Path | bytes, model: nn.Module, inputs: torch.Tensor, *, tolerance: float,
                      spec: ExportSpec) -> Validation:
-    """:func:`validate` on ``inputs`` at the relative ``tolerance``; with ``spec.dynamic_tokens`` also on
-    the same rows one token shorter: the proof that the file takes another length."""
-    result = validate(onnx_file, model, inputs, tolerance=tolerance)
+    """:func:`validate` on ``inputs`` at the relative ``tolerance``, then on sizes of the dynamic axes
+    the example did not have: a single row; with ``spec.dynamic_tokens`` the rows one token shorter
+    (the model must run there), and 1 token and twice the tokens where the model runs. The exporter
+    keeps the path the example took through an ``if`` on a size and does not always record it (an
+    ``if x.shape[0] > 1`` is assumed true), so these runs are the proof that the file takes other sizes."""
+    opened = runtime.session(onnx_file)
+    result = validate(opened, model, inputs, tolerance=tolerance)
+    few = inputs[:OTHER_SIZE_ROWS]
+    _validate_size(opened, model, few[:1], tolerance, "a single row", "make the forward independent of the batch size")
     if spec.dynamic_tokens:
-        tokens = inputs.shape[1] - 1
-        try:
-            validate(onnx_file, model, inputs[:, :tokens], tolerance=tolerance)
-        except ExportError as exc:
-            raise ExportError(f"--dynamic-tokens, on the rows cut to {tokens} tokens: {exc}") from exc
-        except Exception as exc:  # the model's own forward at that length
-            raise ExportError(f"--dynamic-tokens: the model does not run on {tokens} tokens in PyTorch "
-                              f"({_root_cause(exc)}); leave --dynamic-tokens out") from exc
+        tokens = inputs.shape[1]
+        shorter = few[:, :tokens - 1]
+        if not _runs(model, shorter):
+            raise ExportError(f"--dynamic-tokens: the model does not run on {tokens - 1} tokens in PyTorch, so its "
+                              "token count is fixed; leave --dynamic-tokens out")
+        for rows in (shorter, few[:, :1], _resized(few, 1, 2 * tokens)):
+            if rows is shorter or _runs(model, rows):
+                _validate_size(opened, model, rows, tolerance, f"the rows cut or repeated to {rows.shape[1]} tokens",
+                               "leave --dynamic-tokens out")
     return result
+
+
+def _validate_size(opened, model: nn.Module, rows: torch.Tensor, tolerance: float, where: str, fix: str) -> None:
+    try:
+        validate(opened, model, rows, tolerance=tolerance)
+    except ExportError as exc:
+        flag = "--dynamic-tokens, " if "tokens" in where else ""
+        raise ExportError(f"{flag}on {where}: {exc.args[0].split('; no file written')[0]}: the forward takes another "
+                          f"path at this size (an `if` on a shape, a size turned into a Python number) that the "
+                          f"exported graph does not hold; {fix}") from exc
+
+
+def _accept_shorter(fmt: "Format", out: Path, model: nn.Module, inputs: torch.Tensor, tolerance: float) -> None:
+    """``fmt``'s acceptance rule also on rows one token shorter (every format of a --dynamic-tokens export)."""
+    try:
+        fmt.accept(out, model, inputs[:, :-1], tolerance)
+    except ExportError as exc:
+        raise ExportError(f"--dynamic-tokens, the {fmt.name} file on rows cut to {inputs.shape[1] - 1} tokens: "
+                          f"{exc}") from exc
 
 
 def _write_onnx(exported: Exported, float_file: Path, out: Path) -> None:
@@ -578,11 +671,13 @@ def _write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: d
     artifacts.guard(lambda: onnx.save_model(exported.proto, str(float_file)))
     validate_lengths(float_file, model, inputs, tolerance=tolerance, spec=spec)
     result = ExportResult({}, exported.stored_parameter_bytes, exported.constant_bytes,
-                          len(exported.proto.graph.initializer))
+                          len(exported.proto.graph.initializer), notes=list(exported.notes))
     for name, role in formats.items():
         fmt = FORMATS[name]
         out = artifacts.write(role, lambda target: fmt.write(exported, float_file, target))
         check = fmt.accept(out, model, inputs, tolerance)
+        if spec.dynamic_tokens:
+            _accept_shorter(fmt, out, model, inputs, tolerance)
         result.files[name] = FileResult(name, str(artifacts.paths[role]), out.stat().st_size, check.max_abs_diff,
                                         check.max_rel_diff, check.top1_agreement)
     int8, float_bytes = result.files.get("onnx-int8"), float_file.stat().st_size

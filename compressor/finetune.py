@@ -74,7 +74,7 @@ from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
 __all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "correct_rows", "evaluate", "distill", "steps_per_epoch",
-           "resolved_options", "freeze_norm_statistics", "channels_last"]
+           "resolved_options", "freeze_norm_statistics", "running_statistics", "channels_last"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 RUNNING_STATISTICS = ("running_", "moving_")
@@ -224,15 +224,22 @@ def _param_groups(student: nn.Module, new: list[nn.Parameter], options: Finetune
     return groups
 
 
+def running_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The statistics ``module`` itself keeps outside PyTorch's norm classes: its floating-point buffers,
+    and parameters that take no gradient, named ``running_*`` / ``moving_*`` (timm's EvoNorm, Keras ports)."""
+    held = [*module.named_buffers(recurse=False),
+            *((name, p) for name, p in module.named_parameters(recurse=False) if not p.requires_grad)]
+    return [tensor for name, tensor in held if name.startswith(RUNNING_STATISTICS) and tensor.is_floating_point()]
+
+
 def freeze_norm_statistics(model: nn.Module) -> None:
     """Put the layers that keep running statistics (all kept: fixclf replaces only Linear layers) in
-    eval mode, so their statistics stay as trained: PyTorch's batch and instance norms, and any module
-    holding a floating-point buffer named ``running_*`` / ``moving_*`` itself (its submodules keep
-    their mode: dropout inside such a module still trains)."""
+    eval mode, so their statistics stay as trained: PyTorch's batch and instance norms, and any
+    submodule with :func:`running_statistics` (its own submodules keep their mode: dropout inside such
+    a module still trains). ``model`` itself keeps its mode, as its forward is the whole model's: the
+    fine-tune puts its own statistics back after every step instead (:class:`_Run`)."""
     for module in model.modules():
-        if isinstance(module, NORM_WITH_STATISTICS) or any(
-                name.startswith(RUNNING_STATISTICS) and buffer is not None and buffer.is_floating_point()
-                for name, buffer in module.named_buffers(recurse=False)):
+        if module is not model and (isinstance(module, NORM_WITH_STATISTICS) or running_statistics(module)):
             module.training = False
 
 
@@ -325,6 +332,8 @@ class _Run:
                                                                find_unused_parameters=misses)
         self.result = FinetuneResult(probabilities=outputs_probabilities(teacher, data.head("train", 64)[0].to(self.device)))
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
+        self.root_statistics = ([] if options.update_norm_stats else
+                                [(kept, kept.detach().clone()) for kept in running_statistics(student)])
 
     # --- resume ---------------------------------------------------------------------------------------------
 
@@ -454,6 +463,9 @@ class _Run:
             failure = exc
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             failure = _batch_failure(self.data.source, exc, self.options.batch_size // self.world.size >= 2)
+        with torch.no_grad():  # the model's own statistics, kept as trained (freeze_norm_statistics)
+            for kept, saved in self.root_statistics:
+                kept.copy_(saved)
         timed_out = deadline is not None and time.monotonic() >= deadline
         mine = [float(rows), float(loss.detach()) if loss is not None else 0.0, float(batch is None), float(timed_out)]
         total_rows, loss_sum, exhausted, time_up = [sum(c) for c in zip(*self.world.sync(mine, failure))]

@@ -2,12 +2,19 @@
 
 ``copy.deepcopy`` refuses a tensor that autograd computed (not a graph leaf). A model can hold one
 after any forward pass with gradients on: LeViT caches its attention biases in eval mode, and the
-forward pass that surveys the model (:mod:`compressor.trace`) records the graph. Such tensors are
-copied detached; parameters, buffers and everything else are copied as ``deepcopy`` copies them.
+forward pass that surveys the model (:mod:`compressor.trace`) records the graph. During the copy
+such tensors are copied detached wherever the model holds them (module attributes, containers,
+plain objects, objects with their own ``__deepcopy__``): ``torch.Tensor.__deepcopy__`` is wrapped
+for the duration of the copy, under a lock, and put back afterwards. A detached tensor shares its
+storage, so views of one storage stay views of one copied storage. Parameters, buffers and
+everything else are copied as ``deepcopy`` copies them; what ``deepcopy`` itself cannot copy (an
+open file, a lock) still raises its own error.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from typing import Iterator, TypeVar
 
 import torch
@@ -16,23 +23,31 @@ from torch import nn
 __all__ = ["copy_model"]
 
 M = TypeVar("M", bound=nn.Module)
-NESTING = 3
-"""How deep into dicts, lists and tuples held by a module the computed tensors are looked for."""
+_TENSOR_DEEPCOPY_PATCHED = threading.Lock()
 
 
 def copy_model(model: M) -> M:
-    """``copy.deepcopy(model)``, with the computed tensors its modules hold copied detached."""
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for tensor in _tensors_in(list(vars(module).values()), NESTING):
-            if not tensor.is_leaf:
-                memo.setdefault(id(tensor), tensor.detach().clone())
-    return copy.deepcopy(model, memo)
+    """``copy.deepcopy(model)``, with the computed (non-leaf) tensors it holds copied detached."""
+    with _computed_tensors_copied_detached():
+        return copy.deepcopy(model)
 
 
-def _tensors_in(value: object, depth: int) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth > 0 and isinstance(value, (dict, list, tuple)):
-        for item in value.values() if isinstance(value, dict) else value:
-            yield from _tensors_in(item, depth - 1)
+@contextlib.contextmanager
+def _computed_tensors_copied_detached() -> Iterator[None]:
+    original = torch.Tensor.__deepcopy__
+    detached_while_copying: list[torch.Tensor] = []  # alive until the copy ends, so that no id in memo is reused
+
+    def deepcopy_detached(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+        if tensor.is_leaf:
+            return original(tensor, memo)
+        detached = tensor.detach()
+        detached_while_copying.append(detached)
+        memo[id(tensor)] = original(detached, memo)
+        return memo[id(tensor)]
+
+    with _TENSOR_DEEPCOPY_PATCHED:
+        torch.Tensor.__deepcopy__ = deepcopy_detached
+        try:
+            yield
+        finally:
+            torch.Tensor.__deepcopy__ = original

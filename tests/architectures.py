@@ -197,6 +197,46 @@ def branches_on_data() -> BranchesOnData:
     return BranchesOnData()
 
 
+class BranchesOnShape(ViTStyle):
+    """The any-length token block whose forward doubles its features when ``x.shape[axis] > above``:
+    the exporter keeps the branch the example took, so a file would answer differently at sizes on
+    the other side (an ``if`` on the batch size or on the token count)."""
+
+    def __init__(self, axis: int, above: int, classes: int = 10) -> None:
+        super().__init__(tokens=None, classes=classes)
+        self.axis, self.above = axis, above
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.pos
+        if x.shape[self.axis] > self.above:
+            h = h * 2
+        return self.head(self.norm(self.block(h)).mean(1))
+
+
+class TokenConvolution(nn.Module):
+    """A convolution of width 3 across the tokens of (batch, tokens, 4) features: it needs 3 tokens,
+    in PyTorch as in ONNX."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(4, 16, 3), nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.conv(x.transpose(1, 2))).mean(2))
+
+
+class FlatTagger(TokenClassifier):
+    """A token tagger whose logits are one row per token: (batch * tokens, classes)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).reshape(-1, self.embed.embedding_dim)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def flat_tagger(classes: int = 4) -> FlatTagger:
+    return FlatTagger(classes=classes)
+
+
 def lazy_mlp() -> nn.Sequential:
     """Sizes known only after a first call: fixclf could not rebuild a compressed model from this."""
     return nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 10))
@@ -280,6 +320,29 @@ class RunningVariance(nn.Module):
             self.running_var.lerp_(x.detach().var(0), 0.1)
             return self.drop(x / (x.var(0) + 1e-5).sqrt())
         return x / (self.running_var + 1e-5).sqrt()
+
+
+class RunningRoot(nn.Module):
+    """Running statistics held by the model itself: a running mean of the inputs (a buffer) and a
+    moving variance (a parameter without gradient, as Keras ports hold it), both updated by every
+    training-mode forward, which also applies dropout."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(16))
+        self.moving_var = nn.Parameter(torch.ones(16), requires_grad=False)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.running_mean.lerp_(x.detach().mean(0), 0.1)
+            self.moving_var.data.lerp_(x.detach().var(0), 0.1)
+        x = F.dropout((x - self.running_mean) / self.moving_var.sqrt(), 0.1, self.training)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def running_root(classes: int = 10) -> RunningRoot:
+    return RunningRoot(classes)
 
 
 def running_variance(classes: int = 10) -> nn.Sequential:

@@ -104,6 +104,23 @@ def test_running_statistics_of_any_module_stay_unless_asked(workdir):
     assert torch.equal(stored, torch.load("running_variance.pt", weights_only=True)["1.running_var"])
 
 
+def test_running_statistics_the_model_itself_holds_stay_and_its_forward_keeps_training(workdir):
+    """The model's own running_* buffer and moving_* parameter without gradient: the model is not put in
+    eval mode (its own dropout still trains), its statistics are put back after every step."""
+    from compressor.finetune import freeze_norm_statistics
+
+    model, _ = _labelled("running_root", rows=320, features=16)
+    freeze_norm_statistics(model.train())
+    assert model.training
+    result = runner.invoke(app, ["compress", "running_root.pt", "--arch", "architectures:running_root",
+                                 "--data", "data.npz", "--epochs", "1", "--latency-batch", "8"])
+    assert result.exit_code == 0, result.output
+    stored = torch.load("running_root.fixclf.pt", weights_only=True)["state_dict"]
+    original = torch.load("running_root.pt", weights_only=True)
+    assert torch.equal(stored["running_mean"], original["running_mean"])
+    assert torch.equal(stored["moving_var"], original["moving_var"])
+
+
 def test_a_model_caching_computed_tensors_in_eval_mode_is_copied_and_compressed(workdir):
     """LeViT caches its attention biases in eval mode: after the forward pass that surveys the model
     (gradients on), the cache holds a non-leaf tensor, which copy.deepcopy refuses."""
@@ -321,7 +338,7 @@ def test_dynamic_tokens_export_token_features_of_any_length_and_refuse_a_fixed_l
     """--dynamic-tokens: the compressed (batch, tokens, features) model's file runs at other token counts
     and matches PyTorch; a model whose position embedding or token-mixing layer fixes the count, and
     inputs with no token axis, are refused by name before any work."""
-    from compressor.errors import ExportError
+    from compressor.errors import DataError, ExportError
     from compressor.export import ExportSpec, to_onnx
 
     torch.manual_seed(0)
@@ -334,6 +351,7 @@ def test_dynamic_tokens_export_token_features_of_any_length_and_refuse_a_fixed_l
                                  "--data", "data.npz", "--epochs", "1", "--latency-batch", "8", "--dynamic-tokens", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["options"]["dynamic_tokens"] is True
+    assert "inputs: any batch size and token count" in runner.invoke(app, ["report", "any_length_tokens.fixclf.pt"]).stdout
     import onnx
 
     dims = onnx.load("any_length_tokens.fixclf.onnx").graph.input[0].type.tensor_type.shape.dim
@@ -348,12 +366,47 @@ def test_dynamic_tokens_export_token_features_of_any_length_and_refuse_a_fixed_l
 
     dynamic = ExportSpec(dynamic_tokens=True)
     for fixed in (architectures.vit_style(), architectures.mixer_style()):
-        with pytest.raises(ExportError, match="fixes its token count at 16"):
+        with pytest.raises(ExportError, match="fixes axis 1 of its inputs, taken as the token axis, at 16"):
             to_onnx(fixed, torch.randn(4, 16, 4), dynamic)
-    with pytest.raises(ExportError, match=r"no token axis"):
+    with pytest.raises(DataError, match=r"no token axis"):
         to_onnx(architectures.resnet_style(), torch.randn(4, 3, 16, 16), dynamic)
-    with pytest.raises(ExportError, match=r"at least 2 tokens"):
+    with pytest.raises(DataError, match=r"at least 2 tokens"):
         to_onnx(architectures.any_length_tokens(), torch.randn(4, 1, 4), dynamic)
+
+
+@pytest.mark.parametrize("axis, above, size, refusal", [
+    (1, 4, 16, "holds for 5 or more tokens only .* runs on 4 tokens"),  # recorded by the exporter as a range
+    (1, 12, 8, "holds for 1 to 12 tokens only .* runs on 13 tokens"),
+    (1, 1, 8, "on the rows cut or repeated to 1 tokens: ONNX output differs"),  # assumed true, not recorded
+    (0, 1, 16, "on a single row: ONNX output differs"),
+])
+def test_an_export_is_refused_where_the_forward_branches_on_a_dynamic_size(workdir, axis, above, size, refusal):
+    """The exporter keeps the path the example took through an ``if`` on the batch size or token count
+    (sometimes recording it as a narrower range, sometimes not): the file would answer differently at
+    sizes on the other side, so the export is refused, naming the sizes and the fix."""
+    from compressor.errors import ExportError
+    from compressor.export import export_onnx
+
+    model = architectures.BranchesOnShape(axis, above).eval()
+    with pytest.raises(ExportError, match=refusal):
+        export_onnx(model, torch.randn(8, size, 4), "branch.onnx", dynamic_tokens=True)
+    assert not os.path.exists("branch.onnx")
+
+
+def test_a_token_range_the_model_itself_keeps_is_exported_with_a_note(workdir):
+    """A convolution across the tokens needs 3 of them in PyTorch too: the file takes 3 or more, says so,
+    and matches PyTorch at 3 and at 40 tokens; the float16 and ORT files are accepted at a second length too."""
+    from compressor.export import export_onnx
+
+    model = architectures.TokenConvolution().eval()
+    result = export_onnx(model, torch.randn(64, 10, 4), "conv.onnx", dynamic_tokens=True, precision="fp16", ort_format=True)
+    assert "the ONNX file takes 3 or more tokens, as the model does" in result.notes
+    assert sorted(result.files) == ["onnx-fp16", "ort"]
+    export_onnx(model, torch.randn(64, 10, 4), "conv.onnx", dynamic_tokens=True)
+    for length in (3, 40):
+        x = torch.randn(2, length, 4)
+        with torch.no_grad():
+            assert (torch.from_numpy(run(session("conv.onnx"), x)) - model(x)).abs().max() <= 1e-4
 
 
 def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
@@ -466,3 +519,20 @@ def test_a_one_row_batch_under_update_norm_stats_names_its_cause(workdir):
     small_data = runner.invoke(app, [*args, "--data", "two_rows.npz"])
     assert small_data.exit_code == 4 and "too few training rows" in small_data.stderr, small_data.output
     assert sorted(os.listdir()) == ["normed.pt", "two_rows.npz"]
+
+
+def test_a_tagger_returning_one_row_of_logits_per_token_compresses(workdir):
+    """(batch, tokens) ids -> (batch * tokens, classes) logits: more rows than the data gave is the model's
+    own layout, not a data error (only fewer rows, a forward regrouping rows of the wrong shape, is)."""
+    torch.manual_seed(0)
+    torch.save(architectures.flat_tagger().state_dict(), "flat_tagger.pt")
+    np.savez("ids.npz", x=np.random.default_rng(0).integers(0, 100, (300, 6)))
+    result = runner.invoke(app, ["compress", "flat_tagger.pt", "--arch", "architectures:flat_tagger", "--data", "ids.npz",
+                                 "--epochs", "1", "--latency-batch", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    model = load_compressed_model("flat_tagger.fixclf.pt", arch="architectures:flat_tagger")
+    ids = torch.randint(0, 100, (3, 6))
+    with torch.no_grad():
+        expected = model(ids)
+    assert expected.shape == (18, 4)
+    assert (torch.from_numpy(run(session("flat_tagger.fixclf.onnx"), ids)) - expected).abs().max() <= 1e-4

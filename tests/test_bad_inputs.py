@@ -41,7 +41,7 @@ def test_messages_say_what_to_do(results):
     assert "has not ended after 0.5 s" in said["IterableDataset that never ends, --max-time"]
     assert "same items in the same order" in said["IterableDataset that reshuffles every pass"]
     assert "not an .npz archive" in said["a text file named .npz"]
-    assert "1 row(s) of logits for 2 rows of shape (32,)" in said["data a reshaping model regroups into fewer rows"]
+    assert "regroups 2 rows of shape (32,) into 1 row(s) of logits" in said["data a reshaping model regroups into fewer rows"]
     assert "float32" in said["model whose forward runs in float64"] and "check --data" not in said["model whose forward runs in float64"]
     assert said["truncated checkpoint"].rstrip().endswith("compress wrote") and "there is a high)" not in said["truncated checkpoint"]
 
