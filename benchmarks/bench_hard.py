@@ -114,7 +114,7 @@ def part_narrow(samples: list[str], seeds: list[int], mixup: bool | None) -> Non
 
 def part_maxdrop(samples: list[str], budget: float, mixup: bool | None, tmp: str) -> None:
     """``--max-drop``: the held-out drop, what it kept dense and the compression it reached (seed 0)."""
-    print(f"| sample | --max-drop | held-out: original → compressed (pp) | kept dense | replaced layers' numbers | wall s |")
+    print("| sample | --max-drop | held-out: original → compressed (pp) | kept dense | replaced layers' numbers | wall s |")
     print("|---|---|---|---|---|---|")
     for sample in samples:
         start = time.perf_counter()
