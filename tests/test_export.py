@@ -158,6 +158,32 @@ def test_the_exporters_operator_registry_is_built_once_and_put_back():
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is torchs_own
 
 
+def test_the_dispatcher_walk_runs_once_per_list_of_registered_operators(monkeypatch):
+    """to_onnx skips torch.export's walk over the dispatcher's CompositeImplicitAutograd operators when
+    it has walked that very list before (same bytes out), walks again once an operator is registered
+    (a user's custom op), and leaves torch's own walk in place afterwards."""
+    from torch._export import utils as export_utils
+
+    import compressor.export as export
+
+    walks = []
+    torchs_own = export_utils._materialize_cpp_cia_ops
+    counted = lambda: walks.append(torchs_own())  # noqa: E731
+    monkeypatch.setattr(export_utils, "_materialize_cpp_cia_ops", counted)
+    monkeypatch.setattr(export, "_MATERIALISED_CIA_REGISTRATIONS", set())
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), HadamardHead(16, 4)), torch.randn(4, 8)
+    first = export.to_onnx(model, x).proto
+    assert len(walks) == 1
+    assert export.to_onnx(model, x).proto.SerializeToString() == first.SerializeToString() and len(walks) == 1
+    library = torch.library.Library("fixclf_walk_test", "DEF")
+    library.define("twice(Tensor x) -> Tensor")
+    library.impl("twice", lambda t: t * 2, "CompositeImplicitAutograd")
+    export.to_onnx(model, x)
+    assert len(walks) == 2
+    assert export_utils._materialize_cpp_cia_ops is counted  # what was there before each export, put back
+    library._destroy()
+
+
 def test_int8_weights_are_unsigned_and_accurate_on_every_cpu(tmp_path):
     """A plain nn.Linear with PyTorch's uniform init fills the 8-bit range: with signed weights ONNX
     Runtime's U8S8 kernel saturates its int16 pair sums on x86 CPUs without VNNI (39% relative error
