@@ -35,7 +35,7 @@ from torch import nn
 
 from . import runtime
 from .errors import DataError, ExportError
-from .layers.base import stored_tensors
+from .layers.base import ReplacesLinear, stored_tensors
 from .modelcopy import copy_model
 from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
@@ -165,9 +165,14 @@ def stored_state_bytes(model: nn.Module) -> int:
 
 
 def has_dense_layers(model: nn.Module) -> bool:
-    """Whether ``model`` keeps a dense Linear or convolution, the only layers int8 quantises."""
-    dense = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return any(type(m) in dense for m in model.modules())
+    """Whether ``model`` keeps a dense weight int8 can quantise: a floating parameter of two or more
+    dimensions that no structured layer, fixed head or embedding table owns (an nn.Linear or
+    convolution, any subclass of them such as attention's ``out_proj``, attention's ``in_proj_weight``,
+    a user's own weight multiplied with ``F.linear``)."""
+    not_dense = (ReplacesLinear, nn.Embedding, nn.EmbeddingBag)
+    return any(parameter.dim() >= 2 and parameter.is_floating_point()
+               for module in model.modules() if not isinstance(module, not_dense)
+               for parameter in module.parameters(recurse=False))
 
 
 def _strip_debug_info(model: onnx.ModelProto) -> None:
@@ -267,6 +272,22 @@ def _operator_registry_built_once() -> Iterator[None]:
         yield
     finally:
         _registration.ONNXRegistry.from_torchlib = torchs_own
+
+
+def _forget_dispatch_choices() -> None:
+    """Clear every operator's cache of which kernel serves which dispatch key, so that each export
+    traces as the first export of a fresh process does. Once an earlier export (or run) has cached a
+    Python decomposition for a key, a later trace takes it where a fresh one did not: ``aten.gru``'s
+    unrolls the sequence, and the second export of a GRU model (compress exports the original, then
+    the compressed model) fixed the token axis that the first left dynamic. The caches refill on
+    the next call."""
+    for namespace_name in list(getattr(torch.ops, "_dir", ())):
+        namespace = getattr(torch.ops, namespace_name, None)
+        for packet in list(vars(namespace).values()) if namespace is not None else ():
+            if isinstance(packet, torch._ops.OpOverloadPacket):
+                for overload in list(vars(packet).values()):
+                    if isinstance(overload, torch._ops.OpOverload):
+                        overload._dispatch_cache.clear()
 
 
 _MATERIALISED_CIA_REGISTRATIONS: set[frozenset[str]] = set()
@@ -440,6 +461,7 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Expor
 
     example = _two_rows(runtime.as_model_input(example))
     axes = spec.dynamic_axes(example)
+    _forget_dispatch_choices()
     try:
         with _quiet(), _operator_registry_built_once(), _dispatcher_ops_materialised_once():
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=spec.opset,
@@ -620,9 +642,9 @@ def choose_formats(model: nn.Module, requested: dict[str, str]) -> tuple[dict[st
     chosen, notes = {}, []
     for name, role in requested.items():
         if FORMATS[name].needs_dense_layer and not has_dense_layers(model):
-            notes.append("int8 skipped: no Linear or convolution is left to quantise (int8 would touch neither "
-                         "the structured layers' small diagonals nor embedding tables); the float32 ONNX file is the "
-                         "deliverable")
+            notes.append("int8 skipped: no dense weight (Linear, convolution, attention projection) is left to "
+                         "quantise (int8 would touch neither the structured layers' small diagonals nor embedding "
+                         "tables); the float32 ONNX file is the deliverable")
             if role == "onnx":
                 chosen["onnx"] = role
             continue

@@ -142,6 +142,18 @@ def token_classifier(classes: int = 4) -> TokenClassifier:
     return TokenClassifier(classes=classes)
 
 
+class RecurrentTokens(nn.Module):
+    """Token features (batch, tokens, 8) -> Linear on each token -> GRU -> head on its last state:
+    any sequence length runs."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Linear(8, 32), nn.GRU(32, 32, batch_first=True), nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(F.relu(self.embed(x)))[1][-1])
+
+
 class ByteImages(nn.Module):
     """uint8 images (batch, 1, 8, 8) that the model scales itself (``x / 255`` on bytes; floats are taken as
     already scaled): a conv block, a hidden Linear and the head."""

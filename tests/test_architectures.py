@@ -409,6 +409,19 @@ def test_a_token_range_the_model_itself_keeps_is_exported_with_a_note(workdir):
             assert (torch.from_numpy(run(session("conv.onnx"), x)) - model(x)).abs().max() <= 1e-4
 
 
+def test_a_recurrent_model_exported_twice_keeps_its_token_axis_both_times(workdir):
+    """compress exports the original, then the compressed model, in one process: the GRU's token axis
+    stays dynamic the second time too (torch's cached choice of the GRU's unrolling kernel fixed it)."""
+    from compressor.export import export_onnx
+
+    for attempt in ("original.onnx", "compressed.onnx"):
+        model = architectures.RecurrentTokens().eval()
+        export_onnx(model, torch.randn(16, 10, 8), attempt, dynamic_tokens=True)
+        x = torch.randn(2, 23, 8)
+        with torch.no_grad():
+            assert (torch.from_numpy(run(session(attempt), x)) - model(x)).abs().max() <= 1e-4, attempt
+
+
 def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     """The original is exported first: the one-line error names the cause, and no step was trained."""
     from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress

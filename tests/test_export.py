@@ -231,6 +231,37 @@ def test_int8_quantises_every_dense_linear_also_on_token_inputs(tmp_path):
     assert int8.bytes < 0.35 * export_onnx(model, x, tmp_path / "f.onnx").files["onnx"].bytes
 
 
+class _AttentionClassifier(nn.Module):
+    """nn.MultiheadAttention (its in_proj_weight a bare parameter, its out_proj a Linear subclass) then a
+    Linear subclass as the head, as timm and torchvision write them."""
+
+    class Head(nn.Linear):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(32, 4, batch_first=True), self.Head(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_int8_finds_dense_weights_outside_plain_linears(tmp_path):
+    """Attention's projections and Linear subclasses are dense weights int8 quantises (they were taken for
+    'no Linear left' and int8 was skipped); structured layers, fixed heads and embedding tables are not."""
+    from compressor.export import choose_formats, has_dense_layers
+
+    model = _AttentionClassifier().eval()
+    assert has_dense_layers(model) and has_dense_layers(model.attention)
+    assert not any(has_dense_layers(m) for m in (ACDCStack(64, 128, 2), AdaptiveFastfood(64, 100), HadamardHead(64, 10),
+                                                 OrthogonalHead(64, 10), nn.Embedding(10, 4)))
+    assert choose_formats(model, {"onnx-int8": "onnx"}) == ({"onnx-int8": "onnx"}, [])
+    x = torch.randn(16, 7, 32)
+    int8 = export_onnx(model, x, tmp_path / "q.onnx", quantize="int8").files["onnx-int8"]
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(tmp_path / "q.onnx").graph.node)
+    assert int8.bytes < export_onnx(model, x, tmp_path / "f.onnx").files["onnx"].bytes
+
+
 def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     """A float64 model in training mode is exported in eval mode and float32, and stays float64 and in
     training mode (a model exported mid-training keeps training as before). Bad arguments are refused."""
