@@ -177,6 +177,9 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     elif options.plan.objective == "latency":
         raise UsageError(f"--objective latency times each layer on real inputs, and {loaded.path} comes with no data: "
                          "pass --data FILE")
+    if data is not None:  # what compress checks first: plan says so now rather than leave it to compress
+        _original_onnx(loaded.model, data.head("val", VALIDATION_ROWS)[0], options, Events(),
+                       consequence="compress would stop here, before any fine-tuning")
     plan, costs = _plan(loaded, data, options, measure_cost=True)
     rows = _rows(plan, costs)
     notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
@@ -337,10 +340,12 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult, max_drop: float 
     return found
 
 
-def _original_onnx(original: nn.Module, samples: torch.Tensor, options: CompressOptions, events: Events) -> bytes:
+def _original_onnx(original: nn.Module, samples: torch.Tensor, options: CompressOptions, events: Events, *,
+                   consequence: str = "nothing was fine-tuned") -> bytes:
     """The original model as validated ONNX bytes (in memory, for size and latency), made before any
     fine-tuning so that a model ONNX cannot express fails before the work, not after it.
-    ``samples``: the validation rows (VALIDATION_ROWS of the held-out split), shared with :func:`_export`."""
+    ``samples``: the validation rows (VALIDATION_ROWS of the held-out split), shared with :func:`_export`;
+    ``consequence``: what the refusal says of the work."""
     events.stage("Exporting the original model to ONNX (in memory, for size and latency)")
     with torch.no_grad():
         finite = bool(torch.isfinite(original.eval()(samples)).all())
@@ -354,7 +359,7 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
         validate_lengths(original_bytes, original, samples, tolerance=options.export.tolerance, spec=spec)
     except ExportError as exc:
         raise ExportError(f"the original model cannot be exported to ONNX as asked, so fixclf cannot measure or "
-                          f"deliver it; nothing was fine-tuned: {exc}") from exc
+                          f"deliver it; {consequence}: {exc}") from exc
     return original_bytes
 
 

@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import pickletools
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -332,23 +333,46 @@ def _check_index(name: str, stored: torch.Tensor, dtype: torch.dtype, path: Path
         raise CheckpointError(f"{path}: {name} is not a permutation; the file is damaged")
 
 
-def _build(factory: Callable, kwargs: dict, name: str, stored_in: Path | None = None) -> nn.Module:
-    """``factory(**kwargs)``; ``stored_in``: the checkpoint the kwargs were read from, which a failure then
-    says is damaged (the user's own --arch-kwargs are theirs to fix)."""
+def _build(factory: Callable, kwargs: dict, name: str, stored_in: Path | None = None, *,
+           given_callable: bool = False) -> nn.Module:
+    """``factory(**kwargs)`` without the wrappers it may return the model in (:func:`_unwrapped_model`);
+    ``stored_in``: the checkpoint the kwargs were read from, which a failure then says is damaged unless
+    the factory is the caller's own callable, ``given_callable`` (the user's own --arch-kwargs are
+    theirs to fix)."""
+    if given_callable and name != describe(factory):
+        name = f"{describe(factory)} (given for {name})"
     try:
         model = call_user_code(factory, kwargs, f"building the architecture {name}", CheckpointError)
     except CheckpointError as exc:
         if stored_in is None:
             raise CheckpointError(f"{exc}; check --arch and --arch-kwargs") from exc
+        if given_callable:
+            raise CheckpointError(f"{stored_in}: {exc} with the kwargs the file stores ({kwargs!r:.120}); give the "
+                                  "factory that compressed it, which takes them") from exc
         raise CheckpointError(f"{stored_in}: {exc} with the kwargs stored in the file; the file is damaged") from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{name} returned {type(model).__name__}, not a torch.nn.Module; name a factory that returns the model")
+    model = _unwrapped_model(model)
     lazy = [n or "the model" for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
         raise CheckpointError(f"{name} builds lazy modules whose sizes are known only after a first call ({', '.join(map(repr, lazy[:3]))}); "
                               "fixclf rebuilds the model from its architecture: build them with their sizes "
                               "(nn.Linear(in_features, out_features) for nn.LazyLinear)")
     return model
+
+
+def _unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers a factory may return it in: DataParallel / DistributedDataParallel
+    (``.module``) and torch.compile (``._orig_mod``), which neither ONNX export nor layer surgery see
+    through; their state's key prefixes are taken off likewise (:func:`_unwrapped`)."""
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())  # imported by torch.compile
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -420,7 +444,7 @@ def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict
     _check_plain(kwargs, path, "kwargs")
     if allow_listed:
         _compare_shapes(_meta_model(factory, kwargs, path, name, stored), state, path, name)
-    model = _build(factory, kwargs, name, path if stored else None)
+    model = _build(factory, kwargs, name, path if stored else None, given_callable=callable(given))
     return LoadedModel(model, path, name, kwargs, factory_file=None if allow_listed else _source_file(factory))
 
 
@@ -455,7 +479,7 @@ def load_model(path: str | os.PathLike, *, arch: Architecture | None = None, arc
     if isinstance(obj, nn.Module):
         _check_state(obj.state_dict(), path)
         if arch is None:
-            return LoadedModel(obj.float().eval(), path)
+            return LoadedModel(_unwrapped_model(obj).float().eval(), path)
         loaded = _model_from({}, obj.state_dict(), arch, arch_kwargs or {}, path)
         _load_state(loaded.model, obj.state_dict(), path)
         return loaded
@@ -564,7 +588,7 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(meta, plan), state, path, assign=True)
     else:
-        base = _build(factory, kwargs, name, path)
+        base = _build(factory, kwargs, name, path, given_callable=callable(arch))
         plan = plan_from_records(obj.get("plan"), base, path)
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(base, plan), state, path)

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import runtime
 from .errors import DataError, ExportError
@@ -426,13 +427,18 @@ def _two_rows(example: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _evaluated_in_float32(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` as it is exported: eval mode, float32. The caller's model is left as it was: its
-    modules' modes are put back afterwards, and a model holding floats of another dtype is exported
-    from a float32 copy (casting it there and back would round float64 weights)."""
+def _as_exported(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as it is exported: eval mode, float32, and each parametrisation
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal, a user's own) computed
+    once into the plain tensor it makes, as a deployed model stores it (the file would otherwise
+    recompute it every inference, and orthogonal's matrix exponential has no ONNX form). The
+    caller's model is left as it was: its modules' modes are put back afterwards, and a model that
+    needs a change of dtype or parametrisations is exported from a copy (casting float64 weights
+    there and back would round them)."""
     modes = [(module, module.training) for module in model.modules()]
     floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    target = model if all(t.dtype == torch.float32 for t in floats) else _float32_copy(model)
+    as_it_is = all(t.dtype == torch.float32 for t in floats) and not _parametrised(model)
+    target = model if as_it_is else _export_copy(model)
     try:
         yield target.eval()
     finally:
@@ -440,19 +446,34 @@ def _evaluated_in_float32(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _float32_copy(model: nn.Module) -> nn.Module:
+def _parametrised(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if parametrize.is_parametrized(module)]
+
+
+def _export_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` with its parametrisations computed into plain tensors."""
     try:
         copied = copy_model(model)
     except Exception as exc:  # a module holding tensors computed from others, an object deepcopy cannot take
-        raise ExportError(f"the model holds floats other than float32 and cannot be copied to export it in float32 "
-                          f"({_root_cause(exc)}); convert it first (model.float())") from exc
+        raise ExportError(f"the model holds floats other than float32 or parametrised weights and cannot be copied to "
+                          f"export it as float32 plain weights ({_root_cause(exc)}); convert it first (model.float(), "
+                          "torch.nn.utils.parametrize.remove_parametrizations)") from exc
+    with torch.no_grad():
+        for module in _parametrised(copied):
+            # torch deletes the tensor's property from the module's class, which the copy shares with the
+            # caller's module: the copy gets a class of its own first
+            shared = type(module)
+            module.__class__ = type(shared.__name__, shared.__bases__,
+                                    {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")})
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return copied.float()
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec = ExportSpec()) -> Exported:
     """Export ``model`` (in eval mode and float32; the caller's model is left as it was) with ``example``
     (M, ...) as the spec says; checked, not yet validated."""
-    with _evaluated_in_float32(model) as model:
+    with _as_exported(model) as model:
         return _to_onnx(model, example, spec)
 
 
@@ -715,7 +736,7 @@ def write_exports(model: nn.Module, inputs: torch.Tensor, artifacts, formats: di
                   tolerance: float, spec: ExportSpec = ExportSpec()) -> ExportResult:
     """Export ``model`` once as ``spec`` says, then write each format (name -> ``artifacts`` role) and
     validate it by its rule. The model is exported in eval mode and float32; the caller's is left as it was."""
-    with _evaluated_in_float32(model) as model:
+    with _as_exported(model) as model:
         return _write_exports(model, inputs, artifacts, formats, tolerance, spec)
 
 

@@ -86,3 +86,13 @@ def mlp_of(**kwargs):
     from compressor.zoo import mlp
 
     return mlp(**kwargs)
+
+
+def compiled_mlp_of(**kwargs):
+    """:func:`mlp_of` returned in the wrapper it was trained in: torch.compile's."""
+    return torch.compile(mlp_of(**kwargs))
+
+
+def data_parallel_mlp_of(**kwargs):
+    """:func:`mlp_of` returned in DataParallel, as a multi-GPU training script builds it."""
+    return torch.nn.DataParallel(mlp_of(**kwargs))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -424,7 +425,7 @@ def test_a_recurrent_model_exported_twice_keeps_its_token_axis_both_times(workdi
 
 def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     """The original is exported first: the one-line error names the cause, and no step was trained."""
-    from compressor import CompressOptions, FinetuneOptions, SourceOptions, compress
+    from compressor import CompressOptions, FinetuneOptions, PlanOptions, SourceOptions, compress, plan_checkpoint
     from compressor.api import Events
     from compressor.errors import ExportError
 
@@ -442,6 +443,10 @@ def test_a_model_onnx_cannot_express_is_refused_before_the_fine_tune(workdir):
     assert "\x1b" not in str(raised.value) and "\n" not in str(raised.value)
     assert not any(stage.startswith("Fine-tuning") for stage in stages)
     assert sorted(os.listdir(".")) == ["branches_on_data.pt", "data.npz"]
+    with pytest.raises(ExportError, match="original model cannot be exported.*compress would stop here"):
+        plan_checkpoint(options)  # plan with data says so too, every layer kept or not
+    with pytest.raises(ExportError, match="original model cannot be exported.*compress would stop here"):
+        plan_checkpoint(replace(options, plan=PlanOptions(head="keep", hidden="keep")))
 
 
 def test_an_architecture_of_lazy_modules_is_refused_with_the_fix(workdir):

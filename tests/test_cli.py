@@ -111,6 +111,19 @@ def test_arch_kwargs_equal_to_the_stored_ones_are_accepted():
     assert load_model(MLP, arch="compressor.zoo:mlp", arch_kwargs=same).kwargs == same
 
 
+def test_a_factory_given_in_python_that_refuses_the_stored_kwargs_is_named_and_the_file_not_blamed():
+    from compressor.checkpoint import load_model
+    from compressor.errors import CheckpointError
+
+    def no_kwargs():
+        return torch.nn.Linear(64, 10)
+
+    with pytest.raises(CheckpointError, match=r"test_cli:.*no_kwargs \(given for compressor.zoo:mlp\) failed: TypeError: .*with the kwargs "
+                                              r"the file stores \(\{.*\}\); give the factory that compressed it") as refused:
+        load_model(MLP, arch=no_kwargs)
+    assert "damaged" not in str(refused.value)
+
+
 def test_subprocess_compress_cnn(workdir):
     """A real process running the console entry point (forked from one that imported fixclf:
     tests/cli_zygote.py), on the CNN sample."""

@@ -251,6 +251,9 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
         for arch in ("compressor.zoo:mlp", "data_source:mlp_of"):  # built in (checked on meta first), and the user's
             loaded = load_model(tmp_path / "wrapped.pt", arch=arch, arch_kwargs={"hidden": [32]}).model.state_dict()
             assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    for wrapping in ("data_source:compiled_mlp_of", "data_source:data_parallel_mlp_of"):  # a factory returning the wrapper
+        loaded = load_model(tmp_path / "wrapped.pt", arch=wrapping, arch_kwargs={"hidden": [32]}).model
+        assert isinstance(loaded, torch.nn.Sequential) and loaded.state_dict().keys() == state.keys()
     torch.save({**{f"model.{k}": v for k, v in state.items()}, "model.extra": state["0.bias"]}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"4 of the model's keys missing, e.g. '0.bias'; 5 keys the model does "
                                               r"not have, e.g. 'model.0.bias'"):

@@ -262,6 +262,25 @@ def test_int8_finds_dense_weights_outside_plain_linears(tmp_path):
     assert int8.bytes < export_onnx(model, x, tmp_path / "f.onnx").files["onnx"].bytes
 
 
+def test_parametrised_weights_are_exported_as_the_plain_weights_they_make(tmp_path):
+    """torch.nn.utils.parametrizations (orthogonal: a matrix exponential ONNX has no form for; weight_norm)
+    are computed once into plain weights in the file; the caller's model keeps its parametrisations
+    (torch's removal deletes them from the class the copy shares with it)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    parametrizations.orthogonal(model[2])
+    parametrizations.weight_norm(model[4])
+    x = torch.randn(8, 16)
+    expected = model(x)
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    assert result.files["onnx"].max_rel_diff <= 1e-4
+    assert {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node} <= {"Gemm", "Relu", "MatMul", "Add"}
+    assert parametrize.is_parametrized(model[2]) and parametrize.is_parametrized(model[4])
+    assert torch.equal(model(x), expected)
+
+
 def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     """A float64 model in training mode is exported in eval mode and float32, and stays float64 and in
     training mode (a model exported mid-training keeps training as before). Bad arguments are refused."""

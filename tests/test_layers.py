@@ -284,3 +284,17 @@ def test_a_layer_built_with_a_count_that_is_not_a_positive_integer_says_which(bu
     with pytest.raises(ValueError, match=f"{named} must be an integer >= 1"):
         build()
     assert ACDCStack(np.int64(32), np.int64(16))(torch.randn(2, 32)).shape == (2, 16)  # numpy integers are integers
+
+
+def test_no_fixed_head_is_offered_on_one_feature():
+    """One feature, normalised, is +1 or -1: a fixed head gives every sample one of two logit vectors, so
+    no fixed head replaces a 1-feature Linear (the Hadamard refusal advised --head orthogonal, which then
+    compressed to a model that predicted 2 of 5 classes) and the advice is --head keep."""
+    from compressor.layers.registry import spec_for
+
+    with pytest.raises(ValueError, match=r"only \+1 or -1"):
+        OrthogonalHead(1, 2)
+    assert spec_for("head", "orthogonal").unsupported(1, 5).endswith("use --head keep")
+    assert spec_for("head", "hadamard").unsupported(1, 5).endswith("use --head keep")
+    assert spec_for("head", "hadamard").unsupported(2, 5).endswith("use --head orthogonal or --head keep")
+    assert spec_for("head", "orthogonal").unsupported(2, 5) == ""

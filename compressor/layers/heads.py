@@ -42,7 +42,8 @@ from torch import nn
 from ..transforms import WalshHadamard, next_power_of_two, permute_last
 from .base import ReplacesLinear, check_counts
 
-__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "hadamard_head_limit", "hadamard_head_refusal"]
+__all__ = ["FixedHead", "HadamardHead", "OrthogonalHead", "fixed_head_refusal", "hadamard_head_limit",
+           "hadamard_head_refusal"]
 
 
 class FixedHead(ReplacesLinear):
@@ -127,6 +128,15 @@ def hadamard_head_refusal(in_features: int, num_classes: int) -> str:
             f"class{'es' * (limit != 1)} apart, not {num_classes}")
 
 
+def fixed_head_refusal(in_features: int) -> str:
+    """Why no fixed head can work on ``in_features`` features ("" if one can): normalised, one feature
+    is +1 or -1, and the logits of every sample are one of two vectors whatever the codes."""
+    if in_features > 1:
+        return ""
+    return ("a fixed head normalises its features, and 1 feature normalised is only +1 or -1: two logit vectors "
+            "for every class")
+
+
 class HadamardHead(FixedHead):
     """Fixed truncated-Hadamard classifier; stores alpha and the bias, and a column placement of P
     indices only when C + 1 > next_power_of_two(N), i.e. C >= that power (module doc)."""
@@ -187,6 +197,8 @@ class OrthogonalHead(FixedHead):
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
         super().__init__(in_features, num_classes, **kwargs)
+        if fixed_head_refusal(in_features):
+            raise ValueError(fixed_head_refusal(in_features))
         generator = torch.Generator().manual_seed(seed)
         tall = torch.randn(max(in_features, num_classes), min(in_features, num_classes), generator=generator)
         q, _ = torch.linalg.qr(tall.double())  # orthonormal columns

@@ -21,7 +21,7 @@ from torch import nn
 from ..options import DEPTH_MAX, PlanOptions
 from .acdc import ACDCStack
 from .fastfood import AdaptiveFastfood
-from .heads import HadamardHead, OrthogonalHead, hadamard_head_refusal
+from .heads import HadamardHead, OrthogonalHead, fixed_head_refusal, hadamard_head_refusal
 
 __all__ = ["Option", "LayerSpec", "REGISTRY", "register", "spec_for", "kinds", "ALPHA_START", "FIT_STEPS",
            "init_head_from_dense", "fit_to_dense"]
@@ -100,11 +100,18 @@ def _hadamard_fits(in_features: int, out_features: int) -> str:
     if _always(in_features, out_features):
         return _always(in_features, out_features)
     refusal = hadamard_head_refusal(in_features, out_features)
-    return f"{refusal}; use --head orthogonal or --head keep" if refusal else ""
+    if not refusal:
+        return ""
+    advice = "--head keep" if fixed_head_refusal(in_features) else "--head orthogonal or --head keep"
+    return f"{refusal}; use {advice}"
 
 
 def _orthogonal_fits(in_features: int, out_features: int) -> str:
-    if _always(in_features, out_features) or in_features * out_features > MAX_FEATURES * 64:
+    if _always(in_features, out_features):
+        return _always(in_features, out_features)
+    if fixed_head_refusal(in_features):
+        return f"{fixed_head_refusal(in_features)}; use --head keep"
+    if in_features * out_features > MAX_FEATURES * 64:
         return f"an orthogonal head stores C x N numbers; {out_features} x {in_features} is too large: use --head hadamard"
     return ""
 
