@@ -80,7 +80,7 @@ def launched_by_fixclf() -> bool:
     return os.environ.get("FIXCLF_LAUNCHED") == "1"
 
 
-def _one_of_several_processes() -> bool:
+def one_of_several_processes() -> bool:
     """``WORLD_SIZE`` read as :func:`compressor.distributed.world_from_environment` reads it (not imported
     here: it would import torch on the way out of a run that never needed it)."""
     try:
@@ -119,7 +119,7 @@ def main() -> None:
         code = INTERRUPTED
     ignore_late_signals()
     sys.stdout.flush()
-    if _one_of_several_processes():
+    if one_of_several_processes():
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)

@@ -45,8 +45,9 @@ def _one_line(text: str) -> str:
 
 
 def _is_rank_zero() -> bool:
-    """Under torchrun only rank 0 prints (results and errors): every process exits with the same code."""
-    return os.environ.get("RANK", "0") in ("0", "")
+    """Under torchrun only rank 0 prints (results and errors): every process exits with the same code.
+    A RANK without a WORLD_SIZE of several processes is a single-process run, which prints."""
+    return os.environ.get("RANK", "0") in ("0", "") or not entry.one_of_several_processes()
 
 
 def _error(message: str, code: int) -> int:

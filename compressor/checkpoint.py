@@ -416,8 +416,11 @@ def _key_mismatch(state: dict, model: nn.Module) -> str | None:
 
 
 def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
-    """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)."""
-    state = _unwrapped(state, model)
+    """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model).
+    Only the values are taken: a tensor object from the file (a Parameter rebuilt with backward hooks,
+    which torch's weights-only loader allows) never becomes the model's own."""
+    state = {key: value.detach() if isinstance(value, torch.Tensor) else value
+             for key, value in _unwrapped(state, model).items()}
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -63,7 +63,7 @@ def _name_max(directory: Path) -> int:
 def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
     """Refuse ``output`` before any work: an input, existing (without ``force``), or not writable."""
     parent = output.parent
-    if len(output.name.encode()) > _name_max(parent if parent.is_dir() else Path(".")):
+    if len(os.fsencode(output.name)) > _name_max(parent if parent.is_dir() else Path(".")):
         raise OutputError(f"output name {output.name[:40]}... is longer than the file system allows "
                           f"({_name_max(parent)} bytes); choose a shorter --output")
     try:

@@ -277,3 +277,35 @@ def test_tables_fold_long_names_rather_than_cut_them(workdir):
     assert "…" not in shown.stdout
     flat = "".join(line.split("│")[1].strip() for line in shown.stdout.splitlines() if line.startswith("│"))
     assert "a_really_long_layer_name_" * 3 + "one" in flat and "a_really_long_layer_name_" * 3 + "two" in flat
+
+
+def test_a_parameter_from_the_file_brings_only_its_values(tmp_path):
+    """torch's weights-only loader rebuilds a Parameter with backward hooks (allow-listed callables):
+    the model takes the values, never the file's tensor object with its hooks (assign=True did)."""
+    import collections
+
+    from compressor.checkpoint import _load_state
+
+    hooked = torch.nn.Parameter(torch.ones(3))
+    hooked._backward_hooks = collections.OrderedDict({0: collections.Counter})
+    for assign in (True, False):
+        model = torch.nn.Linear(2, 3) if not assign else torch.nn.Linear(2, 3, device="meta")
+        _load_state(model, {"weight": torch.zeros(3, 2), "bias": hooked}, tmp_path / "f.pt", assign=assign)
+        assert not model.bias._backward_hooks and torch.equal(model.bias.detach(), torch.ones(3))
+        model(torch.ones(1, 2)).sum().backward()  # a hook from the file would run here
+
+
+def test_a_rank_without_a_world_of_several_processes_prints_its_errors(monkeypatch):
+    from cli.main import _is_rank_zero
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert _is_rank_zero()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not _is_rank_zero()
+
+
+def test_an_output_name_that_is_not_utf8_is_checked_as_bytes(tmp_path):
+    from compressor.outputs import check_output_path
+
+    check_output_path(tmp_path / os.fsdecode(b"caf\xe9.fixclf.pt"), [], force=False)  # no UnicodeEncodeError
