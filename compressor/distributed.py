@@ -145,6 +145,14 @@ def world_from_environment(device: str) -> World:
     if size <= 1:
         return World()
     world = World(_whole_number("RANK", None), size, _whole_number("LOCAL_RANK", "0"))
+    if not 0 <= world.rank < size:
+        raise UsageError(f"the environment says RANK={world.rank} of WORLD_SIZE={size}, but ranks run from 0 to {size - 1} "
+                         "(torchrun sets both); unset WORLD_SIZE to run as one process, or start fixclf with torchrun "
+                         "or --nproc")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={size} is set but {' and '.join(missing)} not (torchrun sets them); unset WORLD_SIZE "
+                         "to run as one process, or start fixclf with torchrun or --nproc")
     if device.startswith("cuda"):
         if not torch.cuda.is_available() or torch.cuda.device_count() <= world.local_rank:
             raise UsageError(f"--device cuda under torchrun needs one GPU per process; this machine has "

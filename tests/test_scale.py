@@ -343,3 +343,22 @@ def test_a_resume_fingerprint_stamps_a_shard_directorys_files_each(tmp_path):
     np.save(shards / "a.npy", np.ones((4, 64), np.float32))
     os.utime(shards / "a.npy", ns=(stamp + 10**9, stamp + 10**9))
     assert _file_stamps([shards]) != before
+
+
+@pytest.mark.parametrize("environment, refusal", [
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=5 of WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "-1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "ranks run from 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT not"),
+])
+def test_an_environment_no_process_group_can_be_joined_with_is_refused_before_joining(monkeypatch, environment, refusal):
+    """A rank outside the world would wait for its rendezvous for the whole timeout; no address fails in
+    torch with a ValueError: both are usage errors naming the variables, before any joining."""
+    from compressor.distributed import world_from_environment
+    from compressor.errors import UsageError
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=refusal):
+        world_from_environment("cpu")
