@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -247,32 +248,44 @@ _OPERATOR_REGISTRIES: dict[tuple, object] = {}
 
 
 @contextlib.contextmanager
-def _operator_registry_built_once() -> Iterator[None]:
+def _torch_private_replaced(module: str, owner: str | None, name: str,
+                            replacement: Callable[[object], object]) -> Iterator[None]:
+    """Within the context torch's private ``name`` (an attribute of ``module``, or of its class
+    ``owner``) is ``replacement(torch's own)``, and torch's own is put back afterwards. Where torch's
+    private layout differs (another torch release) nothing is replaced and the exporter runs unchanged."""
+    try:
+        holder = importlib.import_module(module)
+        holder = getattr(holder, owner) if owner else holder
+        torchs_own = vars(holder)[name]
+        replaced = replacement(torchs_own)
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    setattr(holder, name, replaced)
+    try:
+        yield
+    finally:
+        setattr(holder, name, torchs_own)
+
+
+def _operator_registry_built_once() -> contextlib.AbstractContextManager[None]:
     """``torch.onnx.export(dynamo=True)`` rebuilds its ATen -> ONNX operator registry on every call
     (onnxscript re-reads the source of ~500 torchlib functions: 0.7 s, half the cost of exporting an
     nn.Linear). fixclf exports several times a run (the original, the compressed model, each layer
     ``plan`` times) and never changes the registry (no custom translation table), so within this
-    context each opset's registry is built once per process and reused. Where torch's private
-    layout differs (another torch release) the exporter runs unchanged."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-        torchs_own = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    context each opset's registry is built once per process and reused."""
+    def reusing(torchs_own):
         build = torchs_own.__func__
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
 
-    def reused(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in _OPERATOR_REGISTRIES:
-            _OPERATOR_REGISTRIES[key] = build(cls, *args, **kwargs)
-        return _OPERATOR_REGISTRIES[key]
+        def reused(cls, *args, **kwargs):
+            key = (cls, args, tuple(sorted(kwargs.items())))
+            if key not in _OPERATOR_REGISTRIES:
+                _OPERATOR_REGISTRIES[key] = build(cls, *args, **kwargs)
+            return _OPERATOR_REGISTRIES[key]
+        return classmethod(reused)
 
-    _registration.ONNXRegistry.from_torchlib = classmethod(reused)
-    try:
-        yield
-    finally:
-        _registration.ONNXRegistry.from_torchlib = torchs_own
+    return _torch_private_replaced("torch.onnx._internal.exporter._registration", "ONNXRegistry", "from_torchlib",
+                                   reusing)
 
 
 def _forget_dispatch_choices() -> None:
@@ -294,34 +307,24 @@ def _forget_dispatch_choices() -> None:
 _MATERIALISED_CIA_REGISTRATIONS: set[frozenset[str]] = set()
 
 
-@contextlib.contextmanager
-def _dispatcher_ops_materialised_once() -> Iterator[None]:
+def _dispatcher_ops_materialised_once() -> contextlib.AbstractContextManager[None]:
     """torch.export's decomposition walks every operator namespace (about 27) and, for each, makes
     Python objects for every CompositeImplicitAutograd operator the C++ dispatcher registers
     (``torch._export.utils._materialize_cpp_cia_ops``, twice an export: 0.4 s of the 0.9 s an MLP's
     export takes). The walk only fills ``torch.ops``' attributes, so when the dispatcher's list of such
     registrations is the one already walked it has nothing to add and is skipped; a custom operator
-    registered since (a new list) is walked as before. Where torch's private layout differs (another
-    torch release) the exporter runs unchanged."""
-    try:
-        from torch._export import utils as export_utils
-        torchs_own = export_utils.__dict__["_materialize_cpp_cia_ops"]
+    registered since (a new list) is walked as before."""
+    def once_per_registration_list(torchs_own):
         registrations = torch._C._dispatch_get_registrations_for_dispatch_key
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
 
-    def once_per_registration_list() -> None:
-        listed = frozenset(registrations("CompositeImplicitAutograd"))
-        if listed not in _MATERIALISED_CIA_REGISTRATIONS:
-            torchs_own()
-            _MATERIALISED_CIA_REGISTRATIONS.add(listed)
+        def walk() -> None:
+            listed = frozenset(registrations("CompositeImplicitAutograd"))
+            if listed not in _MATERIALISED_CIA_REGISTRATIONS:
+                torchs_own()
+                _MATERIALISED_CIA_REGISTRATIONS.add(listed)
+        return walk
 
-    export_utils._materialize_cpp_cia_ops = once_per_registration_list
-    try:
-        yield
-    finally:
-        export_utils._materialize_cpp_cia_ops = torchs_own
+    return _torch_private_replaced("torch._export.utils", None, "_materialize_cpp_cia_ops", once_per_registration_list)
 
 
 def _stored_matrices(proto: onnx.ModelProto, model: nn.Module, content: dict[str, tuple]) -> frozenset[str]:

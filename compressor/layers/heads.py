@@ -197,8 +197,9 @@ class OrthogonalHead(FixedHead):
 
     def __init__(self, in_features: int, num_classes: int, *, seed: int = 0, **kwargs) -> None:
         super().__init__(in_features, num_classes, **kwargs)
-        if fixed_head_refusal(in_features):
-            raise ValueError(fixed_head_refusal(in_features))
+        refusal = fixed_head_refusal(in_features)
+        if refusal:
+            raise ValueError(refusal)
         generator = torch.Generator().manual_seed(seed)
         tall = torch.randn(max(in_features, num_classes), min(in_features, num_classes), generator=generator)
         q, _ = torch.linalg.qr(tall.double())  # orthonormal columns

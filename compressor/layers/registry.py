@@ -109,8 +109,9 @@ def _hadamard_fits(in_features: int, out_features: int) -> str:
 def _orthogonal_fits(in_features: int, out_features: int) -> str:
     if _always(in_features, out_features):
         return _always(in_features, out_features)
-    if fixed_head_refusal(in_features):
-        return f"{fixed_head_refusal(in_features)}; use --head keep"
+    refusal = fixed_head_refusal(in_features)
+    if refusal:
+        return f"{refusal}; use --head keep"
     if in_features * out_features > MAX_FEATURES * 64:
         return f"an orthogonal head stores C x N numbers; {out_features} x {in_features} is too large: use --head hadamard"
     return ""
