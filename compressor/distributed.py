@@ -34,6 +34,8 @@ from .errors import FixclfError, Interrupted, UsageError
 __all__ = ["World", "world_from_environment", "launch", "DistributedError", "RemoteError"]
 
 TIMEOUT = timedelta(minutes=30)  # the longest a process waits for the others (rank 0 exports meanwhile)
+RENDEZVOUS_S = 300.0  # the longest a process waits for the others to start (torchrun starts them together)
+POLL_S = 0.05  # how often the rendezvous looks again; Python runs signal handlers in between
 GRACE_SECONDS = 30  # after one process fails, how long the others get to report the same error and exit
 
 
@@ -159,8 +161,60 @@ def world_from_environment(device: str) -> World:
                              f"{torch.cuda.device_count()}: use --device cpu or fewer processes")
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+        store = _rendezvous(world, os.environ["MASTER_ADDR"], _whole_number("MASTER_PORT", None))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store, rank=world.rank,
+                                world_size=world.size, timeout=TIMEOUT)
     return world
+
+
+def _rendezvous(world: World, address: str, port: int) -> dist.Store:
+    """The job's key-value store, once all ``world.size`` processes have joined it.
+
+    torch's own ``env://`` rendezvous waits inside C++ for up to :data:`TIMEOUT`, where neither
+    Ctrl-C nor SIGTERM reaches Python: a process whose peers never start hung for 30 minutes, deaf
+    to ``kill``. Here every wait is a Python loop of short steps (signals are handled between
+    them) bounded by :data:`RENDEZVOUS_S`: rank 0 (or torchrun's agent, ``TORCHELASTIC_USE_AGENT_STORE``)
+    hosts the store, the others wait until it listens, then each process adds itself to a counter
+    and waits until the counter holds everyone."""
+    deadline = time.monotonic() + RENDEZVOUS_S
+    hosts_store = world.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if not hosts_store:
+        _wait_until_listening(address, port, deadline, world.size)
+    try:
+        store = dist.TCPStore(address, port, world.size, is_master=hosts_store, timeout=TIMEOUT,
+                              wait_for_workers=False, multi_tenant=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise DistributedError(f"could not {'open' if hosts_store else 'reach'} the job's store at {address}:{port} "
+                               f"({(str(exc).splitlines() or [''])[0][:200]}); is MASTER_PORT free and the same for "
+                               "every process?") from exc
+    job = dist.PrefixStore(f"fixclf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    joined = job.add("joined", 1)
+    while joined < world.size:
+        _give_up_after(deadline, f"{joined} of {world.size} processes")
+        time.sleep(POLL_S)
+        joined = job.add("joined", 0)
+    return store
+
+
+def _wait_until_listening(address: str, port: int, deadline: float, size: int) -> None:
+    """Return once something accepts connections at ``address:port`` (rank 0's store)."""
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=1.0):
+                return
+        except socket.gaierror as exc:
+            raise UsageError(f"MASTER_ADDR={address!r} is not a host this machine can find ({exc.strerror}); torchrun "
+                             "sets it: start fixclf with torchrun or --nproc, or unset WORLD_SIZE") from None
+        except OSError:
+            _give_up_after(deadline, f"rank 0's store at {address}:{port} did not answer, so 1 of {size} processes")
+            time.sleep(POLL_S)
+
+
+def _give_up_after(deadline: float, joined: str) -> None:
+    if time.monotonic() > deadline:
+        raise DistributedError(f"{joined} started within {RENDEZVOUS_S:.0f} s; a job of WORLD_SIZE processes needs "
+                               "them all started together: use torchrun or --nproc, or unset WORLD_SIZE to run as "
+                               "one process")
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import compressor
 from compressor import CompressOptions, SourceOptions
 from compressor.checkpoint import load_model
 from compressor.data import load_data
+from compressor.distributed import DistributedError
 from compressor.errors import Interrupted, UsageError
 from compressor.finetune import ResumeFile, distill
 from compressor.options import FinetuneOptions, PlanOptions
@@ -362,3 +364,42 @@ def test_an_environment_no_process_group_can_be_joined_with_is_refused_before_jo
         monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=refusal):
         world_from_environment("cpu")
+
+
+@pytest.mark.parametrize("rank, host, failure", [
+    ("0", "127.0.0.1", (DistributedError, "1 of 2 processes started within 1 s")),
+    ("1", "127.0.0.1", (DistributedError, "rank 0's store at 127.0.0.1:.* did not answer")),
+    ("1", "no-such-host.invalid", (UsageError, "MASTER_ADDR='no-such-host.invalid' is not a host")),
+])
+def test_a_process_whose_peers_never_start_gives_up_by_name(monkeypatch, rank, host, failure):
+    """The rendezvous is bounded by RENDEZVOUS_S (torch's own waited 30 minutes in C++), and names what
+    is missing; an address that names no host fails at once."""
+    from compressor import distributed
+
+    monkeypatch.setattr(distributed, "RENDEZVOUS_S", 1.0)
+    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": host, "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    error, message = failure
+    with pytest.raises(error, match=message):
+        distributed.world_from_environment("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+def test_sigterm_stops_a_process_waiting_for_its_peers(tmp_path):
+    """Rank 0 of two, alone: it waits for rank 1 in a loop that Python's signal handlers interrupt, so
+    `kill` ends it at once (exit 130, one line, nothing written); torch's rendezvous held the signal."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cli.entry", "compress", MLP, "-o", str(tmp_path / "m.fixclf.pt")],
+                            cwd=tmp_path, env={**ENV, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                               "MASTER_PORT": str(port)}, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # until rank 0's store listens: the process is in the rendezvous
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=20)[1]
+    assert proc.returncode == 130 and stderr.strip() == "error: interrupted; nothing was written", stderr
+    assert list(tmp_path.iterdir()) == []
