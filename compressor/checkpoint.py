@@ -27,6 +27,7 @@ A problem with any of it is a :class:`CheckpointError` (exit code 3).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -34,6 +35,7 @@ import os
 import pickle
 import pickletools
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -288,6 +290,26 @@ def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: 
         return _build(factory, kwargs, name, path if stored else None)
 
 
+def _user_model_on_meta(factory: Callable, kwargs: dict) -> nn.Module | None:
+    """A user's (trusted, not allow-listed) model built on the meta device, to check a file's shapes
+    before the real build allocates memory: a file of a few bytes whose stored kwargs ask for a huge
+    layer is refused by its mismatch instead of first allocating gigabytes. ``None`` when the factory
+    cannot build on meta (it reads tensor values, say); its output and warnings are left to the real build."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model = factory(**kwargs)
+    except (Exception, SystemExit):
+        return None
+    if not isinstance(model, nn.Module):
+        return None
+    model = _unwrapped_model(model)
+    if any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
+        return None
+    return model
+
+
 def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replaced: tuple[str, ...] = ()) -> None:
     """``state`` must have ``model``'s keys and shapes, except below the ``replaced`` module names."""
     def kept(key: str) -> bool:
@@ -445,8 +467,9 @@ def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict
     """The model ``obj`` / ``state`` describe, built with ``kwargs`` (``stored``: read from ``path``)."""
     name, factory, allow_listed = _factory(obj.get("arch"), given, path)
     _check_plain(kwargs, path, "kwargs")
-    if allow_listed:
-        _compare_shapes(_meta_model(factory, kwargs, path, name, stored), state, path, name)
+    meta = _meta_model(factory, kwargs, path, name, stored) if allow_listed else _user_model_on_meta(factory, kwargs)
+    if meta is not None:
+        _compare_shapes(meta, state, path, name)
     model = _build(factory, kwargs, name, path if stored else None, given_callable=callable(given))
     return LoadedModel(model, path, name, kwargs, factory_file=None if allow_listed else _source_file(factory))
 
@@ -591,6 +614,10 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(meta, plan), state, path, assign=True)
     else:
+        meta = _user_model_on_meta(factory, kwargs)
+        if meta is not None:  # the shapes are checked before the real build allocates the layers the plan replaces
+            meta_plan = plan_from_records(obj.get("plan"), meta, path)
+            _compare_shapes(meta, state, path, name, tuple(p.name for p in meta_plan if p.replaced))
         base = _build(factory, kwargs, name, path, given_callable=callable(arch))
         plan = plan_from_records(obj.get("plan"), base, path)
         _compare_replacements(plan, state, path)

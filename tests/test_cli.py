@@ -124,6 +124,34 @@ def test_a_factory_given_in_python_that_refuses_the_stored_kwargs_is_named_and_t
     assert "damaged" not in str(refused.value)
 
 
+def _recording_mlp(devices: list[str]):
+    """``compressor.zoo:mlp`` that records the device each build ran on."""
+    from compressor.zoo import mlp
+
+    def build(**kwargs):
+        devices.append(torch.empty(0).device.type)
+        return mlp(**kwargs)
+    return build
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_small_file_whose_stored_kwargs_ask_for_a_huge_model_is_refused_before_allocating(compressed_sample, tmp_path,
+                                                                                           compressed):
+    """A user's architecture (not allow-listed) is first built on the meta device and the file's shapes
+    checked there: a file of a few KB whose kwargs ask for 32k x 32k layers (4 GB each) is refused by its
+    mismatch; the factory never runs on a real device."""
+    from compressor.checkpoint import load_model
+    from compressor.errors import CheckpointError
+
+    obj = compressed_sample if compressed else torch.load(MLP, weights_only=True)
+    torch.save({**obj, "arch": "user_models:mlp", "kwargs": {**obj["kwargs"], "hidden": [32768, 32768]}},
+               tmp_path / "huge.pt")
+    devices: list[str] = []
+    with pytest.raises(CheckpointError, match="state_dict does not match user_models:mlp|the model has Linear\(64, 32768\)"):
+        load_model(tmp_path / "huge.pt", arch=_recording_mlp(devices))
+    assert devices == ["meta"]
+
+
 def test_subprocess_compress_cnn(workdir):
     """A real process running the console entry point (forked from one that imported fixclf:
     tests/cli_zygote.py), on the CNN sample."""
