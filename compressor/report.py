@@ -26,6 +26,8 @@ __all__ = ["Counts", "ParamSummary", "LayerRow", "Accuracy", "LatencyPair", "Onn
 
 MAX_ITEMS = 4_096  # layers, warnings, notes: a ViT-L has 96 Linear layers; the limit bounds reading and printing
 MAX_TEXT = 4_096  # characters in one stored string (a path, a reason, a note)
+MAX_TOTAL_TEXT = 2_000_000  # characters in all a report's strings: 4,096 layers with 400 characters each and more;
+# shared references are counted at each use (a file of 66 KB whose rows all shared one long string printed 139 MB)
 
 
 def ratio(before: float, after: float) -> float | None:
@@ -167,7 +169,25 @@ class Report:
     @classmethod
     def from_dict(cls, data) -> "Report":
         """Rebuild a report from its dict, checking every field (TypeError / ValueError otherwise)."""
+        if _text_length(data, MAX_TOTAL_TEXT) > MAX_TOTAL_TEXT:
+            raise ValueError(f"it holds more than {MAX_TOTAL_TEXT:,} characters of text, more than any report fixclf writes")
         return _build(cls, data, "report")
+
+
+def _text_length(value, budget: int, depth: int = 0) -> int:
+    """Characters in the strings (keys included) under ``value``, counted up to just past ``budget``
+    (each use of a shared string counts); depth and entry limits are checked later by :func:`_build`."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8 or not isinstance(value, (list, dict)):
+        return 0
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    total = 0
+    for item in items[:MAX_ITEMS * 2]:
+        total += _text_length(item, budget - total, depth + 1)
+        if total > budget:
+            break
+    return total
 
 
 def _check_plain(value, where: str, depth: int = 0):

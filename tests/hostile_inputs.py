@@ -195,6 +195,8 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
         "c_report_huge_number": {**compressed, "report": {**compressed["report"], "seconds": 10**400}},
         "c_report_many_layers": {**compressed, "report": {**compressed["report"],
                                                           "layers": compressed["report"]["layers"] * 3000}},
+        "c_report_shared_text": {**compressed, "report": {**compressed["report"], "layers": [
+            dict(compressed["report"]["layers"][0], name="A" * 4096, reason="A" * 4096)] * 4096}},
         "c_intact": compressed,
     }.items():
         _fixclf(value, d / f"{name}.fixclf.pt")
@@ -238,6 +240,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "meta tensor in a compressed checkpoint": (["export", "c_meta_tensor.fixclf.pt", "-o", "o.onnx"], 3),
     "report number of 400 digits": (["report", "c_report_huge_number.fixclf.pt"], 3),
     "report of 9000 layers": (["report", "c_report_many_layers.fixclf.pt"], 3),
+    "report of 4096 rows sharing one long string": (["report", "c_report_shared_text.fixclf.pt"], 3),
     "output a dangling symbolic link": ([C, "mlp.pt", "-o", "dangling.fixclf.pt"], 8),
     "--arch-kwargs nested 3000 deep": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
                                         '{"a": ' + "[" * 3000 + "]" * 3000 + "}"], 2),
