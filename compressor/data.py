@@ -64,6 +64,7 @@ HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
 SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
 SELECTION_MIN_ROWS = 20  # fewer rows measure accuracy in steps of more than 5 pp: no basis for a pp budget
+MAX_INDEXED_ROWS = 2**28  # a map-style Dataset's rows are shuffled by index (8 bytes a row): 2 GB at this size
 STREAM_HOLDOUT_EVERY = 5  # an IterableDataset holds out one item in five
 STREAM_SAME_ITEMS = 4  # the first items of every pass of a stream are checked against the first pass
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -91,10 +92,21 @@ class MixPartners:
 MixedRows = tuple[torch.Tensor, "torch.Tensor | None", "MixPartners | None"]
 
 
+def _tensor(value) -> torch.Tensor:
+    """``value`` as a tensor of values only: detached from any autograd graph (data never needs one), and
+    an array in the other byte order (``>f4`` on this machine) converted, since torch holds native order."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    array = np.asarray(value)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.as_tensor(array)
+
+
 def _as_tensor(value, name: str, source: str) -> torch.Tensor:
     """A dense real tensor backed by its own data (no broadcast views, sparse, quantised or meta tensors)."""
     try:
-        tensor = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+        tensor = _tensor(value)
     except Exception as exc:
         raise DataError(f"{source}: {name} is not a numeric array ({type(value).__name__} of "
                         f"{getattr(getattr(value, 'dtype', None), 'name', '?')}); give numbers") from exc
@@ -314,6 +326,9 @@ class _ItemStore(_Store):
                             "or return an IterableDataset") from exc
         if not isinstance(self.rows, int) or self.rows < 1:
             raise DataError(f"--data {source}: the Dataset is empty; give it samples")
+        if self.rows > MAX_INDEXED_ROWS:
+            raise DataError(f"--data {source}: the Dataset has {self.rows:,} items, more than fixclf shuffles by index "
+                            f"({MAX_INDEXED_ROWS:,}); return an IterableDataset (streamed) or a Subset of it")
         self.labelled = _item_parts(self._item(0), source)[1] is not None
 
     def _item(self, i: int):
@@ -343,11 +358,11 @@ def _collate(items: list, labelled: bool, source: str) -> Rows:
     parts = [_item_parts(item, source) for item in items]
     if any((y is not None) != labelled for _, y in parts):
         raise DataError(f"--data {source}: some items have labels and some do not; give (x, y) for all or x for all")
-    xs = [x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x, _ in parts]
-    if len({x.shape for x in xs}) > 1:
-        raise DataError(f"--data {source}: items have different shapes {sorted({tuple(x.shape) for x in xs})}; "
-                        "give items of one shape")
     try:
+        xs = [_tensor(x) for x, _ in parts]
+        if len({x.shape for x in xs}) > 1:
+            raise DataError(f"--data {source}: items have different shapes {sorted({tuple(x.shape) for x in xs})}; "
+                            "give items of one shape")
         x = torch.stack(xs)
         y = torch.as_tensor([y for _, y in parts]) if labelled else None
     except (TypeError, RuntimeError, ValueError) as exc:
@@ -594,9 +609,9 @@ def _digest(item) -> bytes | None:
     try:
         for part in _item_parts(item, ""):
             if part is not None:
-                tensor = part if isinstance(part, torch.Tensor) else torch.as_tensor(np.asarray(part))
+                tensor = _tensor(part)
                 digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     except Exception:
         return None
     return digest.digest()

@@ -96,3 +96,40 @@ def compiled_mlp_of(**kwargs):
 def data_parallel_mlp_of(**kwargs):
     """:func:`mlp_of` returned in DataParallel, as a multi-GPU training script builds it."""
     return torch.nn.DataParallel(mlp_of(**kwargs))
+
+
+class Vast(Dataset):
+    """A map-style Dataset whose len() is far beyond what can be shuffled by index."""
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, i):
+        return torch.zeros(64), 0
+
+
+def vast():
+    return Vast()
+
+
+def requiring_grad():
+    """The digits as tensors that require grad (as a training script may leave them)."""
+    arrays = digits()
+    return {"x": torch.from_numpy(arrays["x"]).requires_grad_(), "y": torch.from_numpy(arrays["y"])}
+
+
+def big_endian():
+    """The digits in the other byte order (``>f4``, ``>i8``), as files written on another machine hold them."""
+    arrays = digits()
+    return {"x": arrays["x"].astype(">f4"), "y": arrays["y"].astype(">i8")}
+
+
+class BigEndianItems(DigitItems):
+    """Items that are numpy arrays in the other byte order."""
+
+    def __getitem__(self, i):
+        return self.x[i].astype(">f4"), int(self.y[i])
+
+
+def big_endian_items():
+    return BigEndianItems()

@@ -205,6 +205,22 @@ def test_bad_sources(tmp_path):
         load_data(tmp_path / "mixed")
 
 
+@pytest.mark.parametrize("spec", ["data_source:requiring_grad", "data_source:big_endian", "data_source:big_endian_items"])
+def test_tensors_that_require_grad_and_arrays_in_the_other_byte_order_are_read_as_their_values(spec):
+    """Data is values: a tensor that requires grad is detached (it failed at the export as 'cannot be
+    exported'), a big-endian array converted (it was 'not a numeric array')."""
+    data, expected = load_data(spec, seed=0), load_data("data_source:digits", seed=0)
+    for split in ("train", "val"):
+        (x, y), (x0, y0) = _all(data, split), _all(expected, split)
+        assert not x.requires_grad and torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_a_dataset_too_long_to_shuffle_by_index_is_a_data_error():
+    with pytest.raises(DataError, match=r"has 4,611,686,018,427,387,904 items, more than fixclf shuffles by index .*"
+                                        r"return an IterableDataset \(streamed\)"):
+        load_data("data_source:vast")
+
+
 def test_data_messages_name_the_real_problem(tmp_path):
     """A one-logit model's 0/1 labels are not the problem (its single logit is); a label count that
     differs from the row count is not one-hot labels; an id beyond the vocabulary is not a dtype."""
