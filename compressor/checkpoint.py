@@ -286,7 +286,8 @@ def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: 
         if not stored:
             raise CheckpointError(f"--arch-kwargs do not fit {name} ({exc}); check --arch-kwargs") from exc
         raise CheckpointError(f"{path}: kwargs do not fit {name} ({exc}); the file is damaged") from exc
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own about meta tensors; the real build shows the factory's
         return _build(factory, kwargs, name, path if stored else None)
 
 
@@ -443,6 +444,10 @@ def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = Fals
     which torch's weights-only loader allows) never becomes the model's own."""
     state = {key: value.detach() if isinstance(value, torch.Tensor) else value
              for key, value in _unwrapped(state, model).items()}
+    if not assign and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise CheckpointError(f"the architecture builds its weights on the meta device (shapes without memory), so "
+                              f"{source}'s values cannot be loaded into it; build it on the CPU (no device='meta' in "
+                              "--arch-kwargs or the factory)")
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -450,7 +455,7 @@ def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = Fals
         detail = _key_mismatch(state, model) or (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
         raise CheckpointError(f"{source} does not match the architecture ({detail}); check the architecture and its keyword "
                               "arguments (arch= / arch_kwargs in Python, --arch / --arch-kwargs)") from exc
-    return model.float().eval()
+    return model.float().cpu().eval()
 
 
 def _source_file(factory: Callable) -> Path | None:

@@ -197,6 +197,7 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
                                                           "layers": compressed["report"]["layers"] * 3000}},
         "c_report_shared_text": {**compressed, "report": {**compressed["report"], "layers": [
             dict(compressed["report"]["layers"][0], name="A" * 4096, reason="A" * 4096)] * 4096}},
+        "c_zero_classes": {**compressed, "kwargs": {**compressed["kwargs"], "num_classes": 0}},
         "c_intact": compressed,
     }.items():
         _fixclf(value, d / f"{name}.fixclf.pt")
@@ -241,6 +242,10 @@ CASES: dict[str, tuple[list[str], int]] = {
     "report number of 400 digits": (["report", "c_report_huge_number.fixclf.pt"], 3),
     "report of 9000 layers": (["report", "c_report_many_layers.fixclf.pt"], 3),
     "report of 4096 rows sharing one long string": (["report", "c_report_shared_text.fixclf.pt"], 3),
+    "compressed checkpoint whose stored kwargs build no classes": (["export", "c_zero_classes.fixclf.pt", "-o", "o.onnx"], 3),
+    "--arch-kwargs building the model on the meta device": ([C, "linear3.pt", "--arch", "torch.nn:Linear", "--arch-kwargs",
+                                                             '{"in_features": 3, "out_features": 10, "device": "meta"}',
+                                                             "--data", "digits.npz"], 3),
     "output a dangling symbolic link": ([C, "mlp.pt", "-o", "dangling.fixclf.pt"], 8),
     "--arch-kwargs nested 3000 deep": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs",
                                         '{"a": ' + "[" * 3000 + "]" * 3000 + "}"], 2),

@@ -44,6 +44,7 @@ def test_messages_say_what_to_do(results):
     assert "regroups 2 rows of shape (32,) into 1 row(s) of logits" in said["data a reshaping model regroups into fewer rows"]
     assert "float32" in said["model whose forward runs in float64"] and "check --data" not in said["model whose forward runs in float64"]
     assert "more than 2,000,000 characters" in said["report of 4096 rows sharing one long string"]
+    assert "meta device" in said["--arch-kwargs building the model on the meta device"]
     assert said["truncated checkpoint"].rstrip().endswith("compress wrote") and "there is a high)" not in said["truncated checkpoint"]
 
 
