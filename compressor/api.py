@@ -33,7 +33,8 @@ from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, dis
                        resolved_options, steps_per_epoch)
 from .layers import count_stored
 from .modelcopy import copy_model
-from .options import KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions
+from .options import (KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions, check_file_name,
+                      check_instance)
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
@@ -169,6 +170,7 @@ def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
 def plan_checkpoint(options: CompressOptions) -> PlanReport:
     """What ``compress`` would replace, by what, the stored numbers and, when there is data (``--data``
     or the checkpoint's bundled file), each layer's ORT latency alone, dense and structured. Writes nothing."""
+    check_instance("plan_checkpoint(options)", options, CompressOptions)
     options.validate()
     loaded = _load_uncompressed(options.source)
     data = None
@@ -398,6 +400,9 @@ def compress(options: CompressOptions, events: Events | None = None) -> Report |
     succeeds, and then all files are renamed into place together. Under ``torchrun`` every process
     calls this; rank 0 writes and returns the report, the others return None
     (:mod:`compressor.distributed`)."""
+    check_instance("compress(options)", options, CompressOptions)
+    if events is not None:
+        check_instance("compress(events)", events, Events)
     options.validate()
     _check_device(options.finetune.device)
     world = world_from_environment(options.finetune.device)
@@ -555,6 +560,7 @@ def load_compressed_model(path: str | Path, *, arch: Architecture | None = None)
 
     ``arch`` is needed only when the original architecture is not built into fixclf: the same
     ``"package.module:factory"`` used to compress it, or the factory itself (e.g. a torchvision builder)."""
+    check_file_name("load_compressed_model(path)", path)
     return load_compressed(path, arch=arch).model
 
 
@@ -565,6 +571,7 @@ def load_report(path: str | Path | None = None) -> Report:
         path = latest_compressed(".")
         if path is None:
             raise UsageError("no *.fixclf.pt in this directory; pass the compressed checkpoint: fixclf report PATH")
+    check_file_name("load_report(path)", path)
     return read_stored_report(path)
 
 
@@ -572,6 +579,7 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
     """Export any accepted checkpoint (dense or compressed) to validated ONNX at ``command.output``.
 
     A compressed checkpoint of an architecture that is not built in needs ``source.arch`` again."""
+    check_instance("export_checkpoint(command)", command, ExportCommand)
     command.validate()
     loaded = _load(command.source)
     data = _data_for(loaded, command.source.data, command.seed, needed_for="to validate the ONNX export")

@@ -22,6 +22,8 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = [
+    "check_file_name",
+    "check_instance",
     "BUDGET_STEPS",
     "SEED_MAX",
     "DEPTH_MAX",
@@ -79,12 +81,14 @@ def _yes_no(flag: str, value: object, *, optional: bool = False) -> None:
         raise UsageError(f"{flag} must be True or False, got {value!r:.60}")
 
 
-def _path(flag: str, value: object, *, optional: bool = False) -> None:
-    """A file name: a non-empty str or path-like object (None too when ``optional``)."""
+def check_file_name(flag: str, value: object, *, optional: bool = False) -> None:
+    """A file name: a non-empty str or path-like object without NUL characters (None too when ``optional``)."""
     if value is None and optional:
         return
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise UsageError(f"{flag} must be a file name (str or pathlib.Path), got {value!r:.60}")
+    if "\x00" in str(value):
+        raise UsageError(f"{flag} {str(value)!r:.60} holds a NUL character, which no file name can; give the name without it")
 
 
 def _patterns(flag: str, value: object) -> None:
@@ -93,9 +97,10 @@ def _patterns(flag: str, value: object) -> None:
         raise UsageError(f"{flag} must be a list of non-empty glob patterns, e.g. ['features.*'], got {value!r:.60}")
 
 
-def _instance(flag: str, value: object, kind: type) -> None:
+def check_instance(flag: str, value: object, kind: type) -> None:
+    """``value`` must be a ``kind`` (a dict or a str where the options object belongs is a UsageError)."""
     if not isinstance(value, kind):
-        raise UsageError(f"{flag} must be a {kind.__name__}, got {type(value).__name__}")
+        raise UsageError(f"{flag} must be a {kind.__module__}.{kind.__name__} object, got {type(value).__name__}")
 
 
 def _positive_finite(flag: str, value: float | None, *, optional: bool = False) -> None:
@@ -119,11 +124,11 @@ class SourceOptions:
     def validate(self) -> None:
         if isinstance(self.checkpoint, str) and not self.checkpoint:
             raise UsageError("no checkpoint given; pass the trained model's .pt file")
-        _path("the checkpoint", self.checkpoint)
+        check_file_name("the checkpoint", self.checkpoint)
         if self.arch is not None and not (isinstance(self.arch, str) or callable(self.arch)):
             raise UsageError(f"--arch must be a package.module:factory reference or the factory itself, got {self.arch!r:.60}")
         _yes_no("--trust-pickle", self.trust_pickle)
-        _path("--data", self.data, optional=True)
+        check_file_name("--data", self.data, optional=True)
         if self.arch_kwargs is not None and self.arch is None:
             raise UsageError("--arch-kwargs is given without --arch; pass --arch package.module:factory too")
         if self.arch_kwargs is not None and not isinstance(self.arch_kwargs, dict):
@@ -246,8 +251,8 @@ class CompressOptions:
         """Check every option; raises :class:`UsageError` (exit 2) before any work."""
         for name, kind in (("source", SourceOptions), ("plan", PlanOptions), ("finetune", FinetuneOptions),
                            ("export", ExportOptions)):
-            _instance(f"CompressOptions.{name}", getattr(self, name), kind)
-        _path("--output", self.output, optional=True)
+            check_instance(f"CompressOptions.{name}", getattr(self, name), kind)
+        check_file_name("--output", self.output, optional=True)
         _yes_no("--force", self.force)
         self.source.validate()
         self.plan.validate()
@@ -272,11 +277,11 @@ class ExportCommand:
     seed: int = CompressOptions.seed
 
     def validate(self) -> None:
-        _instance("ExportCommand.source", self.source, SourceOptions)
-        _instance("ExportCommand.export", self.export, ExportOptions)
+        check_instance("ExportCommand.source", self.source, SourceOptions)
+        check_instance("ExportCommand.export", self.export, ExportOptions)
         self.source.validate()
         self.export.validate()
-        _path("-o", self.output)
+        check_file_name("-o", self.output)
         if Path(self.output).suffix != ".onnx":
             raise UsageError(f"-o {self.output} must end in .onnx")
         if self.export.quantize and self.export.precision != "fp32":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from compressor import (CompressOptions, ExportCommand, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions,
-                        compress, export_checkpoint, plan_checkpoint)
+                        compress, export_checkpoint, load_compressed_model, load_report, plan_checkpoint)
 from compressor.errors import UsageError
 from conftest import SAMPLES
 
@@ -32,6 +32,7 @@ BAD_OPTIONS = {
     "arch as a number": (CompressOptions(SourceOptions(MLP, arch=5)), "--arch"),
     "source as a dict": (CompressOptions({"checkpoint": MLP}), "CompressOptions.source"),
     "plan None": (CompressOptions(SourceOptions(MLP), plan=None), "CompressOptions.plan"),
+    "output with a NUL": (CompressOptions(SourceOptions(MLP), output="m\x00.fixclf.pt"), "--output .* holds a NUL"),
 }
 
 
@@ -53,6 +54,23 @@ def test_a_wrong_option_from_python_is_a_usage_error_naming_it(case, workdir):
 def test_the_export_command_checks_its_options_too(command, flag, workdir):
     with pytest.raises(UsageError, match=flag):
         export_checkpoint(command)
+    assert list(Path().iterdir()) == []
+
+
+@pytest.mark.parametrize("call, refusal", [
+    (lambda: plan_checkpoint("mlp.pt"), r"plan_checkpoint\(options\) must be a compressor.options.CompressOptions"),
+    (lambda: compress({"source": {"checkpoint": "mlp.pt"}}), r"compress\(options\) must be"),
+    (lambda: compress(CompressOptions(SourceOptions(MLP)), events="x"), r"compress\(events\) must be a compressor.api.Events"),
+    (lambda: export_checkpoint("mlp.pt"), r"export_checkpoint\(command\) must be"),
+    (lambda: load_compressed_model(None), r"load_compressed_model\(path\) must be a file name"),
+    (lambda: load_compressed_model(b"m.fixclf.pt"), r"load_compressed_model\(path\) must be a file name"),
+    (lambda: load_report(5), r"load_report\(path\) must be a file name"),
+    (lambda: load_report("a\x00b"), r"load_report\(path\) 'a\\x00b' holds a NUL character"),
+])
+def test_the_python_api_refuses_arguments_of_the_wrong_kind_by_name(call, refusal, workdir):
+    """Bare TypeError / AttributeError from deep inside (pathlib, a missing .validate) became UsageErrors."""
+    with pytest.raises(UsageError, match=refusal):
+        call()
     assert list(Path().iterdir()) == []
 
 
