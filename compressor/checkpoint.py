@@ -452,10 +452,27 @@ def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = Fals
         model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = _key_mismatch(state, model) or (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]
-        raise CheckpointError(f"{source} does not match the architecture ({detail}); check the architecture and its keyword "
-                              "arguments (arch= / arch_kwargs in Python, --arch / --arch-kwargs)") from exc
+        raise _mismatch(source, _key_mismatch(state, model) or (lines[1:2] or lines[:1] or ["mismatch"])[0][:200]) from exc
     return model.float().cpu().eval()
+
+
+def _mismatch(source: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{source} does not match the architecture ({detail}); check the architecture and its keyword "
+                           "arguments (arch= / arch_kwargs in Python, --arch / --arch-kwargs)")
+
+
+def _check_fits_on_meta(model: nn.Module | None, state: dict, source: Path) -> None:
+    """Refuse ``state`` as :func:`_load_state` would, before the real model exists: its keys and shapes
+    against ``model`` built on the meta device (None: the factory cannot build there; nothing checked)."""
+    if model is None:
+        return
+    state = _unwrapped(state, model)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    detail = _key_mismatch(state, model) or next(
+        (f"size mismatch for {key}: {tuple(value.shape)} in the file, {expected[key]} in the model"
+         for key, value in state.items() if isinstance(value, torch.Tensor) and tuple(value.shape) != expected[key]), None)
+    if detail:
+        raise _mismatch(source, detail)
 
 
 def _source_file(factory: Callable) -> Path | None:
@@ -472,9 +489,10 @@ def _model_from(obj: dict, state: dict, given: Architecture | None, kwargs: dict
     """The model ``obj`` / ``state`` describe, built with ``kwargs`` (``stored``: read from ``path``)."""
     name, factory, allow_listed = _factory(obj.get("arch"), given, path)
     _check_plain(kwargs, path, "kwargs")
-    meta = _meta_model(factory, kwargs, path, name, stored) if allow_listed else _user_model_on_meta(factory, kwargs)
-    if meta is not None:
-        _compare_shapes(meta, state, path, name)
+    if allow_listed:
+        _compare_shapes(_meta_model(factory, kwargs, path, name, stored), state, path, name)
+    else:
+        _check_fits_on_meta(_user_model_on_meta(factory, kwargs), state, path)
     model = _build(factory, kwargs, name, path if stored else None, given_callable=callable(given))
     return LoadedModel(model, path, name, kwargs, factory_file=None if allow_listed else _source_file(factory))
 
@@ -621,8 +639,7 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
     else:
         meta = _user_model_on_meta(factory, kwargs)
         if meta is not None:  # the shapes are checked before the real build allocates the layers the plan replaces
-            meta_plan = plan_from_records(obj.get("plan"), meta, path)
-            _compare_shapes(meta, state, path, name, tuple(p.name for p in meta_plan if p.replaced))
+            _check_fits_on_meta(apply_plan(meta, plan_from_records(obj.get("plan"), meta, path)), state, path)
         base = _build(factory, kwargs, name, path, given_callable=callable(arch))
         plan = plan_from_records(obj.get("plan"), base, path)
         _compare_replacements(plan, state, path)
