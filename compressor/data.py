@@ -779,19 +779,23 @@ EXACT_INTEGERS = 2**24
 def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's logits on rows ``x`` as read, settling ``data.input_dtype``: float32 when the model takes
     it (whatever the rows are stored as), else integer rows as stored (token ids into an ``nn.Embedding``),
-    else whole-number float rows as int64 (:func:`_as_integer_inputs`). Integer rows that the model also
-    takes as stored but answers differently there (a model that scales its own bytes, or integer
-    arithmetic that wraps around) are fed as float32 with a note saying so (``data.notes``)."""
+    else whole-number float rows as int64 (:func:`_as_integer_inputs`). Integer rows that the model takes
+    both ways but answers differently as stored (it converts its own bytes: ``x.float() / 255`` for uint8)
+    are fed as stored, where the model's own conversion runs, with a note saying so (``data.notes``)."""
     try:
         logits = model(x.float())
     except (Exception, SystemExit) as exc:
         failure: BaseException = exc
     else:
         data.input_dtype = torch.float32
-        if x.dtype in INTEGER_DTYPES and _answers_otherwise(model, x, logits):
+        as_stored = _answer_as_stored(model, x, logits) if x.dtype in INTEGER_DTYPES else None
+        if as_stored is not None:
             name = dtype_name(x.dtype)
+            data.input_dtype = x.dtype
             data.notes.append(f"x is stored as {name}, and the model answers those rows differently as {name} than as "
-                              f"float32; fixclf feeds float32, the ONNX input included (store x as float32 to say so)")
+                              f"float32 (it converts them itself): fixclf feeds them as stored, the ONNX input included "
+                              "(store x as float32 to feed floats)")
+            return as_stored
         return logits
     if x.dtype in INTEGER_DTYPES:
         try:
@@ -804,15 +808,16 @@ def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor)
     return _as_integer_inputs(data, model, x.float(), failure)
 
 
-def _answers_otherwise(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether ``model`` takes integer rows ``x`` as they are and answers other than ``logits`` (its
-    answer on them as float32)."""
+def _answer_as_stored(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    """The model's answer on integer rows ``x`` as they are, when it takes them and answers other than
+    ``logits`` (its answer on them as float32); None otherwise."""
     try:
         as_stored = model(x)
     except (Exception, SystemExit):
-        return False
-    return not (isinstance(as_stored, torch.Tensor) and as_stored.shape == logits.shape
-                and torch.allclose(as_stored.float(), logits.float(), rtol=1e-4, atol=1e-5))
+        return None
+    same = (isinstance(as_stored, torch.Tensor) and as_stored.shape == logits.shape
+            and torch.allclose(as_stored.float(), logits.float(), rtol=1e-4, atol=1e-5))
+    return None if same or not isinstance(as_stored, torch.Tensor) or as_stored.shape != logits.shape else as_stored
 
 
 def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, failure: BaseException) -> torch.Tensor:

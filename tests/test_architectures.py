@@ -274,9 +274,10 @@ def test_a_weight_shared_by_two_linears_is_counted_once_and_the_checkpoint_reads
     assert after_b < shared
 
 
-def test_integer_images_a_model_answers_otherwise_as_stored_are_fed_as_float32_with_a_warning(workdir):
-    """uint8 rows that a model takes both ways but answers differently (it scales its own bytes) are fed as
-    float32, the ONNX input included, and the report says so; the float32 and float16 files validate."""
+def test_integer_images_a_model_converts_itself_are_fed_as_stored_with_a_warning(workdir):
+    """uint8 rows that a model takes both ways but answers differently (it converts its own bytes, x / 255)
+    are fed as stored, the ONNX input included, so that the model's own conversion runs (as float32, the
+    teacher saw values 255x too large), and the report says so; the float32 and float16 files validate."""
     import onnx
 
     torch.manual_seed(0)
@@ -284,19 +285,20 @@ def test_integer_images_a_model_answers_otherwise_as_stored_are_fed_as_float32_w
     torch.save(model.state_dict(), "bytes.pt")
     images = torch.randint(0, 256, (240, 1, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
-        labels = model(images.float()).argmax(1)
+        labels = model(images).argmax(1)
+        assert (model(images.float()).argmax(1) != labels).any()  # the other feeding would mislabel
     np.savez("bytes.npz", x=images.numpy(), y=labels.numpy())
     result = runner.invoke(app, ["compress", "bytes.pt", "--arch", "architectures:byte_images", "--data", "bytes.npz",
                                  "--epochs", "1", "--latency-batch", "8", "--precision", "fp16", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["accuracy"]["before"] == 1.0 and report["options"]["mixup"] is True
-    assert any("stored as uint8" in warning and "feeds float32" in warning for warning in report["warnings"])
-    assert onnx.load("bytes.fixclf.onnx").graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert report["accuracy"]["before"] == 1.0 and report["options"]["mixup"] is False
+    assert any("stored as uint8" in warning and "feeds them as stored" in warning for warning in report["warnings"])
+    assert onnx.load("bytes.fixclf.onnx").graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     compressed = load_compressed_model("bytes.fixclf.pt", arch="architectures:byte_images")
     with torch.no_grad():
-        expected = compressed(images[:16].float())
-    got = torch.from_numpy(run(session("bytes.fixclf.fp16.onnx"), images[:16].float()))
+        expected = compressed(images[:16])
+    got = torch.from_numpy(run(session("bytes.fixclf.fp16.onnx"), images[:16]))
     assert (got - expected).abs().max() <= 1e-2 * max(1.0, float(expected.abs().max()))
 
 

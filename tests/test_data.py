@@ -277,8 +277,8 @@ def test_checkpoint_and_data_layouts_from_training_code_get_the_fix(tmp_path):
 
 
 def test_integer_rows_go_to_a_model_as_float32_unless_it_takes_them_only_as_stored(tmp_path):
-    """Integer rows: float32 to a model that takes floats (a note when it answers otherwise as stored: it
-    scales its own bytes), as stored to one that takes them only so (int32 ids into an nn.Embedding)."""
+    """Integer rows: float32 to a model that takes floats, as stored to one that answers otherwise as stored
+    (it converts its own bytes; with a note) or takes them only so (int32 ids into an nn.Embedding)."""
     class ScalesBytes(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -298,7 +298,7 @@ def test_integer_rows_go_to_a_model_as_float32_unless_it_takes_them_only_as_stor
     rows = np.random.default_rng(0).integers(0, 256, (40, 4))
     np.savez(tmp_path / "bytes.npz", x=rows.astype(np.uint8))
     np.savez(tmp_path / "ids.npz", x=rows.astype(np.int32))
-    for model, file, dtype, noted in ((ScalesBytes(), "bytes.npz", torch.float32, True),
+    for model, file, dtype, noted in ((ScalesBytes(), "bytes.npz", torch.uint8, True),
                                       (torch.nn.Linear(4, 3), "bytes.npz", torch.float32, False),
                                       (Ids(), "ids.npz", torch.int32, False)):
         data = load_data(tmp_path / file)
