@@ -270,4 +270,6 @@ def _wait(children: list[subprocess.Popen]) -> int:
                     child.terminate()
         time.sleep(0.05)
     codes = [child.returncode for child in children]
+    if Interrupted.exit_code in codes:  # one process was interrupted (a signal sent to it alone); the others then
+        return Interrupted.exit_code    # lost contact with it, which is not the cause
     return next((c if c > 0 else 1 for c in codes if c != 0), 0)

@@ -403,3 +403,13 @@ def test_sigterm_stops_a_process_waiting_for_its_peers(tmp_path):
     stderr = proc.communicate(timeout=20)[1]
     assert proc.returncode == 130 and stderr.strip() == "error: interrupted; nothing was written", stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_launcher_exits_130_when_one_process_alone_was_interrupted():
+    """A signal sent to one of --nproc's processes alone: it exits 130 and the others lose contact with it
+    (exit 1); the job's code is the interrupt's, not the lost contact's."""
+    from compressor.distributed import _wait
+
+    lost = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(1)"])
+    interrupted = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(130)"])
+    assert _wait([lost, interrupted]) == 130
