@@ -69,7 +69,7 @@ from torch import nn
 from .pickles import CHECKPOINT_LIMITS, load_bounded
 from .data import DataSource, check_labels, training_batch_count
 from .distributed import World
-from .errors import DataError, FixclfError, Interrupted, TrainingError, UsageError
+from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingError, UsageError
 from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
@@ -332,6 +332,7 @@ class _Run:
                                                                find_unused_parameters=misses)
         self.result = FinetuneResult(probabilities=outputs_probabilities(teacher, data.head("train", 64)[0].to(self.device)))
         self.epoch, self.step_in_epoch, self.samples, self.seconds = 1, 0, 0, 0.0
+        self.started: float | None = None  # time.monotonic() when the fine-tune began, earlier invocations included
         self.root_statistics = ([] if options.update_norm_stats else
                                 [(kept, kept.detach().clone()) for kept in running_statistics(student)])
 
@@ -340,7 +341,7 @@ class _Run:
     def state(self) -> dict:
         return {"format": RESUME_FORMAT, "fingerprint": self.resume.fingerprint, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "steps": self.result.steps, "samples": self.samples,
-                "seconds": self.seconds, "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "seconds": self.seconds if self.started is None else time.monotonic() - self.started, "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(), "history": [asdict(e) for e in self.result.epochs]}
 
@@ -362,12 +363,11 @@ class _Run:
                                                     "delete it to start over"))
         if (not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or not isinstance(state.get("fingerprint"), dict)
                 or not all(isinstance(key, str) for key in state["fingerprint"])):
-            raise UsageError(f"{path} is not a fixclf resume state; delete it or choose another --output")
+            raise OutputError(f"{path} is not a fixclf resume state, so --resume does not replace it; delete it or "
+                              "choose another --output")
         if state.get("fingerprint") != self.resume.fingerprint:
-            changed = sorted(k for k in {**self.resume.fingerprint, **(state.get("fingerprint") or {})}
-                             if (state.get("fingerprint") or {}).get(k) != self.resume.fingerprint.get(k))
-            raise UsageError(f"{path} was written by a run with other settings ({', '.join(changed)}); run with the "
-                             "same settings, or delete it to start over")
+            raise UsageError(f"{path} was written by another run: {_what_differs(state['fingerprint'], self.resume.fingerprint)}; "
+                             "run with the same checkpoint, data and settings, or delete it to start over")
         fixed = self._fixed_buffers()
         try:
             self._check_position(state, path)
@@ -529,8 +529,8 @@ def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:
     after the last complete epoch (or the initialisation) and raises."""
     student, resume = run.student, run.resume
     last_good = copy.deepcopy(student.state_dict())
-    start = time.monotonic() - run.seconds
-    deadline = time.monotonic() + options.max_time if options.max_time is not None else None
+    start = run.started = time.monotonic() - run.seconds  # a resumed run's earlier invocations count too
+    deadline = start + options.max_time if options.max_time is not None else None
     try:
         while run.epoch <= options.epochs:
             time_up = run.run_epoch(deadline)
@@ -553,6 +553,15 @@ def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:
     except KeyboardInterrupt as exc:
         student.load_state_dict(last_good)
         raise interrupted("during fine-tuning", resume.path if resume is not None else None) from exc
+
+
+def _what_differs(saved: dict, now: dict) -> str:
+    """How the run that wrote a resume state differs from this one, by its fingerprints' keys."""
+    changed = sorted(k for k in {**saved, **now} if saved.get(k) != now.get(k))
+    said = {"model_sha256": "the checkpoint's bytes changed since", "data_files": "the data files changed since "
+            "(size or modification time)", "data": "it read other data", "world_size": "it ran as another number of processes"}
+    settings = [k for k in changed if k not in said]
+    return "; ".join([said[k] for k in changed if k in said] + ([f"other settings ({', '.join(settings)})"] if settings else []))
 
 
 def interrupted(when: str, state: Path | None) -> Interrupted:

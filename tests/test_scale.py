@@ -22,7 +22,7 @@ from compressor import CompressOptions, SourceOptions
 from compressor.checkpoint import load_model
 from compressor.data import load_data
 from compressor.distributed import DistributedError
-from compressor.errors import Interrupted, UsageError
+from compressor.errors import Interrupted, OutputError, UsageError
 from compressor.finetune import ResumeFile, distill
 from compressor.options import FinetuneOptions, PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
@@ -199,7 +199,7 @@ def test_a_stream_larger_than_the_memory_bound_streams_through(tmp_path):
     assert grown < bound_mb, f"peak RSS grew {grown:.0f} MB for 197 MB more data"
 
 
-def _tune(resume: ResumeFile | None, stop_at: int | None = None):
+def _tune(resume: ResumeFile | None, stop_at: int | None = None, max_time: float | None = None):
     """The MLP sample's student after a 3-epoch distillation (interrupted at step ``stop_at``)."""
     loaded = load_model(MLP)
     data = load_data(loaded.data)
@@ -213,7 +213,7 @@ def _tune(resume: ResumeFile | None, stop_at: int | None = None):
         if on_step.seen == stop_at:
             raise KeyboardInterrupt
     on_step.seen = 0
-    result = distill(student, loaded.model, data, FinetuneOptions(epochs=3), replaced_parameters(student, plan),
+    result = distill(student, loaded.model, data, FinetuneOptions(epochs=3, max_time=max_time), replaced_parameters(student, plan),
                      resume=resume, on_step=on_step)
     return student.state_dict(), result
 
@@ -263,12 +263,12 @@ def test_resume_state_lives_beside_the_output_until_it_is_written(tmp_path):
     retrained["state_dict"]["0.bias"] += 1  # another model of the same architecture: the same file size
     torch.save(retrained, model)
     assert model.stat().st_size == size
-    with pytest.raises(UsageError, match="other settings \\(model_sha256\\)"):
+    with pytest.raises(UsageError, match="written by another run: the checkpoint's bytes changed since"):
         compressor.compress(options)
     torch.save(original, model)
     stamp = data.stat().st_mtime_ns
     os.utime(data, ns=(stamp + 10**9, stamp + 10**9))  # the data file rewritten (same bytes, here)
-    with pytest.raises(UsageError, match="other settings \\(data_files\\)"):
+    with pytest.raises(UsageError, match="written by another run: the data files changed since"):
         compressor.compress(options)
     os.utime(data, ns=(stamp, stamp))
     options.finetune.max_time, options.finetune.save_every = 600.0, None
@@ -330,6 +330,13 @@ def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
     finished.update(epoch=4, step_in_epoch=0, steps=3 * 23)  # saved after the last of 3 epochs: the export is left
     torch.save(finished, state.path)
     assert _tune(state)[1].resumed_from == 3 * 23
+    spent = dict(saved, seconds=1000.0)  # --max-time is the whole run's: earlier invocations' seconds count
+    torch.save(spent, state.path)
+    result = _tune(state, max_time=500.0)[1]
+    assert result.stopped_by == "max_time" and result.steps == saved["steps"] + 1
+    torch.save({"format": "fixclf.model/1"}, state.path)  # another file where the resume state goes: an output refused
+    with pytest.raises(OutputError, match="is not a fixclf resume state, so --resume does not replace it"):
+        _tune(state)
 
 
 def test_a_resume_fingerprint_stamps_a_shard_directorys_files_each(tmp_path):
