@@ -84,6 +84,7 @@ class World:
             raise DistributedError(f"lost contact with the other processes ({type(exc).__name__}); one of them "
                                    "stopped: see its output") from exc
         if error is not None:
+            error.agreed = True  # every process knows it now: stage() must not report it again
             raise error
         for rank, (kind, value) in enumerate(outcomes):
             if kind == "error":
@@ -112,6 +113,8 @@ class World:
         except (KeyboardInterrupt, Interrupted, RemoteError):
             raise  # interrupts do not wait (torchrun stops every process); a RemoteError was agreed already
         except FixclfError as exc:
+            if getattr(exc, "agreed", False):  # raised by a sync inside the stage (the fine-tune's step): reported
+                raise
             self.sync(error=exc)
         except Exception as exc:
             if not self.distributed:

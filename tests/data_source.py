@@ -59,6 +59,22 @@ def bad_on_rank_one():
     return BadOnRankOne()
 
 
+class BadLaterOnRankOne(DigitItems):
+    """Digits items; the process of rank 1 meets a broken one at its 2,000th read (in the fine-tune)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        BadLaterOnRankOne.reads += 1
+        if BadLaterOnRankOne.reads == 2000 and os.environ.get("RANK") == "1":
+            raise ValueError("corrupt record")
+        return super().__getitem__(i)
+
+
+def bad_later_on_rank_one():
+    return BadLaterOnRankOne()
+
+
 WIDE = 8192  # features of the wide model: few items make many bytes
 
 

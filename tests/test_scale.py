@@ -126,6 +126,16 @@ def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_batch_failing_on_one_process_in_the_fine_tune_stops_every_process_with_its_code(tmp_path):
+    """A failure agreed at the fine-tune step's sync is not reported again at the stage's end (the
+    process that failed waited there alone for the others: exit 1 'lost contact')."""
+    results = _launch(["compress", MLP, "--data", "data_source:bad_later_on_rank_one", "--epochs", "3", "-o",
+                       str(tmp_path / "m.fixclf.pt")], tmp_path)
+    assert [r.returncode for r in results] == [4, 4], [r.stderr[-800:] for r in results]
+    lines = [line for r in results for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1:") and "corrupt record" in lines[0], lines
+
+
 def test_nproc_launches_the_processes_and_exits_with_the_failing_code(tmp_path):
     """The processes run fixclf's own entry point, whatever the current directory holds (a user's cli.py or
     compressor.py there is neither run nor in the way)."""
