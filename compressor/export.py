@@ -33,11 +33,11 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from . import runtime
 from .errors import DataError, ExportError
-from .layers.base import ReplacesLinear, stored_tensors
+from .layers.base import ReplacesLinear, pruning_masks, stored_tensors
 from .modelcopy import copy_model
 from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
@@ -432,8 +432,8 @@ def _two_rows(example: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _as_exported(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` as it is exported: eval mode, float32, and each parametrisation
-    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal, a user's own) computed
-    once into the plain tensor it makes, as a deployed model stores it (the file would otherwise
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal, a user's own) and pruned
+    weight (``torch.nn.utils.prune``) computed once into the plain tensor it makes, as a deployed model stores it (the file would otherwise
     recompute it every inference, and orthogonal's matrix exponential has no ONNX form). The
     caller's model is left as it was: its modules' modes are put back afterwards, and a model that
     needs a change of dtype or parametrisations is exported from a copy (casting float64 weights
@@ -450,11 +450,12 @@ def _as_exported(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _parametrised(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if parametrize.is_parametrized(module)]
+    """The modules whose weights are computed before each call: parametrised or pruned."""
+    return [module for module in model.modules() if parametrize.is_parametrized(module) or pruning_masks(module)]
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
-    """A float32 copy of ``model`` with its parametrisations computed into plain tensors."""
+    """A float32 copy of ``model`` with its parametrisations and pruned weights computed into plain tensors."""
     try:
         copied = copy_model(model)
     except Exception as exc:  # a module holding tensors computed from others, an object deepcopy cannot take
@@ -462,7 +463,7 @@ def _export_copy(model: nn.Module) -> nn.Module:
                           f"export it as float32 plain weights ({_root_cause(exc)}); convert it first (model.float(), "
                           "torch.nn.utils.parametrize.remove_parametrizations)") from exc
     with torch.no_grad():
-        for module in _parametrised(copied):
+        for module in filter(parametrize.is_parametrized, copied.modules()):
             # torch deletes the tensor's property from the module's class, which the copy shares with the
             # caller's module: the copy gets a class of its own first
             shared = type(module)
@@ -470,6 +471,9 @@ def _export_copy(model: nn.Module) -> nn.Module:
                                     {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")})
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        for module in copied.modules():  # pruned weights (weight_orig * weight_mask each call) as the weights they make
+            for mask in pruning_masks(module):
+                prune.remove(module, mask[:-len("_mask")])
     return copied.float()
 
 

@@ -281,6 +281,27 @@ def test_parametrised_weights_are_exported_as_the_plain_weights_they_make(tmp_pa
     assert torch.equal(model(x), expected)
 
 
+def test_pruned_weights_are_exported_and_counted_as_the_weights_they_make(tmp_path):
+    """torch.nn.utils.prune keeps weight_orig and weight_mask and multiplies them before each call: the
+    file stores the weight they make (not both, recomputed every inference), the stored numbers count it
+    once, and the caller's model stays pruned."""
+    from torch.nn.utils import prune
+
+    from compressor.layers import count_stored
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    x = torch.randn(8, 16)
+    expected = model(x)
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    assert result.files["onnx"].max_rel_diff <= 1e-4
+    assert sorted(i.name for i in onnx.load(tmp_path / "m.onnx").graph.initializer) == ["0.bias", "0.weight", "2.bias",
+                                                                                     "2.weight"]
+    assert count_stored(model) == 16 * 32 + 32 + 32 * 4 + 4
+    assert prune.is_pruned(model) and torch.equal(model(x), expected)
+
+
 def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     """A float64 model in training mode is exported in eval mode and float32, and stays float64 and in
     training mode (a model exported mid-training keeps training as before). Bad arguments are refused."""
