@@ -35,6 +35,7 @@ input in the original model (each spec's ``init_from_dense``):
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -215,8 +216,13 @@ def _read_by_the_model(model: nn.Module, plan: list[LayerPlan], example: torch.T
 
 @torch.no_grad()
 def _run_both_modes(model: nn.Module, example: torch.Tensor) -> None:
-    model.eval()(example.clone())
-    model.train()(example.clone())
+    """One forward in each mode. Without gradients a training-mode forward makes torch warn where the
+    user's own training would not (``torch.utils.checkpoint``'s "None of the inputs have requires_grad"):
+    this probe's warnings are its own, not the user's to read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.eval()(example.clone())
+        model.train()(example.clone())
 
 
 def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
