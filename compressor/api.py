@@ -30,7 +30,7 @@ from .distributed import World, world_from_environment
 from .errors import DataError, ExportError, Interrupted, OutputError, PlanError, UsageError
 from .export import ExportResult, ExportSpec, choose_formats, main_format, to_onnx, validate_lengths, write_exports
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, interrupted,
-                       resolved_options, steps_per_epoch)
+                       resolved_options, saved_latency_verdict, steps_per_epoch)
 from .layers import count_stored
 from .modelcopy import copy_model
 from .options import (KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions, check_file_name,
@@ -103,25 +103,30 @@ def _rows(plan: list[LayerPlan], costs: dict[str, LayerCost] | None = None) -> l
 
 
 def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions, measure_cost: bool,
-          world: World | None = None) -> tuple[list[LayerPlan], dict[str, LayerCost]]:
+          world: World | None = None, verdict: dict[str, str] | None = None
+          ) -> tuple[list[LayerPlan], dict[str, LayerCost], dict[str, str]]:
     """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
-    find them (always for ``--objective latency``, where slower replacements are then kept dense).
+    find them (always for ``--objective latency``, where slower replacements are then kept dense: the
+    third value, name -> reason, unless ``verdict`` gives it already, as a resumed run's state does).
     Under torchrun only rank 0 times the layers and every process takes its verdict: timings taken by
     several processes at once differ, and every process must train the same plan."""
     world = world or World()
     example = data.head("val", 2)[0] if data is not None else None
     plan = make_plan(loaded.model, options.plan, seed=options.seed, example=example)
-    if example is None or not (measure_cost or options.plan.objective == "latency"):
-        return plan, {}
+    latency = options.plan.objective == "latency"
+    if example is None or not (measure_cost or latency):
+        return plan, {}, {}
     costs = {}
     if world.is_main:
         tokens = layer_shapes(loaded.model, [p.name for p in plan if p.replaced], example)
         costs = measure(loaded.model, plan, tokens, options.export.latency_batch)
-    if options.plan.objective == "latency":
-        slower = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
-                  for name, c in costs.items() if c.slower_at_batch1}
-        plan = keep_dense(plan, world.sync(slower)[0])  # rank 0's verdict
-    return plan, costs
+    if not latency:
+        return plan, costs, {}
+    if verdict is None:
+        verdict = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
+                   for name, c in costs.items() if c.slower_at_batch1}
+    verdict = world.sync(verdict)[0]  # rank 0's
+    return keep_dense(plan, verdict), costs, verdict
 
 
 NOTHING_FASTER = ("no layer would be replaced: every replacement is slower than its dense layer at this model's "
@@ -182,7 +187,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     if data is not None:  # what compress checks first: plan says so now rather than leave it to compress
         _original_onnx(loaded.model, data.head("val", VALIDATION_ROWS)[0], options, Events(),
                        consequence="compress would stop here, before any fine-tuning")
-    plan, costs = _plan(loaded, data, options, measure_cost=True)
+    plan, costs, _ = _plan(loaded, data, options, measure_cost=True)
     rows = _rows(plan, costs)
     notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
     return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes,
@@ -432,11 +437,13 @@ def _stale_resume_notes(options: CompressOptions, checkpoint: Path) -> list[str]
 
 
 def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource, checkpoint: Path,
-                 world: World) -> ResumeFile | None:
-    """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), and what identifies the run."""
+                 world: World, kept_for_latency: dict[str, str]) -> ResumeFile | None:
+    """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), what identifies the run, and
+    the layers ``--objective latency`` kept dense (a resumed run keeps the same ones)."""
     if not options.finetune.resume:
         return None
-    return ResumeFile(resume_path(checkpoint), _run_fingerprint(options, loaded, data, world), options.finetune.save_every)
+    return ResumeFile(resume_path(checkpoint), _run_fingerprint(options, loaded, data, world), options.finetune.save_every,
+                      kept_for_latency)
 
 
 RESUME_FREE = ("max_time", "resume", "save_every")
@@ -493,11 +500,12 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                              "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
                              "its architecture")
         data = _training_data(loaded, options)
-        plan, costs = _plan(loaded, data, options, measure_cost=False, world=world)
-        if not any(entry.replaced for entry in plan):
-            raise PlanError(NOTHING_FASTER)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
+        saved = saved_latency_verdict(resume_path(paths["checkpoint"])) if options.finetune.resume else None
+        plan, costs, kept_for_latency = _plan(loaded, data, options, measure_cost=False, world=world, verdict=saved)
+        if not any(entry.replaced for entry in plan):
+            raise PlanError(NOTHING_FASTER)
         inputs = _inputs(loaded, data)
         artifacts = Artifacts(paths, inputs, options.force) if world.is_main else None
         if artifacts is not None:
@@ -506,7 +514,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             events.stage("Sizing the stream (its len(), else one reading pass)")
             data.training_rows(seconds=options.finetune.max_time)
         options = replace(options, finetune=resolved_options(options.finetune, data))
-        resume = _resume_file(options, loaded, data, paths["checkpoint"], world)
+        resume = _resume_file(options, loaded, data, paths["checkpoint"], world, kept_for_latency)
         if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
             raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
         samples = data.head("val", VALIDATION_ROWS)[0] if world.is_main else None  # validation rows, read once

@@ -73,7 +73,7 @@ from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingEr
 from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
-__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "correct_rows", "evaluate", "distill", "steps_per_epoch",
+__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "saved_latency_verdict", "correct_rows", "evaluate", "distill", "steps_per_epoch",
            "resolved_options", "freeze_norm_statistics", "running_statistics", "channels_last"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -113,6 +113,25 @@ class ResumeFile:
     path: Path
     fingerprint: dict
     save_every: int | None = None
+    kept_for_latency: dict[str, str] | None = None
+    """The layers ``--objective latency`` kept dense (name -> reason), as first decided: a resumed run
+    reuses them (:func:`saved_latency_verdict`) rather than timing again, which near a tie may decide
+    otherwise and train another plan."""
+
+
+def saved_latency_verdict(path: Path) -> dict[str, str] | None:
+    """The ``kept_for_latency`` of the resume state at ``path``; None when there is none to reuse (the
+    state itself is checked when the fine-tune restores it)."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_bounded(path, CHECKPOINT_LIMITS, UsageError, "", lambda exc: UsageError(str(exc)))
+    except UsageError:
+        return None
+    verdict = state.get("kept_for_latency") if isinstance(state, dict) and state.get("format") == RESUME_FORMAT else None
+    if isinstance(verdict, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in verdict.items()):
+        return verdict
+    return None
 
 
 def steps_per_epoch(rows: int, options: FinetuneOptions, world: int = 1) -> int:
@@ -339,7 +358,8 @@ class _Run:
     # --- resume ---------------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"format": RESUME_FORMAT, "fingerprint": self.resume.fingerprint, "epoch": self.epoch,
+        return {"format": RESUME_FORMAT, "fingerprint": self.resume.fingerprint,
+                "kept_for_latency": self.resume.kept_for_latency, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "steps": self.result.steps, "samples": self.samples,
                 "seconds": self.seconds if self.started is None else time.monotonic() - self.started, "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

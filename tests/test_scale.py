@@ -22,8 +22,8 @@ from compressor import CompressOptions, SourceOptions
 from compressor.checkpoint import load_model
 from compressor.data import load_data
 from compressor.distributed import DistributedError
-from compressor.errors import Interrupted, OutputError, UsageError
-from compressor.finetune import ResumeFile, distill
+from compressor.errors import Interrupted, OutputError, PlanError, UsageError
+from compressor.finetune import RESUME_FORMAT, ResumeFile, distill, saved_latency_verdict
 from compressor.options import FinetuneOptions, PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
 from cli_zygote import run_many
@@ -229,10 +229,11 @@ def _tune(resume: ResumeFile | None, stop_at: int | None = None, max_time: float
 
 
 def test_resume_ends_in_the_state_of_an_uninterrupted_run(tmp_path):
-    state = ResumeFile(tmp_path / "m.resume.pt", {"run": 1}, save_every=7)
+    state = ResumeFile(tmp_path / "m.resume.pt", {"run": 1}, save_every=7, kept_for_latency={"2": "slower"})
     uninterrupted, whole = _tune(None)
     with pytest.raises(Interrupted, match="rerun with --resume"):
         _tune(state, stop_at=40)  # in epoch 2 (23 steps each), 3 steps after the last save
+    assert saved_latency_verdict(state.path) == {"2": "slower"}  # what --objective latency kept, for the rerun
     resumed, rest = _tune(state)
     assert rest.resumed_from == 37 and rest.steps == whole.steps  # saves: 23 (epoch 1), 30, 37
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
@@ -308,6 +309,20 @@ def test_a_malformed_torchrun_variable_is_a_usage_error(monkeypatch, variable, v
     monkeypatch.setenv(variable, value)
     with pytest.raises(UsageError, match=f"{variable}=.*not a whole number"):
         compressor.compress(CompressOptions(SourceOptions(MLP)))
+
+
+def test_a_resumed_objective_latency_run_keeps_the_layers_its_state_kept(workdir):
+    """--objective latency with --resume takes the kept-dense layers from the resume state rather than
+    timing them again (near a tie a new timing may decide otherwise and train another plan). Here every
+    replacement of the MLP sample times slower (compress refuses: nothing left to replace), but the state
+    says nothing was kept: the plan replaces every layer and the run reaches the state's own check."""
+    options = CompressOptions(SourceOptions(MLP), plan=PlanOptions(objective="latency"),
+                              finetune=FinetuneOptions(resume=True), output="m.fixclf.pt")
+    with pytest.raises(PlanError, match="no layer would be replaced"):
+        compressor.compress(options)
+    torch.save({"format": RESUME_FORMAT, "fingerprint": {"run": "another"}, "kept_for_latency": {}}, "m.fixclf.resume.pt")
+    with pytest.raises(UsageError, match="written by another run"):
+        compressor.compress(options)
 
 
 def test_a_damaged_resume_state_is_refused_by_name(tmp_path):
