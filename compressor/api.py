@@ -341,9 +341,11 @@ def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult, max_drop: float 
                      f"right after initialisation ({accuracy.after_init:.2%}; original {accuracy.before:.2%}) after "
                      f"{len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time) or raise --lr")
     elif accuracy.after < accuracy.before - (DROP_WARNING if max_drop is None else max_drop / 100):
+        budget = ("keep the most sensitive layers dense (--max-drop PP)" if max_drop is None else
+                  f"lower --max-drop below {max_drop:g} (it is judged on rows set aside, which put the drop within it)")
         found.append(f"held-out accuracy dropped {100 * (accuracy.before - accuracy.after):.2f} pp ({accuracy.before:.2%} -> "
                      f"{accuracy.after:.2%}) after {len(tuned.epochs)} epoch(s); fine-tune longer (--epochs, --max-time), "
-                     "keep the most sensitive layers dense (--max-drop PP) or replace fewer (--exclude)")
+                     f"{budget} or replace fewer (--exclude)")
     return found
 
 

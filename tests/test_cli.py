@@ -258,6 +258,8 @@ def test_a_drop_over_1_pp_or_over_max_drop_is_a_warning(after, max_drop, warned)
 
     found = _warnings(Accuracy(before=0.99, after_init=0.4, after=after), FinetuneResult(), max_drop)
     assert any("held-out accuracy dropped" in w and "--max-drop" in w for w in found) == warned, found
+    advice = "--max-drop PP" if max_drop is None else f"lower --max-drop below {max_drop:g}"  # not the option given
+    assert all(advice in w for w in found if "held-out accuracy dropped" in w)
 
 
 def test_closed_standard_streams_are_no_error(default_mlp):
