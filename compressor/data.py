@@ -765,11 +765,11 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_labels(y: torch.Tensor | None, classes: int, source: str) -> None:
-    """Labels must index the model's ``classes`` outputs."""
+def check_labels(y: torch.Tensor | None, classes: int, source: str, name: str = "") -> None:
+    """Labels must index the model's ``classes`` outputs (``name``: the array they came from, if known)."""
     if y is not None and y.numel() and (y.min() < 0 or y.max() >= classes):
-        raise DataError(f"{source}: labels range over [{int(y.min())}, {int(y.max())}] but the model has {classes} classes "
-                        f"(labels must be in [0, {classes})); check the labels")
+        raise DataError(f"{source}: labels{f' {name}' if name else ''} range over [{int(y.min())}, {int(y.max())}] but the "
+                        f"model has {classes} classes (labels must be in [0, {classes})); check the labels")
 
 
 EXACT_INTEGERS = 2**24
@@ -867,7 +867,8 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     classes = logits.shape[-1]
     check_classes(classes)  # before the labels: a one-logit model's 0/1 labels are not the problem
     if isinstance(data, _IndexedSource):
-        for store, _ in data.stores.values():
+        train = data.stores["train"][0]
+        for split, (store, _) in data.stores.items():
             if isinstance(store, _ArrayStore):
-                check_labels(store.y, classes, data.source)
+                check_labels(store.y, classes, data.source, "y" if store is train else f"y_{split}")
     return classes

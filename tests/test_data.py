@@ -178,6 +178,9 @@ def test_selection_rows_are_used_whenever_given(tmp_path):
     assert load_data(tmp_path / "small.npz").train_rows == 36
     np.savez(tmp_path / "enough.npz", x=x[:50], y=y[:50])
     assert load_data(tmp_path / "enough.npz", selection=True).train_rows == 20
+    np.savez(tmp_path / "wrong.npz", x=x, y=y, x_select=x[:20], y_select=y[:20] + 20)  # the wrong array named
+    with pytest.raises(DataError, match=r"labels y_select range over \[20, 24\] but the model has 5 classes"):
+        check_against_model(load_data(tmp_path / "wrong.npz", selection=True), torch.nn.Linear(16, 5))
 
 
 def test_bad_sources(tmp_path):
