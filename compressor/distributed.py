@@ -164,7 +164,11 @@ def world_from_environment(device: str) -> World:
                              f"{torch.cuda.device_count()}: use --device cpu or fewer processes")
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        store = _rendezvous(world, os.environ["MASTER_ADDR"], _whole_number("MASTER_PORT", None))
+        port = _whole_number("MASTER_PORT", None)
+        if not 0 < port < 2**16:
+            raise UsageError(f"MASTER_PORT={port} is not a TCP port (1-65535); torchrun sets it: start fixclf with "
+                             "torchrun or --nproc, or unset WORLD_SIZE to run as one process")
+        store = _rendezvous(world, os.environ["MASTER_ADDR"], port)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store, rank=world.rank,
                                 world_size=world.size, timeout=TIMEOUT)
     return world

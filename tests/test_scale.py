@@ -383,6 +383,7 @@ def test_a_resume_fingerprint_stamps_a_shard_directorys_files_each(tmp_path):
     ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=5 of WORLD_SIZE=2"),
     ({"WORLD_SIZE": "2", "RANK": "-1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "ranks run from 0 to 1"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT not"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
 ])
 def test_an_environment_no_process_group_can_be_joined_with_is_refused_before_joining(monkeypatch, environment, refusal):
     """A rank outside the world would wait for its rendezvous for the whole timeout; no address fails in
