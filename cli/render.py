@@ -24,7 +24,7 @@ class RichEvents(compressor.Events):
         self.console, self.quiet = console, quiet
         self.progress: Progress | None = None
         self.task = None
-        self.batch_rows, self.started, self.steps = 0, 0.0, 0
+        self.batch_rows, self.started, self.steps, self.steps_per_epoch = 0, 0.0, 0, 1
 
     def stage(self, text: str) -> None:
         self.close()
@@ -34,7 +34,7 @@ class RichEvents(compressor.Events):
     def finetune_start(self, epochs: int, steps_per_epoch: int, rows: int) -> None:
         if self.quiet:
             return
-        self.batch_rows = rows / max(1, steps_per_epoch)
+        self.batch_rows, self.steps_per_epoch = rows / max(1, steps_per_epoch), max(1, steps_per_epoch)
         self.started, self.steps = time.monotonic(), 0
         self.progress = Progress(
             TextColumn("  epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -46,10 +46,13 @@ class RichEvents(compressor.Events):
                                            rate="-")
 
     def step(self, epoch: int, step: int, loss: float) -> None:
+        """Step ``step`` of epoch ``epoch`` (both from 1): the bar shows the run's position, which a resumed
+        run starts past zero; the rate counts this invocation's steps."""
         if self.progress is not None:
             self.steps += 1
             rate = self.steps * self.batch_rows / max(1e-9, time.monotonic() - self.started)
-            self.progress.update(self.task, advance=1, epoch=epoch, loss=loss, rate=f"{rate:,.0f}")
+            self.progress.update(self.task, completed=(epoch - 1) * self.steps_per_epoch + step, epoch=epoch, loss=loss,
+                                 rate=f"{rate:,.0f}")
 
     def epoch(self, stats) -> None:
         if self.progress is not None:

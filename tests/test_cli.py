@@ -339,3 +339,19 @@ def test_an_output_name_that_is_not_utf8_is_checked_as_bytes(tmp_path):
     from compressor.outputs import check_output_path
 
     check_output_path(tmp_path / os.fsdecode(b"caf\xe9.fixclf.pt"), [], force=False)  # no UnicodeEncodeError
+
+
+def test_the_progress_bar_shows_the_runs_position_a_resumed_run_starts_past_zero():
+    """A resumed run's first step is, say, step 5 of epoch 2: the bar starts there, not at zero."""
+    import io
+
+    from rich.console import Console
+
+    from cli.render import RichEvents
+
+    events = RichEvents(Console(file=io.StringIO()), quiet=False)
+    events.finetune_start(epochs=3, steps_per_epoch=10, rows=640)
+    events.step(2, 5, 0.1)
+    events.step(2, 6, 0.1)
+    assert events.progress.tasks[0].completed == 16 and events.progress.tasks[0].total == 30
+    events.close()
