@@ -420,3 +420,26 @@ def test_a_pattern_equal_to_a_layers_name_finds_it_even_with_brackets():
     assert chosen == {"layers[0]"}
     globbed = {p.name for p in make_plan(model, PlanOptions(include=["layers?1]"], head="keep")) if p.replaced}
     assert globbed == {"layers[1]"}
+
+
+def test_planning_a_model_with_reentrant_checkpointing_prints_no_torch_warning():
+    """The plan's gradient-free training-mode probe makes torch.utils.checkpoint(use_reentrant=True) warn
+    "None of the inputs have requires_grad"; that warning is the probe's, not the user's to read."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Sequential(nn.Linear(16, 64), nn.ReLU()), nn.Linear(64, 4)
+
+        def forward(self, x):
+            h = checkpoint(self.body, x, use_reentrant=True) if self.training else self.body(x)
+            return self.head(h)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = make_plan(Checkpointed().eval(), PlanOptions(), example=torch.randn(8, 16))
+    assert any(entry.replaced for entry in plan)
+    assert not [str(w.message) for w in caught if "requires_grad" in str(w.message)]
