@@ -438,6 +438,14 @@ def _stale_resume_notes(options: CompressOptions, checkpoint: Path) -> list[str]
             "delete it unless you mean to continue that run"]
 
 
+def _resumed_latency_verdict(options: CompressOptions, checkpoint: Path) -> dict[str, str] | None:
+    """The layers an interrupted ``--objective latency`` run kept dense, from its resume state (read only
+    for that objective with ``--resume``: no other run has a verdict to reuse)."""
+    if not (options.finetune.resume and options.plan.objective == "latency"):
+        return None
+    return saved_latency_verdict(resume_path(checkpoint))
+
+
 def _resume_file(options: CompressOptions, loaded: LoadedModel, data: DataSource, checkpoint: Path,
                  world: World, kept_for_latency: dict[str, str]) -> ResumeFile | None:
     """Where ``--resume`` keeps the fine-tune state (``<output>.resume.pt``), what identifies the run, and
@@ -504,8 +512,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         data = _training_data(loaded, options)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
-        saved = saved_latency_verdict(resume_path(paths["checkpoint"])) if options.finetune.resume else None
-        plan, costs, kept_for_latency = _plan(loaded, data, options, measure_cost=False, world=world, verdict=saved)
+        plan, costs, kept_for_latency = _plan(loaded, data, options, measure_cost=False, world=world,
+                                              verdict=_resumed_latency_verdict(options, paths["checkpoint"]))
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
         inputs = _inputs(loaded, data)

@@ -38,7 +38,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -286,29 +286,30 @@ def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: 
         if not stored:
             raise CheckpointError(f"--arch-kwargs do not fit {name} ({exc}); check --arch-kwargs") from exc
         raise CheckpointError(f"{path}: kwargs do not fit {name} ({exc}); the file is damaged") from exc
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's own about meta tensors; the real build shows the factory's
+    with _on_meta():
         return _build(factory, kwargs, name, path if stored else None)
+
+
+@contextlib.contextmanager
+def _on_meta() -> Iterator[None]:
+    """Build on the meta device (shapes without memory), keeping torch's warnings about meta tensors
+    out of the user's sight: the real build that follows shows the factory's own."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _user_model_on_meta(factory: Callable, kwargs: dict) -> nn.Module | None:
     """A user's (trusted, not allow-listed) model built on the meta device, to check a file's shapes
     before the real build allocates memory: a file of a few bytes whose stored kwargs ask for a huge
     layer is refused by its mismatch instead of first allocating gigabytes. ``None`` when the factory
-    cannot build on meta (it reads tensor values, say); its output and warnings are left to the real build."""
+    cannot build there (it reads tensor values, say): the real build then reports what it reports, and
+    prints what the factory prints (here its output is kept)."""
     try:
-        with torch.device("meta"), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            model = factory(**kwargs)
-    except (Exception, SystemExit):
+        with _on_meta(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _build(factory, kwargs, describe(factory))
+    except CheckpointError:
         return None
-    if not isinstance(model, nn.Module):
-        return None
-    model = _unwrapped_model(model)
-    if any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()):
-        return None
-    return model
 
 
 def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replaced: tuple[str, ...] = ()) -> None:

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize, prune
 
 from . import runtime
 from .errors import DataError, ExportError
-from .layers.base import ReplacesLinear, pruning_masks, stored_tensors
+from .layers.base import ReplacesLinear, pruned_tensors, stored_tensors
 from .modelcopy import copy_model
 from .options import PRECISIONS, QUANTIZATIONS, ExportOptions
 from .outputs import Artifacts, export_outputs, scratch_directory
@@ -433,8 +433,9 @@ def _two_rows(example: torch.Tensor) -> torch.Tensor:
 def _as_exported(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` as it is exported: eval mode, float32, and each parametrisation
     (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal, a user's own) and pruned
-    weight (``torch.nn.utils.prune``) computed once into the plain tensor it makes, as a deployed model stores it (the file would otherwise
-    recompute it every inference, and orthogonal's matrix exponential has no ONNX form). The
+    weight (``torch.nn.utils.prune``) computed once into the plain tensor it makes, as a deployed model
+    stores it (the file would otherwise recompute it every inference, and orthogonal's matrix
+    exponential has no ONNX form). The
     caller's model is left as it was: its modules' modes are put back afterwards, and a model that
     needs a change of dtype or parametrisations is exported from a copy (casting float64 weights
     there and back would round them)."""
@@ -451,7 +452,7 @@ def _as_exported(model: nn.Module) -> Iterator[nn.Module]:
 
 def _parametrised(model: nn.Module) -> list[nn.Module]:
     """The modules whose weights are computed before each call: parametrised or pruned."""
-    return [module for module in model.modules() if parametrize.is_parametrized(module) or pruning_masks(module)]
+    return [module for module in model.modules() if parametrize.is_parametrized(module) or pruned_tensors(module)]
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
@@ -472,8 +473,8 @@ def _export_copy(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         for module in copied.modules():  # pruned weights (weight_orig * weight_mask each call) as the weights they make
-            for mask in pruning_masks(module):
-                prune.remove(module, mask[:-len("_mask")])
+            for name in pruned_tensors(module):
+                prune.remove(module, name)
     return copied.float()
 
 

@@ -73,8 +73,8 @@ from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingEr
 from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
-__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "saved_latency_verdict", "correct_rows", "evaluate", "distill", "steps_per_epoch",
-           "resolved_options", "freeze_norm_statistics", "running_statistics", "channels_last"]
+__all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "saved_latency_verdict", "correct_rows", "evaluate", "distill",
+           "steps_per_epoch", "resolved_options", "freeze_norm_statistics", "running_statistics", "channels_last"]
 
 NORM_WITH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 RUNNING_STATISTICS = ("running_", "moving_")
@@ -361,9 +361,13 @@ class _Run:
         return {"format": RESUME_FORMAT, "fingerprint": self.resume.fingerprint,
                 "kept_for_latency": self.resume.kept_for_latency, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "steps": self.result.steps, "samples": self.samples,
-                "seconds": self.seconds if self.started is None else time.monotonic() - self.started, "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "seconds": self.elapsed(), "student": self.student.state_dict(), "optimiser": self.optimiser.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(), "history": [asdict(e) for e in self.result.epochs]}
+
+    def elapsed(self) -> float:
+        """Seconds of fine-tuning so far, earlier invocations of a resumed run included (mid-epoch too)."""
+        return self.seconds if self.started is None else time.monotonic() - self.started
 
     def save(self) -> None:
         if self.resume is None or not self.world.is_main:
@@ -386,8 +390,9 @@ class _Run:
             raise OutputError(f"{path} is not a fixclf resume state, so --resume does not replace it; delete it or "
                               "choose another --output")
         if state.get("fingerprint") != self.resume.fingerprint:
-            raise UsageError(f"{path} was written by another run: {_what_differs(state['fingerprint'], self.resume.fingerprint)}; "
-                             "run with the same checkpoint, data and settings, or delete it to start over")
+            differs = _what_differs(state["fingerprint"], self.resume.fingerprint)
+            raise UsageError(f"{path} was written by another run: {differs}; run with the same checkpoint, data and "
+                             "settings, or delete it to start over")
         fixed = self._fixed_buffers()
         try:
             self._check_position(state, path)

@@ -6,6 +6,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 
 def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -22,17 +23,15 @@ def own_stored_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The parameters and persistent buffers registered on ``module`` itself (not its children). A pruned
     weight (``torch.nn.utils.prune``: ``weight_orig`` and ``weight_mask``, multiplied before each call)
     counts once, as the weight it makes: its mask is in the zeros of that weight."""
-    masks = pruning_masks(module)
+    masks = {f"{name}_mask" for name in pruned_tensors(module)}
     persistent = [b for name, b in module._buffers.items() if name not in module._non_persistent_buffers_set | masks]
     return [t for t in [*module._parameters.values(), *persistent] if t is not None]
 
 
-def pruning_masks(module: nn.Module) -> set[str]:
-    """The buffer names of the masks ``torch.nn.utils.prune`` keeps on ``module`` (``weight_mask``)."""
-    from torch.nn.utils import prune
-
-    return {f"{hook._tensor_name}_mask" for hook in module._forward_pre_hooks.values()
-            if isinstance(hook, prune.BasePruningMethod)}
+def pruned_tensors(module: nn.Module) -> set[str]:
+    """The names of ``module``'s tensors that ``torch.nn.utils.prune`` computes before each call
+    (``weight`` from ``weight_orig`` and ``weight_mask``)."""
+    return {hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)}
 
 
 def count_stored(module: nn.Module) -> int:
