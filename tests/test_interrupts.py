@@ -180,3 +180,21 @@ def test_outputs_are_checked_again_right_before_they_are_renamed_into_place(tmp_
         assert (inputs / "model.pt").read_bytes() == b"the user's model", name
         assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".fixclf-")], name
     assert (tmp_path / "new.pt").read_bytes() == b"theirs"
+
+
+def test_a_signal_after_the_outputs_are_in_place_changes_nothing():
+    """Once a command's outputs are committed (compressor.outputs.AFTER_FINAL_COMMIT, which the CLI's entry
+    point fills) its SIGINT / SIGTERM handlers are replaced by SIG_IGN: a late signal neither removes the
+    outputs nor turns the run's exit 0 into 130 (the README's exit-code table)."""
+    from cli import entry
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, entry._on_signal)
+        entry.ignore_late_signals()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in previous)
+        os.kill(os.getpid(), signal.SIGTERM)  # with the handler still in place this would raise KeyboardInterrupt
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
