@@ -1,4 +1,4 @@
-"""Does the fixed head's start matter? The default (Hadamard rows 1..C in class order, alpha 1e-3,
+"""Does the fixed head's start matter? The default (Hadamard rows 1..C in class order, alpha 1,
 bias = the original's mean logits) against two starts that use the data (issue 14's "which class
 gets which code row"), held-out accuracy after the default fine-tune.
 
@@ -71,7 +71,7 @@ def fit_alpha(student: torch.nn.Module, teacher: torch.nn.Module, head: Hadamard
     centred = codes - codes.mean(0)
     alpha = float((centred * (target - target.mean(0))).sum() / (centred * centred).sum())
     if alpha > 0:
-        head.alpha.fill_(alpha)
+        head.set_alpha(alpha)
         head.bias.copy_(target.mean(0) - alpha * codes.mean(0))
 
 

@@ -174,7 +174,7 @@ OUTPUT = typer.Option(DEFAULTS.output, "--output", "-o", help="Compressed checkp
                       "beside it. Default: ./<name>.fixclf.pt")
 DEVICE = typer.Option(TUNE.device, "--device", help="Fine-tuning device: cpu, cuda or cuda:N.")
 MAX_DROP = typer.Option(PLAN.max_drop, "--max-drop", help="Accuracy (percentage points) the model may lose: the "
-                        "costliest replaced layers are kept dense, one at a time, until the loss plus one standard error fits "
+                        "costliest replaced layers are kept dense, one at a time, until the loss plus 1.645 standard errors fits "
                         "(else the most-replaced plan whose loss alone fits, with a note), judged on rows set aside from "
                         "training (x_select/y_select, else 10%), never on the held-out rows the report quotes.")
 

@@ -46,6 +46,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .errors import CheckpointError
 from .layers import REGISTRY
+from .layers.heads import with_log_alpha
 from .references import call_user_code, current_directory_first, describe, import_reference
 from .outputs import atomic_file
 from .pickles import CHECKPOINT_LIMITS, load_bounded
@@ -323,6 +324,18 @@ def _compare_shapes(model: nn.Module, state: dict, path: Path, name: str, replac
         wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise CheckpointError(f"{path}: state_dict does not match {name}(**kwargs) (first difference: {wrong[0]}); "
                               "the file is damaged or belongs to another architecture")
+
+
+def _in_current_form(plan: list[LayerPlan], state: dict, path: Path) -> dict:
+    """``state`` with what an earlier fixclf stored in another form given in today's: a fixed head's
+    scale, once stored as alpha, is learned as log(alpha) (:func:`~compressor.layers.heads.with_log_alpha`)."""
+    for entry in plan:
+        if entry.replaced and entry.role == "head":
+            try:
+                state = with_log_alpha(state, f"{entry.name}." if entry.name else "")
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: {exc}; the file is damaged") from exc
+    return state
 
 
 def _compare_replacements(plan: list[LayerPlan], state: dict, path: Path) -> None:
@@ -634,15 +647,18 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
     if allow_listed:  # everything is checked on the meta device; the dense layers a plan replaces are never allocated
         meta = _meta_model(factory, kwargs, path, name, stored=True)
         plan = plan_from_records(obj.get("plan"), meta, path)
+        state = _in_current_form(plan, state, path)
         _compare_shapes(meta, state, path, name, tuple(p.name for p in plan if p.replaced))
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(meta, plan), state, path, assign=True)
     else:
         meta = _user_model_on_meta(factory, kwargs)
         if meta is not None:  # the shapes are checked before the real build allocates the layers the plan replaces
-            _check_fits_on_meta(apply_plan(meta, plan_from_records(obj.get("plan"), meta, path)), state, path)
+            plan = plan_from_records(obj.get("plan"), meta, path)
+            _check_fits_on_meta(apply_plan(meta, plan), _in_current_form(plan, state, path), path)
         base = _build(factory, kwargs, name, path, given_callable=callable(arch))
         plan = plan_from_records(obj.get("plan"), base, path)
+        state = _in_current_form(plan, state, path)
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(base, plan), state, path)
     return LoadedModel(model, path, name, kwargs, _bundled_data(path, obj), plan,

@@ -18,10 +18,10 @@ Initialisation from the trained model, with calibration activations X captured a
 input in the original model (each spec's ``init_from_dense``):
 
 * head: b = the original's mean logits over the calibration rows (its class prior), and alpha
-  starts small. Measured while building it (MLP sample, 3 seeds, default budget): starting alpha
-  from a least-squares fit to the original logits ended 0.3-0.6 pp lower, and matching the spread
-  of the original logits (DESIGN's suggestion) 0.6-2 pp lower: its large random logits at the
-  start disturb the new hidden layers.
+  starts at 1, where the logits are still near the prior. Measured while building it (MLP
+  sample, 3 seeds, default budget): starting alpha from a least-squares fit to the original
+  logits ended 0.3-0.6 pp lower, and matching the spread of the original logits (DESIGN's
+  suggestion) 0.6-2 pp lower: its large random logits at the start disturb the new hidden layers.
 * hidden layers (``fit``): False (default) keeps the thesis initialisation: ACDC diagonals
   N(1, sigma^2), so that each ACDC layer starts near identity (a stack of K starts near its ReLUs and
   permutations between them), and Fastfood's random start (its module docstring); True first fits each structured layer to its dense layer by

@@ -1,6 +1,6 @@
 """``--max-drop``: the plan keeps dense, one at a time, the replaced layer that costs the most
 accuracy, judged on rows set aside from training and distinct from the held-out rows the report
-quotes, until the loss there plus one standard error of it is within the budget."""
+quotes, until the loss there plus 1.645 standard errors of it is within the budget."""
 from __future__ import annotations
 
 import json
@@ -111,7 +111,22 @@ def test_max_drop_falls_back_to_the_plan_whose_estimate_alone_fits_and_says_so(w
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {layer["name"]: layer["kind"] for layer in report["layers"]} == {"0": "acdc", "2": "acdc", "3": None}
-    assert any(note.startswith("--max-drop 0.5: 0.40 ± 0.30 pp lost") and "not by one standard error" in note
+    assert any(note.startswith("--max-drop 0.5: 0.40 ± 0.30 pp lost") and "not with a margin of 1.645 standard errors"
+               in note for note in report["notes"])
+
+
+def test_max_drop_wants_a_one_sided_95_percent_bound_not_one_standard_error(workdir, monkeypatch):
+    """0.00 ± 0.40 pp is within 0.5 by one standard error but not by 1.645 (0.66): the costliest layer
+    is kept dense and the next plan, -0.50 ± 0.40 (0.16 with the margin), passes."""
+    _model_and_data(workdir)
+    estimates = iter([(0.0, 0.4), (-0.5, 0.4)])
+    monkeypatch.setattr("compressor.api.paired_drop", lambda reference, hits: next(estimates))
+    result = runner.invoke(app, ["compress", "net.pt", "--arch", ARCH, "--data", "data.npz", "--head", "keep",
+                                 "--max-drop", "0.5", *FROZEN])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sum(layer["kind"] is None for layer in report["layers"]) == 2  # the head, and one kept for the budget
+    assert any(note.startswith("--max-drop 0.5: -0.50 ± 0.40 pp lost on the rows set aside after keeping")
                for note in report["notes"])
 
 

@@ -58,6 +58,32 @@ def test_compressed_checkpoint_reloads_weights_only_with_same_logits(default_mlp
     assert torch.allclose(torch.from_numpy(onnx_logits), model(x).detach(), atol=1e-4)
 
 
+@pytest.mark.parametrize("user_architecture", [False, True])
+def test_a_checkpoint_that_stores_the_heads_alpha_itself_loads_as_before(default_mlp, compressed_sample, tmp_path,
+                                                                          user_architecture):
+    """fixclf before 2026-12-04 stored a fixed head's scale as ``alpha``; it is now learned as log(alpha).
+    Such a file gives the same logits, through the built-in and a user's architecture alike; an
+    alpha that no logarithm can hold is a damaged file, not NaN logits."""
+    from compressor.checkpoint import load_model
+    from compressor.errors import CheckpointError
+    from compressor.zoo import mlp
+
+    state = dict(compressed_sample["state_dict"])
+    key = next(k for k in state if k.endswith("log_alpha"))
+    state[key.removesuffix("log_alpha") + "alpha"] = state.pop(key).exp()
+    stored = {**compressed_sample, "arch": "user_models:mlp"} if user_architecture else compressed_sample
+    arch = mlp if user_architecture else None
+    torch.save({**stored, "state_dict": state}, tmp_path / "old.fixclf.pt")
+    x = load_data(SAMPLES / "digits.npz").head("val", 64)[0]
+    with torch.no_grad():
+        expected = load_compressed_model(default_mlp[0] / "mlp.fixclf.pt")(x)
+        assert torch.allclose(load_compressed_model(tmp_path / "old.fixclf.pt", arch=arch)(x), expected, atol=1e-5)
+    state[key.removesuffix("log_alpha") + "alpha"] = torch.tensor(-2.0)
+    torch.save({**stored, "state_dict": state}, tmp_path / "old.fixclf.pt")
+    with pytest.raises(CheckpointError, match="alpha must be one positive number; the file is damaged"):
+        load_model(tmp_path / "old.fixclf.pt", arch=arch)
+
+
 def test_report_table_json_and_latest(default_mlp, monkeypatch):
     out, report = default_mlp
     table = invoke("report", str(out / "mlp.fixclf.pt"))

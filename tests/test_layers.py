@@ -129,7 +129,7 @@ def _sylvester_codes(head: HadamardHead) -> torch.Tensor:
 def test_hadamard_head_equals_dense_formula(n, c):
     head = HadamardHead(n, c, seed=2).double()
     with torch.no_grad():
-        head.alpha.fill_(3.5)
+        head.set_alpha(3.5)
         head.bias.normal_()
     q = _sylvester_codes(head)
     x = torch.randn(4, n, dtype=torch.float64) * 7
@@ -141,9 +141,32 @@ def test_hadamard_head_equals_dense_formula(n, c):
 
 def test_hadamard_head_stores_nothing_big():
     head = HadamardHead(4096, 1000)
-    assert sorted(name for name, _ in head.named_parameters()) == ["alpha", "bias"]
+    assert sorted(name for name, _ in head.named_parameters()) == ["bias", "log_alpha"]
     assert all(t.numel() < 1000 * 4096 / 4 for t in head.state_dict().values())
     assert head.coherence() < 1e-6  # N = 4096, C = 1000: exactly orthogonal codes
+
+
+def test_the_heads_scale_grows_by_relative_steps():
+    """alpha is learned as log(alpha): Adam's step of about lr is then a relative change, so a head
+    that must sharpen grows alpha geometrically. Learned directly, alpha would move about lr per
+    step: at most 1 + 100 * 0.02 = 3 after 100 steps at lr 0.02."""
+    head = HadamardHead(128, 100, bias=False)  # orthogonal codes: nothing but alpha to learn
+    head.set_alpha(1.0)
+    codes = head.code_matrix()  # features on their class's code row: only a larger alpha lowers the loss
+    labels = torch.arange(100)
+    optimiser = torch.optim.Adam(head.parameters(), lr=0.02)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(head(codes), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(head.alpha) > 6
+
+
+def test_a_learned_alpha_must_start_positive():
+    with pytest.raises(ValueError, match="must start positive"):
+        HadamardHead(8, 3, alpha=0.0)
+    assert float(HadamardHead(8, 3, alpha=0.0, learn_alpha=False).alpha) == 0.0
 
 
 def test_hadamard_head_is_fair_to_non_negative_features():

@@ -26,7 +26,7 @@ from .heads import HadamardHead, OrthogonalHead, fixed_head_refusal, hadamard_he
 __all__ = ["Option", "LayerSpec", "REGISTRY", "register", "spec_for", "kinds", "ALPHA_START", "FIT_STEPS",
            "init_head_from_dense", "fit_to_dense"]
 
-ALPHA_START = 1e-3
+ALPHA_START = 1.0
 """A fixed head starts with this alpha (see :func:`init_head_from_dense`)."""
 FIT_STEPS = 100
 """Adam steps of the least-squares fit of a hidden layer to its dense layer (``--init fit``)."""
@@ -58,11 +58,13 @@ the global RNG; ``bias`` follows the dense layer it replaces (``bias=False`` sta
 @torch.no_grad()
 def init_head_from_dense(head: nn.Module, dense: nn.Linear, x: torch.Tensor, fit: bool = False) -> None:
     """A fixed head starts from the original's class prior: ``b = mean(dense(x))`` over the
-    calibration rows ``x`` (M, N) and a small alpha (:data:`ALPHA_START`). Q is fixed and unrelated
-    to the trained class vectors, so distillation moves the features into Q's code space while
-    alpha grows (measured better than matching the original logit spread; surgery.py docstring).
-    ``fit`` does not apply to heads."""
-    head.alpha.fill_(ALPHA_START)
+    calibration rows ``x`` (M, N) and alpha = :data:`ALPHA_START`. Q is fixed and unrelated to the
+    trained class vectors, so a feature's cosine with a code row is about 1/sqrt(N) and the logits
+    start within about alpha/sqrt(N) of the prior; distillation moves the features into Q's code
+    space while alpha grows (learned as its logarithm: :mod:`~compressor.layers.heads`; measured
+    better than matching the original logit spread: surgery.py docstring). ``fit`` does not apply
+    to heads."""
+    head.set_alpha(ALPHA_START)
     if head.bias is not None:
         head.bias.copy_(dense(x).mean(0))
 
