@@ -265,13 +265,14 @@ def paired_drop(reference: torch.Tensor, hits: torch.Tensor) -> tuple[float, flo
 def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
                             events: Events, world: World, resume: ResumeFile | None):
     """The plan used, then surgery and fine-tune's results; with ``--max-drop``, again with the
-    costliest replaced layer kept dense (measured by putting each one back alone) until the accuracy lost on the selection rows, set
-    aside from training and distinct from the held-out rows, is within budget *with a margin of
-    :data:`BUDGET_MARGIN_SE` standard errors* of that paired difference (:func:`paired_drop`): the run that passes first is
-    the luckiest of several draws on the same rows, so its own estimate flatters it. When no plan
-    passes with the margin, the plan with the most layers replaced whose estimate alone was within
-    budget is returned, and its note says the rows set aside could not confirm it. Every process
-    decides the same (same model, same rows)."""
+    costliest replaced layer kept dense (measured by putting each one back alone) until the accuracy
+    lost on the selection rows, set aside from training and distinct from the held-out rows, is
+    within budget *with a margin of :data:`BUDGET_MARGIN_SE` standard errors* of that paired
+    difference (:func:`paired_drop`): the run that passes first is the luckiest of several draws on
+    the same rows, so its own estimate flatters it. When no plan passes with the margin, the plan
+    with the most layers replaced whose estimate alone was within budget is returned, and its note
+    says the rows set aside could not confirm it. Every process decides the same (same model, same
+    rows)."""
     budget, kept, candidate = options.plan.max_drop, [], None
     reference = correct_rows(original, data, split="select") if budget is not None else None
     while True:

@@ -655,10 +655,11 @@ def load_compressed(path: str | os.PathLike, *, arch: Architecture | None = None
         meta = _user_model_on_meta(factory, kwargs)
         if meta is not None:  # the shapes are checked before the real build allocates the layers the plan replaces
             plan = plan_from_records(obj.get("plan"), meta, path)
-            _check_fits_on_meta(apply_plan(meta, plan), _in_current_form(plan, state, path), path)
+            state = _in_current_form(plan, state, path)
+            _check_fits_on_meta(apply_plan(meta, plan), state, path)
         base = _build(factory, kwargs, name, path, given_callable=callable(arch))
         plan = plan_from_records(obj.get("plan"), base, path)
-        state = _in_current_form(plan, state, path)
+        state = _in_current_form(plan, state, path)  # nothing left to convert when the meta check did it
         _compare_replacements(plan, state, path)
         model = _load_state(apply_plan(base, plan), state, path)
     return LoadedModel(model, path, name, kwargs, _bundled_data(path, obj), plan,

@@ -144,8 +144,8 @@ class PlanOptions:
     ``max_drop``: ``compress`` keeps dense, one at a time, the replaced layer that costs the most
     accuracy on rows set aside from training (never the held-out rows the report quotes) and
     fine-tunes again, until the loss there plus 1.645 standard errors (a one-sided 95% bound) is
-    within ``max_drop`` percentage points; failing that, the most-replaced plan whose loss alone was within it, with a
-    note (:func:`compressor.api.paired_drop`)."""
+    within ``max_drop`` percentage points; failing that, the most-replaced plan whose loss alone was
+    within it, with a note (:func:`compressor.api.paired_drop`)."""
 
     head: str = "hadamard"
     hidden: str = "acdc"
