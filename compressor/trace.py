@@ -17,6 +17,9 @@ with a forward hook on every Linear. Then:
   A model that averages two heads (DeiT's distilled models) has two; a feature extractor that ends
   in a normalisation has none. A forward pass that cannot record the graph (an in-place change of
   a parameter) falls back to the last affine Linear called at the output's width.
+* a head's **feeder** is the one Linear whose output reaches the head's input with no other Linear
+  on the way (an MLP's or a CNN classifier's last hidden layer); a head fed by several (the
+  residual stream of a transformer) or by none (a convolutional body) has no feeder.
 
 A second pass on the same rows must give the same output: a forward pass with dropout or sampling
 left on cannot be distilled or validated; nor can one whose output carries no gradient
@@ -52,10 +55,11 @@ T = TypeVar("T")
 
 @dataclass
 class Survey:
-    """The heads' names, and per Linear the forward pass rules out, the reason."""
+    """The heads' names, per Linear the forward pass rules out the reason, and per head its feeder."""
 
     heads: set[str]
     kept: dict[str, str] = field(default_factory=dict)
+    feeders: dict[str, str] = field(default_factory=dict)  # head -> the one Linear feeding it (module docstring)
 
 
 @dataclass
@@ -94,7 +98,8 @@ def survey(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torc
     if output.grad_fn is None:
         return Survey(set(candidates[-1:]), kept)
     sources, feeders = _logit_sources(output, calls.produced_by), _feeders(calls.produced_by)
-    return Survey({name for name in candidates if name in sources and name not in feeders}, kept)
+    heads = {name for name in candidates if name in sources and name not in feeders}
+    return Survey(heads, kept, {head: fed[0] for head in heads if len(fed := _nearest_linears(head, calls.produced_by)) == 1})
 
 
 @contextlib.contextmanager
@@ -189,19 +194,28 @@ def _logit_sources(output: torch.Tensor, produced_by: dict) -> set[str]:
 
 def _feeders(produced_by: dict) -> set[str]:
     """The Linears whose output (of some call) reaches another Linear call's input, through any ops."""
-    feeders = set()
-    for start in produced_by:
-        seen, stack = set(), [parent for parent, _ in start.next_functions]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node in produced_by:
-                feeders.add(produced_by[node])
-            else:
-                stack.extend(parent for parent, _ in node.next_functions)
-    return feeders
+    return {name for start in produced_by for name in _linears_before(start, produced_by)}
+
+
+def _nearest_linears(name: str, produced_by: dict) -> list[str]:
+    """The Linears whose outputs reach an input of any call of Linear ``name`` with no Linear between."""
+    return sorted({fed for node, called in produced_by.items() if called == name
+                   for fed in _linears_before(node, produced_by)} - {name})
+
+
+def _linears_before(start, produced_by: dict) -> set[str]:
+    """The Linears met first on each path back from the graph node ``start`` (not counting itself)."""
+    found, seen, stack = set(), set(), [parent for parent, _ in start.next_functions]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in produced_by:
+            found.add(produced_by[node])
+        else:
+            stack.extend(parent for parent, _ in node.next_functions)
+    return found
 
 
 def _input(args: tuple, kwargs: dict):

@@ -443,3 +443,36 @@ def test_planning_a_model_with_reentrant_checkpointing_prints_no_torch_warning()
         plan = make_plan(Checkpointed().eval(), PlanOptions(), example=torch.randn(8, 16))
     assert any(entry.replaced for entry in plan)
     assert not [str(w.message) for w in caught if "requires_grad" in str(w.message)]
+
+
+class _Residual(nn.Module):
+    """A head fed by a sum of two Linears (a transformer's residual stream in miniature)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x)) + self.b(x))
+
+
+@pytest.mark.parametrize("classes, feeder_depth", [(40, 2), (64, 2), (65, 4), (300, 10)])
+def test_the_stack_feeding_a_head_of_more_classes_than_features_is_deeper(classes, feeder_depth):
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, classes))
+    plan = make_plan(model, PlanOptions(), example=torch.randn(4, 16))
+    depths = [entry.options.get("depth") for entry in plan]
+    assert depths == [2, feeder_depth, None]  # ceil(C / 64) times the default depth, the feeder only
+    assert ("feeds a fixed head" in plan[1].reason) == (feeder_depth > 2)
+    assert plan[1].params_after == count_stored(plan[1].build()) < plan[1].params_before
+    assert [e.options.get("depth") for e in make_plan(model, PlanOptions(depth=3), example=torch.randn(4, 16))][1] \
+        == 3 * feeder_depth // 2
+
+
+def test_no_stack_is_deepened_without_one_feeder_a_fixed_head_or_a_stack():
+    wide = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 300))
+    example = torch.randn(4, 16)
+    assert make_plan(_Residual(64, 300), PlanOptions(), example=torch.randn(4, 64))[0].options["depth"] == 2
+    assert make_plan(wide, PlanOptions(head="keep"), example=example)[0].options["depth"] == 2
+    assert make_plan(wide, PlanOptions(exclude=["2"]), example=example)[0].options["depth"] == 2
+    assert "depth" not in make_plan(wide, PlanOptions(hidden="fastfood"), example=example)[0].options
+    assert make_plan(wide, PlanOptions())[0].options["depth"] == 2  # without data the feeder is unknown
