@@ -644,6 +644,7 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
         found = f"; it has {', '.join(map(repr, sorted(arrays)[:8]))}" if isinstance(arrays, dict) and arrays else ""
         raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val', "
                         f"'x_select', 'y_select'){found}; rename the arrays (x_train -> x, y_train -> y)")
+    _refuse_unread_splits(arrays, source)
     val = _named_rows(arrays, "x_val", "y_val", source, like=train)
     if val is None:
         data = _from_store(train, source, files, seed)
@@ -653,6 +654,20 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
     if select is not None:
         data.stores["select"] = (select, torch.arange(select.rows))
     return data
+
+
+SPLIT_KEYS = ("x", "y", "x_val", "y_val", "x_select", "y_select")
+
+
+def _refuse_unread_splits(arrays: dict, source: str) -> None:
+    """Arrays named like a split (``x_*``, ``y_*``) that fixclf does not read are a misnamed split
+    (``x_valid``, ``x_test``): ignored, the user's held-out rows would silently be replaced by a
+    carve-out of ``x``. Other names (``classes``, ``meta``) are left alone."""
+    unread = sorted(k for k in arrays if isinstance(k, str) and k.startswith(("x_", "y_")) and k not in SPLIT_KEYS)
+    if unread:
+        raise DataError(f"--data {source}: {', '.join(map(repr, unread[:4]))} {'is' if len(unread) == 1 else 'are'} not "
+                        f"among the arrays fixclf reads ({', '.join(SPLIT_KEYS)}); rename (held-out rows: x_val, y_val) "
+                        "or remove them")
 
 
 def _named_rows(arrays: dict, x_key: str, y_key: str, source: str, like: _ArrayStore | None = None) -> _ArrayStore | None:
@@ -836,6 +851,8 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
             data.input_dtype = torch.long
             return logits
     said = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}"
+    if "indices" in said:  # the model takes integer indices (token ids): are these rows whole?
+        _check_whole(data, x, "x")
     if not as_ids and ("dtype" in said or "scalar type" in said):  # the data is not the problem
         raise DataError(f"the model fails in float32, the precision fixclf fine-tunes and exports in ({said}); make its "
                         "forward follow its parameters' dtype (no .double() or .half() inside forward)") from failure
@@ -870,5 +887,34 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
         train = data.stores["train"][0]
         for split, (store, _) in data.stores.items():
             if isinstance(store, _ArrayStore):
-                check_labels(store.y, classes, data.source, "y" if store is train else f"y_{split}")
+                name = "" if store is train else f"_{split}"
+                check_labels(store.y, classes, data.source, f"y{name}")
+                _check_extreme_ids(data, model, store.x, f"x{name}")
     return classes
+
+
+def _check_whole(data: DataSource, x: torch.Tensor, name: str) -> None:
+    """Rows ``x`` the model takes as integer indices must hold whole numbers."""
+    fractional = (x != x.round()).reshape(x.shape[0], -1).any(dim=1).nonzero() if x.is_floating_point() else []
+    if len(fractional):
+        raise DataError(f"{data.source}: the model takes {name} as integer indices (token ids), but row "
+                        f"{int(fractional[0])} holds values that are not whole numbers; store the ids as integers")
+
+
+def _check_extreme_ids(data: DataSource, model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """Inputs the model takes as integers (token ids) are indices: every row must be whole, and the
+    model is run on the rows holding the smallest and the largest value of ``x``, so that an id outside
+    its vocabulary is a data error now, not a failure later in the run (streamed rows fail where they come)."""
+    if data.input_dtype is None or data.input_dtype.is_floating_point or x.numel() == 0:
+        return
+    _check_whole(data, x, name)
+    flat = x.reshape(x.shape[0], -1)
+    for value in (flat.min(), flat.max()):
+        row = int((flat == value).any(dim=1).nonzero()[0])
+        try:
+            model(data.as_model_input(x[row:row + 1]))
+        except (Exception, SystemExit) as exc:
+            said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+            raise DataError(f"{data.source}: row {row} of {name} holds {int(value)}, on which the model fails ({said}); "
+                            "token ids must be within the model's vocabulary (its nn.Embedding's num_embeddings); "
+                            "check --data") from exc

@@ -98,7 +98,18 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "def endless():\n    return Endless()\n\n"
         "class Reshuffled(torch.utils.data.IterableDataset):\n    def __iter__(self):\n"
         "        for i in torch.randperm(200).tolist():\n            yield torch.full((64,), float(i)), i % 10\n\n"
-        "def reshuffled():\n    return Reshuffled()\n")
+        "def reshuffled():\n    return Reshuffled()\n\n"
+        "class Tokens(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n")
+    ids = np.random.default_rng(0).integers(0, 50, (300, 12))
+    beyond = ids.copy()
+    beyond[250, 3] = 60
+    fractional = ids.astype(np.float32)
+    fractional[7, 0] = 1.5
+    np.savez(d / "ids_beyond_vocabulary.npz", x=beyond, y=ids[:, 0] % 10)
+    np.savez(d / "ids_not_whole.npz", x=fractional, y=ids[:, 0] % 10)
+    np.savez(d / "misnamed_split.npz", x=x[:300], y=y[:300], x_valid=x[300:], y_valid=y[300:])
     np.savez_compressed(d / "bomb.npz", x=np.zeros((200_000, 64), np.float32))  # 51 MB of zeros in ~50 KB
     np.savez(d / "val_without_labels.npz", x=x, y=y, x_val=x[:50])
     (d / "shards_mixed").mkdir()
@@ -128,6 +139,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
     torch.save({"x": digits_arrays["x"], "y": digits_arrays["y"]}, d / "numpy_in.pt")
     for name, width in (("pair", 64), ("per_token", 8), ("fixed_batch", 64), ("float64", 64)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
+    torch.save({"emb.weight": torch.randn(50, 64), **{f"fc.{k}": v for k, v in torch.nn.Linear(64, 10).state_dict().items()}},
+               d / "tokens.pt")
     _write_hostile_checkpoints(d, compressed)
 
 
@@ -311,6 +324,11 @@ CASES: dict[str, tuple[list[str], int]] = {
     "wrong data feature size": ([C, "mlp.pt", "--data", "narrow.npz"], 4),
     "data a reshaping model regroups into fewer rows": ([C, "cnn.pt", "--data", "narrow.npz"], 4),
     "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
+    "token ids beyond the model's vocabulary (row 250)": ([C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
+                                                          "ids_beyond_vocabulary.npz"], 4),
+    "token ids stored as floats, one not whole": (["plan", "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
+                                                   "ids_not_whole.npz"], 4),
+    "a held-out split under a name fixclf does not read (x_valid)": ([C, "mlp.pt", "--data", "misnamed_split.npz"], 4),
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
     "data file of shared references ('billion laughs')": ([C, "mlp.pt", "--data", "laughs_data.pt"], 4),

@@ -223,7 +223,8 @@ def _labelled(name: str, rows: int, features: int) -> tuple[torch.nn.Module, tor
 def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
     """Head registered first, a Linear under two names, an auxiliary Linear never called: the plan
     follows the forward pass, the tie survives compress and reload (20 classes on 16 features: the
-    head's code placement is rebuilt on reload), and the parameters are counted once."""
+    head's code placement is rebuilt on reload, and the stack feeding it, deepened, reads back), and
+    the parameters are counted once."""
     model, x = _labelled("tangled", rows=320, features=8)
     result = runner.invoke(app, ["compress", "tangled.pt", "--arch", "architectures:tangled", "--data", "data.npz",
                                  "--epochs", "1", "--latency-batch", "8", "--json"])
@@ -231,7 +232,8 @@ def test_the_head_is_the_linear_that_makes_the_logits_and_ties_hold(workdir):
     report = json.loads(result.stdout)
     layers = {layer["name"]: (layer["role"], layer["kind"], layer["reason"]) for layer in report["layers"]}
     assert layers == {"head": ("head", "hadamard", ""), "embed": ("hidden", "acdc", ""),
-                      "block": ("hidden", "acdc", ""), "aux": ("hidden", None, "not called by the forward pass")}
+                      "block": ("hidden", "acdc", "depth 4: feeds a fixed head of 20 classes on 16 features"),
+                      "aux": ("hidden", None, "not called by the forward pass")}
     assert report["params"]["model"]["before"] == sum(p.numel() for p in model.parameters())  # block once
     compressed = load_compressed_model("tangled.fixclf.pt", arch="architectures:tangled")
     assert compressed.block is compressed.again and type(compressed.block).__name__ == "ACDCStack"
