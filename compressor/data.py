@@ -909,12 +909,12 @@ def _check_extreme_ids(data: DataSource, model: nn.Module, x: torch.Tensor, name
         return
     _check_whole(data, x, name)
     flat = x.reshape(x.shape[0], -1)
-    for value in (flat.min(), flat.max()):
-        row = int((flat == value).any(dim=1).nonzero()[0])
-        try:
-            model(data.as_model_input(x[row:row + 1]))
-        except (Exception, SystemExit) as exc:
-            said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
-            raise DataError(f"{data.source}: row {row} of {name} holds {int(value)}, on which the model fails ({said}); "
-                            "token ids must be within the model's vocabulary (its nn.Embedding's num_embeddings); "
-                            "check --data") from exc
+    values = (int(flat.min()), int(flat.max()))
+    rows = [int((flat == value).any(dim=1).nonzero()[0]) for value in values]
+    try:  # two rows, as the first check ran: a model in training mode with batch norm needs more than one
+        model(data.as_model_input(x[rows]))
+    except (Exception, SystemExit) as exc:
+        said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+        raise DataError(f"{data.source}: {name} holds values from {values[0]} (row {rows[0]}) to {values[1]} (row "
+                        f"{rows[1]}), and the model fails on those rows ({said}); token ids must be within the model's "
+                        "vocabulary (its nn.Embedding's num_embeddings); check --data") from exc

@@ -32,7 +32,7 @@ def test_messages_say_what_to_do(results):
     assert "torch.from_numpy" in said[".pt data file of numpy arrays"]
     assert "b.y.npy has no b.npy" in said["shard labels without their rows"]
     assert "NaN" in said["NaN weights"]
-    assert "row 250 of x holds 60" in said["token ids beyond the model's vocabulary (row 250)"]
+    assert "to 60 (row 250)" in said["token ids beyond the model's vocabulary (row 250)"]
     assert "row 7 holds values that are not whole" in said["token ids stored as floats, one not whole"]
     assert "'x_valid', 'y_valid'" in said["a held-out split under a name fixclf does not read (x_valid)"]
     assert "not a weights-only checkpoint" in said["an ONNX file as the checkpoint"]
