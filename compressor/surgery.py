@@ -19,11 +19,13 @@ rows are interlocked directions in N dimensions, and the one Linear that feeds i
 :mod:`compressor.trace`) must place every class's features on its row, a full rotation of its
 output that a depth-2 ACDC stack learns far too slowly. That stack is therefore
 ``ceil(C / N)`` times deeper than ``depth`` (:func:`_deepen_feeders`; the note column says so).
-Measured (``benchmarks/bench_many_classes.py``, MLP 32-768-3072-257-C, held-out, default budget):
+Measured (docs/hard_samples.md, seventh round: MLP 32-768-3072-257-C, held-out, default budget):
 1,000 classes -4.3 pp at depth 2 for the feeder, -1.1 at 4, -0.3 at 6, -0.2 at 8 (the rule's
 choice); 300 classes -1.6 pp at 2, -0.6 at 4 (the rule's). Deepening every layer instead (``--depth
 4``) gave -0.7 pp at 1,000 classes for twice the stored numbers of the hidden layers. A Fastfood
-feeder has no depth: it stays as it is (1,000 classes: -12.7 pp; prefer ACDC there).
+feeder has no depth: it stays as it is and its note says so (1,000 classes: -12.7 pp, 300: -4.8 pp;
+ACDC is the kind for such a layer). A head fed by several Linears (a transformer's residual
+stream) or by none has no feeder, and nothing changes.
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
@@ -200,17 +202,19 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
 def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
     """A new plan: each replaced stack that feeds a replaced (fixed) head of C classes on N < C
     features (``feeders``: head -> feeder) made ``ceil(C / N)`` times deeper, up to the depth limit and
-    while it still stores fewer numbers than its dense layer (module docstring)."""
+    while it still stores fewer numbers than its dense layer; a feeder of a kind without depth gets a
+    note instead (module docstring)."""
     by_name = {entry.name: entry for entry in plan}
     deeper: dict[str, LayerPlan] = {}
     for head, feeder in ((by_name.get(h), by_name.get(f)) for h, f in feeders.items()):
-        if not (head and feeder and head.replaced and feeder.replaced and "depth" in feeder.options
-                and head.out_features > head.in_features):
+        if not (head and feeder and head.replaced and feeder.replaced and head.out_features > head.in_features):
+            continue
+        feeds = f"feeds a fixed head of {head.out_features:,} classes on {head.in_features:,} features"
+        if "depth" not in feeder.options:
+            deeper[feeder.name] = replace(feeder, reason=f"{feeds}; {feeder.kind} has no depth to add (ACDC has)")
             continue
         depth = min(DEPTH_MAX, feeder.options["depth"] * math.ceil(head.out_features / head.in_features))
-        entry = replace(feeder, options={**feeder.options, "depth": depth},
-                        reason=f"depth {depth}: feeds a fixed head of {head.out_features:,} classes on "
-                               f"{head.in_features:,} features")
+        entry = replace(feeder, options={**feeder.options, "depth": depth}, reason=f"depth {depth}: {feeds}")
         entry.params_after = count_stored(entry.build())
         if entry.params_after < entry.params_before:
             deeper[entry.name] = entry

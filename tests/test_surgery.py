@@ -474,5 +474,6 @@ def test_no_stack_is_deepened_without_one_feeder_a_fixed_head_or_a_stack():
     assert make_plan(_Residual(64, 300), PlanOptions(), example=torch.randn(4, 64))[0].options["depth"] == 2
     assert make_plan(wide, PlanOptions(head="keep"), example=example)[0].options["depth"] == 2
     assert make_plan(wide, PlanOptions(exclude=["2"]), example=example)[0].options["depth"] == 2
-    assert "depth" not in make_plan(wide, PlanOptions(hidden="fastfood"), example=example)[0].options
+    fastfood = make_plan(wide, PlanOptions(hidden="fastfood"), example=example)[0]
+    assert "depth" not in fastfood.options and fastfood.reason.endswith("fastfood has no depth to add (ACDC has)")
     assert make_plan(wide, PlanOptions())[0].options["depth"] == 2  # without data the feeder is unknown
