@@ -177,6 +177,11 @@ def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
     return ParamSummary(Counts.of(before, before - freed + new), Counts.of(freed, new))
 
 
+PLAN_WITHOUT_DATA = ("no data: pass --data to time each layer at the model's real shapes and to find the heads and the "
+                     "layers feeding them from the forward pass, as compress does (a head of more classes than "
+                     "features makes the stack feeding it deeper)")
+
+
 def plan_checkpoint(options: CompressOptions) -> PlanReport:
     """What ``compress`` would replace, by what, the stored numbers and, when there is data (``--data``
     or the checkpoint's bundled file), each layer's ORT latency alone, dense and structured. Writes nothing."""
@@ -194,7 +199,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
                        consequence="compress would stop here, before any fine-tuning")
     plan, costs, _ = _plan(loaded, data, options, measure_cost=True)
     rows = _rows(plan, costs)
-    notes = [] if data is not None else ["no data: pass --data to time each layer at the model's real shapes"]
+    notes = [] if data is not None else [PLAN_WITHOUT_DATA]
     return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes,
                       _headless_warnings(plan, options.plan) + _growth_warnings(plan) + _cost_warnings(rows))
 

@@ -49,6 +49,7 @@ def test_real_architecture_shapes_end_to_end(name, workdir):
     assert all(bool(layer["kind"]) == (layer["name"] != "embed") for layer in layers)
     assert all("would store 224 numbers, the dense layer 160" in layer["reason"] for layer in layers if not layer["kind"])
     assert all(layer["cost"] is None for layer in layers)  # no data given: nothing to time the layers on
+    assert any("pass --data" in note and "feeding" in note for note in json.loads(plan.stdout)["notes"])
 
     result = runner.invoke(app, ["compress", f"{name}.pt", "--arch", ARCH[name], "--data", "data.npz", "--epochs", "1",
                                  "--latency-batch", "8", "--json"])
