@@ -127,7 +127,8 @@ ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword argum
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (runs code from the file).")
 HEAD = typer.Option(PLAN.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
 HIDDEN = typer.Option(PLAN.hidden, "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
-DEPTH = typer.Option(PLAN.depth, "--depth", help="ACDC layers per replaced Linear (K, 1-64).")
+DEPTH = typer.Option(PLAN.depth, "--depth", help="ACDC layers per replaced Linear (K, 1-64); the one layer feeding a "
+                     "head of C classes on N < C features gets ceil(C/N) times as many.")
 INCLUDE = typer.Option(None, "--include", help="Replace only Linear layers whose name matches (glob; repeatable).")
 EXCLUDE = typer.Option(None, "--exclude", help="Keep Linear layers whose name matches (glob; repeatable).")
 SEED = typer.Option(DEFAULTS.seed, "--seed", help="Seed (0 to 2^32-1) of the fixed permutations, signs, initialisation and data order.")

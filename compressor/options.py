@@ -138,7 +138,8 @@ class SourceOptions:
 @dataclass
 class PlanOptions:
     """What replaces what: ``head`` for the Linear that makes the logits (:mod:`compressor.surgery`), ``hidden`` for the others; ``depth`` is
-    ACDC's K; ``include`` / ``exclude`` are glob patterns on module names. ``objective``: ``size``
+    ACDC's K (times ``ceil(C / N)`` for the stack feeding a head of C classes on N < C features:
+    :mod:`compressor.surgery`); ``include`` / ``exclude`` are glob patterns on module names. ``objective``: ``size``
     replaces every planned layer; ``latency`` keeps dense each layer whose replacement is slower
     alone in ONNX Runtime at batch 1 at the model's real shapes (:mod:`compressor.cost`).
     ``max_drop``: ``compress`` keeps dense, one at a time, the replaced layer that costs the most
