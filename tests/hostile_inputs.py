@@ -101,7 +101,10 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "def reshuffled():\n    return Reshuffled()\n\n"
         "class Tokens(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.emb = torch.nn.Embedding(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
-        "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n")
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n\n"
+        "class Bag(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.emb = torch.nn.EmbeddingBag(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids))\n")
     ids = np.random.default_rng(0).integers(0, 50, (300, 12))
     beyond = ids.copy()
     beyond[250, 3] = 60
@@ -109,6 +112,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
     fractional[7, 0] = 1.5
     np.savez(d / "ids_beyond_vocabulary.npz", x=beyond, y=ids[:, 0] % 10)
     np.savez(d / "ids_not_whole.npz", x=fractional, y=ids[:, 0] % 10)
+    np.savez(d / "ids_int32.npz", x=ids.astype(np.int32), y=ids[:, 0] % 10)
     np.savez(d / "misnamed_split.npz", x=x[:300], y=y[:300], x_valid=x[300:], y_valid=y[300:])
     np.savez_compressed(d / "bomb.npz", x=np.zeros((200_000, 64), np.float32))  # 51 MB of zeros in ~50 KB
     np.savez(d / "val_without_labels.npz", x=x, y=y, x_val=x[:50])
@@ -141,6 +145,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
     torch.save({"emb.weight": torch.randn(50, 64), **{f"fc.{k}": v for k, v in torch.nn.Linear(64, 10).state_dict().items()}},
                d / "tokens.pt")
+    shutil.copy(d / "tokens.pt", d / "bag.pt")
     _write_hostile_checkpoints(d, compressed)
 
 
@@ -329,6 +334,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "token ids stored as floats, one not whole": (["plan", "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
                                                    "ids_not_whole.npz"], 4),
     "a held-out split under a name fixclf does not read (x_valid)": ([C, "mlp.pt", "--data", "misnamed_split.npz"], 4),
+    "int32 token ids into an nn.EmbeddingBag (the exporter lowers it for int64)": (
+        [C, "bag.pt", "--arch", "hostile_code:Bag", "--data", "ids_int32.npz"], 7),
     "one-hot labels": ([C, "mlp.pt", "--data", "onehot.npz"], 4),
     "NaN in data": ([C, "mlp.pt", "--data", "nan.npz"], 4),
     "data file of shared references ('billion laughs')": ([C, "mlp.pt", "--data", "laughs_data.pt"], 4),
