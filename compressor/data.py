@@ -766,6 +766,9 @@ def _load(spec: str | Path, seed: int) -> DataSource:
         return _StreamSource(result, source, files, seed)
     if isinstance(result, torch.utils.data.Dataset):
         return _from_store(_ItemStore(result, source), source, files, seed)
+    if not isinstance(result, (dict, tuple)):  # a generator, a list of pairs, a DataLoader: none is rows fixclf can split
+        raise DataError(f"--data {source} returned {type(result).__name__}; return a dict of arrays (x, y, optional "
+                        "x_val, y_val), an (x, y) tuple, a torch Dataset of (x, y) items or an IterableDataset")
     return _from_arrays(dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result, source, files, seed)
 
 

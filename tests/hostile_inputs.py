@@ -99,6 +99,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "class Reshuffled(torch.utils.data.IterableDataset):\n    def __iter__(self):\n"
         "        for i in torch.randperm(200).tolist():\n            yield torch.full((64,), float(i)), i % 10\n\n"
         "def reshuffled():\n    return Reshuffled()\n\n"
+        "def pairs():\n    return ((torch.zeros(64), i % 10) for i in range(100))\n\n"
         "class Tokens(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.emb = torch.nn.Embedding(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
         "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n\n"
@@ -344,6 +345,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "data file the checkpoint names is missing": ([C, "nodata/mlp.pt"], 4),
     "object arrays in the data": ([C, "mlp.pt", "--data", "objects.npz"], 4),
     "--data function raising SystemExit": ([C, "mlp.pt", "--data", "hostile_code:data"], 4),
+    "--data function returning a generator of pairs": ([C, "mlp.pt", "--data", "hostile_code:pairs"], 4),
     "compressed data unpacking to 1000x its size": ([C, "mlp.pt", "--data", "bomb.npz"], 4),
     "x_val without y_val next to labelled x": ([C, "mlp.pt", "--data", "val_without_labels.npz"], 4),
     "shard directory with rows of two shapes": ([C, "mlp.pt", "--data", "shards_mixed"], 4),

@@ -35,6 +35,7 @@ def test_messages_say_what_to_do(results):
     assert "to 60 (row 250)" in said["token ids beyond the model's vocabulary (row 250)"]
     assert "row 7 holds values that are not whole" in said["token ids stored as floats, one not whole"]
     assert "store the ids as int64" in said["int32 token ids into an nn.EmbeddingBag (the exporter lowers it for int64)"]
+    assert "returned generator; return a dict of arrays" in said["--data function returning a generator of pairs"]
     assert "'x_valid', 'y_valid'" in said["a held-out split under a name fixclf does not read (x_valid)"]
     assert "not a weights-only checkpoint" in said["an ONNX file as the checkpoint"]
     assert "stored in the file; the file is damaged" in said["stored kwargs that do not build the architecture"]
