@@ -364,7 +364,7 @@ def _collate(items: list, labelled: bool, source: str) -> Rows:
             raise DataError(f"--data {source}: items have different shapes {sorted({tuple(x.shape) for x in xs})}; "
                             "give items of one shape")
         x = torch.stack(xs)
-        y = torch.as_tensor([y for _, y in parts]) if labelled else None
+        y = torch.stack([_tensor(y) for _, y in parts]) if labelled else None  # ints, numpy scalars or arrays alike
     except (TypeError, RuntimeError, ValueError) as exc:
         raise DataError(f"--data {source}: items are not numeric arrays ({type(exc).__name__}); give numbers") from exc
     return _checked_rows(_as_tensor(x, "x", source), None if y is None else _as_tensor(y, "y", source), "items", source)

@@ -2,6 +2,8 @@
 batches split among processes exactly as one process would see them; validation against the model."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -381,3 +383,14 @@ def test_a_stream_too_short_for_both_splits_is_a_data_error(spec, seed, refused)
     else:
         data = load_data(spec, seed=seed)
         assert data.head("train", 8)[0].shape[0] == 3 and data.head("val", 8)[0].shape[0] == 1
+
+
+@pytest.mark.parametrize("label", [lambda i: i, np.int64, lambda i: np.array(i), lambda i: np.array([i]), lambda i: torch.tensor(i)])
+def test_dataset_items_label_as_int_numpy_scalar_or_array_alike(label):
+    from compressor.data import _collate
+
+    items = [(np.full(4, i, np.float32), label(i)) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it builds a tensor from a list of numpy arrays
+        x, y = _collate(items, True, "items")
+    assert torch.equal(y, torch.arange(3)) and x.shape == (3, 4)
