@@ -381,3 +381,17 @@ def test_the_progress_bar_shows_the_runs_position_a_resumed_run_starts_past_zero
     events.step(2, 6, 0.1)
     assert events.progress.tasks[0].completed == 16 and events.progress.tasks[0].total == 30
     events.close()
+
+
+def test_a_compressed_model_traces_and_exports_with_torch_but_does_not_script(default_mlp):
+    """What the README says of TorchScript and torch.export: trace and export give the same logits;
+    torch.jit.script is refused by torch (the layers' annotations are postponed), so the README
+    points to the other three."""
+    model = load_compressed_model(default_mlp[0] / "mlp.fixclf.pt")
+    x = load_data(SAMPLES / "digits.npz").head("val", 8)[0]
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(torch.jit.trace(model, x)(x), expected, atol=1e-6)
+        assert torch.allclose(torch.export.export(model, (x,)).module()(x), expected, atol=1e-6)
+    with pytest.raises(Exception):
+        torch.jit.script(model)
