@@ -378,7 +378,8 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
         original_bytes = to_onnx(original, samples, spec).proto.SerializeToString()
         validate_lengths(original_bytes, original, samples, tolerance=options.export.tolerance, spec=spec)
     except ExportError as exc:
-        hint = ("" if samples.is_floating_point() or samples.dtype == torch.int64 else
+        looks_up = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in original.modules())
+        hint = ("" if not looks_up or samples.is_floating_point() or samples.dtype == torch.int64 else
                 f" (x is {str(samples.dtype).removeprefix('torch.')}: the exporter lowers some index operations, "
                 "e.g. nn.EmbeddingBag's, for int64 only; store the ids as int64)")
         raise ExportError(f"the original model cannot be exported to ONNX as asked, so fixclf cannot measure or "

@@ -657,13 +657,15 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
 
 
 SPLIT_KEYS = ("x", "y", "x_val", "y_val", "x_select", "y_select")
+OTHER_SPLIT_NAMES = ("train", "training", "valid", "validation", "dev", "test", "testing", "eval", "evaluation",
+                     "holdout", "held_out")
 
 
 def _refuse_unread_splits(arrays: dict, source: str) -> None:
-    """Arrays named like a split (``x_*``, ``y_*``) that fixclf does not read are a misnamed split
-    (``x_valid``, ``x_test``): ignored, the user's held-out rows would silently be replaced by a
-    carve-out of ``x``. Other names (``classes``, ``meta``) are left alone."""
-    unread = sorted(k for k in arrays if isinstance(k, str) and k.startswith(("x_", "y_")) and k not in SPLIT_KEYS)
+    """Arrays named as a split fixclf does not read (``x_valid``, ``y_test``: x_/y_ and one of
+    :data:`OTHER_SPLIT_NAMES`) are refused: ignored, the user's held-out rows would silently be
+    replaced by a carve-out of ``x``. Other names (``x_mean``, ``classes``) are left alone."""
+    unread = sorted(k for k in arrays if isinstance(k, str) and k[:2] in ("x_", "y_") and k[2:] in OTHER_SPLIT_NAMES)
     if unread:
         raise DataError(f"--data {source}: {', '.join(map(repr, unread[:4]))} {'is' if len(unread) == 1 else 'are'} not "
                         f"among the arrays fixclf reads ({', '.join(SPLIT_KEYS)}); rename (held-out rows: x_val, y_val) "
@@ -855,7 +857,7 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
             return logits
     said = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}"
     if "indices" in said:  # the model takes integer indices (token ids): are these rows whole?
-        _check_whole(data, x, "x")
+        _check_whole(data, x, "x", which="")
     if not as_ids and ("dtype" in said or "scalar type" in said):  # the data is not the problem
         raise DataError(f"the model fails in float32, the precision fixclf fine-tunes and exports in ({said}); make its "
                         "forward follow its parameters' dtype (no .double() or .half() inside forward)") from failure
@@ -887,37 +889,55 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     classes = logits.shape[-1]
     check_classes(classes)  # before the labels: a one-logit model's 0/1 labels are not the problem
     if isinstance(data, _IndexedSource):
-        train = data.stores["train"][0]
+        train, checked = data.stores["train"][0], set()
         for split, (store, _) in data.stores.items():
-            if isinstance(store, _ArrayStore):
+            if isinstance(store, _ArrayStore) and id(store) not in checked:  # splits carved from x share its store
+                checked.add(id(store))
                 name = "" if store is train else f"_{split}"
                 check_labels(store.y, classes, data.source, f"y{name}")
                 _check_extreme_ids(data, model, store.x, f"x{name}")
     return classes
 
 
-def _check_whole(data: DataSource, x: torch.Tensor, name: str) -> None:
-    """Rows ``x`` the model takes as integer indices must hold whole numbers."""
+def _check_whole(data: DataSource, x: torch.Tensor, name: str, *, which: str = "row") -> None:
+    """Rows ``x`` the model takes as integer indices must hold whole numbers (``which``: how the
+    message names the first row that does not; "" names none, for rows that are not the store's)."""
     fractional = (x != x.round()).reshape(x.shape[0], -1).any(dim=1).nonzero() if x.is_floating_point() else []
     if len(fractional):
-        raise DataError(f"{data.source}: the model takes {name} as integer indices (token ids), but row "
-                        f"{int(fractional[0])} holds values that are not whole numbers; store the ids as integers")
+        where = f"{which} {int(fractional[0])} of {name}" if which else name
+        raise DataError(f"{data.source}: the model takes {name} as integer indices (token ids), but {where} holds "
+                        "values that are not whole numbers; store the ids as integers")
+
+
+ID_CHECK_ROWS = 4_096  # most rows the id check runs the model on (in batches of 256)
 
 
 def _check_extreme_ids(data: DataSource, model: nn.Module, x: torch.Tensor, name: str) -> None:
     """Inputs the model takes as integers (token ids) are indices: every row must be whole, and the
-    model is run on the rows holding the smallest and the largest value of ``x``, so that an id outside
-    its vocabulary is a data error now, not a failure later in the run (streamed rows fail where they come)."""
+    model is run on the rows holding each column's smallest and largest value (each column may index
+    its own vocabulary: a tabular model's per-column embeddings), so that an id outside a vocabulary
+    is a data error now, not a failure later in the run. Rows not held in memory (a Dataset, shards,
+    a stream) fail where they come, as a data error of their batch."""
     if data.input_dtype is None or data.input_dtype.is_floating_point or x.numel() == 0:
         return
     _check_whole(data, x, name)
     flat = x.reshape(x.shape[0], -1)
-    values = (int(flat.min()), int(flat.max()))
-    rows = [int((flat == value).any(dim=1).nonzero()[0]) for value in values]
-    try:  # two rows, as the first check ran: a model in training mode with batch norm needs more than one
-        model(data.as_model_input(x[rows]))
-    except (Exception, SystemExit) as exc:
+    rows = torch.cat([flat.argmin(dim=0), flat.argmax(dim=0)]).unique()[:ID_CHECK_ROWS]
+    for chunk in rows.split(256):
+        if _fails(data, model, x, chunk) is None:
+            continue
+        row, exc = next((int(r), exc) for r in chunk if (exc := _fails(data, model, x, r.reshape(1))) is not None)
         said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
-        raise DataError(f"{data.source}: {name} holds values from {values[0]} (row {rows[0]}) to {values[1]} (row "
-                        f"{rows[1]}), and the model fails on those rows ({said}); token ids must be within the model's "
-                        "vocabulary (its nn.Embedding's num_embeddings); check --data") from exc
+        raise DataError(f"{data.source}: the model fails on row {row} of {name}, which holds a column's smallest or "
+                        f"largest value ({said}); token ids must be within the model's vocabulary (its nn.Embedding's "
+                        "num_embeddings); check --data") from exc
+
+
+def _fails(data: DataSource, model: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> BaseException | None:
+    """What the model raises on rows ``rows`` of ``x`` (run as two rows at least, as the first check ran:
+    a model in training mode with batch norm needs them), or None."""
+    try:
+        model(data.as_model_input(x[rows if len(rows) > 1 else rows.repeat(2)]))
+    except (Exception, SystemExit) as exc:
+        return exc
+    return None

@@ -201,9 +201,10 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
 
 def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
     """A new plan: each replaced stack that feeds a replaced (fixed) head of C classes on N < C
-    features (``feeders``: head -> feeder) made ``ceil(C / N)`` times deeper, up to the depth limit and
-    while it still stores fewer numbers than its dense layer; a feeder of a kind without depth gets a
-    note instead (module docstring)."""
+    features (``feeders``: head -> feeder) made ``ceil(C / N)`` times deeper (for the widest of the
+    heads it feeds), up to the depth limit and to the deepest that stores fewer numbers than its dense
+    layer (the note says when that caps it); a feeder of a kind without depth gets a note instead
+    (module docstring)."""
     by_name = {entry.name: entry for entry in plan}
     deeper: dict[str, LayerPlan] = {}
     for head, feeder in ((by_name.get(h), by_name.get(f)) for h, f in feeders.items()):
@@ -213,12 +214,24 @@ def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[Laye
         if "depth" not in feeder.options:
             deeper[feeder.name] = replace(feeder, reason=f"{feeds}; {feeder.kind} has no depth to add (ACDC has)")
             continue
-        depth = min(DEPTH_MAX, feeder.options["depth"] * math.ceil(head.out_features / head.in_features))
-        entry = replace(feeder, options={**feeder.options, "depth": depth}, reason=f"depth {depth}: {feeds}")
+        wanted = min(DEPTH_MAX, feeder.options["depth"] * math.ceil(head.out_features / head.in_features))
+        depth = min(wanted, _deepest_within_dense(feeder))
+        earlier = deeper.get(feeder.name)
+        if depth <= max(feeder.options["depth"], earlier.options.get("depth", 0) if earlier else 0):
+            continue
+        capped = "" if depth == wanted else f" (wanted {wanted}; deeper would store more than the dense layer)"
+        entry = replace(feeder, options={**feeder.options, "depth": depth}, reason=f"depth {depth}: {feeds}{capped}")
         entry.params_after = count_stored(entry.build())
-        if entry.params_after < entry.params_before:
-            deeper[entry.name] = entry
+        deeper[entry.name] = entry
     return [deeper.get(entry.name, entry) for entry in plan]
+
+
+def _deepest_within_dense(entry: LayerPlan) -> int:
+    """The largest depth at which ``entry``'s stack stores fewer numbers than its dense layer (each
+    layer of a stack stores as many as the next)."""
+    depth = entry.options["depth"]
+    per_layer = count_stored(replace(entry, options={**entry.options, "depth": depth + 1}).build()) - entry.params_after
+    return depth + max(0, (entry.params_before - 1 - entry.params_after) // max(1, per_layer))
 
 
 READ_BY_THE_MODEL = "the model reads its .{} directly (e.g. nn.TransformerEncoderLayer's fast path)"

@@ -17,9 +17,11 @@ with a forward hook on every Linear. Then:
   A model that averages two heads (DeiT's distilled models) has two; a feature extractor that ends
   in a normalisation has none. A forward pass that cannot record the graph (an in-place change of
   a parameter) falls back to the last affine Linear called at the output's width.
-* a head's **feeder** is the one Linear whose output reaches the head's input with no other Linear
-  on the way (an MLP's or a CNN classifier's last hidden layer); a head fed by several (the
-  residual stream of a transformer) or by none (a convolutional body) has no feeder.
+* a head's **feeder** is the one Linear whose output reaches the head's input with nothing on the
+  way that mixes features (another Linear, a matrix product, a convolution, a recurrent layer:
+  :data:`MIXING`), only activations, norms, pooling and reshapes (an MLP's or a CNN classifier's
+  last hidden layer); a head fed by several (the residual stream of a transformer, a gate) or
+  through a mixing layer (an LSTM, attention pooling) has no feeder.
 
 A second pass on the same rows must give the same output: a forward pass with dropout or sampling
 left on cannot be distilled or validated; nor can one whose output carries no gradient
@@ -194,17 +196,38 @@ def _logit_sources(output: torch.Tensor, produced_by: dict) -> set[str]:
 
 def _feeders(produced_by: dict) -> set[str]:
     """The Linears whose output (of some call) reaches another Linear call's input, through any ops."""
-    return {name for start in produced_by for name in _linears_before(start, produced_by)}
+    return {name for start in produced_by for name in _linears_before(start, produced_by) or ()}
+
+
+MIXING = ("mm", "mv", "dot", "conv", "rnn", "lstm", "gru", "einsum", "linear", "embedding")
+"""Autograd node kinds (lower case, any part) that mix features: matrix products, convolutions,
+recurrent layers, lookups. On the way back from a head they are another linear map than a Linear."""
+
+
+def _mixes(node) -> bool:
+    kind = _kind(node).lower()
+    return any(part in kind for part in MIXING)
 
 
 def _nearest_linears(name: str, produced_by: dict) -> list[str]:
-    """The Linears whose outputs reach an input of any call of Linear ``name`` with no Linear between."""
-    return sorted({fed for node, called in produced_by.items() if called == name
-                   for fed in _linears_before(node, produced_by)} - {name})
+    """The Linears whose outputs reach an input of any call of Linear ``name`` with nothing between
+    that mixes features (no other Linear, matrix product, convolution, recurrent layer); none when
+    such a thing stands between the head and some source of its input."""
+    found: set[str] = set()
+    for node, called in produced_by.items():
+        if called != name:
+            continue
+        while node is not None and not _mixes(node):  # down to the call's own product (through its reshapes)
+            node = next((parent for parent, _ in node.next_functions if parent is not None), None)
+        if node is None or (before := _linears_before(node, produced_by, stop=_mixes)) is None:
+            return []
+        found |= before
+    return sorted(found - {name})
 
 
-def _linears_before(start, produced_by: dict) -> set[str]:
-    """The Linears met first on each path back from the graph node ``start`` (not counting itself)."""
+def _linears_before(start, produced_by: dict, stop: Callable[[object], bool] | None = None) -> set[str] | None:
+    """The Linears met first on each path back from the graph node ``start`` (not counting itself);
+    None when a path meets a node ``stop`` accepts first."""
     found, seen, stack = set(), set(), [parent for parent, _ in start.next_functions]
     while stack:
         node = stack.pop()
@@ -213,6 +236,8 @@ def _linears_before(start, produced_by: dict) -> set[str]:
         seen.add(node)
         if node in produced_by:
             found.add(produced_by[node])
+        elif stop is not None and stop(node):
+            return None
         else:
             stack.extend(parent for parent, _ in node.next_functions)
     return found

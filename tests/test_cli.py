@@ -393,5 +393,5 @@ def test_a_compressed_model_traces_and_exports_with_torch_but_does_not_script(de
         expected = model(x)
         assert torch.allclose(torch.jit.trace(model, x)(x), expected, atol=1e-6)
         assert torch.allclose(torch.export.export(model, (x,)).module()(x), expected, atol=1e-6)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="annotation"):
         torch.jit.script(model)

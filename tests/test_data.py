@@ -394,3 +394,12 @@ def test_dataset_items_label_as_int_numpy_scalar_or_array_alike(label):
         warnings.simplefilter("error")  # torch warns when it builds a tensor from a list of numpy arrays
         x, y = _collate(items, True, "items")
     assert torch.equal(y, torch.arange(3)) and x.shape == (3, 4)
+
+
+def test_arrays_named_as_another_split_are_refused_and_other_extra_arrays_are_not(tmp_path):
+    x, y = np.zeros((20, 4), np.float32), np.arange(20) % 2
+    np.savez(tmp_path / "extra.npz", x=x, y=y, x_mean=x.mean(0), y_names=np.array(["a", "b"]))
+    assert load_data(tmp_path / "extra.npz").has_labels
+    np.savez(tmp_path / "keras.npz", x=x, y=y, x_test=x[:5], y_test=y[:5])
+    with pytest.raises(DataError, match=r"'x_test', 'y_test' are not among the arrays fixclf reads"):
+        load_data(tmp_path / "keras.npz")

@@ -477,3 +477,36 @@ def test_no_stack_is_deepened_without_one_feeder_a_fixed_head_or_a_stack():
     fastfood = make_plan(wide, PlanOptions(hidden="fastfood"), example=example)[0]
     assert "depth" not in fastfood.options and fastfood.reason.endswith("fastfood has no depth to add (ACDC has)")
     assert make_plan(wide, PlanOptions())[0].options["depth"] == 2  # without data the feeder is unknown
+
+
+class _Between(nn.Module):
+    """A Linear, then something that mixes features, then a head of 300 classes on 64 features."""
+
+    def __init__(self, between: str) -> None:
+        super().__init__()
+        self.between, self.fc, self.head = between, nn.Linear(64, 64), nn.Linear(64, 300)
+        self.lstm, self.conv, self.w = nn.LSTM(64, 64, batch_first=True), nn.Conv1d(64, 64, 1), nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.between == "lstm":
+            h = self.lstm(h)[0][:, -1]
+        elif self.between == "conv":
+            h = self.conv(h.unsqueeze(-1)).squeeze(-1)
+        elif self.between == "matmul":
+            h = h @ self.w
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("between", ["lstm", "conv", "matmul"])
+def test_a_linear_behind_another_linear_map_is_not_the_heads_feeder(between):
+    x = torch.randn(4, 5, 64) if between == "lstm" else torch.randn(4, 64)
+    assert make_plan(_Between(between), PlanOptions(), example=x)[0].options["depth"] == 2
+
+
+def test_a_feeder_is_made_only_as_deep_as_stores_fewer_numbers_than_its_dense_layer():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2000))
+    feeder = make_plan(model, PlanOptions(), example=torch.randn(4, 16))[1]
+    deeper = feeder.spec.make(64, 64, {**feeder.options, "depth": feeder.options["depth"] + 1})
+    assert 2 < feeder.options["depth"] < 64 and "wanted 64" in feeder.reason
+    assert feeder.params_after < feeder.params_before <= count_stored(deeper)
