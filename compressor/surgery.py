@@ -18,14 +18,16 @@ numbers than it does stays dense (a tiny layer; the reason says so).
 rows are interlocked directions in N dimensions, and the one Linear that feeds it (its *feeder*,
 :mod:`compressor.trace`) must place every class's features on its row, a full rotation of its
 output that a depth-2 ACDC stack learns far too slowly. That stack is therefore
-``ceil(C / N)`` times deeper than ``depth`` (:func:`_deepen_feeders`; the note column says so).
+``ceil(C / N)`` times deeper than ``depth``, as far as it still stores fewer numbers than its dense
+layer (:func:`_deepen_feeders`; the note column says so).
 Measured (docs/hard_samples.md, seventh round: MLP 32-768-3072-257-C, held-out, default budget):
 1,000 classes -4.3 pp at depth 2 for the feeder, -1.1 at 4, -0.3 at 6, -0.2 at 8 (the rule's
 choice); 300 classes -1.6 pp at 2, -0.6 at 4 (the rule's). Deepening every layer instead (``--depth
 4``) gave -0.7 pp at 1,000 classes for twice the stored numbers of the hidden layers. A Fastfood
 feeder has no depth: it stays as it is and its note says so (1,000 classes: -12.7 pp, 300: -4.8 pp;
 ACDC is the kind for such a layer). A head fed by several Linears (a transformer's residual
-stream) or by none has no feeder, and nothing changes.
+stream), through a layer that mixes features (an LSTM, a convolution, attention) or by no Linear
+has no feeder, and nothing changes.
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
