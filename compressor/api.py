@@ -380,7 +380,7 @@ def _original_onnx(original: nn.Module, samples: torch.Tensor, options: Compress
     except ExportError as exc:
         looks_up = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in original.modules())
         hint = ("" if not looks_up or samples.is_floating_point() or samples.dtype == torch.int64 else
-                f" (x is {str(samples.dtype).removeprefix('torch.')}: the exporter lowers some index operations, "
+                f" (x is {dtype_name(samples.dtype)}: the exporter lowers some index operations, "
                 "e.g. nn.EmbeddingBag's, for int64 only; store the ids as int64)")
         raise ExportError(f"the original model cannot be exported to ONNX as asked, so fixclf cannot measure or "
                           f"deliver it; {consequence}: {exc}{hint}") from exc

@@ -638,12 +638,16 @@ def _from_store(store: _Store, source: str, files: tuple[Path, ...], seed: int) 
     return _IndexedSource(source, files, store, train, store, val)
 
 
+SPLIT_KEYS = ("x", "y", "x_val", "y_val", "x_select", "y_select")
+"""The arrays fixclf reads from a data file or a --data function's dict."""
+
+
 def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _IndexedSource:
     train = _named_rows(arrays, "x", "y", source) if isinstance(arrays, dict) and "x" in arrays else None
     if train is None:
         found = f"; it has {', '.join(map(repr, sorted(arrays)[:8]))}" if isinstance(arrays, dict) and arrays else ""
-        raise DataError(f"--data {source}: expected a dict with key 'x' (and optional 'y', 'x_val', 'y_val', "
-                        f"'x_select', 'y_select'){found}; rename the arrays (x_train -> x, y_train -> y)")
+        raise DataError(f"--data {source}: expected a dict with key 'x' (and optional {', '.join(map(repr, SPLIT_KEYS[1:]))})"
+                        f"{found}; rename the arrays (x_train -> x, y_train -> y)")
     _refuse_unread_splits(arrays, source)
     val = _named_rows(arrays, "x_val", "y_val", source, like=train)
     if val is None:
@@ -656,7 +660,6 @@ def _from_arrays(arrays, source: str, files: tuple[Path, ...], seed: int) -> _In
     return data
 
 
-SPLIT_KEYS = ("x", "y", "x_val", "y_val", "x_select", "y_select")
 OTHER_SPLIT_NAMES = ("train", "training", "valid", "validation", "dev", "test", "testing", "eval", "evaluation",
                      "holdout", "held_out")
 
@@ -828,6 +831,11 @@ def _logits_of_rows_as_read(data: DataSource, model: nn.Module, x: torch.Tensor)
     return _as_integer_inputs(data, model, x.float(), failure)
 
 
+def _said(exc: BaseException) -> str:
+    """An exception as a message quotes it: its type and its first line (150 characters at most)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+
+
 def _answer_as_stored(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
     """The model's answer on integer rows ``x`` as they are, when it takes them and answers other than
     ``logits`` (its answer on them as float32); None otherwise."""
@@ -855,9 +863,9 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
         else:
             data.input_dtype = torch.long
             return logits
-    said = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:150]}"
+    said = _said(failure)
     if "indices" in said:  # the model takes integer indices (token ids): are these rows whole?
-        _check_whole(data, x, "x", which="")
+        _check_whole(data, x, "x", rows_are_the_stores=False)
     if not as_ids and ("dtype" in said or "scalar type" in said):  # the data is not the problem
         raise DataError(f"the model fails in float32, the precision fixclf fine-tunes and exports in ({said}); make its "
                         "forward follow its parameters' dtype (no .double() or .half() inside forward)") from failure
@@ -899,12 +907,12 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
     return classes
 
 
-def _check_whole(data: DataSource, x: torch.Tensor, name: str, *, which: str = "row") -> None:
-    """Rows ``x`` the model takes as integer indices must hold whole numbers (``which``: how the
-    message names the first row that does not; "" names none, for rows that are not the store's)."""
+def _check_whole(data: DataSource, x: torch.Tensor, name: str, *, rows_are_the_stores: bool = True) -> None:
+    """Rows ``x`` the model takes as integer indices must hold whole numbers; the message names the
+    first row that does not when ``x`` holds the store's rows in order (not a few rows from a split)."""
     fractional = (x != x.round()).reshape(x.shape[0], -1).any(dim=1).nonzero() if x.is_floating_point() else []
     if len(fractional):
-        where = f"{which} {int(fractional[0])} of {name}" if which else name
+        where = f"row {int(fractional[0])} of {name}" if rows_are_the_stores else name
         raise DataError(f"{data.source}: the model takes {name} as integer indices (token ids), but {where} holds "
                         "values that are not whole numbers; store the ids as integers")
 
@@ -927,9 +935,8 @@ def _check_extreme_ids(data: DataSource, model: nn.Module, x: torch.Tensor, name
         if _fails(data, model, x, chunk) is None:
             continue
         row, exc = next((int(r), exc) for r in chunk if (exc := _fails(data, model, x, r.reshape(1))) is not None)
-        said = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
         raise DataError(f"{data.source}: the model fails on row {row} of {name}, which holds a column's smallest or "
-                        f"largest value ({said}); token ids must be within the model's vocabulary (its nn.Embedding's "
+                        f"largest value ({_said(exc)}); token ids must be within the model's vocabulary (its nn.Embedding's "
                         "num_embeddings); check --data") from exc
 
 
