@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .options import (KEEP, CompressOptions, ExportCommand, ExportOptions, PlanO
 from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
-from .surgery import (LayerPlan, apply_plan, initialise_from_dense, keep_dense, make_plan, replaced_numbers,
+from .surgery import (LayerPlan, apply_plan, initialise_from_dense, make_plan, replaced_numbers,
                       replaced_parameters, with_dense_layer)
 
 __all__ = ["Events", "ExportCommand", "compress", "plan_checkpoint", "export_checkpoint", "load_report",
@@ -117,7 +118,7 @@ def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions
     several processes at once differ, and every process must train the same plan."""
     world = world or World()
     example = data.head("val", 2)[0] if data is not None else None
-    plan = make_plan(loaded.model, options.plan, seed=options.seed, example=example)
+    plan = _replan(loaded, data, options, {})
     latency = options.plan.objective == "latency"
     if example is None or not (measure_cost or latency):
         return plan, {}, {}
@@ -131,7 +132,18 @@ def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions
         verdict = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
                    for name, c in costs.items() if c.slower_at_batch1}
     verdict = world.sync(verdict)[0]  # rank 0's
-    return keep_dense(plan, verdict), costs, verdict
+    kept = _replan(loaded, data, options, verdict)
+    changed = [entry for entry, was in zip(kept, plan) if entry.replaced and entry != was]  # a feeder back at its depth
+    if world.is_main and changed:
+        costs |= measure(loaded.model, changed, tokens, options.export.latency_batch)
+    return kept, costs, verdict
+
+
+def _replan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions, keep: dict[str, str]
+           ) -> list[LayerPlan]:
+    """The plan with the layers in ``keep`` (name -> reason) kept dense (:func:`make_plan`)."""
+    example = data.head("val", 2)[0] if data is not None else None
+    return make_plan(loaded.model, options.plan, seed=options.seed, example=example, keep=keep)
 
 
 NOTHING_FASTER = ("no layer would be replaced: every replacement is slower than its dense layer at this model's "
@@ -268,7 +280,8 @@ def paired_drop(reference: torch.Tensor, hits: torch.Tensor) -> tuple[float, flo
 
 
 def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: DataSource, options: CompressOptions,
-                            events: Events, world: World, resume: ResumeFile | None):
+                            events: Events, world: World, resume: ResumeFile | None,
+                            replan: Callable[[dict[str, str]], list[LayerPlan]]):
     """The plan used, then surgery and fine-tune's results; with ``--max-drop``, again with the
     costliest replaced layer kept dense (measured by putting each one back alone) until the accuracy
     lost on the selection rows, set aside from training and distinct from the held-out rows, is
@@ -277,8 +290,8 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
     the same rows, so its own estimate flatters it. When no plan passes with the margin, the plan
     with the most layers replaced whose estimate alone was within budget is returned, and its note
     says the rows set aside could not confirm it. Every process decides the same (same model, same
-    rows)."""
-    budget, kept, candidate = options.plan.max_drop, [], None
+    rows). ``replan(keep)``: the plan with the layers in ``keep`` (name -> reason) kept dense too."""
+    budget, kept, candidate = options.plan.max_drop, {}, None
     reference = correct_rows(original, data, split="select") if budget is not None else None
     while True:
         result = plan, *_surgery_and_finetune(original, plan, data, options, events, world, resume)
@@ -288,7 +301,7 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
         hits = correct_rows(compressed, data, split="select")
         lost, se = paired_drop(reference, hits)
         said = f"--max-drop {budget:g}: {lost:.2f} ± {se:.2f} pp lost on the rows set aside" + (
-            f" after keeping {', '.join(kept)} dense" if kept else "")
+            f" after keeping {', '.join(name or 'the model' for name in kept)} dense" if kept else "")
         if lost + BUDGET_MARGIN_SE * se <= budget:
             notes.insert(0, said)
             return result
@@ -305,8 +318,8 @@ def _compress_within_budget(original: nn.Module, plan: list[LayerPlan], data: Da
                             "fine-tune longer (--epochs)")
         costliest, regained = _costliest_layer(compressed, original, data, replaced, float(hits.double().mean()))
         events.stage(f"{said}; keeping {costliest or 'the model'} dense and fine-tuning again")
-        kept.append(costliest or "the model")
-        plan = keep_dense(plan, {costliest: _kept_for_budget(budget, regained)})
+        kept[costliest] = _kept_for_budget(budget, regained)
+        plan = replan(kept)
 
 
 def _kept_for_budget(budget: float, regained: float) -> str:
@@ -547,8 +560,9 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
     with artifacts if artifacts is not None else contextlib.nullcontext():
         with world.stage():
             original = loaded.model
-            plan, compressed, formats, notes, tuned, accuracy = _compress_within_budget(original, plan, data, options,
-                                                                                      events, world, resume)
+            plan, compressed, formats, notes, tuned, accuracy = _compress_within_budget(
+                original, plan, data, options, events, world, resume,
+                replan=lambda keep: _replan(loaded, data, options, {**kept_for_latency, **keep}))
         with world.stage():
             if not world.is_main:
                 return None

@@ -27,7 +27,8 @@ choice); 300 classes -1.6 pp at 2, -0.6 at 4 (the rule's). Deepening every layer
 feeder has no depth: it stays as it is and its note says so (1,000 classes: -12.7 pp, 300: -4.8 pp;
 ACDC is the kind for such a layer). A head fed by several Linears (a transformer's residual
 stream), through a layer that mixes features (an LSTM, a convolution, attention) or by no Linear
-has no feeder, and nothing changes.
+has no feeder, and nothing changes. A head that ``--objective latency`` or ``--max-drop`` keeps dense
+after the plan was made (``make_plan(keep=...)``) deepens nothing: its feeder keeps ``depth``.
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
@@ -52,6 +53,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -175,10 +177,12 @@ def _plan_layer(index: int, names: list[str], linear: nn.Linear, role: str, opti
 
 
 def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int = 0,
-              example: torch.Tensor | None = None) -> list[LayerPlan]:
+              example: torch.Tensor | None = None, keep: Mapping[str, str] | None = None) -> list[LayerPlan]:
     """Decide, without touching the model, what replaces each Linear layer. ``example``: a few input
     rows (M, ...), with which the heads and the Linears the forward pass calls are found (module
-    docstring); without them the head is the last Linear registered."""
+    docstring); without them the head is the last Linear registered. ``keep``: layers decided dense
+    later (name -> reason: ``--objective latency``, ``--max-drop``), kept before the stacks feeding
+    the heads are deepened, so that a stack feeding a head kept dense keeps its usual depth."""
     options = options or PlanOptions()
     options.validate()
     linears = linear_layers(model)
@@ -192,13 +196,12 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
                for i, (name, linear) in enumerate(linears)]
     if not any(entry.replaced for entry, _ in planned):
         raise PlanError(_nothing_replaced({rule for _, rule in planned}, without_data=example is None))
-    plan = _deepen_feeders([entry for entry, _ in planned], found.feeders)
-    if example is None:
-        return plan
-    plan = keep_dense(plan, _read_by_the_model(model, plan, example))
-    if not any(entry.replaced for entry in plan):
-        raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
-    return plan
+    plan = [entry for entry, _ in planned]
+    if example is not None:
+        plan = keep_dense(plan, _read_by_the_model(model, plan, example))
+        if not any(entry.replaced for entry in plan):
+            raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
+    return _deepen_feeders(keep_dense(plan, keep or {}), found.feeders)
 
 
 def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:

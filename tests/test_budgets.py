@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import architectures
 from cli.main import app
 from compressor.api import paired_drop
+from compressor.cost import LayerCost
 from compressor.finetune import resolved_options
 from compressor.options import BUDGET_STEPS, FinetuneOptions
 from compressor.data import SELECTION_FRACTION, load_data
@@ -128,6 +129,48 @@ def test_max_drop_wants_a_one_sided_95_percent_bound_not_one_standard_error(work
     assert sum(layer["kind"] is None for layer in report["layers"]) == 2  # the head, and one kept for the budget
     assert any(note.startswith("--max-drop 0.5: -0.50 ± 0.40 pp lost on the rows set aside after keeping")
                for note in report["notes"])
+
+
+def test_a_head_kept_for_the_budget_takes_the_depth_it_gave_its_feeder_back(workdir, monkeypatch):
+    """40 classes on 32 features: layer 2, which feeds the head, is planned twice as deep. Once --max-drop
+    keeps the head dense, the next plan trains layer 2 at --depth again, with no note left about the head."""
+    torch.manual_seed(0)
+    torch.save(architectures.one_sensitive_layer(classes=40).state_dict(), workdir / "net.pt")
+    x = torch.randn(600, 8)
+    np.savez(workdir / "data.npz", x=x.numpy(), y=torch.randint(0, 40, (600,)).numpy())
+    estimates = iter([(5.0, 0.1), (0.0, 0.1)])
+    monkeypatch.setattr("compressor.api.paired_drop", lambda reference, hits: next(estimates))
+    monkeypatch.setattr("compressor.api._costliest_layer", lambda compressed, original, data, replaced, score: ("3", 0.01))
+    forty = ["net.pt", "--arch", ARCH, "--arch-kwargs", '{"classes": 40}', "--data", "data.npz"]
+    plan = runner.invoke(app, ["plan", *forty, "--depth", "1", "--json"])
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.stdout)["layers"][1]["options"]["depth"] == 2
+    result = runner.invoke(app, ["compress", *forty, "--max-drop", "1", *FROZEN])
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert layers["3"]["kind"] is None and "kept dense for --max-drop 1" in layers["3"]["reason"]
+    assert layers["2"]["kind"] == "acdc" and layers["2"]["options"]["depth"] == 1 and layers["2"]["reason"] == ""
+
+
+def test_a_head_kept_for_latency_takes_the_depth_it_gave_its_feeder_back(workdir, monkeypatch):
+    """The same with --objective latency (the head timed slower than dense here): the feeder is timed
+    again at the depth it is then planned with."""
+    torch.manual_seed(0)
+    torch.save(architectures.one_sensitive_layer(classes=40).state_dict(), workdir / "net.pt")
+    np.savez(workdir / "data.npz", x=torch.randn(100, 8).numpy(), y=torch.randint(0, 40, (100,)).numpy())
+    timed = []
+
+    def measure(model, plan, tokens, batch):
+        timed.append({entry.name: entry.options.get("depth") for entry in plan})
+        return {e.name: LayerCost([], batch, 1.0, 2.0 if e.role == "head" else 0.5, 1.0, 1.0) for e in plan if e.replaced}
+    monkeypatch.setattr("compressor.api.measure", measure)
+    result = runner.invoke(app, ["plan", "net.pt", "--arch", ARCH, "--arch-kwargs", '{"classes": 40}', "--data", "data.npz",
+                                 "--depth", "1", "--objective", "latency", "--json"])
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert layers["3"]["kind"] is None and layers["3"]["reason"].startswith("slower than dense")
+    assert layers["2"]["options"]["depth"] == 1 and layers["2"]["reason"] == ""
+    assert timed == [{"0": 1, "2": 2, "3": None}, {"2": 1}]
 
 
 def test_max_drop_that_no_plan_meets_is_refused_and_writes_nothing(workdir):

@@ -479,6 +479,18 @@ def test_no_stack_is_deepened_without_one_feeder_a_fixed_head_or_a_stack():
     assert make_plan(wide, PlanOptions())[0].options["depth"] == 2  # without data the feeder is unknown
 
 
+def test_a_stack_feeding_a_head_kept_dense_later_keeps_its_usual_depth():
+    """``--objective latency`` or ``--max-drop`` may keep the head dense after the plan was made: the stack
+    that was deepened to feed it goes back to ``--depth``, and its note with it."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 300))
+    example = torch.randn(4, 16)
+    assert make_plan(model, PlanOptions(), example=example)[1].options["depth"] == 10
+    plan = make_plan(model, PlanOptions(), example=example, keep={"4": "slower than dense"})
+    assert [(e.kind, e.options.get("depth"), e.reason) for e in plan] == [
+        ("acdc", 2, ""), ("acdc", 2, ""), (None, None, "slower than dense")]
+    assert plan[1].params_after == count_stored(plan[1].build())
+
+
 class _Between(nn.Module):
     """A Linear, then something that mixes features, then a head of 300 classes on 64 features."""
 
