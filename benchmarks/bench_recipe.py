@@ -9,13 +9,15 @@ final figure by a quarter of the default budget) on a harder sample, held-out ac
 * ``nomix``: no mixup;
 * ``ramp=F``: mixing strength grows linearly over the first fraction F of the steps (a row's
   weight w becomes 1 - r (1 - w), r from 0 to 1);
-* ``late=F``: no mixing for the first fraction F of the steps, the default's after.
+* ``late=F``: no mixing for the first fraction F of the steps, the default's after;
+* ``ema=D``: the student evaluated is the exponential moving average of its parameters over the
+  steps, decay D (warmed up as min(D, (1 + n) / (10 + n)) at step n).
 
-The two schedules change how :class:`compressor.data.MixPartners` weights are used per step, which
+The two schedules and the average change how :class:`compressor.data.MixPartners` weights are used per step, which
 the library has no option for: this script wraps the trainer's forward pass to try them.
 
 Run: python benchmarks/bench_recipe.py [--sample hard_cnn] [--epochs 5 20] [--seeds 0]
-[--variants default lr=0.04 ...]. Figures: docs/hard_samples.md (fifth round). Not adopted.
+[--variants default lr=0.04 ...]. Figures: docs/hard_samples.md (fifth and eighth rounds). Not adopted.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ DEFAULT_VARIANTS = ["default", "lr=0.04", "lr=0.06", "lr=0.08", "kept=0.01", "ke
                     "nomix", "ramp=0.5", "late=0.5"]
 OPTION_OF = {"lr": ("lr", float), "kept": ("kept_lr_scale", float), "T": ("temperature", float)}
 _FORWARD = finetune._Run._forward
+_STEP = finetune._Run.step
 
 
 def mixing_schedule(kind: str | None, fraction: float) -> None:
@@ -55,6 +58,27 @@ def mixing_schedule(kind: str | None, fraction: float) -> None:
         return _FORWARD(run, (x, y, *mixing))
 
     finetune._Run._forward = _FORWARD if kind is None else forward
+
+
+def averaging(decay: float | None) -> list[torch.Tensor]:
+    """Install (or, with ``decay`` None, remove) an exponential moving average of the student's
+    parameters after every optimiser step; the averages, filled in as the steps run."""
+    averages: list[torch.Tensor] = []
+
+    def step(run, batches, deadline):
+        over = _STEP(run, batches, deadline)
+        params = list(run.student.parameters())
+        if not averages:
+            averages.extend(p.detach().clone() for p in params)
+        elif not over[0]:
+            weight = min(decay, (1 + run.result.steps) / (10 + run.result.steps))
+            with torch.no_grad():
+                for average, p in zip(averages, params):
+                    average.mul_(weight).add_(p.detach(), alpha=1 - weight)
+        return over
+
+    finetune._Run.step = _STEP if decay is None else step
+    return averages
 
 
 def options_for(variant: str, epochs: int) -> FinetuneOptions:
@@ -75,7 +99,12 @@ def run(sample: str, seed: int, variant: str, epochs: int) -> tuple[float, float
     student = apply_plan(copy.deepcopy(loaded.model), plan)
     initialise_from_dense(loaded.model, student, plan, data.head("train", 1024)[0])
     start = time.perf_counter()
+    name, _, value = variant.partition("=")
+    averages = averaging(float(value) if name == "ema" else None)
     distill(student, loaded.model, data, options_for(variant, epochs), replaced_parameters(student, plan), seed=seed)
+    with torch.no_grad():
+        for average, p in zip(averages, student.parameters()):
+            p.copy_(average)
     return evaluate(student, data), time.perf_counter() - start
 
 
