@@ -350,6 +350,17 @@ def _probability_notes(tuned: FinetuneResult) -> list[str]:
             "the logits up to a constant per row"] if tuned.probabilities else []
 
 
+def _slower_warnings(latency: LatencyPair | None, mobile: LatencyPair | None) -> list[str]:
+    """The exported compressed model runs slower than the original in ONNX Runtime (speedup < 1)."""
+    slower = [f"{pair.after.batch} row{'s' if pair.after.batch > 1 else ''} on {pair.after.threads} thread"
+              f"{'s' if pair.after.threads > 1 else ''}: {1 / pair.speedup:.1f}x slower"
+              for pair in (mobile, latency) if pair is not None and pair.speedup is not None and pair.speedup < 1]
+    if not slower:
+        return []
+    return [f"the compressed model runs slower than the original in ONNX Runtime ({'; '.join(slower)}); it buys size, "
+            "not speed: --objective latency keeps the layers whose replacement is slower dense (fixclf plan shows each)"]
+
+
 def _warnings(accuracy: Accuracy | None, tuned: FinetuneResult, max_drop: float | None) -> list[str]:
     """What the user should know about the fine-tune's outcome: a held-out drop over 1 pp, or over
     ``--max-drop`` when one was given (the budget is judged on other rows, so the held-out figure can exceed it)."""
@@ -577,7 +588,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
                 warnings=[*data.notes, *_headless_warnings(plan, options.plan), *_growth_warnings(plan),
-                          *_warnings(accuracy, tuned, options.plan.max_drop)],
+                          *_warnings(accuracy, tuned, options.plan.max_drop), *_slower_warnings(latency, mobile)],
                 notes=[*notes, *_probability_notes(tuned), *exported.notes,
                        *_stale_resume_notes(options, paths["checkpoint"])],
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))

@@ -197,3 +197,16 @@ def test_the_reason_a_layer_was_kept_reads_right_whatever_the_sign_of_what_putti
     lowered = _kept_for_budget(3, -0.8264)
     assert "lowered its accuracy" in lowered and "(-82.64 pp)" in lowered and "regained" not in lowered
     assert "changed nothing" in _kept_for_budget(3, 0.0)
+
+
+def test_a_compressed_model_slower_in_onnx_runtime_is_warned_about_with_each_ratio():
+    from compressor.api import _slower_warnings
+    from compressor.report import LatencyPair
+    from compressor.runtime import Latency
+
+    def pair(before: float, after: float, batch: int, threads: int) -> LatencyPair:
+        return LatencyPair(Latency(before, before, batch, threads, 9), Latency(after, after, batch, threads, 9), before / after)
+    assert _slower_warnings(pair(1.0, 0.5, 128, 2), pair(1.0, 1.0, 1, 1)) == []
+    [warning] = _slower_warnings(pair(1.0, 2.5, 128, 2), pair(1.0, 1.5, 1, 1))
+    assert "(1 row on 1 thread: 1.5x slower; 128 rows on 2 threads: 2.5x slower)" in warning
+    assert "--objective latency" in warning

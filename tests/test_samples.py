@@ -17,7 +17,9 @@ def _assert_keeps_accuracy(report: Report, original: float, max_drop: float) -> 
     assert all(layer.kind is not None for layer in report.layers)
     assert report.params.replaced.ratio >= 10
     assert report.accuracy.after >= report.accuracy.before - max_drop, report.accuracy
-    assert report.warnings == []
+    slower = any(pair.speedup < 1 for pair in (report.latency, report.mobile_latency))
+    assert report.warnings == ([next(w for w in report.warnings if w.startswith("the compressed model runs slower"))]
+                               if slower else [])  # the one warning the samples may carry: ORT speed (0.3-0.7x)
     # the default budget: 2,500 steps of 23 (1,438 rows at batch 64) = 109 epochs, on mixed rows
     assert report.options["epochs"] == 109 and report.finetune.steps >= BUDGET_STEPS and report.options["mixup"] is True
 
