@@ -108,17 +108,17 @@ def _rows(plan: list[LayerPlan], costs: dict[str, LayerCost] | None = None) -> l
     return [LayerRow(**asdict(entry), cost=(costs or {}).get(entry.name)) for entry in plan]
 
 
-def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions, measure_cost: bool,
+def _plan(loaded: LoadedModel, example: torch.Tensor | None, options: CompressOptions, measure_cost: bool,
           world: World | None = None, verdict: dict[str, str] | None = None
           ) -> tuple[list[LayerPlan], dict[str, LayerCost], dict[str, str]]:
     """The plan, with each replaced layer timed alone at the model's real shapes when there is data to
     find them (always for ``--objective latency``, where slower replacements are then kept dense: the
     third value, name -> reason, unless ``verdict`` gives it already, as a resumed run's state does).
     Under torchrun only rank 0 times the layers and every process takes its verdict: timings taken by
-    several processes at once differ, and every process must train the same plan."""
+    several processes at once differ, and every process must train the same plan. ``example``: two
+    rows of the data (:func:`_example`), None without data."""
     world = world or World()
-    example = data.head("val", 2)[0] if data is not None else None
-    plan = _replan(loaded, data, options, {})
+    plan = _replan(loaded, example, options, {})
     latency = options.plan.objective == "latency"
     if example is None or not (measure_cost or latency):
         return plan, {}, {}
@@ -132,17 +132,22 @@ def _plan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions
         verdict = {name: f"slower than dense at batch 1 ({c.structured_batch1_ms:.3f} vs {c.dense_batch1_ms:.3f} ms)"
                    for name, c in costs.items() if c.slower_at_batch1}
     verdict = world.sync(verdict)[0]  # rank 0's
-    kept = _replan(loaded, data, options, verdict)
+    kept = _replan(loaded, example, options, verdict)
     changed = [entry for entry, was in zip(kept, plan) if entry.replaced and entry != was]  # a feeder back at its depth
     if world.is_main and changed:
         costs |= measure(loaded.model, changed, tokens, options.export.latency_batch)
     return kept, costs, verdict
 
 
-def _replan(loaded: LoadedModel, data: DataSource | None, options: CompressOptions, keep: dict[str, str]
-           ) -> list[LayerPlan]:
-    """The plan with the layers in ``keep`` (name -> reason) kept dense (:func:`make_plan`)."""
-    example = data.head("val", 2)[0] if data is not None else None
+def _example(data: DataSource | None) -> torch.Tensor | None:
+    """Two rows of the data's held-out split, with which plans find heads and feeders; None without data."""
+    return data.head("val", 2)[0] if data is not None else None
+
+
+def _replan(loaded: LoadedModel, example: torch.Tensor | None, options: CompressOptions, keep: dict[str, str]
+            ) -> list[LayerPlan]:
+    """The plan with the layers in ``keep`` (name -> reason) kept dense (:func:`make_plan`; ``example``:
+    two rows of the data, or None without data)."""
     return make_plan(loaded.model, options.plan, seed=options.seed, example=example, keep=keep)
 
 
@@ -209,7 +214,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     if data is not None:  # what compress checks first: plan says so now rather than leave it to compress
         _original_onnx(loaded.model, data.head("val", VALIDATION_ROWS)[0], options, Events(),
                        consequence="compress would stop here, before any fine-tuning")
-    plan, costs, _ = _plan(loaded, data, options, measure_cost=True)
+    plan, costs, _ = _plan(loaded, _example(data), options, measure_cost=True)
     rows = _rows(plan, costs)
     notes = [] if data is not None else [PLAN_WITHOUT_DATA]
     return PlanReport(str(loaded.path), rows, _params(loaded.model, plan), notes,
@@ -551,7 +556,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         data = _training_data(loaded, options)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
-        plan, costs, kept_for_latency = _plan(loaded, data, options, measure_cost=False, world=world,
+        plan, costs, kept_for_latency = _plan(loaded, example := _example(data), options, measure_cost=False, world=world,
                                               verdict=_resumed_latency_verdict(options, paths["checkpoint"]))
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
@@ -573,7 +578,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             original = loaded.model
             plan, compressed, formats, notes, tuned, accuracy = _compress_within_budget(
                 original, plan, data, options, events, world, resume,
-                replan=lambda keep: _replan(loaded, data, options, {**kept_for_latency, **keep}))
+                replan=lambda keep: _replan(loaded, example, options, {**kept_for_latency, **keep}))
         with world.stage():
             if not world.is_main:
                 return None
