@@ -125,7 +125,8 @@ ARCH = typer.Option(None, "--arch", help="Architecture as package.module:factory
                     "compressed checkpoint). The current directory is searched first, as python -m does.")
 ARCH_KW = typer.Option(None, "--arch-kwargs", help="JSON object of keyword arguments for --arch (needs --arch).")
 TRUST = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that is a whole pickled model (runs code from the file).")
-HEAD = typer.Option(PLAN.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep.")
+HEAD = typer.Option(PLAN.head, "--head", help="Replacement of the classification layer: hadamard, orthogonal or keep "
+                   "(a head of more classes than features stays dense unless a Linear feeds it directly).")
 HIDDEN = typer.Option(PLAN.hidden, "--hidden", help="Replacement of hidden Linear layers: acdc, fastfood or keep.")
 DEPTH = typer.Option(PLAN.depth, "--depth", help="ACDC layers per replaced Linear (K, 1-64); the one layer feeding a "
                      "head of C classes on N < C features gets ceil(C/N) times as many.")

@@ -196,7 +196,7 @@ def _params(original: nn.Module, plan: list[LayerPlan]) -> ParamSummary:
 
 PLAN_WITHOUT_DATA = ("no data: pass --data to time each layer at the model's real shapes and to find the heads and the "
                      "layers feeding them from the forward pass, as compress does (a head of more classes than "
-                     "features makes the stack feeding it deeper)")
+                     "features makes the stack feeding it deeper, or stays dense when no such stack feeds it)")
 
 
 def plan_checkpoint(options: CompressOptions) -> PlanReport:

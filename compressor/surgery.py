@@ -19,16 +19,20 @@ rows are interlocked directions in N dimensions, and the one Linear that feeds i
 :mod:`compressor.trace`) must place every class's features on its row, a full rotation of its
 output that a depth-2 ACDC stack learns far too slowly. That stack is therefore
 ``ceil(C / N)`` times deeper than ``depth``, as far as it still stores fewer numbers than its dense
-layer (:func:`_deepen_feeders`; the note column says so).
+layer (:func:`_fit_heads_to_feeders`; the note column says so).
 Measured (docs/hard_samples.md, seventh round: MLP 32-768-3072-257-C, held-out, default budget):
 1,000 classes -4.3 pp at depth 2 for the feeder, -1.1 at 4, -0.3 at 6, -0.2 at 8 (the rule's
 choice); 300 classes -1.6 pp at 2, -0.6 at 4 (the rule's). Deepening every layer instead (``--depth
-4``) gave -0.7 pp at 1,000 classes for twice the stored numbers of the hidden layers. A Fastfood
-feeder has no depth: it stays as it is and its note says so (1,000 classes: -12.7 pp, 300: -4.8 pp;
-ACDC is the kind for such a layer). A head fed by several Linears (a transformer's residual
-stream), through a layer that mixes features (an LSTM, a convolution, attention) or by no Linear
-has no feeder, and nothing changes. A head that ``--objective latency`` or ``--max-drop`` keeps dense
-after the plan was made (``make_plan(keep=...)``) deepens nothing: its feeder keeps ``depth``.
+4``) gave -0.7 pp at 1,000 classes for twice the stored numbers of the hidden layers. A feeder kept
+dense does the rotation itself. A head with no feeder to deepen stays dense, and its reason says
+so: one fed by several Linears (a transformer's residual stream), through a layer that mixes
+features (attention, a convolution, an LSTM), or by a Fastfood stack, which has no depth. Measured
+(ninth round, a ViT-style model with 256 classes on 64 features): its head replaced, -66 pp;
+deepening the Linears that write the residual stream or putting an ACDC stack before the head did
+not help (-69, -71 pp), and the fixed head alone on the dense model lost 17.7 pp; the head kept
+dense, -4.7 pp. A head that ``--objective latency`` or ``--max-drop`` keeps dense after the plan
+was made (``make_plan(keep=...)``) deepens nothing: its feeder keeps ``depth``. Without data the
+feeders are unknown, and the plan does neither.
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
@@ -197,38 +201,62 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     if not any(entry.replaced for entry, _ in planned):
         raise PlanError(_nothing_replaced({rule for _, rule in planned}, without_data=example is None))
     plan = [entry for entry, _ in planned]
-    if example is not None:
-        plan = keep_dense(plan, _read_by_the_model(model, plan, example))
-        if not any(entry.replaced for entry in plan):
-            raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
-    return _deepen_feeders(keep_dense(plan, keep or {}), found.feeders)
+    if example is None:
+        return keep_dense(plan, keep or {})
+    plan = keep_dense(plan, _read_by_the_model(model, plan, example))
+    if not any(entry.replaced for entry in plan):
+        raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
+    plan = keep_dense(plan, keep or {})
+    fitted = _fit_heads_to_feeders(plan, found.feeders)
+    if any(entry.replaced for entry in plan) and not any(entry.replaced for entry in fitted):
+        raise PlanError(_nothing_replaced({"classes"}, without_data=False))
+    return fitted
 
 
-def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
-    """A new plan: each replaced stack that feeds a replaced (fixed) head of C classes on N < C
-    features (``feeders``: head -> feeder) made ``ceil(C / N)`` times deeper (for the widest of the
-    heads it feeds), up to the depth limit and to the deepest that stores fewer numbers than its dense
-    layer (the note says when that caps it); a feeder of a kind without depth gets a note instead
-    (module docstring)."""
+def _fit_heads_to_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
+    """A new plan in which each replaced (fixed) head of C classes on N < C features has a feeder
+    that can turn its output onto the C codes (``feeders``: head -> feeder; module docstring): a
+    dense feeder as it is, an ACDC stack made deeper (:func:`_deepened`; for the widest of the heads
+    it feeds). A head with no feeder, or with one of a kind without depth, is kept dense, and its
+    reason says why."""
     by_name = {entry.name: entry for entry in plan}
-    deeper: dict[str, LayerPlan] = {}
-    for head, feeder in ((by_name.get(h), by_name.get(f)) for h, f in feeders.items()):
-        if not (head and feeder and head.replaced and feeder.replaced and head.out_features > head.in_features):
+    changed: dict[str, LayerPlan] = {}
+    for head in plan:
+        if not (head.replaced and head.role == "head" and head.out_features > head.in_features):
             continue
-        feeds = f"feeds a fixed head of {head.out_features:,} classes on {head.in_features:,} features"
-        if "depth" not in feeder.options:
-            deeper[feeder.name] = replace(feeder, reason=f"{feeds}; {feeder.kind} has no depth to add (ACDC has)")
-            continue
-        wanted = min(DEPTH_MAX, feeder.options["depth"] * math.ceil(head.out_features / head.in_features))
-        depth = min(wanted, _deepest_within_dense(feeder))
-        earlier = deeper.get(feeder.name)
-        if depth <= max(feeder.options["depth"], earlier.options.get("depth", 0) if earlier else 0):
-            continue
-        capped = "" if depth == wanted else f" (wanted {wanted}; deeper would store more than the dense layer)"
-        entry = replace(feeder, options={**feeder.options, "depth": depth}, reason=f"depth {depth}: {feeds}{capped}")
-        entry.params_after = count_stored(entry.build())
-        deeper[entry.name] = entry
-    return [deeper.get(entry.name, entry) for entry in plan]
+        feeder = by_name.get(feeders.get(head.name))
+        if feeder is None or (feeder.replaced and "depth" not in feeder.options):
+            changed[head.name] = keep_dense([head], {head.name: _no_deep_feeder(head, feeder)})[0]
+        elif feeder.replaced:
+            deeper = _deepened(feeder, head)
+            if deeper.options["depth"] > changed.get(feeder.name, feeder).options["depth"]:
+                changed[feeder.name] = deeper
+    return [changed.get(entry.name, entry) for entry in plan]
+
+
+def _no_deep_feeder(head: LayerPlan, feeder: LayerPlan | None) -> str:
+    """Why a fixed head of more classes than features stays dense."""
+    if feeder is None:
+        why = "no single Linear feeds it (a residual stream, attention or a convolution comes first)"
+    else:
+        why = f"the Linear feeding it, {feeder.name}, is {feeder.kind}, which cannot be made deeper (--hidden acdc can)"
+    return (f"{head.out_features:,} classes on {head.in_features:,} features, and {why}: a fixed head there loses "
+            "most of the accuracy (docs/hard_samples.md, ninth round)")
+
+
+def _deepened(feeder: LayerPlan, head: LayerPlan) -> LayerPlan:
+    """``feeder``, an ACDC stack, ``ceil(C / N)`` times deeper than planned for ``head`` (C classes on
+    N features), up to the depth limit and to the deepest that stores fewer numbers than its dense
+    layer (the note says when that caps it)."""
+    wanted = min(DEPTH_MAX, feeder.options["depth"] * math.ceil(head.out_features / head.in_features))
+    depth = min(wanted, _deepest_within_dense(feeder))
+    if depth <= feeder.options["depth"]:
+        return feeder
+    feeds = f"feeds a fixed head of {head.out_features:,} classes on {head.in_features:,} features"
+    capped = "" if depth == wanted else f" (wanted {wanted}; deeper would store more than the dense layer)"
+    entry = replace(feeder, options={**feeder.options, "depth": depth}, reason=f"depth {depth}: {feeds}{capped}")
+    entry.params_after = count_stored(entry.build())
+    return entry
 
 
 def _deepest_within_dense(entry: LayerPlan) -> int:
@@ -303,6 +331,9 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     if "hooks" in rules and rules <= {"hooks", "head keep", "options", "size"}:
         return ("no layer would be replaced: the Linears left to replace have forward hooks of the model's own, which "
                 "a structured replacement would drop; remove the hooks to replace them")
+    if rules == {"classes"}:
+        return ("no layer would be replaced: only heads of more classes than features are left, with no Linear feeding "
+                "them that could be made deeper, and a fixed head there loses most of the accuracy")
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 import architectures
 from cli.main import app
-from compressor import load_compressed_model
+from compressor import PlanOptions, load_compressed_model
 from compressor.runtime import run, session
+from compressor.surgery import make_plan
 
 runner = CliRunner()
 INPUTS = {"resnet_style": (64,), "vit_style": (16, 4), "mixer_style": (16, 4)}
@@ -559,3 +560,16 @@ def test_a_tagger_returning_one_row_of_logits_per_token_compresses(workdir):
         expected = model(ids)
     assert expected.shape == (18, 4)
     assert (torch.from_numpy(run(session("flat_tagger.fixclf.onnx"), ids)) - expected).abs().max() <= 1e-4
+
+
+def test_a_vit_head_of_more_classes_than_features_stays_dense_and_the_rest_is_replaced():
+    """ViT-style, 40 classes on 32 features: the head is fed by the residual stream (no single Linear to
+    deepen), so it stays dense with its reason; with 10 classes it is replaced (docs/hard_samples.md,
+    ninth round)."""
+    example = torch.randn(4, *INPUTS["vit_style"])
+    many = {e.name: e for e in make_plan(architectures.vit_style(classes=40).eval(), PlanOptions(), example=example)}
+    assert many["head"].kind is None and many["head"].reason.startswith("40 classes on 32 features, and no single Linear")
+    assert all(entry.kind == "acdc" and entry.options["depth"] == 2 for name, entry in many.items()
+               if name not in ("head", "embed"))
+    few = make_plan(architectures.vit_style(classes=10).eval(), PlanOptions(), example=example)
+    assert [e.kind for e in few if e.role == "head"] == ["hadamard"]

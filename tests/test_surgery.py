@@ -468,15 +468,35 @@ def test_the_stack_feeding_a_head_of_more_classes_than_features_is_deeper(classe
         == 3 * feeder_depth // 2
 
 
-def test_no_stack_is_deepened_without_one_feeder_a_fixed_head_or_a_stack():
+def test_no_stack_is_deepened_without_a_fixed_head_of_more_classes_or_without_data():
     wide = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 300))
     example = torch.randn(4, 16)
-    assert make_plan(_Residual(64, 300), PlanOptions(), example=torch.randn(4, 64))[0].options["depth"] == 2
     assert make_plan(wide, PlanOptions(head="keep"), example=example)[0].options["depth"] == 2
     assert make_plan(wide, PlanOptions(exclude=["2"]), example=example)[0].options["depth"] == 2
-    fastfood = make_plan(wide, PlanOptions(hidden="fastfood"), example=example)[0]
-    assert "depth" not in fastfood.options and fastfood.reason.endswith("fastfood has no depth to add (ACDC has)")
     assert make_plan(wide, PlanOptions())[0].options["depth"] == 2  # without data the feeder is unknown
+    assert make_plan(wide, PlanOptions())[1].kind == "hadamard"
+
+
+def test_a_head_of_more_classes_than_features_without_a_feeder_to_deepen_stays_dense_and_says_why():
+    """Fed by a residual sum of two Linears, or by a Fastfood stack (no depth), a head of 300 classes on
+    64 features keeps its dense form; the rest of the plan is unchanged. A dense feeder needs no depth."""
+    residual = make_plan(_Residual(64, 300), PlanOptions(), example=torch.randn(4, 64))
+    assert [(e.name, e.kind, e.options.get("depth")) for e in residual] == [("a", "acdc", 2), ("b", "acdc", 2),
+                                                                           ("head", None, None)]
+    assert residual[2].reason.startswith("300 classes on 64 features, and no single Linear feeds it")
+    assert residual[2].params_after == residual[2].params_before
+    wide = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 300))
+    fastfood = make_plan(wide, PlanOptions(hidden="fastfood"), example=torch.randn(4, 16))
+    assert [e.kind for e in fastfood] == ["fastfood", None]
+    assert "the Linear feeding it, 0, is fastfood, which cannot be made deeper (--hidden acdc can)" in fastfood[1].reason
+    assert [e.kind for e in make_plan(wide, PlanOptions(exclude=["0"]), example=torch.randn(4, 16))] == [None, "hadamard"]
+    assert [e.kind for e in make_plan(_Residual(64, 40), PlanOptions(), example=torch.randn(4, 64))] == ["acdc"] * 2 + ["hadamard"]
+
+
+def test_a_model_whose_only_linear_is_a_head_without_a_feeder_has_nothing_to_replace():
+    convolved = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 300))
+    with pytest.raises(PlanError, match="only heads of more classes than features are left"):
+        make_plan(convolved, PlanOptions(), example=torch.randn(4, 1, 16))
 
 
 def test_a_stack_feeding_a_head_kept_dense_later_keeps_its_usual_depth():
@@ -513,7 +533,8 @@ class _Between(nn.Module):
 @pytest.mark.parametrize("between", ["lstm", "conv", "matmul"])
 def test_a_linear_behind_another_linear_map_is_not_the_heads_feeder(between):
     x = torch.randn(4, 5, 64) if between == "lstm" else torch.randn(4, 64)
-    assert make_plan(_Between(between), PlanOptions(), example=x)[0].options["depth"] == 2
+    plan = make_plan(_Between(between), PlanOptions(), example=x)
+    assert plan[0].options["depth"] == 2 and plan[1].kind is None and "no single Linear feeds it" in plan[1].reason
 
 
 def test_a_feeder_is_made_only_as_deep_as_stores_fewer_numbers_than_its_dense_layer():
