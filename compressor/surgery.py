@@ -333,7 +333,8 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
                 "a structured replacement would drop; remove the hooks to replace them")
     if rules == {"classes"}:
         return ("no layer would be replaced: only heads of more classes than features are left, with no Linear feeding "
-                "them that could be made deeper, and a fixed head there loses most of the accuracy")
+                "them that could be made deeper, and a fixed head there loses most of the accuracy: fixclf has nothing to "
+                "compress in this model")
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
