@@ -236,12 +236,9 @@ def _fit_heads_to_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> lis
 
 def _no_deep_feeder(head: LayerPlan, feeder: LayerPlan | None) -> str:
     """Why a fixed head of more classes than features stays dense."""
-    if feeder is None:
-        why = "no single Linear feeds it (a residual stream, attention or a convolution comes first)"
-    else:
-        why = f"the Linear feeding it, {feeder.name}, is {feeder.kind}, which cannot be made deeper (--hidden acdc can)"
-    return (f"{head.out_features:,} classes on {head.in_features:,} features, and {why}: a fixed head there loses "
-            "most of the accuracy (docs/hard_samples.md, ninth round)")
+    fed = ("fed by no single Linear (a residual stream, attention, a convolution)" if feeder is None else
+           f"fed by {feeder.name}, a {feeder.kind} stack, which cannot be made deeper (--hidden acdc can)")
+    return f"{head.out_features:,} classes on {head.in_features:,} features, {fed}: a fixed head would lose most of the accuracy"
 
 
 def _deepened(feeder: LayerPlan, head: LayerPlan) -> LayerPlan:

@@ -568,7 +568,7 @@ def test_a_vit_head_of_more_classes_than_features_stays_dense_and_the_rest_is_re
     ninth round)."""
     example = torch.randn(4, *INPUTS["vit_style"])
     many = {e.name: e for e in make_plan(architectures.vit_style(classes=40).eval(), PlanOptions(), example=example)}
-    assert many["head"].kind is None and many["head"].reason.startswith("40 classes on 32 features, and no single Linear")
+    assert many["head"].kind is None and many["head"].reason.startswith("40 classes on 32 features, fed by no single Linear")
     assert all(entry.kind == "acdc" and entry.options["depth"] == 2 for name, entry in many.items()
                if name not in ("head", "embed"))
     few = make_plan(architectures.vit_style(classes=10).eval(), PlanOptions(), example=example)

@@ -483,12 +483,12 @@ def test_a_head_of_more_classes_than_features_without_a_feeder_to_deepen_stays_d
     residual = make_plan(_Residual(64, 300), PlanOptions(), example=torch.randn(4, 64))
     assert [(e.name, e.kind, e.options.get("depth")) for e in residual] == [("a", "acdc", 2), ("b", "acdc", 2),
                                                                            ("head", None, None)]
-    assert residual[2].reason.startswith("300 classes on 64 features, and no single Linear feeds it")
+    assert residual[2].reason.startswith("300 classes on 64 features, fed by no single Linear")
     assert residual[2].params_after == residual[2].params_before
     wide = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 300))
     fastfood = make_plan(wide, PlanOptions(hidden="fastfood"), example=torch.randn(4, 16))
     assert [e.kind for e in fastfood] == ["fastfood", None]
-    assert "the Linear feeding it, 0, is fastfood, which cannot be made deeper (--hidden acdc can)" in fastfood[1].reason
+    assert "fed by 0, a fastfood stack, which cannot be made deeper (--hidden acdc can)" in fastfood[1].reason
     assert [e.kind for e in make_plan(wide, PlanOptions(exclude=["0"]), example=torch.randn(4, 16))] == [None, "hadamard"]
     assert [e.kind for e in make_plan(_Residual(64, 40), PlanOptions(), example=torch.randn(4, 64))] == ["acdc"] * 2 + ["hadamard"]
 
@@ -534,7 +534,7 @@ class _Between(nn.Module):
 def test_a_linear_behind_another_linear_map_is_not_the_heads_feeder(between):
     x = torch.randn(4, 5, 64) if between == "lstm" else torch.randn(4, 64)
     plan = make_plan(_Between(between), PlanOptions(), example=x)
-    assert plan[0].options["depth"] == 2 and plan[1].kind is None and "no single Linear feeds it" in plan[1].reason
+    assert plan[0].options["depth"] == 2 and plan[1].kind is None and "fed by no single Linear" in plan[1].reason
 
 
 def test_a_feeder_is_made_only_as_deep_as_stores_fewer_numbers_than_its_dense_layer():
