@@ -19,7 +19,7 @@ rows are interlocked directions in N dimensions, and the one Linear that feeds i
 :mod:`compressor.trace`) must place every class's features on its row, a full rotation of its
 output that a depth-2 ACDC stack learns far too slowly. That stack is therefore
 ``ceil(C / N)`` times deeper than ``depth``, as far as it still stores fewer numbers than its dense
-layer (:func:`_fit_heads_to_feeders`; the note column says so).
+layer (:func:`_deepen_feeders`; the note column says so).
 Measured (docs/hard_samples.md, seventh round: MLP 32-768-3072-257-C, held-out, default budget):
 1,000 classes -4.3 pp at depth 2 for the feeder, -1.1 at 4, -0.3 at 6, -0.2 at 8 (the rule's
 choice); 300 classes -1.6 pp at 2, -0.6 at 4 (the rule's). Deepening every layer instead (``--depth
@@ -57,7 +57,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -206,28 +206,36 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     plan = keep_dense(plan, _read_by_the_model(model, plan, example))
     if not any(entry.replaced for entry in plan):
         raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
-    plan = keep_dense(plan, keep or {})
-    fitted = _fit_heads_to_feeders(plan, found.feeders)
-    if any(entry.replaced for entry in plan) and not any(entry.replaced for entry in fitted):
-        raise PlanError(_nothing_replaced({"classes"}, without_data=False))
-    return fitted
+    plan = keep_dense(plan, _heads_without_a_deep_feeder(plan, found.feeders))
+    if not any(entry.replaced for entry in plan):
+        raise PlanError(_nothing_replaced({"classes"} | {rule for _, rule in planned if rule == "options"},
+                                          without_data=False))
+    return _deepen_feeders(keep_dense(plan, keep or {}), found.feeders)
 
 
-def _fit_heads_to_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
-    """A new plan in which each replaced (fixed) head of C classes on N < C features has a feeder
-    that can turn its output onto the C codes (``feeders``: head -> feeder; module docstring): a
-    dense feeder as it is, an ACDC stack made deeper (:func:`_deepened`; for the widest of the heads
-    it feeds). A head with no feeder, or with one of a kind without depth, is kept dense, and its
-    reason says why."""
+def _wide_heads(plan: list[LayerPlan], feeders: dict[str, str]) -> Iterator[tuple[LayerPlan, LayerPlan | None]]:
+    """Each replaced (fixed) head of C classes on N < C features, with the plan of its feeder (None
+    when it has none; ``feeders``: head -> feeder, module docstring)."""
     by_name = {entry.name: entry for entry in plan}
-    changed: dict[str, LayerPlan] = {}
     for head in plan:
-        if not (head.replaced and head.role == "head" and head.out_features > head.in_features):
-            continue
-        feeder = by_name.get(feeders.get(head.name))
-        if feeder is None or (feeder.replaced and "depth" not in feeder.options):
-            changed[head.name] = keep_dense([head], {head.name: _no_deep_feeder(head, feeder)})[0]
-        elif feeder.replaced:
+        if head.replaced and head.role == "head" and head.out_features > head.in_features:
+            yield head, by_name.get(feeders.get(head.name))
+
+
+def _heads_without_a_deep_feeder(plan: list[LayerPlan], feeders: dict[str, str]) -> dict[str, str]:
+    """The wide heads (:func:`_wide_heads`) that no dense or ACDC feeder can turn onto their codes, each
+    with its reason. Decided on the user's plan, before ``--objective latency`` or ``--max-drop`` keep
+    anything: a budget that keeps a Fastfood feeder dense does not bring such a head back."""
+    return {head.name: _no_deep_feeder(head, feeder) for head, feeder in _wide_heads(plan, feeders)
+            if feeder is None or (feeder.replaced and "depth" not in feeder.options)}
+
+
+def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
+    """A new plan: each replaced ACDC stack that feeds a wide head made deeper (:func:`_deepened`; for
+    the widest of the heads it feeds)."""
+    changed: dict[str, LayerPlan] = {}
+    for head, feeder in _wide_heads(plan, feeders):
+        if feeder is not None and feeder.replaced and "depth" in feeder.options:
             deeper = _deepened(feeder, head)
             if deeper.options["depth"] > changed.get(feeder.name, feeder).options["depth"]:
                 changed[feeder.name] = deeper
@@ -236,7 +244,7 @@ def _fit_heads_to_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> lis
 
 def _no_deep_feeder(head: LayerPlan, feeder: LayerPlan | None) -> str:
     """Why a fixed head of more classes than features stays dense."""
-    fed = ("fed by no single Linear (a residual stream, attention, a convolution)" if feeder is None else
+    fed = ("fed by no single Linear (e.g. a residual stream, a concatenation, attention, a convolution)" if feeder is None else
            f"fed by {feeder.name}, a {feeder.kind} stack, which cannot be made deeper (--hidden acdc can)")
     return f"{head.out_features:,} classes on {head.in_features:,} features, {fed}: a fixed head would lose most of the accuracy"
 
@@ -328,10 +336,11 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     if "hooks" in rules and rules <= {"hooks", "head keep", "options", "size"}:
         return ("no layer would be replaced: the Linears left to replace have forward hooks of the model's own, which "
                 "a structured replacement would drop; remove the hooks to replace them")
-    if rules == {"classes"}:
-        return ("no layer would be replaced: only heads of more classes than features are left, with no Linear feeding "
-                "them that could be made deeper, and a fixed head there loses most of the accuracy: fixclf has nothing to "
-                "compress in this model")
+    if "classes" in rules:
+        wide = ("no layer would be replaced: only heads of more classes than features are left, with no Linear feeding "
+                "them that could be made deeper, and a fixed head there loses most of the accuracy")
+        return f"{wide}; relax --include/--exclude or --hidden" if "options" in rules else \
+            f"{wide}: fixclf has nothing to compress in this model"
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")

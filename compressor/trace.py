@@ -20,8 +20,9 @@ with a forward hook on every Linear. Then:
 * a head's **feeder** is the one Linear whose output reaches the head's input with nothing on the
   way that mixes features (another Linear, a matrix product, a convolution, a recurrent layer:
   :data:`MIXING`), only activations, norms, pooling and reshapes (an MLP's or a CNN classifier's
-  last hidden layer); a head fed by several (the residual stream of a transformer, a gate) or
-  through a mixing layer (an LSTM, attention pooling) has no feeder.
+  last hidden layer); a head fed by several (the residual stream of a transformer, a gate), by
+  the model's input too (``x + f(x)``; a floating-point input is traced as a node of the graph
+  for this) or through a mixing layer (an LSTM, attention pooling) has no feeder.
 
 A second pass on the same rows must give the same output: a forward pass with dropout or sampling
 left on cannot be distilled or validated; nor can one whose output carries no gradient
@@ -70,6 +71,7 @@ class _Calls:
     graph: bool = True  # False: the pass ran without recording the graph (an in-place change of a parameter)
     affine: set[str] = field(default_factory=set)
     produced_by: dict = field(default_factory=dict)  # grad_fn of every Linear output -> the Linear's name
+    model_input: object = None  # the graph node of the model's (floating-point) input
 
 
 def _unchecked(linear: nn.Linear) -> str:
@@ -101,7 +103,7 @@ def survey(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: torc
         return Survey(set(candidates[-1:]), kept)
     sources, feeders = _logit_sources(output, calls.produced_by), _feeders(calls.produced_by)
     heads = {name for name in candidates if name in sources and name not in feeders}
-    return Survey(heads, kept, {head: fed[0] for head in heads if len(fed := _nearest_linears(head, calls.produced_by)) == 1})
+    return Survey(heads, kept, {head: fed[0] for head in heads if len(fed := _nearest_linears(head, calls)) == 1})
 
 
 @contextlib.contextmanager
@@ -143,13 +145,24 @@ def _record(model: nn.Module, linears: list[tuple[str, nn.Linear]], example: tor
     with _hooked(linears, seen):
         try:
             with torch.enable_grad():
-                output = model(example.clone())
+                output = model(_traced_input(example, calls))
         except RuntimeError:  # e.g. an in-place change of a parameter: without the graph
             calls.produced_by.clear()
             calls.graph = False
             with torch.no_grad():
                 output = model(example.clone())
     return calls, output
+
+
+def _traced_input(example: torch.Tensor, calls: _Calls) -> torch.Tensor:
+    """A copy of ``example`` that, when it is floating-point, is a node of the graph (``calls.model_input``),
+    so that a path from the model's input to a head that meets no Linear is seen (a residual ``x + f(x)``
+    on the input). It is not a leaf, so the model may still change it in place."""
+    if not example.is_floating_point():
+        return example.clone()
+    traced = example.clone().requires_grad_(True) * 1
+    calls.model_input = traced.grad_fn
+    return traced
 
 
 def check_classes(width: int) -> None:
@@ -199,9 +212,10 @@ def _feeders(produced_by: dict) -> set[str]:
     return {name for start in produced_by for name in _linears_before(start, produced_by) or ()}
 
 
-MIXING = ("mm", "mv", "dot", "conv", "rnn", "lstm", "gru", "einsum", "linear", "embedding")
+MIXING = ("mm", "mv", "dot", "conv", "rnn", "lstm", "gru", "einsum", "linear", "embedding", "fft", "cumsum",
+          "cumprod", "cummax", "cummin")
 """Autograd node kinds (lower case, any part) that mix features: matrix products, convolutions,
-recurrent layers, lookups. On the way back from a head they are another linear map than a Linear."""
+recurrent layers, lookups, Fourier transforms, cumulative sums and products. On the way back from a head they are another linear map than a Linear."""
 
 
 def _mixes(node) -> bool:
@@ -209,17 +223,19 @@ def _mixes(node) -> bool:
     return any(part in kind for part in MIXING)
 
 
-def _nearest_linears(name: str, produced_by: dict) -> list[str]:
+def _nearest_linears(name: str, calls: _Calls) -> list[str]:
     """The Linears whose outputs reach an input of any call of Linear ``name`` with nothing between
     that mixes features (no other Linear, matrix product, convolution, recurrent layer); none when
-    such a thing stands between the head and some source of its input."""
+    such a thing, or the model's input itself, stands between the head and some source of its input."""
     found: set[str] = set()
+    produced_by = calls.produced_by
     for node, called in produced_by.items():
         if called != name:
             continue
         while node is not None and not _mixes(node):  # down to the call's own product (through its reshapes)
             node = next((parent for parent, _ in node.next_functions if parent is not None), None)
-        if node is None or (before := _linears_before(node, produced_by, stop=_mixes)) is None:
+        stop = (lambda n: _mixes(n) or n is calls.model_input)
+        if node is None or (before := _linears_before(node, produced_by, stop=stop)) is None:
             return []
         found |= before
     return sorted(found - {name})

@@ -493,6 +493,38 @@ def test_a_head_of_more_classes_than_features_without_a_feeder_to_deepen_stays_d
     assert [e.kind for e in make_plan(_Residual(64, 40), PlanOptions(), example=torch.randn(4, 64))] == ["acdc"] * 2 + ["hadamard"]
 
 
+class _InputResidual(nn.Module):
+    """head(s * x + fc2(relu(fc1(x)))): the model's input reaches the head past every Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 100)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x.mul_(1.0)  # an in-place change of the input still traces
+        return self.head(self.scale * x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_a_residual_from_the_models_input_means_no_single_feeder():
+    plan = make_plan(_InputResidual(), PlanOptions(), example=torch.randn(4, 32))
+    assert [(e.kind, e.options.get("depth")) for e in plan] == [("acdc", 2), ("acdc", 2), (None, None)]
+    assert "fed by no single Linear" in plan[2].reason
+
+
+def test_a_wide_head_kept_for_its_fastfood_feeder_stays_dense_when_a_budget_keeps_the_feeder():
+    """--objective latency or --max-drop keeping the Fastfood feeder dense must not bring the head back."""
+    wide = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 300))
+    plan = make_plan(wide, PlanOptions(hidden="fastfood"), example=torch.randn(4, 16), keep={"0": "slower than dense"})
+    assert [(e.kind, e.reason.split(",")[0]) for e in plan] == [(None, "slower than dense"), (None, "300 classes on 64 features")]
+
+
+def test_heads_left_alone_by_the_users_patterns_are_told_apart_from_a_model_with_nothing_to_compress():
+    with pytest.raises(PlanError, match="relax --include/--exclude or --hidden$"):
+        make_plan(_Residual(64, 300), PlanOptions(include=["head"]), example=torch.randn(4, 64))
+
+
 def test_a_model_whose_only_linear_is_a_head_without_a_feeder_has_nothing_to_replace():
     convolved = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 300))
     with pytest.raises(PlanError, match="only heads of more classes than features are left"):
@@ -527,10 +559,14 @@ class _Between(nn.Module):
             h = self.conv(h.unsqueeze(-1)).squeeze(-1)
         elif self.between == "matmul":
             h = h @ self.w
+        elif self.between == "fft":
+            h = torch.fft.fft(h).real
+        elif self.between == "cumsum":
+            h = torch.cumsum(h, -1)
         return self.head(torch.relu(h))
 
 
-@pytest.mark.parametrize("between", ["lstm", "conv", "matmul"])
+@pytest.mark.parametrize("between", ["lstm", "conv", "matmul", "fft", "cumsum"])
 def test_a_linear_behind_another_linear_map_is_not_the_heads_feeder(between):
     x = torch.randn(4, 5, 64) if between == "lstm" else torch.randn(4, 64)
     plan = make_plan(_Between(between), PlanOptions(), example=x)
