@@ -31,7 +31,8 @@ features (attention, a convolution, an LSTM), or by a Fastfood stack, which has 
 deepening the Linears that write the residual stream or putting an ACDC stack before the head did
 not help (-69, -71 pp), and the fixed head alone on the dense model lost 17.7 pp; the head kept
 dense, -4.7 pp. A head that ``--objective latency`` or ``--max-drop`` keeps dense after the plan
-was made (``make_plan(keep=...)``) deepens nothing: its feeder keeps ``depth``. Without data the
+was made (``make_plan(keep=...)``) deepens nothing: its feeder keeps ``depth``; a head kept for
+want of a feeder is decided before them and stays dense whatever they keep. Without data the
 feeders are unknown, and the plan does neither.
 
 Initialisation from the trained model, with calibration activations X captured at each layer's
@@ -329,7 +330,8 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     """Why no layer is replaced, from the rules that kept them (:func:`_plan_layer`; "read by the model":
-    :func:`_read_by_the_model` kept every layer the plan had left to replace)."""
+    :func:`_read_by_the_model` kept every layer the plan had left to replace; "classes": only wide heads
+    without a deep feeder were left, :func:`_heads_without_a_deep_feeder`)."""
     if "size" in rules and rules <= {"size", "head keep"}:
         return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
                 "small gain nothing from a structured form)")
