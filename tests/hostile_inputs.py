@@ -90,6 +90,10 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "class FixedBatch(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n"
         "        return self.fc(x.reshape(int(x.shape[0]), 64))\n\n"
+        "class ConvWide(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(16, 20)\n"
+        "    def forward(self, x):\n        h = torch.relu(self.conv(x.reshape(-1, 1, 8, 8)))\n"
+        "        return self.fc(torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))\n\n"
         "class Float64(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.fc = torch.nn.Linear(64, 10).double()\n    def forward(self, x):\n"
         "        return self.fc(x.double()).float()\n\n"
@@ -147,6 +151,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
     torch.save({"emb.weight": torch.randn(50, 64), **{f"fc.{k}": v for k, v in torch.nn.Linear(64, 10).state_dict().items()}},
                d / "tokens.pt")
     shutil.copy(d / "tokens.pt", d / "bag.pt")
+    torch.save({"conv.weight": torch.randn(4, 1, 3, 3), "conv.bias": torch.zeros(4),
+                **{f"fc.{k}": v for k, v in torch.nn.Linear(16, 20).state_dict().items()}}, d / "conv_wide.pt")
     _write_hostile_checkpoints(d, compressed)
 
 
@@ -366,6 +372,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "Hadamard head after a 3-wide hidden layer": ([C, "narrow_hidden.pt", "--data", "digits.npz"], 5),
     "empty include match": ([C, "mlp.pt", "--include", "features.*"], 5),
     "model returning a tuple": ([C, "pair.pt", "--arch", "hostile_code:Pair", "--data", "digits.npz"], 5),
+    "only Linear a head of more classes than features, behind a convolution": (
+        [C, "conv_wide.pt", "--arch", "hostile_code:ConvWide", "--data", "digits.npz"], 5),
     "model whose forward fixes the batch size": ([C, "fixed_batch.pt", "--arch", "hostile_code:FixedBatch", "--data",
                                                  "digits.npz"], 7),
     "labels for a model returning per-token logits": ([C, "per_token.pt", "--arch", "hostile_code:PerToken", "--data",

@@ -26,6 +26,7 @@ def test_messages_say_what_to_do(results):
     assert "--data" in said["data field naming code"]
     assert "integer class indices" in said["one-hot labels"] and "argmax" in said["one-hot labels"]
     assert "--head orthogonal" in said["Hadamard head with more classes than codes (3 -> 10 Linear)"]
+    assert "nothing to compress in this model" in said["only Linear a head of more classes than features, behind a convolution"]
     assert "--epochs" in said["epochs abc (click's own error)"]
     assert "--arch" in said["--arch-kwargs without --arch"]
     assert "'epoch', 'note'" in said["state_dict with an epoch and a note among its tensors"]
