@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.6, 0.3])
     parser.add_argument("--rows-per-class", type=int, default=40)
-    parser.add_argument("--hidden", default="acdc")
+    parser.add_argument("--hidden", choices=("acdc", "fastfood"), default="acdc")
     args = parser.parse_args()
     if len(args.noise) != len(args.classes):
         parser.error("give one --noise per --classes")

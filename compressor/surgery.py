@@ -228,7 +228,7 @@ def _heads_without_a_deep_feeder(plan: list[LayerPlan], feeders: dict[str, str])
     with its reason. Decided on the user's plan, before ``--objective latency`` or ``--max-drop`` keep
     anything: a budget that keeps a Fastfood feeder dense does not bring such a head back."""
     return {head.name: _no_deep_feeder(head, feeder) for head, feeder in _wide_heads(plan, feeders)
-            if feeder is None or (feeder.replaced and "depth" not in feeder.options)}
+            if feeder is None or (feeder.replaced and not _deepenable(feeder))}
 
 
 def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[LayerPlan]:
@@ -236,18 +236,26 @@ def _deepen_feeders(plan: list[LayerPlan], feeders: dict[str, str]) -> list[Laye
     the widest of the heads it feeds)."""
     changed: dict[str, LayerPlan] = {}
     for head, feeder in _wide_heads(plan, feeders):
-        if feeder is not None and feeder.replaced and "depth" in feeder.options:
+        if feeder is not None and feeder.replaced and _deepenable(feeder):
             deeper = _deepened(feeder, head)
             if deeper.options["depth"] > changed.get(feeder.name, feeder).options["depth"]:
                 changed[feeder.name] = deeper
     return [changed.get(entry.name, entry) for entry in plan]
 
 
+def _deepenable(feeder: LayerPlan) -> bool:
+    """Whether a replaced feeder's kind has a depth to add (ACDC has; Fastfood has not)."""
+    return "depth" in feeder.options
+
+
 def _no_deep_feeder(head: LayerPlan, feeder: LayerPlan | None) -> str:
     """Why a fixed head of more classes than features stays dense."""
-    fed = ("fed by no single Linear (e.g. a residual stream, a concatenation, attention, a convolution)" if feeder is None else
-           f"fed by {feeder.name}, a {feeder.kind} stack, which cannot be made deeper (--hidden acdc can)")
-    return f"{head.out_features:,} classes on {head.in_features:,} features, {fed}: a fixed head would lose most of the accuracy"
+    if feeder is None:
+        fed = "fed by no single Linear (e.g. a residual stream, a concatenation, attention, a convolution)"
+    else:
+        fed = f"fed by {feeder.name}, a {feeder.kind} stack, which cannot be made deeper (--hidden acdc can)"
+    shape = f"{head.out_features:,} classes on {head.in_features:,} features"
+    return f"{shape}, {fed}: a fixed head would lose most of the accuracy"
 
 
 def _deepened(feeder: LayerPlan, head: LayerPlan) -> LayerPlan:

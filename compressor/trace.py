@@ -215,7 +215,8 @@ def _feeders(produced_by: dict) -> set[str]:
 MIXING = ("mm", "mv", "dot", "conv", "rnn", "lstm", "gru", "einsum", "linear", "embedding", "fft", "cumsum",
           "cumprod", "cummax", "cummin")
 """Autograd node kinds (lower case, any part) that mix features: matrix products, convolutions,
-recurrent layers, lookups, Fourier transforms, cumulative sums and products. On the way back from a head they are another linear map than a Linear."""
+recurrent layers, lookups, Fourier transforms, cumulative sums and products. On the way back
+from a head they are another linear map than a Linear."""
 
 
 def _mixes(node) -> bool:
@@ -229,12 +230,12 @@ def _nearest_linears(name: str, calls: _Calls) -> list[str]:
     such a thing, or the model's input itself, stands between the head and some source of its input."""
     found: set[str] = set()
     produced_by = calls.produced_by
+    stop = (lambda n: _mixes(n) or n is calls.model_input)
     for node, called in produced_by.items():
         if called != name:
             continue
         while node is not None and not _mixes(node):  # down to the call's own product (through its reshapes)
             node = next((parent for parent, _ in node.next_functions if parent is not None), None)
-        stop = (lambda n: _mixes(n) or n is calls.model_input)
         if node is None or (before := _linears_before(node, produced_by, stop=stop)) is None:
             return []
         found |= before
