@@ -10,8 +10,10 @@ zygote serves every test of a test process (:func:`run_many`).
 
 Protocol (one JSON object per line): requests on stdin ``{"id", "args", "cwd", "out", "err",
 "fsize", "env", "pidfile"}`` (the last three optional; ``env`` is added to the child's environment),
-then ``{"drain": true}``; replies on stdout ``{"id", "code"}`` as the children finish, at most
-``argv[1]`` at a time; after a drain, every child started before it has replied.
+then ``{"drain": true}``; replies on stdout ``{"id", "code", "peak_rss_mb"}`` as the children finish,
+at most ``argv[1]`` at a time; after a drain, every child started before it has replied. A child's
+peak resident memory counts the zygote's pages it started with, the same for every child: compare
+children with each other, not with a fresh process.
 """
 from __future__ import annotations
 
@@ -55,10 +57,20 @@ def _warm_up() -> None:
     assert len(os.listdir("/proc/self/task")) == before, "the warm-up started a thread: the children would not start clean"
 
 
+def _steady_malloc(threshold: str | None) -> None:
+    """glibc reads MALLOC_MMAP_THRESHOLD_ when a process starts, which a forked child does not: set it as that would."""
+    if threshold is not None:
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        assert ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
 def _child(request: dict) -> None:
     if request.get("pidfile"):
         Path(request["pidfile"]).write_text(str(os.getpid()))
     os.environ.update(request.get("env", {}))
+    _steady_malloc(request.get("env", {}).get("MALLOC_MMAP_THRESHOLD_"))
     os.chdir(request["cwd"])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -89,8 +101,9 @@ def main() -> None:
     running: dict[int, str] = {}
 
     def reap() -> None:
-        pid, status = os.wait()
-        print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status)}), flush=True)
+        pid, status, usage = os.wait4(-1, 0)
+        print(json.dumps({"id": running.pop(pid), "code": os.waitstatus_to_exitcode(status),
+                          "peak_rss_mb": usage.ru_maxrss / 1024}), flush=True)
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -133,16 +146,21 @@ def start_many(requests: dict[str, dict], parallel: int = 3) -> None:
     proc.stdin.flush()
 
 
+def replies(ids) -> dict[str, dict]:
+    """The reply (``code``, ``peak_rss_mb``) of each started request in ``ids`` (all of the last :func:`start_many`'s)."""
+    proc, got = _ZYGOTE["proc"], {}
+    while len(got) < len(ids):
+        line = proc.stdout.readline()
+        assert line, f"the zygote ended (exit {proc.poll()}) with {sorted(set(ids) - set(got))} unanswered"
+        reply = json.loads(line)
+        got[reply.pop("id")] = reply
+    assert set(got) == set(ids), got
+    return got
+
+
 def exit_codes(ids) -> dict[str, int]:
     """The exit code of each started request in ``ids`` (all of the last :func:`start_many`'s)."""
-    proc, codes = _ZYGOTE["proc"], {}
-    while len(codes) < len(ids):
-        line = proc.stdout.readline()
-        assert line, f"the zygote ended (exit {proc.poll()}) with {sorted(set(ids) - set(codes))} unanswered"
-        reply = json.loads(line)
-        codes[reply["id"]] = reply["code"]
-    assert set(codes) == set(ids), codes
-    return codes
+    return {key: reply["code"] for key, reply in replies(ids).items()}
 
 
 def run_many(requests: dict[str, dict], parallel: int = 3) -> dict[str, int]:

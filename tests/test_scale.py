@@ -26,7 +26,7 @@ from compressor.errors import Interrupted, OutputError, PlanError, UsageError
 from compressor.finetune import RESUME_FORMAT, ResumeFile, distill, saved_latency_verdict
 from compressor.options import FinetuneOptions, PlanOptions
 from compressor.surgery import apply_plan, initialise_from_dense, make_plan, replaced_parameters
-from cli_zygote import run_many
+from cli_zygote import replies, run_many, start_many
 from conftest import ROOT, SAMPLES
 
 TESTS = Path(__file__).resolve().parent
@@ -184,29 +184,29 @@ def test_ctrl_c_under_nproc_is_said_once_and_writes_nothing(tmp_path):
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's adaptive threshold would add fragmentation noise
 
 
-def _peak_rss_mb(rows: int, cwd: Path) -> float:
-    """Peak resident memory (MB) of one compress of the wide model on a stream of ``rows`` rows."""
-    code = ("import resource, sys; from cli.main import run; code = run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr); sys.exit(code)")
-    state = cwd / "wide.pt"
-    torch.save(__import__("data_source").wide_mlp().state_dict(), state)
-    result = subprocess.run([sys.executable, "-c", code, "compress", str(state), "--arch", "data_source:wide_mlp",
-                             "--data", "data_source:wide_stream", "--hidden", "keep", "--epochs", "1", "--batch-size", "256",
-                             "--latency-batch", "8", "-o", str(cwd / f"w{rows}.fixclf.pt"), "--json"],
-                            cwd=cwd, env={**ENV, "FIXCLF_TEST_ROWS": str(rows), **STEADY_MALLOC}, capture_output=True, text=True,
-                            timeout=400)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["data"]["train"] == rows - rows // 5
-    return float(result.stderr.strip().splitlines()[-1])
+def _peak_rss_mb(rows: list[int], cwd: Path) -> list[float]:
+    """Peak resident memory (MB) of one compress of the wide model on a stream of each of ``rows`` rows,
+    all at once, each in its own process forked from the same one (tests/cli_zygote.py)."""
+    torch.save(__import__("data_source").wide_mlp().state_dict(), cwd / "wide.pt")
+    requests = {str(n): {"args": ["compress", "wide.pt", "--arch", "data_source:wide_mlp", "--data", "data_source:wide_stream",
+                                  "--hidden", "keep", "--epochs", "1", "--batch-size", "256", "--latency-batch", "8",
+                                  "-o", f"w{n}.fixclf.pt", "--json"],
+                         "cwd": str(cwd), "out": str(cwd / f"{n}.json"), "err": str(cwd / f"{n}.err"),
+                         "env": {"FIXCLF_TEST_ROWS": str(n), **STEADY_MALLOC}} for n in rows}
+    start_many(requests)
+    got = replies(requests)
+    for n in rows:
+        assert got[str(n)]["code"] == 0, (cwd / f"{n}.err").read_text()[-2000:]
+        assert json.loads((cwd / f"{n}.json").read_text())["data"]["train"] == n - n // 5
+    return [got[str(n)]["peak_rss_mb"] for n in rows]
 
 
 def test_a_stream_larger_than_the_memory_bound_streams_through(tmp_path):
     """Three times the rows (98 MB -> 295 MB of float32) must not grow the peak memory: what is held
     (calibration, validation and latency rows, one batch) is bounded, the rest streams through."""
-    small_rows, big_rows = 3_000, 9_000
+    small, big = _peak_rss_mb([3_000, 9_000], tmp_path)
     bound_mb = 40
-    grown = _peak_rss_mb(big_rows, tmp_path) - _peak_rss_mb(small_rows, tmp_path)
-    assert grown < bound_mb, f"peak RSS grew {grown:.0f} MB for 197 MB more data"
+    assert big - small < bound_mb, f"peak RSS grew {big - small:.0f} MB for 197 MB more data"
 
 
 def _tune(resume: ResumeFile | None, stop_at: int | None = None, max_time: float | None = None):
