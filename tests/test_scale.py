@@ -66,11 +66,11 @@ def _launch(args: list[str], cwd: Path, world: int = 2) -> list[subprocess.Compl
 def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
     """With --mixup too: each process draws its rows' partners from the global batch, as one process does."""
     (tmp_path / "one").mkdir()
-    alone = compressor.compress(CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=4, mixup=True),
+    alone = compressor.compress(CompressOptions(SourceOptions(MLP), finetune=FinetuneOptions(epochs=2, mixup=True),
                                                 output=tmp_path / "one" / "mlp.fixclf.pt"))
     two = tmp_path / "two"
     two.mkdir()
-    result = subprocess.run(TORCHRUN + ["-m", "cli.entry", "compress", MLP, "--epochs", "4", "--mixup", "-o",
+    result = subprocess.run(TORCHRUN + ["-m", "cli.entry", "compress", MLP, "--epochs", "2", "--mixup", "-o",
                                         str(two / "mlp.fixclf.pt"), "--json"],
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
