@@ -46,7 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -58,10 +58,12 @@ from .references import call_user_code, import_reference, is_reference
 from .trace import check_classes
 
 __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_against_model", "check_labels",
-           "dtype_name", "training_batch_count"]
+           "dtype_name", "training_batch_count", "SPLIT_WORDS"]
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
+SPLIT_WORDS = {"train": "training", "val": "held-out", "select": "selection"}
+"""Each split's name as a message says it."""
 SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
 SELECTION_MIN_ROWS = 20  # fewer rows measure accuracy in steps of more than 5 pp: no basis for a pp budget
 MAX_INDEXED_ROWS = 2**28  # a map-style Dataset's rows are shuffled by index (8 bytes a row): 2 GB at this size
@@ -874,10 +876,12 @@ def _as_integer_inputs(data: DataSource, model: nn.Module, x: torch.Tensor, fail
 
 
 @torch.no_grad()
-def check_against_model(data: DataSource, model: nn.Module) -> int:
+def check_against_model(data: DataSource, model: nn.Module, held: Mapping[str, int] | None = None) -> int:
     """Check the data fits the model before any work; returns the number of classes C. Labels held
     in memory are all checked here; streamed labels are checked batch by batch as they come. Settles the
-    dtype the rows are fed in from here on (:func:`_logits_of_rows_as_read`)."""
+    dtype the rows are fed in from here on (:func:`_logits_of_rows_as_read`). ``held``: split -> how many
+    rows of its head the run keeps in memory and runs the model on outside the batches (calibration,
+    validation, timing rows); where the data is not in memory, those rows' token ids are checked here."""
     data.input_dtype, data.notes = None, []  # rows as read
     x, _ = data.head("train", 2)
     val_x, _ = data.head("val", 1)
@@ -904,7 +908,18 @@ def check_against_model(data: DataSource, model: nn.Module) -> int:
                 name = "" if store is train else f"_{split}"
                 check_labels(store.y, classes, data.source, f"y{name}")
                 _check_extreme_ids(data, model, store.x, f"x{name}")
+    _check_held_ids(data, model, held or {})
     return classes
+
+
+def _check_held_ids(data: DataSource, model: nn.Module, held: Mapping[str, int]) -> None:
+    """The token ids of the rows the run holds (``held``: split -> rows of its head) where the data is
+    not all in memory (a Dataset, shards, a stream; arrays are checked whole), as arrays are."""
+    in_memory = isinstance(data, _IndexedSource) and all(isinstance(store, _ArrayStore) for store, _ in data.stores.values())
+    if in_memory or data.input_dtype is None or data.input_dtype.is_floating_point:
+        return
+    for split, rows in held.items():
+        _check_extreme_ids(data, model, data.head(split, rows)[0], f"the first {rows:,} {SPLIT_WORDS[split]} rows")
 
 
 def _check_whole(data: DataSource, x: torch.Tensor, name: str, *, rows_are_the_stores: bool = True) -> None:
@@ -924,8 +939,9 @@ def _check_extreme_ids(data: DataSource, model: nn.Module, x: torch.Tensor, name
     """Inputs the model takes as integers (token ids) are indices: every row must be whole, and the
     model is run on the rows holding each column's smallest and largest value (each column may index
     its own vocabulary: a tabular model's per-column embeddings), so that an id outside a vocabulary
-    is a data error now, not a failure later in the run. Rows not held in memory (a Dataset, shards,
-    a stream) fail where they come, as a data error of their batch."""
+    is a data error now, not a failure later in the run. Of rows not held in memory (a Dataset, shards,
+    a stream), those the run holds are checked so too (:func:`_check_held_ids`); the rest fail where
+    they come, as a data error of their batch (:func:`compressor.finetune.failed_in_model`)."""
     if data.input_dtype is None or data.input_dtype.is_floating_point or x.numel() == 0:
         return
     _check_whole(data, x, name)

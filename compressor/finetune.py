@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pickles import CHECKPOINT_LIMITS, load_bounded
-from .data import DataSource, check_labels, training_batch_count
+from .data import SPLIT_WORDS, DataSource, check_labels, training_batch_count
 from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingError, UsageError
 from .layers.base import ReplacesLinear
@@ -166,10 +166,16 @@ def correct_rows(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Ten
     model.eval()
     source = data.source if isinstance(data, DataSource) else "labels"
     batches = data.batches(split, EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
-    hits = []
+    hits, seen = [], 0
     for x, labels in batches:
         for start in range(0, x.shape[0], EVAL_BATCH):
-            logits = model(x[start:start + EVAL_BATCH].to(device))
+            rows = x[start:start + EVAL_BATCH]
+            try:
+                logits = model(rows.to(device))
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise failed_in_model(source, exc, rows, f"{SPLIT_WORDS.get(split, split)} rows {seen:,}-"
+                                                         f"{seen + rows.shape[0] - 1:,}") from exc
+            seen += rows.shape[0]
             part = labels[start:start + EVAL_BATCH]
             check_labels(part, logits.shape[-1], source)
             hits.append(logits.argmax(-1).cpu() == part)
@@ -487,7 +493,8 @@ class _Run:
         except DataError as exc:
             failure = exc
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            failure = _batch_failure(self.data.source, exc, self.options.batch_size // self.world.size >= 2)
+            failure = _batch_failure(self.data.source, exc, batch[0] if batch is not None else None,
+                                     self.options.batch_size // self.world.size >= 2)
         with torch.no_grad():  # the model's own statistics, kept as trained (freeze_norm_statistics)
             for kept, saved in self.root_statistics:
                 kept.copy_(saved)
@@ -536,17 +543,29 @@ class _Run:
         return False
 
 
-def _batch_failure(source: str, exc: BaseException, batches_hold_rows: bool) -> DataError:
-    """A training batch that failed in the model, in one line. BatchNorm's refusal of a one-row batch
-    names its cause: a ``--batch-size`` that gives each process one row, or (``batches_hold_rows``: the
-    batch size gives each process two or more) data with too few training rows to fill one."""
+def failed_in_model(source: str, exc: BaseException, x: torch.Tensor | None, what: str) -> DataError:
+    """``what`` (rows ``x`` of the data, e.g. "held-out rows 0-255") failed in the model, in one line. Integer
+    rows (token ids: the model indexes an embedding with them) that fail with an IndexError hold an id
+    beyond the vocabulary; rows not held in memory (a Dataset, shards, a stream) are first run here."""
+    said = (str(exc).splitlines() or [""])[0]
+    ids = x is not None and not x.is_floating_point() and isinstance(exc, IndexError)
+    fix = ("; token ids must be within the model's vocabulary (its nn.Embedding's num_embeddings); check --data" if ids
+           else "")
+    return DataError(f"{source}: {what} failed in the model ({type(exc).__name__}: {said[:150]}){fix}")
+
+
+def _batch_failure(source: str, exc: BaseException, x: torch.Tensor | None, batches_hold_rows: bool) -> DataError:
+    """A training batch (rows ``x``, None where reading it failed) that failed in the model, in one line.
+    BatchNorm's refusal of a one-row batch names its cause: a ``--batch-size`` that gives each process
+    one row, or (``batches_hold_rows``: the batch size gives each process two or more) data with too
+    few training rows to fill one."""
     said = (str(exc).splitlines() or [""])[0]
     if "more than 1 value per channel" in said:
         cause = ("the data has too few training rows to give each process two; give it more rows" if batches_hold_rows
                  else "raise --batch-size")
         return DataError(f"{source}: a training batch gave a process one row, on which BatchNorm cannot update its "
                          f"statistics; {cause} (or drop --update-norm-stats)")
-    return DataError(f"{source}: a batch failed in the model ({type(exc).__name__}: {said[:150]})")
+    return failed_in_model(source, exc, x, "a training batch")
 
 
 def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:

@@ -109,7 +109,17 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n\n"
         "class Bag(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.emb = torch.nn.EmbeddingBag(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
-        "    def forward(self, ids):\n        return self.fc(self.emb(ids))\n")
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids))\n\n"
+        "class IdRows(torch.utils.data.Dataset):  # 2,000 rows of 6 ids for Tokens, one id beyond its 50 at row bad\n"
+        "    def __init__(self, bad):\n        self.bad = bad\n    def __len__(self):\n        return 2000\n"
+        "    def __getitem__(self, i):\n        ids = torch.arange(6) + i % 40\n        ids[2] = 77 if i == self.bad else ids[2]\n"
+        "        return ids, i % 10\n\n"
+        "class IdStream(torch.utils.data.IterableDataset):\n    def __init__(self, bad):\n        self.bad = bad\n"
+        "    def __iter__(self):\n        rows = IdRows(self.bad)\n        return (rows[i] for i in range(len(rows)))\n\n"
+        "def ids_dataset_bad_at_3():\n    return IdRows(3)\n\n"
+        "def ids_stream_bad_at_700():\n    return IdStream(700)\n\n"
+        "def ids_stream_bad_at_1500():\n    return IdStream(1500)\n\n"
+        "def ids_stream_bad_at_1999():\n    return IdStream(1999)\n")
     ids = np.random.default_rng(0).integers(0, 50, (300, 12))
     beyond = ids.copy()
     beyond[250, 3] = 60
@@ -338,6 +348,14 @@ CASES: dict[str, tuple[list[str], int]] = {
     "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
     "token ids beyond the model's vocabulary (row 250)": ([C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
                                                           "ids_beyond_vocabulary.npz"], 4),
+    "token id beyond the vocabulary in a Dataset's calibration rows": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_dataset_bad_at_3"], 4),
+    "token id beyond the vocabulary in a stream's held-out rows the run holds": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_700"], 4),
+    "token id beyond the vocabulary in a stream's held-out rows met only in evaluation": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1500"], 4),
+    "token id beyond the vocabulary in a stream's training batch": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1999"], 4),
     "token ids stored as floats, one not whole": (["plan", "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
                                                    "ids_not_whole.npz"], 4),
     "a held-out split under a name fixclf does not read (x_valid)": ([C, "mlp.pt", "--data", "misnamed_split.npz"], 4),

@@ -35,6 +35,12 @@ def test_messages_say_what_to_do(results):
     assert "NaN" in said["NaN weights"]
     assert "row 250 of x" in said["token ids beyond the model's vocabulary (row 250)"]
     assert "but row 7 of x holds values that are not whole" in said["token ids stored as floats, one not whole"]
+    beyond = {name: text for name, text in said.items() if name.startswith("token id beyond the vocabulary in a")}
+    assert len(beyond) == 4 and all("within the model's vocabulary" in text for text in beyond.values())
+    assert "of the first 1,024 training rows" in beyond["token id beyond the vocabulary in a Dataset's calibration rows"]
+    assert "of the first 256 held-out rows" in beyond["token id beyond the vocabulary in a stream's held-out rows the run holds"]
+    assert "held-out rows 0-399 failed" in beyond["token id beyond the vocabulary in a stream's held-out rows met only in evaluation"]
+    assert "a training batch failed" in beyond["token id beyond the vocabulary in a stream's training batch"]
     assert "store the ids as int64" in said["int32 token ids into an nn.EmbeddingBag (the exporter lowers it for int64)"]
     assert "returned generator; return a dict of arrays" in said["--data function returning a generator of pairs"]
     assert "'x_valid', 'y_valid'" in said["a held-out split under a name fixclf does not read (x_valid)"]
