@@ -46,7 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MAX", "DataSource", "load_data", "check_
 
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_MAX = 10_000
+USER_CODE_FAILURES = (Exception, SystemExit, GeneratorExit)
+"""What the user's data code (a Dataset's ``__getitem__``, a stream's ``__iter__``) may raise and fixclf
+turns into one data error: ``sys.exit`` included, which would otherwise end fixclf with its code and
+no message. (Ctrl-C, KeyboardInterrupt, stays an interruption.)"""
 SPLIT_WORDS = {"train": "training", "val": "held-out", "select": "selection"}
 """Each split's name as a message says it."""
 SELECTION_FRACTION = 0.1  # of the training rows, for decisions (--max-drop) when no x_select is given
@@ -323,7 +327,7 @@ class _ItemStore(_Store):
         self.dataset, self.source = dataset, source
         try:
             self.rows = len(dataset)
-        except Exception as exc:
+        except USER_CODE_FAILURES as exc:
             raise DataError(f"--data {source}: the Dataset has no usable len() ({type(exc).__name__}); define __len__ "
                             "or return an IterableDataset") from exc
         if not isinstance(self.rows, int) or self.rows < 1:
@@ -336,7 +340,7 @@ class _ItemStore(_Store):
     def _item(self, i: int):
         try:
             return self.dataset[i]
-        except Exception as exc:
+        except USER_CODE_FAILURES as exc:
             raise DataError(f"--data {self.source}: reading item {i} failed ({type(exc).__name__}: "
                             f"{(str(exc).splitlines() or [''])[0][:120]})") from exc
 
@@ -396,8 +400,14 @@ class DataSource:
         return self.random_access and (self.input_dtype or self.head("train", 1)[0].dtype).is_floating_point
 
     def as_model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows (float32 or integers as read) in the dtype the model takes."""
-        return x if self.input_dtype in (None, x.dtype) else x.to(self.input_dtype)
+        """Rows (float32 or integers as read) in the dtype the model takes. Float rows become integers
+        (token ids) only when whole: a Dataset or stream may make one batch of floats among integer ones."""
+        if self.input_dtype in (None, x.dtype):
+            return x
+        if x.is_floating_point() and not self.input_dtype.is_floating_point and not bool((x == x.round()).all()):
+            raise DataError(f"{self.source}: the model takes x as integer indices (token ids), but a batch holds values "
+                            "that are not whole numbers; store the ids as integers")
+        return x.to(self.input_dtype)
 
     def head(self, split: str, n: int) -> Rows:
         """The first ``n`` rows (fewer if the split is smaller) of ``split`` ("train" or "val"), in memory."""
@@ -468,10 +478,10 @@ class _IndexedSource(DataSource):
         px, py = x[local], None if y is None else y[local]  # copies: the others are written over below
         if not own.all():
             rows, inverse = chunk[partner[~own]].unique(return_inverse=True)  # a store reads sorted rows fastest
-            fx, fy = store.fetch(rows)
-            px[~own] = fx[inverse]
+            fx, fy = store.fetch(rows)  # as stored (uint8 images, int32 labels): as ``mine`` was made
+            px[~own] = fx[inverse].to(px.dtype)
             if py is not None:
-                py[~own] = fy[inverse]
+                py[~own] = fy[inverse].to(py.dtype)
         return MixPartners(px, py, weight)
 
     @staticmethod
@@ -531,14 +541,22 @@ class _StreamSource(DataSource):
         self.has_labels = self.labelled
 
     def _items(self) -> Iterator[tuple[int, object]]:
+        """The stream's items, numbered; what its code raises while making one is a data error (not what
+        closes this generator, which passes through its ``yield``)."""
+        items = enumerate(self._read(iter, self.dataset))
+        while True:
+            numbered = self._read(next, items, None)
+            if numbered is None:
+                return
+            if numbered[0] < STREAM_SAME_ITEMS:
+                self._check_same_as_first_pass(*numbered)
+            yield numbered
+
+    def _read(self, step: Callable, *args):
+        """``step(*args)`` (the stream's own code runs in it), its failure one data error."""
         try:
-            for i, item in enumerate(self.dataset):
-                if i < STREAM_SAME_ITEMS:
-                    self._check_same_as_first_pass(i, item)
-                yield i, item
-        except DataError:
-            raise
-        except Exception as exc:
+            return step(*args)
+        except USER_CODE_FAILURES as exc:
             raise DataError(f"--data {self.source}: reading the stream failed ({type(exc).__name__}: "
                             f"{(str(exc).splitlines() or [''])[0][:120]})") from exc
 

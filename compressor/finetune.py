@@ -164,22 +164,32 @@ def correct_rows(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Ten
     """Whether ``model``'s top-1 class is the label, per row (bool, (rows,)), on the ``split`` rows
     (held-out by default) of a :class:`DataSource`, or on rows ``data`` with labels ``y``."""
     model.eval()
-    source = data.source if isinstance(data, DataSource) else "labels"
-    batches = data.batches(split, EVAL_BATCH) if isinstance(data, DataSource) else [(data, y)]
-    hits, seen = [], 0
-    for x, labels in batches:
-        for start in range(0, x.shape[0], EVAL_BATCH):
-            rows = x[start:start + EVAL_BATCH]
-            try:
-                logits = model(rows.to(device))
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                raise failed_in_model(source, exc, rows, f"{SPLIT_WORDS.get(split, split)} rows {seen:,}-"
-                                                         f"{seen + rows.shape[0] - 1:,}") from exc
-            seen += rows.shape[0]
-            part = labels[start:start + EVAL_BATCH]
-            check_labels(part, logits.shape[-1], source)
-            hits.append(logits.argmax(-1).cpu() == part)
+    if isinstance(data, DataSource):
+        source, batches = data.source, data.batches(split, EVAL_BATCH)
+    else:
+        source, batches = "labels", zip(data.split(EVAL_BATCH), y.split(EVAL_BATCH))
+    hits = []
+    for x, labels, rows in _numbered(batches, split):
+        logits, = _outputs([model], x.to(device), source, rows)
+        check_labels(labels, logits.shape[-1], source)
+        hits.append(logits.argmax(-1).cpu() == labels)
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def _numbered(batches, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, str]]:
+    """Each ``(x, labels)`` batch of the ``split`` rows with words that name its rows ("held-out rows 0-399")."""
+    seen = 0
+    for x, labels in batches:
+        yield x, labels, f"{SPLIT_WORDS.get(split, split)} rows {seen:,}-{seen + x.shape[0] - 1:,}"
+        seen += x.shape[0]
+
+
+def _outputs(models: list[nn.Module], x: torch.Tensor, source: str, rows: str) -> list[torch.Tensor]:
+    """Each model's output on rows ``x`` (named ``rows``); a failure in a model is the data's error."""
+    try:
+        return [model(x) for model in models]
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise failed_in_model(source, exc, x, rows) from exc
 
 
 def evaluate(model: nn.Module, data: DataSource | torch.Tensor, y: torch.Tensor | None = None, *,
@@ -232,10 +242,10 @@ def _score(student: nn.Module, teacher: nn.Module, data: DataSource, options: Fi
         return evaluate(student, data, device=device)
     student.eval()
     total = rows = 0.0
-    for x, _ in data.batches("val", EVAL_BATCH):
+    for x, _, named in _numbered(data.batches("val", EVAL_BATCH), "val"):
         x = x.to(device)
-        kd = _kd_sum(_as_logits(student(x), probabilities), _as_logits(teacher(x), probabilities), options.temperature)
-        total, rows = total + float(kd), rows + x.shape[0]
+        logits, target = (_as_logits(out, probabilities) for out in _outputs([student, teacher], x, data.source, named))
+        total, rows = total + float(_kd_sum(logits, target, options.temperature)), rows + x.shape[0]
     return -total / max(1, rows)
 
 

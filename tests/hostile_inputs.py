@@ -110,16 +110,36 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "class Bag(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.emb = torch.nn.EmbeddingBag(50, 64)\n        self.fc = torch.nn.Linear(64, 10)\n"
         "    def forward(self, ids):\n        return self.fc(self.emb(ids))\n\n"
-        "class IdRows(torch.utils.data.Dataset):  # 2,000 rows of 6 ids for Tokens, one id beyond its 50 at row bad\n"
-        "    def __init__(self, bad):\n        self.bad = bad\n    def __len__(self):\n        return 2000\n"
+        "class IdRows(torch.utils.data.Dataset):  # 2,000 rows of 6 ids for Tokens; row bad holds id 77 (beyond its 50)\n"
+        "    def __init__(self, bad, labelled=True):\n        self.bad, self.labelled = bad, labelled\n"
+        "    def __len__(self):\n        return 2000\n"
         "    def __getitem__(self, i):\n        ids = torch.arange(6) + i % 40\n        ids[2] = 77 if i == self.bad else ids[2]\n"
-        "        return ids, i % 10\n\n"
-        "class IdStream(torch.utils.data.IterableDataset):\n    def __init__(self, bad):\n        self.bad = bad\n"
-        "    def __iter__(self):\n        rows = IdRows(self.bad)\n        return (rows[i] for i in range(len(rows)))\n\n"
+        "        return (ids, i % 10) if self.labelled else ids\n\n"
+        "class IdStream(torch.utils.data.IterableDataset):\n"
+        "    def __init__(self, bad, labelled=True):\n        self.bad, self.labelled = bad, labelled\n"
+        "    def __iter__(self):\n        rows = IdRows(self.bad, self.labelled)\n        return (rows[i] for i in range(len(rows)))\n\n"
+        "class HalfIdRows(IdRows):  # row 1,999 (a training batch) as floats, one of them 2.5\n"
+        "    def __getitem__(self, i):\n        ids, label = super().__getitem__(i)\n"
+        "        return (ids.float() + 0.5 * (torch.arange(6) == 3), label) if i == 1999 else (ids, label)\n\n"
+        "def ids_unlabelled_stream_bad_at_1995():\n    return IdStream(1995, labelled=False)\n\n"
+        "def ids_dataset_one_not_whole():\n    return HalfIdRows(None)\n\n"
         "def ids_dataset_bad_at_3():\n    return IdRows(3)\n\n"
         "def ids_stream_bad_at_700():\n    return IdStream(700)\n\n"
         "def ids_stream_bad_at_1500():\n    return IdStream(1500)\n\n"
-        "def ids_stream_bad_at_1999():\n    return IdStream(1999)\n")
+        "def ids_stream_bad_at_1999():\n    return IdStream(1999)\n\n"
+        "class ExitingRows(torch.utils.data.Dataset):  # 2,000 digits-shaped rows; item 1,999 calls sys.exit(0)\n"
+        "    def __len__(self):\n        return 2000\n"
+        "    def __getitem__(self, i):\n        if i == 1999:\n            sys.exit(0)\n"
+        "        return torch.full((64,), float(i % 7)), i % 10\n\n"
+        "class ExitingStream(torch.utils.data.IterableDataset):\n"
+        "    def __iter__(self):\n        rows = ExitingRows()\n        return (rows[i] for i in range(len(rows)))\n\n"
+        "def exiting_rows():\n    return ExitingRows()\n\n"
+        "def exiting_stream():\n    return ExitingStream()\n\n"
+        "class ExitsInTraining(torch.nn.Module):  # its forward calls sys.exit(0) on its 10th call in training mode\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc1 = torch.nn.Linear(64, 256)\n"
+        "        self.fc = torch.nn.Linear(256, 10)\n        self.calls = 0\n"
+        "    def forward(self, x):\n        self.calls += self.training\n        if self.calls == 10:\n            sys.exit(0)\n"
+        "        return self.fc(torch.relu(self.fc1(x)))\n")
     ids = np.random.default_rng(0).integers(0, 50, (300, 12))
     beyond = ids.copy()
     beyond[250, 3] = 60
@@ -158,6 +178,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
     torch.save({"x": digits_arrays["x"], "y": digits_arrays["y"]}, d / "numpy_in.pt")
     for name, width in (("pair", 64), ("per_token", 8), ("fixed_batch", 64), ("float64", 64)):
         torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(width, 10).state_dict().items()}, d / f"{name}.pt")
+    torch.save({f"{name}.{k}": v for name, shape in (("fc1", (64, 256)), ("fc", (256, 10)))
+                for k, v in torch.nn.Linear(*shape).state_dict().items()}, d / "exits.pt")
     torch.save({"emb.weight": torch.randn(50, 64), **{f"fc.{k}": v for k, v in torch.nn.Linear(64, 10).state_dict().items()}},
                d / "tokens.pt")
     shutil.copy(d / "tokens.pt", d / "bag.pt")
@@ -356,6 +378,14 @@ CASES: dict[str, tuple[list[str], int]] = {
         [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1500"], 4),
     "token id beyond the vocabulary in a stream's training batch": (
         [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1999"], 4),
+    "token id beyond the vocabulary in an unlabelled stream's held-out rows met only in scoring": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_unlabelled_stream_bad_at_1995"], 4),
+    "token ids in a Dataset item of floats, one not whole": (
+        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_dataset_one_not_whole"], 4),
+    "Dataset item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_rows", "--epochs", "1"], 4),
+    "stream item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_stream", "--epochs", "1"], 4),
+    "model forward calling sys.exit(0) in training": (
+        [C, "exits.pt", "--arch", "hostile_code:ExitsInTraining", "--data", "digits.npz", "--epochs", "1"], 3),
     "token ids stored as floats, one not whole": (["plan", "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
                                                    "ids_not_whole.npz"], 4),
     "a held-out split under a name fixclf does not read (x_valid)": ([C, "mlp.pt", "--data", "misnamed_split.npz"], 4),

@@ -36,11 +36,17 @@ def test_messages_say_what_to_do(results):
     assert "row 250 of x" in said["token ids beyond the model's vocabulary (row 250)"]
     assert "but row 7 of x holds values that are not whole" in said["token ids stored as floats, one not whole"]
     beyond = {name: text for name, text in said.items() if name.startswith("token id beyond the vocabulary in a")}
-    assert len(beyond) == 4 and all("within the model's vocabulary" in text for text in beyond.values())
+    assert len(beyond) == 5 and all("within the model's vocabulary" in text for text in beyond.values())
+    assert "held-out rows 0-399 failed" in beyond[
+        "token id beyond the vocabulary in an unlabelled stream's held-out rows met only in scoring"]
+    assert "a batch holds values that are not whole numbers" in said["token ids in a Dataset item of floats, one not whole"]
     assert "of the first 1,024 training rows" in beyond["token id beyond the vocabulary in a Dataset's calibration rows"]
     assert "of the first 256 held-out rows" in beyond["token id beyond the vocabulary in a stream's held-out rows the run holds"]
     assert "held-out rows 0-399 failed" in beyond["token id beyond the vocabulary in a stream's held-out rows met only in evaluation"]
     assert "a training batch failed" in beyond["token id beyond the vocabulary in a stream's training batch"]
+    assert "reading item 1999 failed (SystemExit: 0)" in said["Dataset item calling sys.exit(0) late"]
+    assert "reading the stream failed (SystemExit: 0)" in said["stream item calling sys.exit(0) late"]
+    assert "called sys.exit(0)" in said["model forward calling sys.exit(0) in training"]
     assert "store the ids as int64" in said["int32 token ids into an nn.EmbeddingBag (the exporter lowers it for int64)"]
     assert "returned generator; return a dict of arrays" in said["--data function returning a generator of pairs"]
     assert "'x_valid', 'y_valid'" in said["a held-out split under a name fixclf does not read (x_valid)"]

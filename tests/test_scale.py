@@ -81,6 +81,17 @@ def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
     assert compressor.load_report(two / "mlp.fixclf.pt").finetune.world_size == 2
 
 
+def test_stored_integer_rows_another_process_holds_mix_as_this_process_reads_its_own(tmp_path):
+    """Under --mixup a row's partner may be one of another process's rows, read from the store: uint8
+    rows are then converted to float32 as this process's own rows are, not written into them as stored."""
+    x = np.random.default_rng(0).integers(0, 256, (600, 64)).astype(np.uint8)
+    np.savez(tmp_path / "u8.npz", x=x, y=(x[:, 0] % 10).astype(np.int64))
+    results = _launch(["compress", MLP, "--data", "u8.npz", "--mixup", "--epochs", "1", "--latency-batch", "8", "--json"],
+                      tmp_path)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-800:] for r in results]
+    assert json.loads(results[0].stdout)["finetune"]["world_size"] == 2
+
+
 def test_parameters_the_loss_does_not_reach_train_under_torchrun(tmp_path):
     """An auxiliary head used only in training mode (GoogLeNet style) gets no gradient: DDP is told to
     expect that (it otherwise fails the second step, waiting for those gradients)."""
