@@ -794,6 +794,9 @@ def _load(spec: str | Path, seed: int) -> DataSource:
     if not isinstance(result, (dict, tuple)):  # a generator, a list of pairs, a DataLoader: none is rows fixclf can split
         raise DataError(f"--data {source} returned {type(result).__name__}; return a dict of arrays (x, y, optional "
                         "x_val, y_val), an (x, y) tuple, a torch Dataset of (x, y) items or an IterableDataset")
+    if isinstance(result, tuple) and len(result) not in (1, 2):
+        raise DataError(f"--data {source} returned a tuple of {len(result)}; return (x,) or (x, y), or a dict of arrays "
+                        "(x, y, optional x_val, y_val) to give a held-out split")
     return _from_arrays(dict(zip(("x", "y"), result)) if isinstance(result, tuple) else result, source, files, seed)
 
 

@@ -121,6 +121,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "class HalfIdRows(IdRows):  # row 1,999 (a training batch) as floats, one of them 2.5\n"
         "    def __getitem__(self, i):\n        ids, label = super().__getitem__(i)\n"
         "        return (ids.float() + 0.5 * (torch.arange(6) == 3), label) if i == 1999 else (ids, label)\n\n"
+        "def triple():\n    x = torch.zeros(100, 64)\n    return x, torch.zeros(100, dtype=torch.long), x\n\n"
         "def ids_unlabelled_stream_bad_at_1995():\n    return IdStream(1995, labelled=False)\n\n"
         "def ids_dataset_one_not_whole():\n    return HalfIdRows(None)\n\n"
         "def ids_dataset_bad_at_3():\n    return IdRows(3)\n\n"
@@ -382,6 +383,7 @@ CASES: dict[str, tuple[list[str], int]] = {
         [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_unlabelled_stream_bad_at_1995"], 4),
     "token ids in a Dataset item of floats, one not whole": (
         [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_dataset_one_not_whole"], 4),
+    "--data function returning a tuple of 3": ([C, "mlp.pt", "--data", "hostile_code:triple"], 4),
     "Dataset item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_rows", "--epochs", "1"], 4),
     "stream item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_stream", "--epochs", "1"], 4),
     "model forward calling sys.exit(0) in training": (

@@ -44,6 +44,7 @@ def test_messages_say_what_to_do(results):
     assert "of the first 256 held-out rows" in beyond["token id beyond the vocabulary in a stream's held-out rows the run holds"]
     assert "held-out rows 0-399 failed" in beyond["token id beyond the vocabulary in a stream's held-out rows met only in evaluation"]
     assert "a training batch failed" in beyond["token id beyond the vocabulary in a stream's training batch"]
+    assert "returned a tuple of 3; return (x,) or (x, y)" in said["--data function returning a tuple of 3"]
     assert "reading item 1999 failed (SystemExit: 0)" in said["Dataset item calling sys.exit(0) late"]
     assert "reading the stream failed (SystemExit: 0)" in said["stream item calling sys.exit(0) late"]
     assert "called sys.exit(0)" in said["model forward calling sys.exit(0) in training"]
