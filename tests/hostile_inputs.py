@@ -371,18 +371,14 @@ CASES: dict[str, tuple[list[str], int]] = {
     "labels out of range": ([C, "mlp.pt", "--data", "badlabels.npz"], 4),
     "token ids beyond the model's vocabulary (row 250)": ([C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
                                                           "ids_beyond_vocabulary.npz"], 4),
-    "token id beyond the vocabulary in a Dataset's calibration rows": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_dataset_bad_at_3"], 4),
-    "token id beyond the vocabulary in a stream's held-out rows the run holds": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_700"], 4),
-    "token id beyond the vocabulary in a stream's held-out rows met only in evaluation": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1500"], 4),
-    "token id beyond the vocabulary in a stream's training batch": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_stream_bad_at_1999"], 4),
-    "token id beyond the vocabulary in an unlabelled stream's held-out rows met only in scoring": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_unlabelled_stream_bad_at_1995"], 4),
-    "token ids in a Dataset item of floats, one not whole": (
-        [C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", "hostile_code:ids_dataset_one_not_whole"], 4),
+    **{name: ([C, "tokens.pt", "--arch", "hostile_code:Tokens", "--data", f"hostile_code:{function}"], 4) for name, function in {
+        "token id beyond the vocabulary in a Dataset's calibration rows": "ids_dataset_bad_at_3",
+        "token id beyond the vocabulary in a stream's held-out rows the run holds": "ids_stream_bad_at_700",
+        "token id beyond the vocabulary in a stream's held-out rows met only in evaluation": "ids_stream_bad_at_1500",
+        "token id beyond the vocabulary in a stream's training batch": "ids_stream_bad_at_1999",
+        "token id beyond the vocabulary in an unlabelled stream's held-out rows met only in scoring":
+            "ids_unlabelled_stream_bad_at_1995",
+        "token ids in a Dataset item of floats, one not whole": "ids_dataset_one_not_whole"}.items()},
     "--data function returning a tuple of 3": ([C, "mlp.pt", "--data", "hostile_code:triple"], 4),
     "Dataset item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_rows", "--epochs", "1"], 4),
     "stream item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_stream", "--epochs", "1"], 4),
