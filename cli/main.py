@@ -76,8 +76,8 @@ def _model_exit(exc: SystemExit) -> CheckpointError:
     """``sys.exit`` called by the model's code while fixclf ran it, as one error: quietly taking its exit
     code would end fixclf, even with 0, having written nothing. (The code fixclf calls by name, an
     ``--arch`` factory and a ``--data`` function or Dataset, is wrapped where it is called.)"""
-    error = CheckpointError(f"the model's own code called sys.exit({exc.code!r}) while fixclf ran it, so nothing was "
-                            "written; a model's forward must return its outputs (rerun with --debug to see where)")
+    error = CheckpointError(f"the model's (or the data's) own code called sys.exit({exc.code!r}) while fixclf ran it, so "
+                            "nothing was written; a model's forward must return its outputs (rerun with --debug to see where)")
     error.__cause__ = exc  # --debug prints where it exited
     return error
 

@@ -83,10 +83,10 @@ def _load_uncompressed(source: SourceOptions) -> LoadedModel:
     return loaded
 
 
-def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, latency_batch: int, selection: bool = False,
+def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, held: dict[str, int], selection: bool = False,
               needed_for: str = "to fine-tune the new layers by distillation and to validate the ONNX export") -> DataSource:
-    """The data, checked against the model, including each row the run will hold (calibration,
-    validation and ``latency_batch`` timing rows; :func:`compressor.data.check_against_model`)."""
+    """The data, checked against the model, including the rows the command will hold (``held``: split ->
+    rows of its head; :func:`compressor.data.check_against_model`)."""
     source = spec if spec is not None else loaded.data
     if source is None:
         raise DataError(f"{loaded.path} comes with no data: pass --data FILE.npz (x: input samples, y: labels, optional); "
@@ -96,7 +96,7 @@ def _data_for(loaded: LoadedModel, spec: str | Path | None, seed: int, latency_b
         raise DataError(f"{loaded.path} names the data file {Path(source).name} beside it, which {problem}; pass "
                         "--data FILE.npz")
     data = load_data(source, seed=seed, selection=selection)
-    check_against_model(data, loaded.model, held={"train": CALIBRATION_ROWS, "val": max(VALIDATION_ROWS, latency_batch)})
+    check_against_model(data, loaded.model, held)
     return data
 
 
@@ -209,7 +209,7 @@ def plan_checkpoint(options: CompressOptions) -> PlanReport:
     loaded = _load_uncompressed(options.source)
     data = None
     if options.source.data is not None or loaded.data is not None:
-        data = _data_for(loaded, options.source.data, options.seed, options.export.latency_batch)
+        data = _data_for(loaded, options.source.data, options.seed, {"val": VALIDATION_ROWS})
     elif options.plan.objective == "latency":
         raise UsageError(f"--objective latency times each layer on real inputs, and {loaded.path} comes with no data: "
                          "pass --data FILE")
@@ -535,7 +535,8 @@ def _file_stamps(paths) -> dict[str, list[int]]:
 
 def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:
     """The data to fine-tune on, checked against the model and against ``--mixup``."""
-    data = _data_for(loaded, options.source.data, options.seed, options.export.latency_batch,
+    data = _data_for(loaded, options.source.data, options.seed,
+                     {"train": CALIBRATION_ROWS, "val": max(VALIDATION_ROWS, options.export.latency_batch)},
                      selection=options.plan.max_drop is not None)
     if options.finetune.mixup and not data.random_access:
         raise UsageError(f"--mixup draws partner rows by index, and {data.source} is a stream (IterableDataset) "
@@ -648,7 +649,7 @@ def export_checkpoint(command: ExportCommand) -> ExportResult:
     check_instance("export_checkpoint(command)", command, ExportCommand)
     command.validate()
     loaded = _load(command.source)
-    data = _data_for(loaded, command.source.data, command.seed, command.export.latency_batch,
+    data = _data_for(loaded, command.source.data, command.seed, {"val": VALIDATION_ROWS},
                      needed_for="to validate the ONNX export")
     output = Path(command.output)
     requested = {main_format(command.export.quantize, command.export.precision): "onnx"}

@@ -642,6 +642,9 @@ def _has_len(dataset) -> bool:
         return isinstance(len(dataset), int)
     except TypeError:
         return False
+    except USER_CODE_FAILURES as exc:
+        raise DataError(f"--data: the stream's len() failed ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0][:120]}); define __len__ to return its length, or drop it") from exc
 
 
 def _holdout(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -940,7 +943,8 @@ def _check_held_ids(data: DataSource, model: nn.Module, held: Mapping[str, int])
     if in_memory or data.input_dtype is None or data.input_dtype.is_floating_point:
         return
     for split, rows in held.items():
-        _check_extreme_ids(data, model, data.head(split, rows)[0], f"the first {rows:,} {SPLIT_WORDS[split]} rows")
+        x = data.head(split, rows)[0]
+        _check_extreme_ids(data, model, x, f"the first {x.shape[0]:,} {SPLIT_WORDS[split]} rows (counted in that split)")
 
 
 def _check_whole(data: DataSource, x: torch.Tensor, name: str, *, rows_are_the_stores: bool = True) -> None:

@@ -185,10 +185,13 @@ def _numbered(batches, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor 
 
 
 def _outputs(models: list[nn.Module], x: torch.Tensor, source: str, rows: str) -> list[torch.Tensor]:
-    """Each model's output on rows ``x`` (named ``rows``); a failure in a model is the data's error."""
+    """Each model's output on rows ``x`` (named ``rows``). Integer rows that fail with an IndexError hold
+    a token id beyond the vocabulary: the data's error; any other failure is raised as it is."""
     try:
         return [model(x) for model in models]
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except IndexError as exc:
+        if x.is_floating_point():
+            raise
         raise failed_in_model(source, exc, x, rows) from exc
 
 
