@@ -643,8 +643,8 @@ def _has_len(dataset) -> bool:
     except TypeError:
         return False
     except USER_CODE_FAILURES as exc:
-        raise DataError(f"--data: the stream's len() failed ({type(exc).__name__}: "
-                        f"{(str(exc).splitlines() or [''])[0][:120]}); define __len__ to return its length, or drop it") from exc
+        raise DataError(f"--data: the stream's len() failed ({_said(exc)}); define __len__ to return its length, "
+                        "or drop it") from exc
 
 
 def _holdout(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,6 +134,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
         "        return torch.full((64,), float(i % 7)), i % 10\n\n"
         "class ExitingStream(torch.utils.data.IterableDataset):\n"
         "    def __iter__(self):\n        rows = ExitingRows()\n        return (rows[i] for i in range(len(rows)))\n\n"
+        "class ExitingLength(ExitingStream):\n    def __len__(self):\n        sys.exit(0)\n\n"
+        "def exiting_length():\n    return ExitingLength()\n\n"
         "def exiting_rows():\n    return ExitingRows()\n\n"
         "def exiting_stream():\n    return ExitingStream()\n\n"
         "class ExitsInTraining(torch.nn.Module):  # its forward calls sys.exit(0) on its 10th call in training mode\n"
@@ -382,6 +384,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "--data function returning a tuple of 3": ([C, "mlp.pt", "--data", "hostile_code:triple"], 4),
     "Dataset item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_rows", "--epochs", "1"], 4),
     "stream item calling sys.exit(0) late": ([C, "mlp.pt", "--data", "hostile_code:exiting_stream", "--epochs", "1"], 4),
+    "stream whose len() calls sys.exit(0)": ([C, "mlp.pt", "--data", "hostile_code:exiting_length", "--epochs", "1"], 4),
     "model forward calling sys.exit(0) in training": (
         [C, "exits.pt", "--arch", "hostile_code:ExitsInTraining", "--data", "digits.npz", "--epochs", "1"], 3),
     "token ids stored as floats, one not whole": (["plan", "tokens.pt", "--arch", "hostile_code:Tokens", "--data",
