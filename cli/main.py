@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from cli import entry
-from compressor.errors import CheckpointError, FixclfError, Interrupted, UsageError
+from compressor.errors import FixclfError, Interrupted, UsageError, exited_in_user_code
 from compressor.options import (BUDGET_STEPS, CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
 
 app = typer.Typer(
@@ -72,16 +72,6 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-def _model_exit(exc: SystemExit) -> CheckpointError:
-    """``sys.exit`` called by the model's code while fixclf ran it, as one error: quietly taking its exit
-    code would end fixclf, even with 0, having written nothing. (The code fixclf calls by name, an
-    ``--arch`` factory and a ``--data`` function or Dataset, is wrapped where it is called.)"""
-    error = CheckpointError(f"the model's (or the data's) own code called sys.exit({exc.code!r}) while fixclf ran it, so "
-                            "nothing was written; a model's forward must return its outputs (rerun with --debug to see where)")
-    error.__cause__ = exc  # --debug prints where it exited
-    return error
-
-
 def _call(work: Callable[[], object], show: Callable[[object], None], as_json: bool) -> None:
     """Run a command's work (option checks, imports, the library call) with stdout kept clean, then print
     its result (JSON or ``show``). Any failure becomes one ``error:`` line and the exit code."""
@@ -90,7 +80,7 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
             result = work()
         entry.ignore_late_signals()  # the work is done and committed: a late Ctrl-C must not report it lost
     except SystemExit as exc:  # the library never exits: the model's own code did (its forward, a hook)
-        raise typer.Exit(_exit_code(_model_exit(exc))) from None
+        raise typer.Exit(_exit_code(exited_in_user_code(exc))) from None
     except BaseException as exc:  # noqa: BLE001 - the one place a command's failure becomes one line
         raise typer.Exit(_exit_code(exc)) from None
     if result is None:  # a torchrun process other than rank 0

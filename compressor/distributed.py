@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import FixclfError, Interrupted, UsageError
+from .errors import FixclfError, Interrupted, UsageError, exited_in_user_code
 
 __all__ = ["World", "world_from_environment", "launch", "DistributedError", "RemoteError"]
 
@@ -116,6 +116,8 @@ class World:
             if getattr(exc, "agreed", False):  # raised by a sync inside the stage (the fine-tune's step): reported
                 raise
             self.sync(error=exc)
+        except SystemExit as exc:  # the model's own code on this process only: the others must hear of it
+            self.sync(error=exited_in_user_code(exc))
         except Exception as exc:
             if not self.distributed:
                 raise

@@ -43,3 +43,14 @@ TrainingError = _error_class("TrainingError", 6, "Fine-tuning diverged (the last
 ExportError = _error_class("ExportError", 7, "ONNX export or its validation failed")
 OutputError = _error_class("OutputError", 8, "Output path refused (exists, same as an input, ...)")
 Interrupted = _error_class("Interrupted", 130, "Ctrl-C or SIGTERM; nothing half-written was kept")
+
+
+def exited_in_user_code(exc: SystemExit) -> FixclfError:
+    """``sys.exit`` called by the model's code (its forward, a hook) while fixclf ran it, as one
+    :data:`CheckpointError`: quietly taking its exit code would end fixclf, even with 0, having written
+    nothing. (The code fixclf calls by name, an ``--arch`` factory and a ``--data`` function or
+    Dataset, is wrapped where it is called.) The SystemExit stays its cause, for ``--debug``."""
+    error = CheckpointError(f"the model's (or the data's) own code called sys.exit({exc.code!r}) while fixclf ran it, so "
+                            "nothing was written; a model's forward must return its outputs (rerun with --debug to see where)")
+    error.__cause__ = exc
+    return error

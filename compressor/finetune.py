@@ -69,7 +69,7 @@ from torch import nn
 from .pickles import CHECKPOINT_LIMITS, load_bounded
 from .data import SPLIT_WORDS, DataSource, check_labels, training_batch_count
 from .distributed import World
-from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingError, UsageError
+from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingError, UsageError, exited_in_user_code
 from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
 
@@ -508,6 +508,8 @@ class _Run:
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             failure = _batch_failure(self.data.source, exc, batch[0] if batch is not None else None,
                                      self.options.batch_size // self.world.size >= 2)
+        except SystemExit as exc:  # the model's forward, maybe on this process only
+            failure = exited_in_user_code(exc)
         with torch.no_grad():  # the model's own statistics, kept as trained (freeze_norm_statistics)
             for kept, saved in self.root_statistics:
                 kept.copy_(saved)

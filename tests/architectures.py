@@ -4,6 +4,8 @@ BatchNorm + ``fc`` head), a ViT-style encoder on (batch, tokens, features) with 
 Linears, and an MLP-Mixer whose token-mixing Linears act across the token axis."""
 from __future__ import annotations
 
+import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -360,3 +362,20 @@ def running_root(classes: int = 10) -> RunningRoot:
 def running_variance(classes: int = 10) -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 64), RunningVariance(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                          nn.Linear(64, classes))
+
+
+class ExitsOnRankOne(nn.Module):
+    """The digits MLP's shape; under torchrun, the process of rank 1 calls sys.exit(0) in its 10th
+    training forward (one process only: the others must still hear of it)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc = nn.Linear(256, classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += self.training
+        if self.calls == 10 and os.environ.get("RANK") == "1":
+            sys.exit(0)
+        return self.fc(torch.relu(self.fc1(x)))

@@ -137,14 +137,28 @@ def test_a_failing_process_stops_every_process_with_one_error_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_batch_failing_on_one_process_in_the_fine_tune_stops_every_process_with_its_code(tmp_path):
+def _exits_on_rank_one(directory: Path) -> list[str]:
+    import architectures
+
+    torch.save(architectures.ExitsOnRankOne().state_dict(), directory / "exits.pt")
+    return ["compress", str(directory / "exits.pt"), "--arch", "architectures:ExitsOnRankOne", "--data", str(SAMPLES / "digits.npz")]
+
+
+@pytest.mark.parametrize("failure, code, said", [
+    (lambda d: ["compress", MLP, "--data", "data_source:bad_later_on_rank_one"], 4, "corrupt record"),
+    (_exits_on_rank_one, 3, "called sys.exit(0)"),
+], ids=["a batch that fails to read", "a forward that calls sys.exit"])
+def test_a_batch_failing_on_one_process_in_the_fine_tune_stops_every_process_with_its_code(tmp_path, failure, code,
+                                                                                           said):
     """A failure agreed at the fine-tune step's sync is not reported again at the stage's end (the
-    process that failed waited there alone for the others: exit 1 'lost contact')."""
-    results = _launch(["compress", MLP, "--data", "data_source:bad_later_on_rank_one", "--epochs", "3", "-o",
-                       str(tmp_path / "m.fixclf.pt")], tmp_path)
-    assert [r.returncode for r in results] == [4, 4], [r.stderr[-800:] for r in results]
+    process that failed waited there alone for the others: exit 1 'lost contact'). The model's own
+    sys.exit on one process is such a failure too (before: that process ended, the other lost contact)."""
+    (tmp_path / "job").mkdir()
+    results = _launch(failure(tmp_path) + ["--epochs", "3", "-o", str(tmp_path / "job" / "m.fixclf.pt")], tmp_path / "job")
+    assert [r.returncode for r in results] == [code, code], [r.stderr[-800:] for r in results]
     lines = [line for r in results for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: rank 1:") and "corrupt record" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1:") and said in lines[0], lines
+    assert list((tmp_path / "job").iterdir()) == []
 
 
 def test_nproc_launches_the_processes_and_exits_with_the_failing_code(tmp_path):
