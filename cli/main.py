@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 
 from cli import entry
-from compressor.errors import FixclfError, Interrupted, UsageError, exited_in_user_code
+from compressor.errors import FixclfError, Interrupted, OutputError, UsageError, exited_in_user_code
 from compressor.options import (BUDGET_STEPS, CompressOptions, ExportOptions, FinetuneOptions, PlanOptions, SourceOptions)
 
 app = typer.Typer(
@@ -85,10 +86,20 @@ def _call(work: Callable[[], object], show: Callable[[object], None], as_json: b
         raise typer.Exit(_exit_code(exc)) from None
     if result is None:  # a torchrun process other than rank 0
         return
-    if as_json:
-        sys.stdout.write(json.dumps(result if isinstance(result, dict) else result.to_dict(), indent=2) + "\n")
-    else:
-        show(result)
+    try:
+        if as_json:
+            sys.stdout.write(json.dumps(result if isinstance(result, dict) else result.to_dict(), indent=2) + "\n")
+        else:
+            show(result)
+        sys.stdout.flush()
+    except SystemExit:  # rich's Console met a reader that stopped reading and ended the process its way
+        raise typer.Exit(128 + signal.SIGPIPE) from None
+    except OSError as exc:  # a full disk behind `> file`, a reader that stopped reading (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        if isinstance(exc, BrokenPipeError):  # as a command killed by SIGPIPE ends: quietly
+            raise typer.Exit(128 + signal.SIGPIPE) from None
+        raise typer.Exit(_exit_code(OutputError(f"writing to standard output failed ({exc.strerror or exc}); the command's "
+                                                "work is done: write its output somewhere with room"))) from None
 
 
 @app.callback()

@@ -267,8 +267,9 @@ class _ShardStore(_Store):
         except Exception as exc:
             raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); shards are "
                             ".npy arrays or .npz files with x (and y)") from exc
-        if len(shape) < 2 or shape[0] == 0:
-            raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)")
+        if len(shape) < 2 or shape[0] == 0 or math.prod(shape[1:]) == 0:
+            raise DataError(f"--data {self.source}: shard {path.name} has shape {shape}; rows must be (samples, features...)"
+                            " with at least one sample and one feature")
         return tuple(shape), np.dtype(dtype)
 
     def _has_labels(self, path: Path) -> bool:
@@ -449,11 +450,10 @@ class _IndexedSource(DataSource):
         store, index = self.stores[split]
         if epoch is not None:
             index = self._epoch_order(store, index, seed, epoch)
-        chunks = index.split(batch_size)
         full, tail = divmod(index.numel(), batch_size)
-        if epoch is not None and tail and _dropped_tail(full, tail, world):
-            chunks = chunks[:-1]
-        for number, chunk in enumerate(chunks[skip:], start=skip):
+        count = full + (1 if tail and not (epoch is not None and _dropped_tail(full, tail, world)) else 0)
+        for number in range(skip, count):  # chunk by chunk: head(split, 2) of 10^7 rows must not make 5 x 10^6 views
+            chunk = index[number * batch_size:(number + 1) * batch_size]
             part = _split_for_rank(chunk.numel(), rank, world) if epoch is not None else slice(None)
             mine = chunk[part]
             x, y = store.fetch(mine) if mine.numel() else self._empty(store)

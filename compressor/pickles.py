@@ -96,7 +96,8 @@ def _children(value: Any) -> list:
     return [item for pair in value.items() for item in pair] if isinstance(value, dict) else list(value)
 
 
-def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], max_items: int, advice: str) -> None:
+def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], max_items: int, advice: str,
+                   plain_tensors: bool) -> None:
     """Refuse what ``torch.load`` returned when walking it would visit more than ``max_items`` values
     or go deeper than :data:`MAX_DEPTH` (shared references count each time they are reached; a
     reference cycle, which a walk would never leave, counts as too many values). Tensors are leaves.
@@ -104,7 +105,11 @@ def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], ma
     Each distinct container is expanded once, its (values visited, depth below it) remembered by
     identity (the loaded structure keeps every object alive): the check costs the distinct objects,
     not the visits it counts, so shared references a walk would visit 10^12 times are refused at once.
-    Iterative, so it cannot overflow Python's stack itself."""
+    Iterative, so it cannot overflow Python's stack itself.
+
+    ``plain_tensors``: also refuse a tensor that carries attributes of its own (weights-only
+    unpickling lets a file set any, ``is_floating_point`` or ``detach`` included, which would fool
+    every later check of its values)."""
     def refuse(what: str) -> FixclfError:
         return error(f"{path} holds {what} besides its tensors; {advice}")
 
@@ -113,6 +118,8 @@ def _check_bounded(obj: Any, path: Path, error: Callable[[str], FixclfError], ma
     stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
         value, expanded = stack.pop()
+        if plain_tensors and isinstance(value, torch.Tensor) and vars(value):
+            raise refuse(f"a tensor with attributes of its own ({', '.join(sorted(map(str, vars(value)))[:3])})")
         if not isinstance(value, _CONTAINERS) or id(value) in measured:
             continue
         if not expanded:
@@ -153,5 +160,5 @@ def load_bounded(path: Path, limits: PickleLimits, error: Callable[[str], Fixclf
             loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
     except (Exception, SystemExit) as exc:
         raise failure(exc) from exc
-    _check_bounded(loaded, path, error, limits.items, advice)
+    _check_bounded(loaded, path, error, limits.items, advice, plain_tensors=weights_only)
     return loaded

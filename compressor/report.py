@@ -182,8 +182,10 @@ def _text_length(value, budget: int, depth: int = 0) -> int:
     if depth > 8 or not isinstance(value, (list, dict)):
         return 0
     items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    if len(items) > MAX_ITEMS * 2:  # more entries than any report holds: over budget, whatever they are
+        return budget + 1
     total = 0
-    for item in items[:MAX_ITEMS * 2]:
+    for item in items:
         total += _text_length(item, budget - total, depth + 1)
         if total > budget:
             break
@@ -195,9 +197,13 @@ def _check_plain(value, where: str, depth: int = 0):
         raise ValueError(f"{where} is nested too deeply")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is not a finite number")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"{where} is longer than a report's text ({MAX_TEXT} characters)")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise ValueError(f"{where} has {len(value)} entries, more than a report holds ({MAX_ITEMS})")
         return [_check_plain(v, where, depth + 1) for v in value]
     raise TypeError(f"{where} holds a {type(value).__name__}")
 

@@ -161,6 +161,8 @@ def write_inputs(d: Path, compressed: dict) -> None:
     np.save(d / "shards_bytes_and_floats" / "a.npy", x)
     np.save(d / "shards_bytes_and_floats" / "b.npy", x.astype(np.uint8))
     (d / "shards_empty").mkdir()
+    (d / "shards_zero_width").mkdir()
+    np.save(d / "shards_zero_width" / "a.npy", np.empty((300_000_000, 0), np.float32))  # 128 bytes claiming 3e8 rows
     (d / "shards_orphan_labels").mkdir()
     np.save(d / "shards_orphan_labels" / "a.npy", x)
     np.save(d / "shards_orphan_labels" / "a.y.npy", y)
@@ -220,6 +222,9 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
     nan_state = {k: v.clone() for k, v in state.items()}
     nan_state["2.weight"][0, 0] = float("nan")
     _fixclf({**sample, "state_dict": nan_state}, d / "nan_weights.pt")
+    disguised = nan_state["2.weight"].fill_(float("nan"))
+    disguised.is_floating_point = set  # weights-only unpickling restores it: every check of the values would skip it
+    _fixclf({**sample, "state_dict": nan_state}, d / "nan_disguised.pt")
     broadcast = dict(state, **{"2.weight": torch.zeros(1).expand(512, 512)})
     _fixclf({**sample, "state_dict": broadcast}, d / "broadcast.pt")
     linear = torch.nn.Linear(3, 10)
@@ -257,6 +262,8 @@ def _write_hostile_checkpoints(d: Path, compressed: dict) -> None:
                                                           "layers": compressed["report"]["layers"] * 3000}},
         "c_report_shared_text": {**compressed, "report": {**compressed["report"], "layers": [
             dict(compressed["report"]["layers"][0], name="A" * 4096, reason="A" * 4096)] * 4096}},
+        "c_report_hidden_text": {**compressed, "report": {**compressed["report"], "options": {  # past the first 8,192
+            **compressed["report"]["options"], "exclude": [0] * 8192 + ["A" * 2**20] * 4}}},  # entries, 1 MB strings
         "c_zero_classes": {**compressed, "kwargs": {**compressed["kwargs"], "num_classes": 0}},
         "c_intact": compressed,
     }.items():
@@ -302,6 +309,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "report number of 400 digits": (["report", "c_report_huge_number.fixclf.pt"], 3),
     "report of 9000 layers": (["report", "c_report_many_layers.fixclf.pt"], 3),
     "report of 4096 rows sharing one long string": (["report", "c_report_shared_text.fixclf.pt"], 3),
+    "report whose options hide long strings after 8,192 entries": (["report", "c_report_hidden_text.fixclf.pt", "--json"], 3),
     "compressed checkpoint whose stored kwargs build no classes": (["export", "c_zero_classes.fixclf.pt", "-o", "o.onnx"], 3),
     "--arch-kwargs building the model on the meta device": ([C, "linear3.pt", "--arch", "torch.nn:Linear", "--arch-kwargs",
                                                              '{"in_features": 3, "out_features": 10, "device": "meta"}',
@@ -312,6 +320,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "no command at all": ([], 2),
     "--data that is a FIFO": ([C, "mlp.pt", "--data", "fifo.npz"], 4),
     "a FIFO among the shards": ([C, "mlp.pt", "--data", "shards_fifo"], 4),
+    "a shard of 3e8 rows of zero features (128 bytes)": ([C, "mlp.pt", "--data", "shards_zero_width"], 4),
     "malicious pickle": ([C, "evil.pt"], 3),
     "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
     "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
@@ -324,6 +333,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "unknown kwargs": (["plan", "kwargs_unknown.pt"], 3),
     "unknown format version": (["plan", "format_future.pt"], 3),
     "NaN weights": (["plan", "nan_weights.pt"], 3),
+    "NaN weights in a tensor whose is_floating_point the file replaced": (["plan", "nan_disguised.pt"], 3),
     "broadcast tensor larger than its data": (["plan", "broadcast.pt"], 3),
     "report={}": (["report", "c_report_empty.fixclf.pt"], 3),
     "report=[1,2]": (["report", "c_report_list.fixclf.pt"], 3),

@@ -48,6 +48,9 @@ def test_messages_say_what_to_do(results):
     assert "reading item 1999 failed (SystemExit: 0)" in said["Dataset item calling sys.exit(0) late"]
     assert "reading the stream failed (SystemExit: 0)" in said["stream item calling sys.exit(0) late"]
     assert "called sys.exit(0)" in said["model forward calling sys.exit(0) in training"]
+    assert "a tensor with attributes of its own (is_floating_point)" in said[
+        "NaN weights in a tensor whose is_floating_point the file replaced"]
+    assert "more than 2,000,000 characters" in said["report whose options hide long strings after 8,192 entries"]
     assert "the stream's len() failed (SystemExit: 0)" in said["stream whose len() calls sys.exit(0)"]
     assert "store the ids as int64" in said["int32 token ids into an nn.EmbeddingBag (the exporter lowers it for int64)"]
     assert "returned generator; return a dict of arrays" in said["--data function returning a generator of pairs"]

@@ -298,6 +298,23 @@ def test_closed_standard_streams_are_no_error(default_mlp):
         assert result.returncode == code and "Traceback" not in result.stdout + result.stderr, result
 
 
+def test_a_full_disk_or_a_reader_gone_on_standard_output_is_one_line_or_quiet(default_mlp):
+    """`> /dev/full`: exit 8 and one line (the work is done); a reader that stopped reading (`| head`): quietly,
+    with the exit of a command that SIGPIPE ended (141). Tables and --json alike."""
+    out, _ = default_mlp
+    for as_json in ([], ["--json"]):
+        command = [*FIXCLF, "report", str(out / "mlp.fixclf.pt"), *as_json]
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert result.returncode == 8 and result.stderr.startswith("error: writing to standard output failed (No space"), result
+        assert result.stderr.count("\n") == 1, result.stderr
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+        os.close(write_end)
+        assert (result.returncode, result.stderr) == (141, ""), result
+
+
 def test_forced_progress_goes_to_stderr_also_with_json(monkeypatch):
     """FIXCLF_PROGRESS=1 is for logs: progress (on stderr) also with --json; unset, none with --json; =0, none."""
     from cli.main import _progress_wanted

@@ -334,7 +334,7 @@ def test_the_bounded_walk_counts_every_visit_of_shared_references_exactly(tmp_pa
 
     def refusal(obj, limit: int) -> str | None:
         try:
-            _check_bounded(obj, Path("f.pt"), DataError, limit, "advice")
+            _check_bounded(obj, Path("f.pt"), DataError, limit, "advice", plain_tensors=True)
         except DataError as exc:
             return str(exc)
         return None
