@@ -53,7 +53,7 @@ def _deliver(frame, *, insisted: bool) -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    """SIGINT / SIGTERM."""
+    """SIGINT / SIGTERM / SIGHUP (the terminal or SSH session closed)."""
     held_since = STATE["held_since"]
     _deliver(frame, insisted=held_since is not None and time.monotonic() - held_since >= INSIST_AFTER_S)
 
@@ -67,7 +67,7 @@ def _on_retry(signum, frame) -> None:
 def ignore_late_signals() -> None:
     """Once the outcome is decided (outputs committed, exit code known), a late Ctrl-C changes nothing.
     Only the handlers this entry point installed are replaced (an embedding process keeps its own)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
         if signal.getsignal(sig) in (_on_signal, _on_retry):
             signal.signal(sig, signal.SIG_IGN)
     if STATE["held_since"] is not None:
@@ -92,6 +92,8 @@ def one_of_several_processes() -> bool:
 def main() -> None:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, _on_signal)
     signal.signal(signal.SIGALRM, _on_retry)
     for fd, name in ((1, "stdout"), (2, "stderr")):  # started with it closed (`fixclf ... >&-`): print nowhere
         if getattr(sys, name) is None:

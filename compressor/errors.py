@@ -42,7 +42,7 @@ PlanError = _error_class("PlanError", 5, "Nothing to replace, or patterns that m
 TrainingError = _error_class("TrainingError", 6, "Fine-tuning diverged (the last finite state is restored)")
 ExportError = _error_class("ExportError", 7, "ONNX export or its validation failed")
 OutputError = _error_class("OutputError", 8, "Output path refused (exists, same as an input, ...)")
-Interrupted = _error_class("Interrupted", 130, "Ctrl-C or SIGTERM; nothing half-written was kept")
+Interrupted = _error_class("Interrupted", 130, "Ctrl-C, SIGTERM or SIGHUP; nothing half-written was kept")
 
 
 def exited_in_user_code(exc: SystemExit) -> FixclfError:

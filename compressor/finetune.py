@@ -416,6 +416,8 @@ class _Run:
         try:
             self._check_position(state, path)
             self.student.load_state_dict(state["student"])
+            _check_optimiser_state(state["optimiser"], self.optimiser)
+            _check_schedule_state(state["scheduler"], self.scheduler)
             self.optimiser.load_state_dict(state["optimiser"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -612,6 +614,41 @@ def _epochs(run: _Run, options: FinetuneOptions, device: str) -> None:
     except KeyboardInterrupt as exc:
         student.load_state_dict(last_good)
         raise interrupted("during fine-tuning", resume.path if resume is not None else None) from exc
+
+
+def _check_optimiser_state(saved, optimiser: torch.optim.Optimizer) -> None:
+    """ValueError unless ``saved`` is this optimiser's state after some steps: its groups hold the same
+    settings (the run's, which the fingerprint fixed; the schedule moves only ``lr``) and each
+    parameter's moments its shape."""
+    def settings(group) -> dict:
+        return {k: v for k, v in group.items() if k != "lr"} if isinstance(group, dict) else {}
+
+    fresh = optimiser.state_dict()["param_groups"]
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if (not isinstance(groups, list) or [settings(g) for g in groups] != [settings(g) for g in fresh]
+            or not all(isinstance(g["lr"], float) and math.isfinite(g["lr"]) for g in groups)):
+        raise ValueError("optimiser settings")
+    parameters = [p for group in optimiser.param_groups for p in group["params"]]
+    for index, moments in (saved.get("state") or {}).items():
+        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(moments, dict)):
+            raise ValueError("optimiser state")
+        for name, value in moments.items():
+            shape = () if name == "step" else parameters[index].shape
+            if not isinstance(value, torch.Tensor) or value.shape != shape or not value.is_floating_point():
+                raise ValueError(f"optimiser state {name}")
+
+
+def _check_schedule_state(saved, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """ValueError unless ``saved`` is this schedule's state: the same settings, only its position and
+    last rates moved (whole numbers and finite rates)."""
+    fresh = scheduler.state_dict()
+    moving = {"last_epoch", "_step_count", "_last_lr"}
+    if not isinstance(saved, dict) or set(saved) != set(fresh) or any(saved[k] != fresh[k] for k in set(fresh) - moving):
+        raise ValueError("schedule settings")
+    rates = saved["_last_lr"]
+    if (not all(isinstance(saved[k], int) and not isinstance(saved[k], bool) and saved[k] >= 0 for k in ("last_epoch", "_step_count"))
+            or not isinstance(rates, list) or not all(isinstance(r, float) and math.isfinite(r) for r in rates)):
+        raise ValueError("schedule position")
 
 
 def _what_differs(saved: dict, now: dict) -> str:

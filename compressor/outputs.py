@@ -38,7 +38,7 @@ neither remove committed outputs nor report them lost."""
 def _signals_held() -> Iterator[None]:
     """Hold SIGINT / SIGTERM back for a few system calls that must not be split (create + record, renames);
     SIGALRM too, on which the CLI delivers a signal that arrived during an import (cli/entry.py)."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGALRM}
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield

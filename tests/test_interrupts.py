@@ -72,6 +72,7 @@ def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, agai
 @pytest.mark.parametrize("sig, when, again", [
     (signal.SIGINT, "Fine-tuning", None),  # Ctrl-C mid fine-tune
     (signal.SIGTERM, "Exporting the compressed", None),  # SIGTERM during export and validation
+    (signal.SIGHUP, "Exporting the compressed", None),  # the terminal closed during export: as SIGTERM
     (signal.SIGINT, 0.4, None),  # during the imports
     (signal.SIGINT, "Exporting the compressed", 0.001),  # a double Ctrl-C: the second lands in the clean-up
 ])

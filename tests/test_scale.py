@@ -471,3 +471,30 @@ def test_the_launcher_exits_130_when_one_process_alone_was_interrupted():
     lost = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(1)"])
     interrupted = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(130)"])
     assert _wait([lost, interrupted]) == 130
+
+
+def test_a_resume_state_whose_optimiser_or_schedule_was_tampered_with_is_refused_before_it_is_loaded():
+    """torch's load_state_dict copies such dicts into place unchecked, which failed later (T_max 0:
+    ZeroDivisionError; moments of another shape: RuntimeError) as "unexpected" errors."""
+    from compressor.finetune import _check_optimiser_state, _check_schedule_state
+
+    weight = torch.nn.Parameter(torch.zeros(3, 2))
+    optimiser = torch.optim.Adam([weight], lr=0.02)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, 10)
+    weight.grad = torch.ones_like(weight)
+    optimiser.step()
+    scheduler.step()
+    moved, schedule = optimiser.state_dict(), scheduler.state_dict()
+    _check_optimiser_state(copy.deepcopy(moved), optimiser)  # a real state after a step: accepted
+    _check_schedule_state(copy.deepcopy(schedule), scheduler)
+    for tampered in ({"T_max": 0}, {"optimizer": {}}, {"base_lrs": ["x"]}, {"last_epoch": -5}, {"_last_lr": [float("nan")]}):
+        with pytest.raises(ValueError):
+            _check_schedule_state({**schedule, **tampered}, scheduler)
+    wrong_shape = copy.deepcopy(moved)
+    wrong_shape["state"][0]["exp_avg"] = torch.zeros(7)
+    string_lr, betas = copy.deepcopy(moved), copy.deepcopy(moved)
+    string_lr["param_groups"][0]["lr"] = "abc"
+    betas["param_groups"][0]["betas"] = (2.0, -1.0)
+    for tampered in (wrong_shape, string_lr, betas, {"state": {}, "param_groups": []}, {**moved, "state": {5: {}}}):
+        with pytest.raises(ValueError):
+            _check_optimiser_state(tampered, optimiser)
