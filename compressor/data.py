@@ -405,9 +405,8 @@ class DataSource:
         (token ids) only when whole: a Dataset or stream may make one batch of floats among integer ones."""
         if self.input_dtype in (None, x.dtype):
             return x
-        if x.is_floating_point() and not self.input_dtype.is_floating_point and not bool((x == x.round()).all()):
-            raise DataError(f"{self.source}: the model takes x as integer indices (token ids), but a batch holds values "
-                            "that are not whole numbers; store the ids as integers")
+        if not self.input_dtype.is_floating_point:
+            _check_whole(self, x, "a batch", rows_are_the_stores=False)
         return x.to(self.input_dtype)
 
     def head(self, split: str, n: int) -> Rows:
