@@ -28,7 +28,7 @@ from .checkpoint import Architecture, LoadedModel, compressed_payload, load_comp
 from .cost import LayerCost, layer_shapes, measure
 from .data import DataSource, check_against_model, dtype_name, load_data
 from .distributed import World, world_from_environment
-from .errors import DataError, ExportError, Interrupted, OutputError, PlanError, UsageError
+from .errors import DataError, ExportError, Interrupted, PlanError, UsageError
 from .export import ExportResult, ExportSpec, choose_formats, main_format, to_onnx, validate_lengths, write_exports
 from .finetune import (EpochStats, FinetuneResult, ResumeFile, correct_rows, distill, evaluate, interrupted,
                        resolved_options, saved_latency_verdict, steps_per_epoch)
@@ -36,7 +36,7 @@ from .layers import count_stored
 from .modelcopy import copy_model
 from .options import (KEEP, CompressOptions, ExportCommand, ExportOptions, PlanOptions, SourceOptions, check_file_name,
                       check_instance)
-from .outputs import Artifacts, compress_outputs, export_outputs, latest_compressed, resume_path
+from .outputs import Artifacts, check_resume_path, compress_outputs, export_outputs, latest_compressed, resume_path
 from .report import (Accuracy, Counts, DataSummary, FinetuneSummary, LatencyPair, LayerRow, OnnxFigures,
                      ParamSummary, PlanReport, ReducedFigures, Report, ratio)
 from .surgery import (LayerPlan, apply_plan, initialise_from_dense, make_plan, replaced_numbers,
@@ -573,8 +573,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             data.training_rows(seconds=options.finetune.max_time)
         options = replace(options, finetune=resolved_options(options.finetune, data))
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world, kept_for_latency)
-        if resume is not None and any(resume.path.resolve() == f.resolve() for f in inputs):
-            raise OutputError(f"the resume state {resume.path} would overwrite an input; choose another --output")
+        if resume is not None:
+            check_resume_path(resume.path, inputs)
         samples = data.head("val", VALIDATION_ROWS)[0] if world.is_main else None  # validation rows, read once
         original_bytes = _original_onnx(loaded.model, samples, options, events) if world.is_main else b""
     with artifacts if artifacts is not None else contextlib.nullcontext():

@@ -120,17 +120,30 @@ def _unsafe_globals(path: Path) -> list[str]:
     except Exception:  # not a zip checkpoint: scan the raw pickle's opcodes
         pass
     names, strings = [], []
+    stream = io.BytesIO(path.read_bytes())  # a plain pickle, or the legacy format's pickles one after another
     try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(path.read_bytes())):
-            if op.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:
+        while stream.tell() < len(stream.getbuffer()):
+            for op, arg, _ in pickletools.genops(stream):  # one pickle, up to its STOP
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # the legacy format's raw tensor bytes after its pickles, or a damaged file
         pass
-    return names
+    return [name for name in names if name not in _weights_only_globals()]
+
+
+def _weights_only_globals() -> set[str]:
+    """What torch's weights-only unpickler imports itself (``torch._utils._rebuild_tensor_v2`` and the like),
+    as :func:`torch.serialization.get_unsafe_globals_in_checkpoint` leaves them out of zip checkpoints."""
+    try:
+        from torch import _weights_only_unpickler
+
+        return set(_weights_only_unpickler._get_allowed_globals()) | set(_weights_only_unpickler._get_user_allowed_globals())
+    except (ImportError, AttributeError):  # another torch: every name found is reported
+        return set()
 
 
 def _load_failure(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from .errors import OutputError
 
-__all__ = ["Artifacts", "atomic_file", "check_output_path", "compress_outputs", "export_outputs"]
+__all__ = ["Artifacts", "atomic_file", "check_output_path", "check_resume_path", "compress_outputs", "export_outputs"]
 
 TEMP_PREFIX = ".fixclf-"
 COMPRESSED_SUFFIX = ".fixclf.pt"
@@ -227,6 +227,16 @@ def compress_outputs(checkpoint: Path, output: Path | None, *, quantize: bool, o
 def resume_path(checkpoint: Path) -> Path:
     """Where ``--resume`` keeps the fine-tune state of a run writing ``checkpoint``: ``<name>.resume.pt`` beside it."""
     return checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".resume.pt")
+
+
+def check_resume_path(path: Path, inputs: Iterable[Path]) -> None:
+    """Refuse, before any work, a resume state ``path`` that ``--resume`` could neither read nor replace:
+    an input of the run, or something other than a regular file (a directory, a pipe, a device)."""
+    if any(_same_file(path, source) or path.resolve() == Path(source).resolve() for source in inputs):
+        raise OutputError(f"the resume state {path} would overwrite an input; choose another --output")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{path}, where --resume keeps its state, is not a regular file (a directory, pipe or device); "
+                          "move it away or choose another --output")
 
 
 def latest_compressed(directory: str | Path = ".") -> Path | None:

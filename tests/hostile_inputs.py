@@ -63,6 +63,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
         pickle.dump(RunsCode(), f, protocol=2)
     (d / "evil0.pt").write_bytes(b"cos\nsystem\n(S'touch " + CANARY.encode() + b"'\ntR.")  # protocol 0, no class needed
     torch.save({"model": RunsCode()}, d / "evil_zip.pt")
+    torch.save({"w": torch.zeros(2), "model": RunsCode()}, d / "evil_legacy.pt", _use_new_zipfile_serialization=False)
     torch.save(mlp(64, [512, 512], 10).state_dict(), d / "weights.pt")
     torch.save({**mlp(64, [512, 512], 10).state_dict(), "epoch": 7, "note": "best"}, d / "weights_and_epoch.pt")
     torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), d / "conv.pt")
@@ -168,6 +169,7 @@ def write_inputs(d: Path, compressed: dict) -> None:
     np.save(d / "shards_orphan_labels" / "a.y.npy", y)
     np.save(d / "shards_orphan_labels" / "b.y.npy", y)
     (d / "o.fixclf.resume.pt").write_bytes(b"not a resume state")
+    (d / "dir.fixclf.resume.pt").mkdir()  # and a FIFO, piped.fixclf.resume.pt, in each case's copy
     (d / "text.npz").write_text("x,y\n1,2\n")
     laughs = [0] * 1000  # "billion laughs": 1000**4 values from a few KB of shared references
     for _ in range(3):
@@ -323,6 +325,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "a shard of 3e8 rows of zero features (128 bytes)": ([C, "mlp.pt", "--data", "shards_zero_width"], 4),
     "malicious pickle": ([C, "evil.pt"], 3),
     "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
+    "legacy (PyTorch < 1.6) checkpoint calling os.system after its tensors": (["plan", "evil_legacy.pt"], 3),
     "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
     # malformed fields
     "arch=123": (["plan", "arch_int.pt"], 3),
@@ -473,6 +476,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "export with both int8 and fp16": (["export", "mlp.pt", "-o", "m.onnx", "--quantize", "int8", "--precision", "fp16"], 2),
     "--save-every without --resume": ([C, "mlp.pt", "--save-every", "10"], 2),
     "--resume over a file that is not a resume state": ([C, "mlp.pt", "--resume", "-o", "o.fixclf.pt"], 2),
+    "--resume where a directory holds the resume state's name": ([C, "mlp.pt", "--resume", "-o", "dir.fixclf.pt"], 8),
+    "--resume where a FIFO holds the resume state's name": ([C, "mlp.pt", "--resume", "-o", "piped.fixclf.pt"], 8),
     "--arch-kwargs without --arch": ([C, "mlp.pt", "--arch-kwargs", '{"hidden": [512, 512]}'], 2),
     "bad --arch-kwargs JSON": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "{hidden:"], 2),
     "--arch-kwargs not an object": (["plan", "weights.pt", "--arch", "compressor.zoo:mlp", "--arch-kwargs", "[1]"], 2),
@@ -512,6 +517,7 @@ def _case_dir(template: Path, root: Path, name: str) -> Path:
     os.mkfifo(workdir / "fifo.npz")  # a pipe nobody writes to: opening it would block forever
     os.mkfifo(workdir / "fifo.pt")
     os.mkfifo(workdir / "shards_fifo" / "b.npy")
+    os.mkfifo(workdir / "piped.fixclf.resume.pt")
     return workdir
 
 

@@ -22,6 +22,10 @@ def test_messages_say_what_to_do(results):
     said = {name: results[name]["stderr"] for name in CASES}
     assert "--trust-pickle" in said["malicious pickle"] and "system" in said["malicious pickle"]
     assert "system" in said["protocol-0 pickle calling os.system"] and "--trust-pickle" in said["protocol-0 pickle calling os.system"]
+    for taken in ("a directory", "a FIFO"):
+        assert "is not a regular file" in said[f"--resume where {taken} holds the resume state's name"]
+    legacy = said["legacy (PyTorch < 1.6) checkpoint calling os.system after its tensors"]
+    assert "system to load" in legacy and "--trust-pickle" in legacy and "truncated" not in legacy
     assert "--arch compressor.checkpoint:build_arch" in said["arch gadget in a fixclf checkpoint"]
     assert "--data" in said["data field naming code"]
     assert "integer class indices" in said["one-hot labels"] and "argmax" in said["one-hot labels"]
