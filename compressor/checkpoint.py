@@ -466,8 +466,8 @@ def _key_mismatch(state: dict, model: nn.Module) -> str | None:
 
 
 def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
-    """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model).
-    Only the values are taken: a tensor object from the file (a Parameter rebuilt with backward hooks,
+    """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)
+    into ``model`` made float32 (whatever precision its factory built it in). Only the values are taken: a tensor object from the file (a Parameter rebuilt with backward hooks,
     which torch's weights-only loader allows) never becomes the model's own."""
     state = {key: value.detach() if isinstance(value, torch.Tensor) else value
              for key, value in _unwrapped(state, model).items()}
@@ -475,6 +475,8 @@ def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = Fals
         raise CheckpointError(f"the architecture builds its weights on the meta device (shapes without memory), so "
                               f"{source}'s values cannot be loaded into it; build it on the CPU (no device='meta' in "
                               "--arch-kwargs or the factory)")
+    if not assign:  # float32 before the values arrive: a factory's bfloat16 / float16 layers would round them
+        model.float()
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -69,6 +69,9 @@ def test_real_architecture_shapes_end_to_end(name, workdir):
     model = load_compressed_model(f"{name}.fixclf.pt", arch=getattr(architectures, name))
     assert torch.equal(model(torch.ones(2, *INPUTS[name])), load_compressed_model(f"{name}.fixclf.pt", arch=ARCH[name])(
         torch.ones(2, *INPUTS[name])))
+    in_bfloat16 = load_compressed_model(f"{name}.fixclf.pt",  # the float32 values, not rounded to the factory's dtype
+                                        arch=lambda **kwargs: getattr(architectures, name)(**kwargs).to(torch.bfloat16))
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in in_bfloat16.state_dict().items())
     x = torch.from_numpy(np.load("data.npz")["x"][:64])
     with torch.no_grad():
         expected = model(x)
