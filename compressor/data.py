@@ -238,6 +238,7 @@ class _ShardStore(_Store):
         if len(set(labelled)) > 1:
             raise DataError(f"--data {source}: some shards have labels and some do not; label all or none")
         self.labelled = labelled[0]
+        self.headers = headers
         self.sizes = torch.tensor([s[0] for s in shapes])
         self.starts = torch.cumsum(self.sizes, 0) - self.sizes
         self.rows = int(self.sizes.sum())
@@ -295,6 +296,10 @@ class _ShardStore(_Store):
         except Exception as exc:
             raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); the shard is "
                             "damaged: write it again with numpy.save / numpy.savez") from exc
+        if (x.shape, x.dtype) != self.headers[i]:  # read when the run began: rows beyond it would be an IndexError
+            raise DataError(f"--data {self.source}: shard {path.name} changed during the run (x of shape "
+                            f"{self.headers[i][0]}, {self.headers[i][1]} when the run began, now {x.shape}, {x.dtype}); "
+                            "leave the data as it is while fixclf runs, then run again")
         if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0]):
             raise DataError(f"--data {self.source}: shard {path.name} has {x.shape[0]} rows but labels of shape {y.shape}")
         self._resident = (i, (x, y))

@@ -403,3 +403,26 @@ def test_arrays_named_as_another_split_are_refused_and_other_extra_arrays_are_no
     np.savez(tmp_path / "keras.npz", x=x, y=y, x_test=x[:5], y_test=y[:5])
     with pytest.raises(DataError, match=r"'x_test', 'y_test' are not among the arrays fixclf reads"):
         load_data(tmp_path / "keras.npz")
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz"])
+def test_a_shard_replaced_during_the_run_is_a_data_error_naming_it(tmp_path, kind):
+    """Shards are read when their rows are needed: one rewritten with fewer rows (or another dtype) since
+    the run began is refused by name, not an IndexError from rows it no longer has."""
+    raw = np.load(SAMPLES / "digits.npz")
+    x, y = raw["x"][:600], raw["y"][:600]
+
+    def write(name: str, rows: slice) -> None:
+        if kind == "npy":
+            np.save(tmp_path / f"{name}.npy", x[rows])
+            np.save(tmp_path / f"{name}.y.npy", y[rows])
+        else:
+            np.savez(tmp_path / f"{name}.npz", x=x[rows], y=y[rows])
+
+    write("a", slice(0, 300))
+    write("b", slice(300, 600))
+    data = load_data(tmp_path, seed=0)
+    assert _all(data, "train")[0].shape[0] == data.training_rows()
+    write("b", slice(300, 350))
+    with pytest.raises(DataError, match=r"shard b\.np[yz] changed during the run .*\(300, 64\).* now \(50, 64\)"):
+        _all(data, "train")
