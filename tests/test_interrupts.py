@@ -41,16 +41,27 @@ def _signal(pid: int, sig: int, again: float | None) -> None:
         os.kill(pid, sig)
 
 
+def _handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed its SIGTERM handler (Linux's caught-signals mask): fixclf's entry
+    point installs its handlers first of all; before that, the interpreter is still starting."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 def _interrupt(args: list[str], workdir: Path, sig: int, when: str | float, again: float | None = None
                ) -> tuple[int, str, dict, dict]:
     """Start the CLI, send ``sig`` soon after stderr shows ``when`` (0.5 s into a fine-tune; 0.05 s into a
-    shorter stage, which on a fast machine can end within 0.5 s) or ``when`` seconds after a start from
-    scratch (inside the imports), and with ``again`` a second time that many seconds later (a double
-    Ctrl-C, landing in the clean-up)."""
+    shorter stage, which on a fast machine can end within 0.5 s) or ``when`` seconds after the entry
+    point took over from the starting interpreter (inside the imports), and with ``again`` a second
+    time that many seconds later (a double Ctrl-C, landing in the clean-up)."""
     before = tree(workdir)
     if not isinstance(when, str):
         proc = subprocess.Popen([*FIXCLF, *args], cwd=workdir, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
+        while not _handles_sigterm(proc.pid):  # a signal before that is the interpreter's (its traceback)
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.005)
         time.sleep(when)
         _signal(proc.pid, sig, again)
         stderr = proc.communicate(timeout=120)[1]
