@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 INTERRUPTED = 130
 RETRY_S = 0.02
 HOLD_MAX_S = 5.0
+ORPHAN_POLL_S = 0.5
 INSIST_AFTER_S = 0.5  # a repeat sooner is the same Ctrl-C arriving twice (--nproc's parent forwards it to its children)
 STATE: dict = {"signalled": False, "held_since": None}
 
@@ -74,10 +76,33 @@ def ignore_late_signals() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _launcher() -> int | None:
+    """The process id of the ``fixclf compress --nproc`` that started this process (its
+    ``compressor.distributed.LAUNCHED`` variable; not imported here, it would import torch), else None."""
+    launcher = os.environ.get("FIXCLF_LAUNCHED", "")
+    return int(launcher) if launcher.isdigit() else None
+
+
 def launched_by_fixclf() -> bool:
-    """One of the processes ``--nproc`` started (``compressor.distributed.LAUNCHED``; not imported here,
-    it would import torch): on Ctrl-C the launcher says so, once, for all of them."""
-    return os.environ.get("FIXCLF_LAUNCHED") == "1"
+    """One of the processes ``--nproc`` started: on Ctrl-C the launcher says so, once, for all of them."""
+    return _launcher() is not None
+
+
+def stop_when_orphaned() -> None:
+    """In a process ``--nproc`` started: once its launcher is gone (killed with SIGKILL, which it cannot
+    pass on; this process is then re-parented), stop as on SIGTERM, so that nothing is written for a
+    job nobody waits for. A daemon thread looks every ``ORPHAN_POLL_S``; SIGTERM then unwinds the main
+    thread as Ctrl-C does (or is ignored once the outputs are committed)."""
+    launcher = _launcher()
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fixclf-launcher-watch", daemon=True).start()
 
 
 def one_of_several_processes() -> bool:
@@ -95,6 +120,7 @@ def main() -> None:
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
         signal.signal(signal.SIGHUP, _on_signal)
     signal.signal(signal.SIGALRM, _on_retry)
+    stop_when_orphaned()
     for fd, name in ((1, "stdout"), (2, "stderr")):  # started with it closed (`fixclf ... >&-`): print nowhere
         if getattr(sys, name) is None:
             devnull = os.open(os.devnull, os.O_WRONLY)

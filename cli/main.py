@@ -51,10 +51,11 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") in ("0", "") or not entry.one_of_several_processes()
 
 
-def _error(message: str, code: int) -> int:
+def _error(message: str, code: int, heard_only_here: bool = False) -> int:
+    """Print ``error: message`` (on rank 0, or on any process for an error the others never heard of); return ``code``."""
     STATE["reported"] = True
-    if _is_rank_zero():
-            err.print(f"error: {_one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
+    if _is_rank_zero() or heard_only_here:
+        err.print(f"error: {_one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
     return code
 
 
@@ -371,7 +372,7 @@ def _exit_code(exc: BaseException) -> int:
     if interrupted:
         return _error("interrupted; nothing was written", Interrupted.exit_code)
     if isinstance(exc, FixclfError):
-        return _error(str(exc), exc.exit_code)
+        return _error(str(exc), exc.exit_code, getattr(exc, "heard_only_here", False))
     if isinstance(exc, typer.Exit):
         return exc.exit_code
     if isinstance(exc, SystemExit) and (exc.code is None or isinstance(exc.code, int)):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .errors import FixclfError, Interrupted, UsageError, exited_in_user_code
 
-__all__ = ["World", "world_from_environment", "launch", "DistributedError", "RemoteError"]
+__all__ = ["World", "world_from_environment", "launch", "heard_only_here", "DistributedError", "RemoteError"]
 
 TIMEOUT = timedelta(minutes=30)  # the longest a process waits for the others (rank 0 exports meanwhile)
 RENDEZVOUS_S = 300.0  # the longest a process waits for the others to start (torchrun starts them together)
@@ -81,8 +81,8 @@ class World:
         try:
             dist.all_gather_object(outcomes, mine)
         except Exception as exc:
-            raise DistributedError(f"lost contact with the other processes ({type(exc).__name__}); one of them "
-                                   "stopped: see its output") from exc
+            raise heard_only_here(DistributedError(f"lost contact with the other processes ({type(exc).__name__}); one "
+                                                   "of them stopped: see its output"), self.rank) from exc
         if error is not None:
             error.agreed = True  # every process knows it now: stage() must not report it again
             raise error
@@ -146,8 +146,29 @@ def _whole_number(variable: str, default: str | None) -> int:
                          "or --nproc") from None
 
 
+def heard_only_here(error: FixclfError, rank: int | None = None) -> FixclfError:
+    """Mark ``error`` as this process's alone, which no other process heard of (its environment was
+    wrong, or it lost the others): only rank 0 prints an agreed error, but this one every process
+    prints itself (prefixed with its ``rank`` where known), else a non-zero rank would exit silently."""
+    if rank is not None:
+        error = type(error)(f"rank {rank}: {error}")
+    error.heard_only_here = True
+    return error
+
+
 def world_from_environment(device: str) -> World:
-    """The job this process belongs to (from torchrun's environment); joins its process group."""
+    """The job this process belongs to (from torchrun's environment); joins its process group. Its
+    errors are this process's alone (:func:`heard_only_here`)."""
+    try:
+        return _join(device)
+    except FixclfError as exc:
+        rank = os.environ.get("RANK", "")
+        if not rank.isdigit():
+            raise heard_only_here(exc)
+        raise heard_only_here(exc, int(rank)) from exc
+
+
+def _join(device: str) -> World:
     size = _whole_number("WORLD_SIZE", "1")
     if size <= 1:
         return World()
@@ -238,7 +259,9 @@ WORKER = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]
 that puts the current directory first, so a user's ``cli.py`` or ``compressor.py`` there would be run
 instead (the user's ``--arch`` / ``--data`` modules are found there later, as in one process)."""
 LAUNCHED = "FIXCLF_LAUNCHED"
-"""Set in the processes :func:`launch` starts: on Ctrl-C the launcher alone says so, in one line."""
+"""Set in the processes :func:`launch` starts, to the launcher's process id: on Ctrl-C the launcher alone
+says so, in one line; and a process whose launcher is gone (killed with SIGKILL, which it cannot pass
+on) stops as on SIGTERM (cli/entry.py) rather than write outputs nobody waits for."""
 
 
 def launch(arguments: list[str], processes: int) -> int:
@@ -249,7 +272,7 @@ def launch(arguments: list[str], processes: int) -> int:
     one of fixclf's documented codes, unlike torchrun's own 1. A process that dies without
     reporting ends the others after :data:`GRACE_SECONDS`; Ctrl-C is passed to every process."""
     base = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), LAUNCHED: "1"}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), LAUNCHED: str(os.getpid())}
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     children = [subprocess.Popen([sys.executable, "-c", WORKER, *arguments],
                                  env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})

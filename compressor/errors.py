@@ -17,7 +17,9 @@ code   class                        meaning
 =====  ==========================  ==============================================
 
 Under torchrun every process exits with the code of the first failing process's error
-(:class:`compressor.distributed.RemoteError` carries it); only rank 0 prints the line.
+(:class:`compressor.distributed.RemoteError` carries it); only rank 0 prints the line, except for an
+error the other processes never heard of (a wrong environment, a lost peer: its ``heard_only_here``
+is set), which the process that met it prints itself.
 """
 from __future__ import annotations
 

@@ -206,6 +206,36 @@ def test_ctrl_c_under_nproc_is_said_once_and_writes_nothing(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} <= {"m.fixclf.resume.pt"}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_processes_of_a_launcher_killed_outright_stop_and_write_nothing(tmp_path):
+    """SIGKILL cannot be passed on: the launcher's processes notice it gone (they are re-parented) and stop
+    as on SIGTERM, rather than finish a job nobody waits for and write its outputs later."""
+    log = tmp_path.parent / f"{tmp_path.name}.err"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.entry", "compress", MLP, "--nproc", "2", "--epochs", "400",
+                                 "-o", str(tmp_path / "m.fixclf.pt")], cwd=tmp_path, env={**ENV, "FIXCLF_PROGRESS": "1"},
+                                stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "Fine-tuning" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), log.read_text()
+    assert list(tmp_path.iterdir()) == []
+
+
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc's adaptive threshold would add fragmentation noise
 
 
@@ -420,8 +450,9 @@ def test_an_environment_no_process_group_can_be_joined_with_is_refused_before_jo
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(UsageError, match=refusal):
+    with pytest.raises(UsageError, match=refusal) as refused:
         world_from_environment("cpu")
+    assert refused.value.heard_only_here  # no other process heard of it: this one prints it, whatever its rank
 
 
 @pytest.mark.parametrize("rank, host, failure", [
@@ -441,6 +472,17 @@ def test_a_process_whose_peers_never_start_gives_up_by_name(monkeypatch, rank, h
     with pytest.raises(error, match=message):
         distributed.world_from_environment("cpu")
     assert not torch.distributed.is_initialized()
+
+
+def test_a_process_other_than_rank_0_prints_an_error_no_other_process_heard_of(tmp_path):
+    """Only rank 0 prints an error every process agreed on; an error of this process's own environment
+    (here a rank outside the job), which no other process will report, it prints itself: one line."""
+    done = subprocess.run([sys.executable, "-m", "cli.entry", "compress", MLP, "-o", str(tmp_path / "m.fixclf.pt")],
+                          cwd=tmp_path, env={**ENV, "WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": str(_free_port())}, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: rank 5: the environment says RANK=5 of WORLD_SIZE=2") and done.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_stops_a_process_waiting_for_its_peers(tmp_path):
