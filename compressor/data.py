@@ -532,6 +532,7 @@ class _StreamSource(DataSource):
         self.dataset, self.source, self.files = dataset, source, files
         self.offset = seed % STREAM_HOLDOUT_EVERY
         self.train_rows = self.val_rows = None
+        self.counted_by_len = False
         self.first_items: dict[int, bytes | None] = {}
         need = max(self.offset + 1, 2)  # item `offset` is the first held out; one other is the first to train on
         firsts = list(itertools.islice(self._items(), need))
@@ -584,9 +585,20 @@ class _StreamSource(DataSource):
             if split == "val" and held == HOLDOUT_MAX:  # no more held-out items can come
                 break
         if split == "train":
+            self._check_same_count(count)
             self.train_rows = count
         else:
             self.val_rows = count
+
+    def _check_same_count(self, count: int) -> None:
+        """A whole pass yields as many training items as the stream's ``len()`` promised, or as the pass
+        before: the fine-tune's steps and its learning-rate schedule are sized by that count."""
+        if self.train_rows is None or count == self.train_rows:
+            return
+        said = "its len() promised" if self.counted_by_len else "the pass before gave"
+        raise DataError(f"--data {self.source}: a pass over the stream gave {count:,} training items where {said} "
+                        f"{self.train_rows:,}; the fine-tune is sized by that count, so every pass must yield the same "
+                        "items (and __len__, if defined, their number)")
 
     def batches(self, split, batch_size, *, epoch=None, seed=0, rank=0, world=1, skip=0, mix=False):
         training = epoch is not None
@@ -605,7 +617,7 @@ class _StreamSource(DataSource):
         """From the stream's ``len()`` when it has one, else counted by one reading pass, which fails
         after ``seconds`` (a stream that never ends would otherwise be counted forever)."""
         if self.train_rows is None and _has_len(self.dataset):
-            items = len(self.dataset)
+            items, self.counted_by_len = len(self.dataset), True
             self.val_rows = min(HOLDOUT_MAX, len(range(self.offset, items, STREAM_HOLDOUT_EVERY)))
             self.train_rows = items - self.val_rows
         deadline = None if seconds is None else time.monotonic() + seconds

@@ -426,3 +426,30 @@ def test_a_shard_replaced_during_the_run_is_a_data_error_naming_it(tmp_path, kin
     write("b", slice(300, 350))
     with pytest.raises(DataError, match=r"shard b\.np[yz] changed during the run .*\(300, 64\).* now \(50, 64\)"):
         _all(data, "train")
+
+
+
+class _Shrinking(_Rows):
+    """Rows that lose their last row on every pass, as a stream reading a file being truncated would."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(torch.from_numpy(self.x[:len(self.x) - self.passes]))
+
+
+class _Promising(_Rows):
+    def __len__(self):
+        return len(self.x) + 20
+
+
+@pytest.mark.parametrize("stream, said", [(_Promising, "gave 80 training items where its len\\(\\) promised 96"),
+                                          (_Shrinking, "gave 77 training items where the pass before gave 78")])
+def test_a_stream_whose_item_count_differs_from_its_len_or_from_pass_to_pass_is_a_data_error(stream, said):
+    """The fine-tune's steps and schedule are sized by the training item count: a pass that yields another
+    number of items than len() promised, or than the pass before, is refused rather than trained on."""
+    data = _StreamSource(stream(np.arange(100 * 2, dtype=np.float32).reshape(100, 2)), "stream", (), 0)
+    data.training_rows()
+    with pytest.raises(DataError, match=f"a pass over the stream {said}"):
+        list(data.batches("train", 16, epoch=1))
