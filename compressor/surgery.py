@@ -3,7 +3,8 @@
 The **heads** (the Linears that make the logits) and the Linears the forward pass rules out (never
 called; a subclass of ``nn.Linear`` that does not compute ``x W^T + b``) are found by running the
 model on a few rows (:mod:`compressor.trace`; ``compress`` always has them, ``plan`` when there is
-data; without them the last ``nn.Linear`` registered is the head and subclasses stay dense).
+data; without them the last ``nn.Linear`` registered is the head and subclasses stay dense), and so
+are those the training-mode logits do not reach (a replacement there would never train).
 Every other ``nn.Linear`` is a **hidden** FC layer. A model that is itself one ``nn.Linear`` is a
 head. A Linear registered under several names (``self.b = self.a``) is planned once, under its
 first name, matched by a pattern through any of them, and replaced under every name, so the tie
@@ -70,7 +71,7 @@ from .layers.base import DenseAttributeRead, own_stored_tensors
 from .layers.registry import LayerSpec
 from .modelcopy import copy_model
 from .options import DEPTH_MAX, KEEP, PlanOptions
-from .trace import layer_inputs, survey
+from .trace import UNTRAINED, layer_inputs, survey, untrained_in_training
 
 __all__ = ["LayerPlan", "make_plan", "keep_dense", "apply_plan", "initialise_from_dense", "linear_layers",
            "replaced_numbers", "replaced_parameters", "with_dense_layer"]
@@ -205,8 +206,10 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     if example is None:
         return keep_dense(plan, keep or {})
     plan = keep_dense(plan, _read_by_the_model(model, plan, example))
+    untrained = untrained_in_training(model, [entry.name for entry in plan if entry.replaced], example)
+    plan = keep_dense(plan, dict.fromkeys(untrained, UNTRAINED))
     if not any(entry.replaced for entry in plan):
-        raise PlanError(_nothing_replaced({"read by the model"}, without_data=False))
+        raise PlanError(_nothing_replaced({"untrained"} if untrained else {"read by the model"}, without_data=False))
     plan = keep_dense(plan, _heads_without_a_deep_feeder(plan, found.feeders))
     if not any(entry.replaced for entry in plan):
         raise PlanError(_nothing_replaced({"classes"} | {rule for _, rule in planned if rule == "options"},
@@ -338,7 +341,8 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     """Why no layer is replaced, from the rules that kept them (:func:`_plan_layer`; "read by the model":
-    :func:`_read_by_the_model` kept every layer the plan had left to replace; "classes": only wide heads
+    :func:`_read_by_the_model` kept every layer the plan had left to replace; "untrained": the training-mode
+    logits reach none of those left, :func:`~compressor.trace.untrained_in_training`; "classes": only wide heads
     without a deep feeder were left, :func:`_heads_without_a_deep_feeder`)."""
     if "size" in rules and rules <= {"size", "head keep"}:
         return ("no layer would be replaced: each replacement would store more numbers than its dense layer (layers this "
@@ -351,6 +355,9 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
                 "them that could be made deeper, and a fixed head there loses most of the accuracy")
         return f"{wide}; relax --include/--exclude or --hidden" if "options" in rules else \
             f"{wide}: fixclf has nothing to compress in this model"
+    if rules == {"untrained"}:
+        return ("no layer would be replaced: the logits of the model's training-mode forward do not reach the Linears "
+                "left to replace (it returns their outputs apart from the logits), so replacements would never train")
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
@@ -411,21 +418,34 @@ def with_dense_layer(compressed: nn.Module, original: nn.Module, name: str) -> n
     return model
 
 
+INIT_ROWS = 4096
+"""The most activation rows one layer's initialisation holds, evenly spaced over the calibration
+rows times their tokens: a ViT-B's 1,024 calibration images are 200k token rows at every Linear,
+about 50 GB for all of them."""
+
+
 def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each named module's input when ``model`` runs on ``x``, flattened to (rows, features)."""
-    return layer_inputs(model, names, x, lambda inputs: inputs.detach().reshape(-1, inputs.shape[-1]))
+    """Each named module's input when ``model`` runs on ``x``, flattened to (rows, features), at most
+    :data:`INIT_ROWS` of them, evenly spaced."""
+    return layer_inputs(model, names, x, lambda inputs: _evenly(inputs.detach().reshape(-1, inputs.shape[-1]), INIT_ROWS))
+
+
+def _evenly(rows: torch.Tensor, limit: int) -> torch.Tensor:
+    """``rows``, or ``limit`` of them evenly spaced from the first to the last."""
+    return rows if rows.shape[0] <= limit else rows[torch.linspace(0, rows.shape[0] - 1, limit).round().long()]
 
 
 def initialise_from_dense(original: nn.Module, compressed: nn.Module, plan: list[LayerPlan], x: torch.Tensor,
                           *, fit: bool = False) -> None:
     """Initialise the replaced layers of ``compressed`` from the dense layers they replaced in ``original``.
 
-    ``x``: calibration inputs of the whole model (M, ...); each layer sees the activations the
-    *original* model feeds it (token axes flattened into rows). ``fit``: hidden layers are first
-    fitted to their dense layers by least squares (``--init fit``; see the module docstring).
+    ``x``: calibration inputs of the whole model (M, ...); each layer that needs them (the heads; every
+    layer with ``fit``) sees the activations the *original* model feeds it (token axes flattened into
+    rows, :data:`INIT_ROWS` at most); the others get None. ``fit``: hidden layers are first fitted to
+    their dense layers by least squares (``--init fit``; see the module docstring).
     """
     replaced = [p for p in plan if p.replaced]
-    inputs = _capture_inputs(original, [p.name for p in replaced], x)
+    inputs = _capture_inputs(original, [p.name for p in replaced if fit or p.role == "head"], x)
     for entry in replaced:
         entry.spec.init_from_dense(compressed.get_submodule(entry.name), original.get_submodule(entry.name),
-                                   inputs[entry.name], fit=fit)
+                                   inputs.get(entry.name), fit=fit)

@@ -24,6 +24,9 @@ with a forward hook on every Linear. Then:
   the model's input too (``x + f(x)``; a floating-point input is traced as a node of the graph
   for this) or through a mixing layer (an LSTM, attention pooling) has no feeder.
 
+A training-mode pass (on a copy) finds the Linears the *training-mode* logits do not reach
+(:func:`untrained_in_training`): fine-tuning could never train their replacements.
+
 A second pass on the same rows must give the same output: a forward pass with dropout or sampling
 left on cannot be distilled or validated; nor can one whose output carries no gradient
 (``torch.no_grad()`` inside forward). Outputs that are not logits (not a tensor, no class
@@ -32,6 +35,7 @@ axis, one class) are refused. All refusals are :class:`~compressor.errors.PlanEr
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
@@ -40,8 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PlanError
+from .modelcopy import copy_model
 
-__all__ = ["Survey", "survey", "layer_inputs", "check_classes", "LOGIT_PRESERVING", "NOT_CALLED"]
+__all__ = ["Survey", "survey", "layer_inputs", "untrained_in_training", "check_classes", "LOGIT_PRESERVING", "NOT_CALLED",
+           "UNTRAINED"]
 
 NOT_CALLED = "not called by the forward pass"
 LOGIT_PRESERVING = frozenset({
@@ -263,6 +269,62 @@ def _linears_before(start, produced_by: dict, stop: Callable[[object], bool] | N
 def _input(args: tuple, kwargs: dict):
     """A layer's input, however it was passed (``layer(x)`` or ``layer(input=x)``)."""
     return args[0] if args else kwargs.get("input")
+
+
+UNTRAINED = ("its output does not reach the logits the training-mode forward returns (it is returned apart from them, "
+             "as DeiT's distillation training returns its second head), so a replacement would never train")
+TRAINING_PROBES = 3  # training-mode passes: a layer a random layer-drop skipped in one is met in another
+
+
+def untrained_in_training(model: nn.Module, names: list[str], example: torch.Tensor) -> set[str]:
+    """The named Linears whose output the logits of a training-mode forward never reach: fine-tuning
+    takes the training-mode logits (the output, or the first of a ``(logits, aux, ...)`` tuple), so a
+    Linear the evaluation-mode output uses but those logits do not (DeiT's distillation head, which
+    evaluation averages in and training returns apart) would never train if replaced.
+
+    On a copy of ``model`` (its buffers and the caller's random state untouched), every call of each
+    Linear gets a zero that records gradients added to its output; a Linear none of whose zeros the
+    sum of the logits reaches, in any of :data:`TRAINING_PROBES` passes on ``example``, is returned.
+    Empty when that cannot be told (a training-mode output that is not logits of the evaluation
+    output's shape, or any error): the fine-tune reports those."""
+    trial = copy_model(model)
+    zeros: dict[str, list[torch.Tensor]] = {}
+
+    def add_zero(name: str, module: nn.Module, args: tuple, kwargs: dict, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            zeros.setdefault(name, []).append(torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True))
+            return out + zeros[name][-1]
+        return None
+
+    unreached = set(names)
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # the probe's warnings (a training-mode forward on 2 rows) are its own
+            with torch.no_grad():
+                shape = trial.eval()(example.clone()).shape
+            with _hooked([(name, trial.get_submodule(name)) for name in names], add_zero):
+                for _ in range(TRAINING_PROBES):
+                    zeros.clear()
+                    logits = _training_logits(trial.train()(example.clone()))
+                    if logits is None or logits.shape != shape or not logits.requires_grad:
+                        return set()
+                    probes = [(name, zero) for name, made in zeros.items() for zero in made]
+                    grads = torch.autograd.grad(logits.float().sum(), [zero for _, zero in probes], allow_unused=True) \
+                        if probes else []
+                    unreached -= {name for (name, _), grad in zip(probes, grads) if grad is not None}
+                    if not unreached:
+                        break
+    except Exception:  # noqa: BLE001 (not this check's to report)
+        return set()
+    return unreached
+
+
+def _training_logits(output) -> torch.Tensor | None:
+    """The logits of a training-mode output: itself, or the first element of a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
+    return first if isinstance(first, torch.Tensor) else None
 
 
 @torch.no_grad()

@@ -118,6 +118,26 @@ def test_token_inputs_initialise_per_token_row():
     assert torch.allclose(compressed[2].bias, prior, atol=1e-5)
 
 
+def test_initialisation_holds_only_the_activations_it_uses_and_few_rows_of_each(monkeypatch):
+    """Without --init fit only the heads read calibration activations; with it, each layer holds at most
+    INIT_ROWS token rows, evenly spaced from the first to the last (a ViT's 1,024 images times 197 tokens
+    at every Linear would be tens of GB)."""
+    from compressor import surgery
+
+    monkeypatch.setattr(surgery, "INIT_ROWS", 10)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    x = torch.randn(6, 9, 16)
+    rows = _capture_inputs(model, ["0"], x)["0"]
+    assert torch.equal(rows[0], x[0, 0]) and torch.equal(rows[-1], x[-1, -1]) and rows.shape == (10, 16)
+    captured = []
+    original = surgery.layer_inputs
+    monkeypatch.setattr(surgery, "layer_inputs", lambda m, names, *args: captured.append(names) or original(m, names, *args))
+    plan = make_plan(model, example=x[:2])
+    for fit in (False, True):
+        initialise_from_dense(model, apply_plan(copy.deepcopy(model), plan), plan, x, fit=fit)
+    assert captured == [["4"], ["0", "2", "4"]]
+
+
 def test_a_replacement_that_would_store_more_stays_dense():
     plan = make_plan(nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 2)),
                      example=torch.randn(4, 3))
@@ -579,3 +599,38 @@ def test_a_feeder_is_made_only_as_deep_as_stores_fewer_numbers_than_its_dense_la
     deeper = feeder.spec.make(64, 64, {**feeder.options, "depth": feeder.options["depth"] + 1})
     assert 2 < feeder.options["depth"] < 64 and "wanted 64" in feeder.reason
     assert feeder.params_after < feeder.params_before <= count_stored(deeper)
+
+
+class _TwoHeadsApartInTraining(nn.Module):
+    """DeiT's distillation training: evaluation averages two heads; training returns them apart, the
+    second as an auxiliary output the fine-tune's loss leaves out."""
+
+    def __init__(self, second_in_training: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.head, self.head_dist = nn.Linear(64, 128), nn.Linear(128, 10), nn.Linear(128, 10)
+        self.second_in_training = second_in_training
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.fc1(x))
+        if self.training and not self.second_in_training:
+            return self.head(h), self.head_dist(h)
+        return (self.head(h) + self.head_dist(h)) / 2
+
+
+def test_a_layer_the_training_mode_logits_do_not_reach_stays_dense():
+    """Fine-tuning trains what the training-mode logits reach: a head the evaluation output averages in
+    but training returns apart would keep its fixed start forever if replaced, so it stays dense, with
+    its reason; the same model returning the average in both modes has both heads replaced. The
+    caller's model and random state are left as they were."""
+    torch.manual_seed(0)
+    model, x = _TwoHeadsApartInTraining(), torch.randn(2, 64)
+    state, rng, mode = copy.deepcopy(model.state_dict()), torch.get_rng_state(), model.training
+    plan = {entry.name: entry for entry in make_plan(model, example=x)}
+    assert plan["head_dist"].kind is None and "would never train" in plan["head_dist"].reason
+    assert plan["head"].kind == "hadamard" and plan["fc1"].kind == "acdc"
+    assert torch.equal(torch.get_rng_state(), rng) and model.training == mode
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    averaged = {entry.name: entry.kind for entry in make_plan(_TwoHeadsApartInTraining(True), example=x)}
+    assert averaged == {"fc1": "acdc", "head": "hadamard", "head_dist": "hadamard"}
+    with pytest.raises(PlanError, match="training-mode forward do not reach the Linears left to replace"):
+        make_plan(model, PlanOptions(include=["head_dist"]), example=x)

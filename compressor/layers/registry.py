@@ -69,10 +69,10 @@ def init_head_from_dense(head: nn.Module, dense: nn.Linear, x: torch.Tensor, fit
         head.bias.copy_(dense(x).mean(0))
 
 
-def fit_to_dense(module: nn.Module, dense: nn.Linear, x: torch.Tensor, fit: bool = False) -> None:
+def fit_to_dense(module: nn.Module, dense: nn.Linear, x: torch.Tensor | None, fit: bool = False) -> None:
     """With ``fit``, least squares on calibration activations: min ||module(x) - dense(x)||^2
     (:data:`FIT_STEPS` Adam steps, cosine schedule); without it the layer's own start stays (ACDC's near-identity
-    layers, Fastfood's random map)."""
+    layers, Fastfood's random map) and ``x`` is None (never captured)."""
     if not fit:
         return
     with torch.no_grad():
