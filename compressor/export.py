@@ -244,6 +244,16 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def _export_advice(cause: str, axes: dict[int, str]) -> str:
+    """What to do when the exporter fails: the file takes inputs of any size along ``axes`` (the batch,
+    with --dynamic-tokens the tokens), so the forward must trace with those sizes symbolic."""
+    dims = ", ".join(f"{axis}: torch.export.Dim({name!r})" for axis, name in axes.items())
+    view = ("a .view() whose strides the exporter cannot prove for every size exports as .reshape() (timm: "
+            "TIMM_FUSED_ATTN=0 avoids its fused attention path); " if "Cannot view a tensor" in cause else "")
+    return (f"{view}the ONNX file takes any size along axes {sorted(axes)}, so the forward must trace with them "
+            f"symbolic: torch.export.export(model, (x,), dynamic_shapes=({{{dims}}},)) shows where it does not")
+
+
 _OPERATOR_REGISTRIES: dict[tuple, object] = {}
 
 
@@ -499,7 +509,7 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Expor
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
-        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
+        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}; {_export_advice(_root_cause(exc), axes)}") from exc
     _check_axes_are_dynamic(proto, axes)
     notes = _check_held_ranges(model, example, axes, _held_ranges(program, axes))
     _strip_debug_info(proto)
