@@ -119,20 +119,36 @@ def _unsafe_globals(path: Path) -> list[str]:
             return found
     except Exception:  # not a zip checkpoint: scan the raw pickle's opcodes
         pass
-    names, strings = [], []
+    names = []
     stream = io.BytesIO(path.read_bytes())  # a plain pickle, or the legacy format's pickles one after another
     try:
-        while stream.tell() < len(stream.getbuffer()):
-            for op, arg, _ in pickletools.genops(stream):  # one pickle, up to its STOP
-                if op.name in ("GLOBAL", "INST"):
-                    names.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # the legacy format's raw tensor bytes after its pickles, or a damaged file
+        for _ in range(LEGACY_PICKLES):
+            names += _globals_of_one_pickle(stream)
+            if stream.read(1) != pickle.PROTO:  # the legacy format's raw tensor bytes follow its last pickle
+                break
+            stream.seek(-1, io.SEEK_CUR)
+    except Exception:  # a damaged or truncated file: what was found so far
         pass
-    return [name for name in names if name not in _weights_only_globals()]
+    allowed = _weights_only_globals()
+    return [name for name in names if name not in allowed]
+
+
+LEGACY_PICKLES = 5
+"""Pickles a legacy (PyTorch < 1.6) file holds before its raw tensor bytes: magic number, protocol
+version, system info, the object, the storage keys."""
+
+
+def _globals_of_one_pickle(stream: io.BytesIO) -> list[str]:
+    """The classes and functions one pickle (read from ``stream`` up to its STOP) would import."""
+    names, strings = [], []
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names
 
 
 def _weights_only_globals() -> set[str]:

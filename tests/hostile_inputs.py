@@ -64,6 +64,9 @@ def write_inputs(d: Path, compressed: dict) -> None:
     (d / "evil0.pt").write_bytes(b"cos\nsystem\n(S'touch " + CANARY.encode() + b"'\ntR.")  # protocol 0, no class needed
     torch.save({"model": RunsCode()}, d / "evil_zip.pt")
     torch.save({"w": torch.zeros(2), "model": RunsCode()}, d / "evil_legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = io.BytesIO()  # 147 elements: the size field of its first tensor reads as the STACK_GLOBAL opcode (0x93)
+    torch.save(torch.nn.Linear(7, 21).state_dict(), legacy, _use_new_zipfile_serialization=False)
+    (d / "legacy_truncated.pt").write_bytes(legacy.getvalue()[:-100])
     torch.save(mlp(64, [512, 512], 10).state_dict(), d / "weights.pt")
     torch.save({**mlp(64, [512, 512], 10).state_dict(), "epoch": 7, "note": "best"}, d / "weights_and_epoch.pt")
     torch.save(torch.nn.Conv2d(1, 4, 3).state_dict(), d / "conv.pt")
@@ -326,6 +329,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "malicious pickle": ([C, "evil.pt"], 3),
     "protocol-0 pickle calling os.system": (["plan", "evil0.pt"], 3),
     "legacy (PyTorch < 1.6) checkpoint calling os.system after its tensors": (["plan", "evil_legacy.pt"], 3),
+    "legacy checkpoint truncated in its tensor bytes": (["plan", "legacy_truncated.pt"], 3),
     "zip checkpoint holding an object": (["plan", "evil_zip.pt"], 3),
     # malformed fields
     "arch=123": (["plan", "arch_int.pt"], 3),

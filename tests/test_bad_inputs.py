@@ -26,6 +26,8 @@ def test_messages_say_what_to_do(results):
         assert "is not a regular file" in said[f"--resume where {taken} holds the resume state's name"]
     legacy = said["legacy (PyTorch < 1.6) checkpoint calling os.system after its tensors"]
     assert "system to load" in legacy and "--trust-pickle" in legacy and "truncated" not in legacy
+    truncated = said["legacy checkpoint truncated in its tensor bytes"]
+    assert "may be truncated" in truncated and "--trust-pickle" not in truncated
     assert "--arch compressor.checkpoint:build_arch" in said["arch gadget in a fixclf checkpoint"]
     assert "--data" in said["data field naming code"]
     assert "integer class indices" in said["one-hot labels"] and "argmax" in said["one-hot labels"]
