@@ -238,7 +238,7 @@ class _ShardStore(_Store):
         if len(set(labelled)) > 1:
             raise DataError(f"--data {source}: some shards have labels and some do not; label all or none")
         self.labelled = labelled[0]
-        self.headers = headers
+        self.stamps = [self._stamps(i) for i in range(len(self.x_files))]
         self.sizes = torch.tensor([s[0] for s in shapes])
         self.starts = torch.cumsum(self.sizes, 0) - self.sizes
         self.rows = int(self.sizes.sum())
@@ -281,8 +281,30 @@ class _ShardStore(_Store):
         with zipfile.ZipFile(path) as archive:
             return "y.npy" in archive.namelist()
 
+    def _files(self, i: int) -> list[Path]:
+        """Shard ``i``'s files: its rows, and its labels when they are a file of their own."""
+        path = self.x_files[i]
+        return [path, path.with_name(path.stem + LABELS_SUFFIX)] if path.suffix == ".npy" and self.labelled else [path]
+
+    def _stamps(self, i: int) -> list[tuple[int, int, int] | None]:
+        """(inode, size, modification time) of shard ``i``'s files; None for one that is gone."""
+        stamps = []
+        for path in self._files(i):
+            try:
+                stat = path.stat()
+                stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                stamps.append(None)
+        return stamps
+
     def _shard(self, i: int) -> Rows:
-        """Shard ``i``'s rows (memory-mapped for .npy; the last .npz shard read stays resident)."""
+        """Shard ``i``'s rows (memory-mapped for .npy; the last .npz shard read stays resident), after
+        checking that its files are those the run began with: rows read from a memory-mapped file that
+        was rewritten in place would end the process (SIGBUS) or be other rows."""
+        if self._stamps(i) != self.stamps[i]:
+            raise DataError(f"--data {self.source}: shard {self.x_files[i].name} changed during the run (rewritten, "
+                            "replaced or removed since it began); leave the data as it is while fixclf runs, then run "
+                            "again")
         if self._resident is not None and self._resident[0] == i:
             return self._resident[1]
         path = self.x_files[i]
@@ -296,10 +318,6 @@ class _ShardStore(_Store):
         except Exception as exc:
             raise DataError(f"--data {self.source}: cannot read shard {path.name} ({type(exc).__name__}); the shard is "
                             "damaged: write it again with numpy.save / numpy.savez") from exc
-        if (x.shape, x.dtype) != self.headers[i]:  # read when the run began: rows beyond it would be an IndexError
-            raise DataError(f"--data {self.source}: shard {path.name} changed during the run (x of shape "
-                            f"{self.headers[i][0]}, {self.headers[i][1]} when the run began, now {x.shape}, {x.dtype}); "
-                            "leave the data as it is while fixclf runs, then run again")
         if y is not None and (y.ndim != 1 or y.shape[0] != x.shape[0]):
             raise DataError(f"--data {self.source}: shard {path.name} has {x.shape[0]} rows but labels of shape {y.shape}")
         self._resident = (i, (x, y))
