@@ -88,17 +88,28 @@ def launched_by_fixclf() -> bool:
     return _launcher() is not None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 def stop_when_orphaned() -> None:
     """In a process ``--nproc`` started: once its launcher is gone (killed with SIGKILL, which it cannot
-    pass on; this process is then re-parented), stop as on SIGTERM, so that nothing is written for a
-    job nobody waits for. A daemon thread looks every ``ORPHAN_POLL_S``; SIGTERM then unwinds the main
-    thread as Ctrl-C does (or is ignored once the outputs are committed)."""
+    pass on: this process's parent changes, or the launcher no longer exists), stop as on SIGTERM, so
+    that nothing is written for a job nobody waits for. A daemon thread looks every ``ORPHAN_POLL_S``;
+    SIGTERM then unwinds the main thread as Ctrl-C does (or is ignored once the outputs are committed)."""
     launcher = _launcher()
     if launcher is None:
         return
+    parent = os.getppid()  # the launcher, or a wrapper between them (an interpreter shim that forks)
 
     def watch() -> None:
-        while os.getppid() == launcher:
+        while os.getppid() == parent and _alive(launcher):
             time.sleep(ORPHAN_POLL_S)
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -565,11 +565,13 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
         data = _training_data(loaded, options)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
+        inputs = _inputs(loaded, data)
+        if options.finetune.resume:
+            check_resume_path(resume_path(paths["checkpoint"]), inputs)
         plan, costs, kept_for_latency = _plan(loaded, example := _example(data), options, measure_cost=False, world=world,
                                               verdict=_resumed_latency_verdict(options, paths["checkpoint"]))
         if not any(entry.replaced for entry in plan):
             raise PlanError(NOTHING_FASTER)
-        inputs = _inputs(loaded, data)
         artifacts = Artifacts(paths, inputs, options.force) if world.is_main else None
         if artifacts is not None:
             artifacts.check()
@@ -578,8 +580,6 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
             data.training_rows(seconds=options.finetune.max_time)
         options = replace(options, finetune=resolved_options(options.finetune, data))
         resume = _resume_file(options, loaded, data, paths["checkpoint"], world, kept_for_latency)
-        if resume is not None:
-            check_resume_path(resume.path, inputs)
         samples = data.head("val", VALIDATION_ROWS)[0] if world.is_main else None  # validation rows, read once
         original_bytes = _original_onnx(loaded.model, samples, options, events) if world.is_main else b""
     with artifacts if artifacts is not None else contextlib.nullcontext():

@@ -81,6 +81,8 @@ class World:
         try:
             dist.all_gather_object(outcomes, mine)
         except Exception as exc:
+            if error is not None:  # this process's own error, which the others never heard of
+                raise heard_only_here(error, self.rank) from exc
             raise heard_only_here(DistributedError(f"lost contact with the other processes ({type(exc).__name__}); one "
                                                    "of them stopped: see its output"), self.rank) from exc
         if error is not None:

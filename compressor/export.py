@@ -233,24 +233,33 @@ def _quiet():
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+    chain = [exc]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    return chain
+
+
 def _root_cause(exc: BaseException) -> str:
     """The innermost exception of ``exc``'s chain as one plain line: the exporter wraps the real cause
     (a view it cannot trace, an op it has no translation for) in its own multi-line, coloured message."""
-    seen = {id(exc)}
-    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        exc = inner
+    exc = _chain(exc)[-1]
     lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _export_advice(cause: str, axes: dict[int, str]) -> str:
-    """What to do when the exporter fails: the file takes inputs of any size along ``axes`` (the batch,
-    with --dynamic-tokens the tokens), so the forward must trace with those sizes symbolic."""
-    dims = ", ".join(f"{axis}: torch.export.Dim({name!r})" for axis, name in axes.items())
+def _export_advice(exc: BaseException, axes: dict[int, str]) -> str:
+    """What to do when capturing the forward (torch.export, the exporter's first step) failed: the file
+    takes inputs of any size along ``axes`` (the batch, with --dynamic-tokens the tokens), so the
+    forward must trace with those sizes symbolic. Nothing for a failure after it (an operator ONNX
+    has no translation for)."""
+    if not any(type(e).__name__ == "TorchExportError" for e in _chain(exc)):
+        return ""
+    dims = ", ".join(f"{axis}: torch.export.Dim({name!r}, min=1)" for axis, name in axes.items())
     view = ("a .view() whose strides the exporter cannot prove for every size exports as .reshape() (timm: "
-            "TIMM_FUSED_ATTN=0 avoids its fused attention path); " if "Cannot view a tensor" in cause else "")
-    return (f"{view}the ONNX file takes any size along axes {sorted(axes)}, so the forward must trace with them "
+            "TIMM_FUSED_ATTN=0 avoids its fused attention path); " if "Cannot view a tensor" in _root_cause(exc) else "")
+    return (f"; {view}the ONNX file takes any size along axes {sorted(axes)}, so the forward must trace with them "
             f"symbolic: torch.export.export(model, (x,), dynamic_shapes=({{{dims}}},)) shows where it does not")
 
 
@@ -509,7 +518,7 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, spec: ExportSpec) -> Expor
                                         output_names=[spec.output_name], external_data=False, optimize=False)
             proto = onnxscript.optimizer.optimize(program.model_proto, output_size_limit=FOLD_GROWTH_LIMIT)
     except Exception as exc:  # the exporter raises many types; one line for the user
-        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}; {_export_advice(_root_cause(exc), axes)}") from exc
+        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}{_export_advice(exc, axes)}") from exc
     _check_axes_are_dynamic(proto, axes)
     notes = _check_held_ranges(model, example, axes, _held_ranges(program, axes))
     _strip_debug_info(proto)

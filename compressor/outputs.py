@@ -60,6 +60,11 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def _is_input(path: Path, inputs: Iterable[Path]) -> bool:
+    """Whether ``path`` is one of ``inputs`` (the same file, also through a link, or the same resolved path)."""
+    return any(_same_file(path, source) or path.resolve() == Path(source).resolve() for source in inputs)
+
+
 def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
     """Refuse ``output`` before any work: an input, existing (without ``force``), or not writable."""
     parent = output.parent
@@ -75,7 +80,7 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
 
 def _check_target(output: Path, inputs: Iterable[Path], force: bool) -> None:
     for source in inputs:
-        if _same_file(output, source) or output.resolve() == Path(source).resolve():
+        if _is_input(output, [source]):
             raise OutputError(f"output {output} is the input file {source}; choose another --output (inputs are never modified)")
     if output.is_dir():
         raise OutputError(f"output {output} is a directory; give a file name")
@@ -232,7 +237,7 @@ def resume_path(checkpoint: Path) -> Path:
 def check_resume_path(path: Path, inputs: Iterable[Path]) -> None:
     """Refuse, before any work, a resume state ``path`` that ``--resume`` could neither read nor replace:
     an input of the run, or something other than a regular file (a directory, a pipe, a device)."""
-    if any(_same_file(path, source) or path.resolve() == Path(source).resolve() for source in inputs):
+    if _is_input(path, inputs):
         raise OutputError(f"the resume state {path} would overwrite an input; choose another --output")
     if path.exists() and not path.is_file():
         raise OutputError(f"{path}, where --resume keeps its state, is not a regular file (a directory, pipe or device); "

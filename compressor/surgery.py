@@ -39,7 +39,8 @@ feeders are unknown, and the plan does neither.
 Initialisation from the trained model, with calibration activations X captured at each layer's
 input in the original model (each spec's ``init_from_dense``):
 
-* head: b = the original's mean logits over the calibration rows (its class prior), and alpha
+* head: b = the original's mean logits over the calibration rows (at most :data:`INIT_ROWS` token
+  rows, evenly spaced: its class prior), and alpha
   starts at 1, where the logits are still near the prior. Measured while building it (MLP
   sample, 3 seeds, default budget): starting alpha from a least-squares fit to the original
   logits ended 0.3-0.6 pp lower, and matching the spread of the original logits (DESIGN's
