@@ -485,6 +485,24 @@ def test_a_process_other_than_rank_0_prints_an_error_no_other_process_heard_of(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_process_that_lost_its_peers_reports_its_own_error_or_the_loss_itself(monkeypatch):
+    """A sync that fails (a peer died) is met by this process alone: it prints it, whatever its rank,
+    and an error it was reporting is the one it prints, not the lost contact."""
+    from compressor import distributed
+    from compressor.errors import DataError
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lost)
+    world = distributed.World(rank=1, size=2)
+    with pytest.raises(DataError, match="^rank 1: bad row 7$") as own:
+        world.sync(error=DataError("bad row 7"))
+    with pytest.raises(DistributedError, match="^rank 1: lost contact with the other processes") as loss:
+        world.sync([1.0])
+    assert own.value.heard_only_here and loss.value.heard_only_here
+
+
 def test_sigterm_stops_a_process_waiting_for_its_peers(tmp_path):
     """Rank 0 of two, alone: it waits for rank 1 in a loop that Python's signal handlers interrupt, so
     `kill` ends it at once (exit 130, one line, nothing written); torch's rendezvous held the signal."""
