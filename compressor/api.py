@@ -49,6 +49,7 @@ CALIBRATION_ROWS = 1024
 VALIDATION_ROWS = 256
 MOBILE_RUNS = 200  # batch-1 runs are short: more of them for a stable median
 DROP_WARNING = 0.01  # a held-out accuracy drop larger than this (1 pp) is a warning in the report
+FEW_HELD_OUT = 100  # held-out rows under which the accuracy figures are too coarse to read a drop from (1 pp a row)
 NOT_RECOVERED_MARGIN = 0.005  # accuracy this far below the original, and no better than at initialisation
 BUDGET_MARGIN_SE = 1.645
 """``--max-drop`` accepts a plan when its loss on the rows set aside plus this many standard errors
@@ -357,6 +358,14 @@ def _probability_notes(tuned: FinetuneResult) -> list[str]:
             "the logits up to a constant per row"] if tuned.probabilities else []
 
 
+def _few_held_out(accuracy: Accuracy | None, rows: int | None) -> list[str]:
+    """Accuracy figures from fewer than :data:`FEW_HELD_OUT` held-out rows, where one row moves them by 1 pp or more."""
+    if accuracy is None or not rows or rows >= FEW_HELD_OUT:
+        return []
+    return [f"the held-out accuracy comes from {rows} row{'s' if rows > 1 else ''} (one row is {100 / rows:.3g} pp), too few "
+            "to tell a drop from chance; give more rows, or an x_val / y_val split of a few hundred"]
+
+
 def _slower_warnings(latency: LatencyPair | None, mobile: LatencyPair | None) -> list[str]:
     """The exported compressed model runs slower than the original in ONNX Runtime (by 1% or more; a
     factor under 1.1 with two decimals, so that it never reads "1.0x slower")."""
@@ -602,7 +611,8 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
                 warnings=[*data.notes, *_headless_warnings(plan, options.plan), *_growth_warnings(plan),
-                          *_warnings(accuracy, tuned, options.plan.max_drop), *_slower_warnings(latency, mobile)],
+                          *_warnings(accuracy, tuned, options.plan.max_drop), *_few_held_out(accuracy, data.val_rows),
+                          *_slower_warnings(latency, mobile)],
                 notes=[*notes, *_probability_notes(tuned), *exported.notes,
                        *_stale_resume_notes(options, paths["checkpoint"])],
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))

@@ -199,6 +199,17 @@ def test_the_reason_a_layer_was_kept_reads_right_whatever_the_sign_of_what_putti
     assert "changed nothing" in _kept_for_budget(3, 0.0)
 
 
+def test_accuracy_from_few_held_out_rows_is_said_to_be_coarse():
+    from compressor.api import _few_held_out
+    from compressor.report import Accuracy
+
+    measured = Accuracy(before=0.9, after_init=0.1, after=0.8)
+    [coarse] = _few_held_out(measured, 1)
+    assert "comes from 1 row (one row is 100 pp)" in coarse and "x_val / y_val" in coarse
+    assert "(one row is 2.5 pp)" in _few_held_out(measured, 40)[0]
+    assert _few_held_out(measured, 100) == [] and _few_held_out(None, 1) == []  # unlabelled data: no figures to judge
+
+
 def test_a_compressed_model_slower_in_onnx_runtime_is_warned_about_with_each_ratio():
     from compressor.api import _slower_warnings
     from compressor.report import LatencyPair
