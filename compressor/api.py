@@ -562,15 +562,28 @@ def _training_data(loaded: LoadedModel, options: CompressOptions) -> DataSource:
     return data
 
 
+def _reloadable(loaded: LoadedModel) -> LoadedModel:
+    """``loaded``, which must name its architecture: a compressed checkpoint is rebuilt from it."""
+    if loaded.arch is None:
+        raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
+                         "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
+                         "its architecture")
+    return loaded
+
+
+def _compress_warnings(data: DataSource, plan: list[LayerPlan], options: CompressOptions, accuracy: Accuracy | None,
+                       tuned: FinetuneResult, latency: LatencyPair, mobile: LatencyPair) -> list[str]:
+    """Everything about a compress's result that the user should know before deploying it."""
+    return [*data.notes, *_headless_warnings(plan, options.plan), *_growth_warnings(plan),
+            *_warnings(accuracy, tuned, options.plan.max_drop), *_few_held_out(accuracy, data.val_rows),
+            *_slower_warnings(latency, mobile)]
+
+
 def _compress(options: CompressOptions, events: Events, world: World) -> Report | None:
     started = time.monotonic()
     with world.stage():
         events.stage(f"Loading {options.source.checkpoint}")
-        loaded = _load_uncompressed(options.source)
-        if loaded.arch is None:
-            raise UsageError(f"{loaded.path} is a whole pickled model with no architecture reference, so its compressed "
-                             "checkpoint could not be reloaded safely; also pass --arch package.module:factory naming "
-                             "its architecture")
+        loaded = _reloadable(_load_uncompressed(options.source))
         data = _training_data(loaded, options)
         paths = compress_outputs(loaded.path, options.output, quantize=bool(options.export.quantize),
                                  ort_format=options.export.ort_format, fp16=options.export.precision == "fp16")
@@ -610,9 +623,7 @@ def _compress(options: CompressOptions, events: Events, world: World) -> Report 
                                          round(tuned.epochs[-1].seconds, 2) if tuned.epochs else 0.0, world.size,
                                          round(tuned.samples_per_second, 1)),
                 accuracy=accuracy, onnx=onnx, latency=latency, int8=reduced.get("int8"),
-                warnings=[*data.notes, *_headless_warnings(plan, options.plan), *_growth_warnings(plan),
-                          *_warnings(accuracy, tuned, options.plan.max_drop), *_few_held_out(accuracy, data.val_rows),
-                          *_slower_warnings(latency, mobile)],
+                warnings=_compress_warnings(data, plan, options, accuracy, tuned, latency, mobile),
                 notes=[*notes, *_probability_notes(tuned), *exported.notes,
                        *_stale_resume_notes(options, paths["checkpoint"])],
                 seconds=round(time.monotonic() - started, 2), mobile_latency=mobile, fp16=reduced.get("fp16"))
