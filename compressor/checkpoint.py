@@ -483,8 +483,9 @@ def _key_mismatch(state: dict, model: nn.Module) -> str | None:
 
 def _load_state(model: nn.Module, state: dict, source: Path, assign: bool = False) -> nn.Module:
     """Load ``state`` strictly (``assign``: the tensors become the parameters, as for a meta-device model)
-    into ``model`` made float32 (whatever precision its factory built it in). Only the values are taken: a tensor object from the file (a Parameter rebuilt with backward hooks,
-    which torch's weights-only loader allows) never becomes the model's own."""
+    into ``model`` made float32 (whatever precision its factory built it in). Only the values are taken:
+    a tensor object from the file (a Parameter rebuilt with backward hooks, which torch's weights-only
+    loader allows) never becomes the model's own."""
     state = {key: value.detach() if isinstance(value, torch.Tensor) else value
              for key, value in _unwrapped(state, model).items()}
     if not assign and any(t.is_meta for t in (*model.parameters(), *model.buffers())):

@@ -72,6 +72,7 @@ from .distributed import World
 from .errors import DataError, FixclfError, Interrupted, OutputError, TrainingError, UsageError, exited_in_user_code
 from .layers.base import ReplacesLinear
 from .options import BUDGET_STEPS, FinetuneOptions
+from .trace import training_logits
 
 __all__ = ["EpochStats", "FinetuneResult", "ResumeFile", "saved_latency_verdict", "correct_rows", "evaluate", "distill",
            "steps_per_epoch", "resolved_options", "freeze_norm_statistics", "running_statistics", "channels_last"]
@@ -306,16 +307,16 @@ class _TrainingLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.student(x)
-        if isinstance(output, torch.Tensor):
-            return output
-        first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
-        if not isinstance(first, torch.Tensor):
+        logits = training_logits(output)
+        if logits is None:
+            first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
             raise TrainingError(f"in training mode the model returns {_shape_of(output)}"
                                 + (f" whose first element is {_shape_of(first)}" if first is not None else "")
                                 + ", not logits; make its training-mode forward return the logits, or (logits, "
                                 "auxiliary outputs...)")
-        self.auxiliary, self.container = len(output) - 1, type(output).__name__
-        return first
+        if logits is not output:
+            self.auxiliary, self.container = len(output) - 1, type(output).__name__
+        return logits
 
 
 def _loss_misses_parameters(student: nn.Module, example: torch.Tensor, options: FinetuneOptions, device: str) -> bool:

@@ -46,8 +46,8 @@ from torch import nn
 from .errors import PlanError
 from .modelcopy import copy_model
 
-__all__ = ["Survey", "survey", "layer_inputs", "untrained_in_training", "check_classes", "LOGIT_PRESERVING", "NOT_CALLED",
-           "UNTRAINED"]
+__all__ = ["Survey", "survey", "layer_inputs", "untrained_in_training", "training_logits", "check_classes",
+           "LOGIT_PRESERVING", "NOT_CALLED", "UNTRAINED"]
 
 NOT_CALLED = "not called by the forward pass"
 LOGIT_PRESERVING = frozenset({
@@ -305,7 +305,7 @@ def untrained_in_training(model: nn.Module, names: list[str], example: torch.Ten
             with _hooked([(name, trial.get_submodule(name)) for name in names], add_zero):
                 for _ in range(TRAINING_PROBES):
                     zeros.clear()
-                    logits = _training_logits(trial.train()(example.clone()))
+                    logits = training_logits(trial.train()(example.clone()))
                     if logits is None or logits.shape != shape or not logits.requires_grad:
                         return set()
                     probes = [(name, zero) for name, made in zeros.items() for zero in made]
@@ -319,8 +319,10 @@ def untrained_in_training(model: nn.Module, names: list[str], example: torch.Ten
     return unreached
 
 
-def _training_logits(output) -> torch.Tensor | None:
-    """The logits of a training-mode output: itself, or the first element of a tuple or list."""
+def training_logits(output) -> torch.Tensor | None:
+    """The logits of a training-mode output: itself, or the first element of a tuple or list (GoogLeNet's
+    and Inception's ``(logits, aux, ...)``); None when that is not a tensor. The fine-tune's loss takes
+    the same (:class:`compressor.finetune._TrainingLogits`)."""
     if isinstance(output, torch.Tensor):
         return output
     first = output[0] if isinstance(output, (tuple, list)) and len(output) else None
