@@ -206,11 +206,13 @@ def make_plan(model: nn.Module, options: PlanOptions | None = None, *, seed: int
     plan = [entry for entry, _ in planned]
     if example is None:
         return keep_dense(plan, keep or {})
-    plan = keep_dense(plan, _read_by_the_model(model, plan, example))
+    read = _read_by_the_model(model, plan, example)
+    plan = keep_dense(plan, read)
     untrained = untrained_in_training(model, [entry.name for entry in plan if entry.replaced], example)
     plan = keep_dense(plan, dict.fromkeys(untrained, UNTRAINED))
     if not any(entry.replaced for entry in plan):
-        raise PlanError(_nothing_replaced({"untrained"} if untrained else {"read by the model"}, without_data=False))
+        raise PlanError(_nothing_replaced({rule for rule, kept in (("read by the model", read), ("untrained", untrained))
+                                           if kept}, without_data=False))
     plan = keep_dense(plan, _heads_without_a_deep_feeder(plan, found.feeders))
     if not any(entry.replaced for entry in plan):
         raise PlanError(_nothing_replaced({"classes"} | {rule for _, rule in planned if rule == "options"},
@@ -362,6 +364,11 @@ def _nothing_replaced(rules: set[str], *, without_data: bool) -> str:
     if rules == {"read by the model"}:
         return ("no layer would be replaced: the model's own code reads the weights of every Linear fixclf would replace "
                 "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have")
+    if rules == {"read by the model", "untrained"}:
+        return ("no layer would be replaced: the model's own code reads the weights of some Linears fixclf would replace "
+                "(e.g. nn.TransformerEncoderLayer's fast path), which structured layers do not have, and the logits of "
+                "its training-mode forward do not reach the others (it returns their outputs apart from the logits), so "
+                "their replacements would never train")
     if without_data and "forward pass" in rules:  # without data the forward pass rules out only unchecked subclasses
         return ("no layer would be replaced without data: nn.Linear subclasses are replaced only after the forward pass "
                 "on data shows they compute x W^T + b; pass --data")

@@ -634,3 +634,14 @@ def test_a_layer_the_training_mode_logits_do_not_reach_stays_dense():
     assert averaged == {"fc1": "acdc", "head": "hadamard", "head_dist": "hadamard"}
     with pytest.raises(PlanError, match="training-mode forward do not reach the Linears left to replace"):
         make_plan(model, PlanOptions(include=["head_dist"]), example=x)
+
+
+def test_nothing_left_because_the_model_reads_some_weights_and_training_skips_the_rest_names_both():
+    """The head's weight is read by the model's own code and the auxiliary head is returned apart from
+    the logits in training: the refusal names both causes, not a generic "relax --include"."""
+    class ReadsHeadAuxApart(_TwoHeadsApartInTraining):
+        def forward(self, x: torch.Tensor):
+            h = torch.relu(self.fc1(x)).to(self.head.weight.dtype)
+            return (self.head(h), self.head_dist(h)) if self.training else (self.head(h) + self.head_dist(h)) / 2
+    with pytest.raises(PlanError, match="reads the weights of some Linears .* do not reach the others"):
+        make_plan(ReadsHeadAuxApart(), PlanOptions(include=["head", "head_dist"]), example=torch.randn(2, 64))
