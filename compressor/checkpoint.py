@@ -291,7 +291,7 @@ def _factory(stored: str | None, given: Architecture | None, path: Path) -> tupl
         return stored or describe(given), given, False
     if given is not None and not isinstance(given, str):
         raise CheckpointError(f"architecture must be 'package.module:factory' or a callable, got {type(given).__name__}")
-    if given and stored and given != stored:
+    if given and stored and given != stored and _importable(stored):
         leave_out = " (or leave it out: it is built in)" if stored in ARCHITECTURES else ""
         raise CheckpointError(f"{path} was saved with architecture {stored}, but {given} was given; name {stored}"
                               f"{leave_out} (arch= in Python, --arch on the command line)")
@@ -301,10 +301,20 @@ def _factory(stored: str | None, given: Architecture | None, path: Path) -> tupl
                               "Python, --arch on the command line")
     if name in ARCHITECTURES:
         return name, ARCHITECTURES[name], True
+    if not given and not _importable(name):
+        raise CheckpointError(f"{path} names architecture {name}, defined in a script or inside a function, which cannot "
+                              "be imported by name; name it yourself: --arch package.module:factory (arch= in Python)")
     if not given:
         raise CheckpointError(f"{path} names architecture {name}, which is not built into fixclf; if you trust that "
                               f"code, name it yourself: --arch {name} (arch={name!r} in Python)")
     return name, import_reference(name, "the architecture", CheckpointError), False
+
+
+def _importable(reference: str) -> bool:
+    """Whether a stored ``module:qualname`` can name its factory again: not one of a script run as
+    ``__main__``, a lambda or a function defined inside another (a callable given as ``arch=`` is stored
+    by :func:`~compressor.references.describe`, whatever it is)."""
+    return not reference.startswith("__main__:") and "<" not in reference
 
 
 def _meta_model(factory: Callable, kwargs: dict, path: Path, name: str, stored: bool) -> nn.Module:

@@ -137,6 +137,24 @@ def test_arch_kwargs_equal_to_the_stored_ones_are_accepted():
     assert load_model(MLP, arch="compressor.zoo:mlp", arch_kwargs=same).kwargs == same
 
 
+def test_an_architecture_stored_as_a_lambda_or_script_function_is_named_again_by_the_user(workdir):
+    """``compress(arch=lambda ...)`` (or a function of a script run as __main__) stores a name nothing can
+    import: loading asks for --arch, and a --arch naming the same factory is accepted, not refused as a
+    different architecture."""
+    from compressor.checkpoint import load_model
+    from compressor.errors import CheckpointError
+
+    stored = torch.load(MLP, weights_only=True)
+    for name in ("__main__:<lambda>", "__main__:build", "mymodels:train.<locals>.build"):
+        torch.save({**stored, "arch": name}, "m.pt")
+        with pytest.raises(CheckpointError, match="cannot be imported by name; name it yourself: --arch package.module"):
+            load_model("m.pt")
+        assert load_model("m.pt", arch="compressor.zoo:mlp").arch == "compressor.zoo:mlp"
+    torch.save({**stored, "arch": "mymodels:build"}, "m.pt")
+    with pytest.raises(CheckpointError, match="saved with architecture mymodels:build, but compressor.zoo:mlp was given"):
+        load_model("m.pt", arch="compressor.zoo:mlp")
+
+
 def test_a_factory_given_in_python_that_refuses_the_stored_kwargs_is_named_and_the_file_not_blamed():
     from compressor.checkpoint import load_model
     from compressor.errors import CheckpointError
